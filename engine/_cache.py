@@ -1,0 +1,268 @@
+"""`Cache`: predictions by (prompt hash, example id), metric results by metric identity.
+
+Keys are fixed-shape strings, so no two different triples can collide:
+
+    p:<prompt sha256>:<example id>                  -> prediction text + usage
+    m:<metric id sha256>:<prompt sha256>:<example id> -> metric result
+    e:<example id>                                  -> inputs hash (conflict check)
+
+Identical keys requested concurrently are coalesced (single flight): one call is made,
+every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
+racing), a waiter takes over; if the leader failed, waiters share the failure rather
+than paying for the same failing call again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+import anyio
+
+from ._errors import CacheConflictError, CacheError
+from ._prompt import canonical_json
+from ._protocols import CacheStore
+from ._stores import MemoryStore, SQLiteStore
+from ._types import Example, MetricResult, Usage
+
+__all__ = ["Cache", "CacheStatistics", "CachedPrediction", "metric_identity"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPrediction:
+    """A stored prediction: the model's text and the usage that was paid for it."""
+
+    text: str
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStatistics:
+    hits: int
+    misses: int
+    coalesced: int
+    writes: int
+
+
+class _Flight(Generic[T]):
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: T | None = None
+        self.error: Exception | None = None
+
+
+def metric_identity(metric: Callable[..., Any]) -> str:
+    """A stable identity for a metric: its ``cache_key`` attribute, else its code.
+
+    Code-derived identity is the qualified name plus a hash of the source, so editing
+    the metric invalidates its cached results.
+    """
+    explicit = getattr(metric, "cache_key", None)
+    if isinstance(explicit, str) and explicit:
+        base = "key:" + explicit
+    elif isinstance(metric, functools.partial):
+        bound = [list(metric.args), metric.keywords]
+        args = canonical_json(bound) if _jsonable(bound) else repr(bound)
+        base = "partial:" + metric_identity(metric.func) + ":" + args
+    else:
+        target: Any = (
+            metric if inspect.isfunction(metric) or inspect.ismethod(metric) else type(metric)
+        )
+        name = (
+            f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+        )
+        try:
+            source = inspect.getsource(target)
+        except (OSError, TypeError):
+            source = ""
+        state = ""
+        if not (inspect.isfunction(metric) or inspect.ismethod(metric)):
+            attrs = getattr(metric, "__dict__", {})
+            state = canonical_json(attrs) if _jsonable(attrs) else repr(sorted(attrs))
+        base = f"code:{name}:{source}:{state}"
+    return hashlib.sha256(base.encode()).hexdigest()
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        canonical_json(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+class Cache:
+    """The engine's cache over a `CacheStore` (in memory by default).
+
+    Usage::
+
+        cache = Cache()                                   # in memory
+        async with Cache.sqlite("runs/cache.sqlite") as cache:   # on disk
+            await evaluate(prompt, data, model=m, metric=f, cache=cache)
+    """
+
+    def __init__(self, store: CacheStore | None = None) -> None:
+        self.store: CacheStore = store if store is not None else MemoryStore()
+        self._flights: dict[str, _Flight[Any]] = {}
+        self._hits = self._misses = self._coalesced = self._writes = 0
+
+    @classmethod
+    def sqlite(cls, path: str, *, flush_interval: float = 0.2) -> Cache:
+        """A cache on a SQLite file; open it with ``async with``."""
+        return cls(SQLiteStore(path, flush_interval=flush_interval))
+
+    async def __aenter__(self) -> Self:
+        opener = getattr(self.store, "open", None)
+        if opener is not None:
+            await opener()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.store.aclose()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    # -- predictions ------------------------------------------------------------------
+    async def prediction(
+        self,
+        prompt_hash: str,
+        example: Example,
+        compute: Callable[[], Awaitable[CachedPrediction]],
+    ) -> tuple[CachedPrediction, bool]:
+        """The cached prediction for (prompt, example), computing it once if absent.
+
+        Returns ``(prediction, cached)``; ``cached`` is true when nothing was paid here.
+        Raises `CacheConflictError` when ``example.id`` was stored with other inputs.
+        """
+        key = f"p:{prompt_hash}:{example.id}"
+
+        def load(raw: str) -> CachedPrediction:
+            data = self._decode(key, raw)
+            if data.get("inputs") != example.inputs_hash:
+                raise _conflict(example)
+            usage = data.get("usage") or [0, 0]
+            return CachedPrediction(str(data["text"]), Usage(int(usage[0]), int(usage[1])))
+
+        async def compute_and_check() -> tuple[CachedPrediction, str]:
+            await self._check_example(example)
+            value = await compute()
+            raw = canonical_json(
+                {
+                    "text": value.text,
+                    "usage": [value.usage.prompt_tokens, value.usage.completion_tokens],
+                    "inputs": example.inputs_hash,
+                }
+            )
+            return value, raw
+
+        return await self._single_flight(key, load, compute_and_check)
+
+    async def _check_example(self, example: Example) -> None:
+        key = f"e:{example.id}"
+        stored = await self.store.get(key)
+        if stored is None:
+            await self.store.put(key, example.inputs_hash)
+        elif stored != example.inputs_hash:
+            raise _conflict(example)
+
+    # -- metric results ---------------------------------------------------------------
+    async def metric_result(
+        self,
+        metric_id: str,
+        prompt_hash: str,
+        example_id: str,
+        compute: Callable[[], Awaitable[MetricResult]],
+    ) -> tuple[MetricResult, bool]:
+        """The cached metric result for (metric, prompt, example), computing it once."""
+        key = f"m:{metric_id}:{prompt_hash}:{example_id}"
+
+        def load(raw: str) -> MetricResult:
+            data = self._decode(key, raw)
+            return MetricResult(float(data["score"]), data.get("feedback"), data.get("trace"))
+
+        async def compute_and_dump() -> tuple[MetricResult, str]:
+            value = await compute()
+            raw = json.dumps(value.to_dict(), sort_keys=True, default=str)
+            return value, raw
+
+        return await self._single_flight(key, load, compute_and_dump)
+
+    # -- single flight ----------------------------------------------------------------
+    async def _single_flight(
+        self,
+        key: str,
+        load: Callable[[str], T],
+        compute: Callable[[], Awaitable[tuple[T, str]]],
+    ) -> tuple[T, bool]:
+        while True:
+            raw = await self.store.get(key)
+            if raw is not None:
+                self._hits += 1
+                return load(raw), True
+            flight = self._flights.get(key)
+            if flight is None:
+                break
+            self._coalesced += 1
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            if flight.value is not None:
+                return flight.value, True
+            # the leader was cancelled: look again, and lead if still absent
+
+        self._misses += 1
+        lead: _Flight[T] = _Flight()
+        self._flights[key] = lead
+        try:
+            value, raw = await compute()
+            await self.store.put(key, raw)
+            self._writes += 1
+            lead.value = value
+            return value, False
+        except Exception as exc:
+            lead.error = exc
+            raise
+        finally:
+            del self._flights[key]
+            lead.done.set()
+
+    @staticmethod
+    def _decode(key: str, raw: str) -> dict[str, Any]:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise CacheError(f"cache entry {key!r} is not valid JSON (corrupted store?)") from exc
+        if not isinstance(data, dict):
+            raise CacheError(f"cache entry {key!r} has an unexpected shape")
+        return data
+
+    def statistics(self) -> CacheStatistics:
+        return CacheStatistics(self._hits, self._misses, self._coalesced, self._writes)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return f"<Cache {self.store!r} hits={s.hits} misses={s.misses} coalesced={s.coalesced}>"
+
+
+def _conflict(example: Example) -> CacheConflictError:
+    return CacheConflictError(
+        f"example id {example.id!r} was cached with different inputs; give changed rows "
+        "new ids (or omit ids to use content hashes)"
+    )

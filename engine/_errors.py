@@ -1,0 +1,143 @@
+"""The engine's one exception tree.
+
+    EngineError
+    ├── ConfigError (also ValueError)    bad input, caught before the first paid call
+    │   └── DataError                    names the row and field of a dataset
+    ├── ProviderError                    a model endpoint failed; carries the endpoint
+    │   ├── RateLimitedError             429; carries Retry-After        (retried)
+    │   ├── TransientError               5xx, timeouts, dropped, malformed (retried)
+    │   │   └── CallTimeoutError         no answer within the call timeout
+    │   └── PermanentError               never retried
+    │       ├── BadRequestError          400 / 404 / 422: the request itself is wrong
+    │       └── AuthenticationError      401 / 403: fatal for the whole run
+    ├── MetricError                      a metric raised or returned a bad score
+    ├── CacheError                       the cache store is unreadable or corrupted
+    │   └── CacheConflictError           a reused example id with changed inputs
+    └── BudgetExceededError              a call, token or money cap was reached
+
+Adapters translate their SDK's errors into this tree with ``raise ... from exc`` so the
+retry policy decides on the engine's classes alone.  Every message is passed through
+secret redaction before it is stored, so an API key never lands in an error text.
+"""
+
+from __future__ import annotations
+
+from ._redact import redact_text
+
+__all__ = [
+    "AuthenticationError",
+    "BadRequestError",
+    "BudgetExceededError",
+    "CacheConflictError",
+    "CacheError",
+    "CallTimeoutError",
+    "ConfigError",
+    "DataError",
+    "EngineError",
+    "MetricError",
+    "PermanentError",
+    "ProviderError",
+    "RateLimitedError",
+    "TransientError",
+]
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigError(EngineError, ValueError):
+    """The caller's input is invalid; raised before any paid call is made."""
+
+
+class DataError(ConfigError):
+    """A dataset row is invalid.  ``location`` names the file/row and field."""
+
+    def __init__(self, message: str, *, location: str | None = None) -> None:
+        self.location = location
+        super().__init__(f"{location}: {message}" if location else message)
+
+
+class ProviderError(EngineError):
+    """A call to a model endpoint failed.
+
+    ``retryable`` tells the retry policy whether another attempt may succeed;
+    ``fatal`` errors (bad credentials) end the whole run whatever the error policy.
+    """
+
+    retryable: bool = False
+    fatal: bool = False
+    attempts: int = 1  # set by the endpoint to the attempts made before giving up
+
+    def __init__(
+        self, message: str, *, endpoint: str | None = None, status: int | None = None
+    ) -> None:
+        self.endpoint = redact_text(endpoint) if endpoint else None
+        self.status = status
+        where = f" [{self.endpoint}]" if self.endpoint else ""
+        code = f" (HTTP {status})" if status is not None else ""
+        super().__init__(f"{message}{code}{where}")
+
+
+class RateLimitedError(ProviderError):
+    """The endpoint refused the call for rate limiting; ``retry_after`` in seconds."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str = "rate limited",
+        *,
+        retry_after: float | None = None,
+        endpoint: str | None = None,
+        status: int | None = 429,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, endpoint=endpoint, status=status)
+
+
+class TransientError(ProviderError):
+    """A failure another attempt may not see: 5xx, dropped connection, malformed body."""
+
+    retryable = True
+
+
+class CallTimeoutError(TransientError):
+    """The endpoint did not answer within the per-call timeout."""
+
+
+class PermanentError(ProviderError):
+    """A failure that another attempt would repeat."""
+
+
+class BadRequestError(PermanentError):
+    """The request was rejected as invalid (400, 404, 422)."""
+
+
+class AuthenticationError(PermanentError):
+    """The endpoint rejected the credentials (401, 403); ends the run."""
+
+    fatal = True
+
+
+class MetricError(EngineError):
+    """A metric raised, or returned something that is not a score in [0, 1]."""
+
+
+class CacheError(EngineError):
+    """The cache store cannot be read or written, or holds corrupted data."""
+
+
+class CacheConflictError(CacheError):
+    """An example id seen before now comes with different inputs."""
+
+
+class BudgetExceededError(EngineError):
+    """A budget cap (calls, tokens or money) was reached."""

@@ -1,0 +1,214 @@
+"""Rate limiting for one model endpoint: concurrency, RPM, TPM and a shared pause gate.
+
+Usage::
+
+    limiter = RateLimiter(Limits(rpm=3000, tpm=1_000_000, concurrency=64))
+    async with limiter.slot(estimated_tokens=800):
+        completion = await model.complete(...)
+    limiter.reconcile(estimated=800, actual=completion.usage.total_tokens)
+
+Requests and tokens are two leaky buckets (aiolimiter).  aiolimiter lets a whole bucket
+through as one burst, so the request bucket holds only ``burst`` requests and drains at
+``rpm / 60`` per second: any one-second window then sees at most ``rpm/60 + burst``.
+A 429 with Retry-After closes the pause gate for *every* worker of the endpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from aiolimiter import AsyncLimiter
+
+from ._errors import ConfigError
+from ._types import RateLimitSnapshot
+
+__all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
+
+# Limits learned from response headers are applied a little under the provider's own
+# figure so clock skew between the two buckets does not turn into 429s.
+_LEARNED_MARGIN = 0.95
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """Limits of one model endpoint.
+
+    Parameters:
+        rpm: requests per minute, or ``None`` for no request limit (or learn it from
+            ``x-ratelimit-limit-requests`` headers, see `RateLimiter.observe`).
+        tpm: tokens per minute (prompt + completion, estimated before the call and
+            reconciled with the usage the provider reports), or ``None``.
+        concurrency: calls in flight at once.
+        burst: requests admitted back to back from an idle bucket; defaults to a tenth
+            of a second's worth of ``rpm`` (at least 1).
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int = 32
+    burst: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "burst"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or not value > 0):
+                raise ConfigError(f"Limits.{name} must be a positive number or None, got {value!r}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ConfigError(
+                f"Limits.concurrency must be a positive int, got {self.concurrency!r}"
+            )
+
+    def request_burst(self, rpm: float) -> float:
+        return self.burst if self.burst is not None else max(1.0, rpm / 600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """Live state of a `RateLimiter`."""
+
+    in_flight: int
+    concurrency: int
+    rpm: float | None
+    tpm: float | None
+    paused_for: float
+    pauses: int
+    learned: bool
+
+
+def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
+    # capacity units drain at per_minute/60 per second
+    return AsyncLimiter(capacity, capacity / (per_minute / 60.0))
+
+
+class RateLimiter:
+    """Admission control for one endpoint; shared by every evaluation that uses it."""
+
+    __slots__ = (
+        "_capacity",
+        "_clock",
+        "_learned",
+        "_limits",
+        "_paused_until",
+        "_pauses",
+        "_requests",
+        "_rpm",
+        "_tokens",
+        "_tpm",
+    )
+
+    def __init__(
+        self, limits: Limits | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        self._limits = limits or Limits()
+        self._clock = clock or anyio.current_time
+        self._capacity = anyio.CapacityLimiter(self._limits.concurrency)  # calls in flight
+        self._rpm: float | None = None  # the request rate in force
+        self._tpm: float | None = None  # the token rate in force
+        self._requests: AsyncLimiter | None = None  # request bucket, None = unlimited
+        self._tokens: AsyncLimiter | None = None  # token bucket, None = unlimited
+        self._paused_until = -math.inf  # clock time before which nobody may send
+        self._pauses = 0  # times the gate was closed or extended
+        self._learned = False  # a rate came from response headers
+        if self._limits.rpm is not None:
+            self._set_rpm(self._limits.rpm)
+        if self._limits.tpm is not None:
+            self._set_tpm(self._limits.tpm)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    def _set_rpm(self, rpm: float) -> None:
+        self._rpm = rpm
+        self._requests = _bucket(rpm, self._limits.request_burst(rpm))
+
+    def _set_tpm(self, tpm: float) -> None:
+        self._tpm = tpm
+        self._tokens = _bucket(tpm, max(1.0, tpm / 60.0))
+
+    # -- the pause gate ---------------------------------------------------------------
+    def pause(self, seconds: float) -> None:
+        """Close the gate for every worker for ``seconds`` (extends, never shortens)."""
+        until = self._clock() + max(0.0, seconds)
+        if until > self._paused_until:
+            self._paused_until = until
+            self._pauses += 1
+
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - self._clock())
+
+    async def wait_until_open(self) -> None:
+        """Wait while the pause gate is closed (re-checking: it may be extended)."""
+        # A sleep loop, not an Event: the deadline may move later while we sleep.
+        while (delay := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(delay)
+
+    # -- admission --------------------------------------------------------------------
+    @asynccontextmanager
+    async def slot(self, *, estimated_tokens: int = 0) -> AsyncIterator[None]:
+        """Hold one concurrency slot, one request and ``estimated_tokens`` of budget.
+
+        The gate is checked again after the buckets: a 429 seen by another worker while
+        this one waited must still hold it back.
+        """
+        await self.wait_until_open()
+        async with self._capacity:
+            if self._requests is not None:
+                await self._requests.acquire()
+            if self._tokens is not None and estimated_tokens > 0:
+                await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
+            await self.wait_until_open()
+            yield
+
+    async def reconcile(self, *, estimated: int, actual: int) -> None:
+        """Charge tokens used beyond the estimate (spent already: the debt must be paid)."""
+        extra = actual - estimated
+        if self._tokens is not None and extra > 0:
+            await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
+
+    def observe(self, snapshot: RateLimitSnapshot | None) -> None:
+        """Learn from a response's rate-limit headers.
+
+        Without a configured RPM/TPM, the provider's announced limit becomes the rate in
+        force (slightly under it).  An exhausted remaining count closes the gate for the
+        time one request (or the missing tokens) takes to come back.
+        """
+        if snapshot is None:
+            return
+        if self._limits.rpm is None and snapshot.limit_requests:
+            target = snapshot.limit_requests * _LEARNED_MARGIN
+            if self._rpm is None or abs(self._rpm - target) > 1e-9:
+                self._set_rpm(target)
+                self._learned = True
+        if self._limits.tpm is None and snapshot.limit_tokens:
+            target = snapshot.limit_tokens * _LEARNED_MARGIN
+            if self._tpm is None or abs(self._tpm - target) > 1e-9:
+                self._set_tpm(target)
+                self._learned = True
+        if snapshot.remaining_requests == 0:
+            if snapshot.limit_requests:
+                self.pause(60.0 / snapshot.limit_requests)
+            elif snapshot.reset_requests:
+                self.pause(min(snapshot.reset_requests, 1.0))
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(
+            in_flight=int(self._capacity.borrowed_tokens),
+            concurrency=self._limits.concurrency,
+            rpm=self._rpm,
+            tpm=self._tpm,
+            paused_for=self.paused_for(),
+            pauses=self._pauses,
+            learned=self._learned,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<RateLimiter in_flight={s.in_flight}/{s.concurrency} rpm={s.rpm} tpm={s.tpm} "
+            f"paused_for={s.paused_for:.2f}s pauses={s.pauses}>"
+        )

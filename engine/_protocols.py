@@ -1,0 +1,43 @@
+"""The small protocols the engine owns; adapters implement them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from ._types import Completion, Example, MetricResult
+
+__all__ = ["CacheStore", "ChatModel", "Metric", "MetricReturn"]
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    """A chat-completion endpoint.
+
+    ``complete`` sends one request and raises only `ProviderError` subclasses for
+    provider failures; it must not retry on its own (the engine's retry policy and
+    limiter need to see every attempt).  ``params`` carries the prompt's model,
+    sampling parameters and ``response_format``.
+    """
+
+    async def complete(
+        self, messages: Sequence[Mapping[str, str]], /, **params: Any
+    ) -> Completion: ...
+
+
+MetricReturn = MetricResult | float | bool
+"""What a metric may return: a `MetricResult`, or a bare score in [0, 1]."""
+
+Metric = Callable[[Example, str], MetricReturn | Awaitable[MetricReturn]]
+"""A per-example metric: ``(example, prediction_text) -> MetricResult``, sync or async."""
+
+
+@runtime_checkable
+class CacheStore(Protocol):
+    """A key-value store of JSON text.  Keys and values are ``str``; never pickle."""
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def put(self, key: str, value: str) -> None: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,147 @@
+"""Immutable values passed between the engine's stages."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ._errors import ConfigError, MetricError
+from ._prompt import canonical_json
+from ._redact import redact_text
+
+__all__ = [
+    "Completion",
+    "Example",
+    "MetricResult",
+    "OutcomeError",
+    "RateLimitSnapshot",
+    "Usage",
+    "inputs_hash",
+]
+
+
+def inputs_hash(inputs: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of an example's inputs."""
+    return hashlib.sha256(canonical_json(dict(inputs)).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """One dataset row: the prompt's ``inputs``, the ``expected`` answer, a stable ``id``.
+
+    When ``id`` is not given it is a content hash of the inputs, so the same inputs
+    always map to the same cache entries.
+    """
+
+    inputs: Mapping[str, Any]
+    expected: Any = None
+    id: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    inputs_hash: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, Mapping):
+            raise ConfigError(f"example inputs must be a mapping, got {type(self.inputs).__name__}")
+        for key in self.inputs:
+            if not isinstance(key, str):
+                raise ConfigError(f"example input names must be strings, got {key!r}")
+        try:
+            digest = inputs_hash(self.inputs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"example inputs must be JSON values: {exc}") from exc
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        object.__setattr__(self, "inputs_hash", digest)
+        if self.id is None or self.id == "":
+            object.__setattr__(self, "id", digest[:24])
+        elif not isinstance(self.id, str):
+            object.__setattr__(self, "id", str(self.id))
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSnapshot:
+    """What a provider said about its limits in one response's headers.
+
+    ``reset_*`` are seconds until the limit is *fully* restored (OpenAI's meaning),
+    not until the next call is allowed.
+    """
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None
+    reset_tokens: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A model's answer to one chat call."""
+
+    text: str
+    usage: Usage = field(default_factory=Usage)
+    model: str | None = None
+    finish_reason: str | None = None
+    rate_limits: RateLimitSnapshot | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricResult:
+    """A per-example metric result: ``score`` in [0, 1], optional feedback and trace."""
+
+    score: float
+    feedback: str | None = None
+    trace: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        score = self.score
+        if isinstance(score, bool):
+            score = float(score)
+        if not isinstance(score, int | float) or math.isnan(score) or not 0.0 <= score <= 1.0:
+            raise MetricError(f"a metric score must be a number in [0, 1], got {self.score!r}")
+        object.__setattr__(self, "score", float(score))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "feedback": self.feedback,
+            "trace": dict(self.trace) if self.trace is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeError:
+    """Why an example has no score: the stage, the error class, its message, attempts."""
+
+    stage: str
+    type: str
+    message: str
+    attempts: int = 1
+
+    @classmethod
+    def from_exception(cls, stage: str, exc: BaseException, attempts: int = 1) -> OutcomeError:
+        return cls(
+            stage=stage, type=type(exc).__name__, message=redact_text(str(exc)), attempts=attempts
+        )

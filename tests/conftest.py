@@ -1,0 +1,46 @@
+"""Shared fixtures: a demo prompt, demo data, and a scripted model."""
+
+from __future__ import annotations
+
+import pytest
+
+from adapters import ArithmeticModel, ScriptedModel, arithmetic_examples
+from engine import Example, Prompt
+from engine.metrics import ExactMatch
+
+
+def qa_prompt(system: str = "Answer the question.", **kwargs: object) -> Prompt:
+    params = {"model": "demo", "temperature": 0.0, **kwargs}
+    return Prompt(
+        [{"role": "system", "content": system}, {"role": "user", "content": "{question}"}],
+        **params,  # type: ignore[arg-type]
+    )
+
+
+def echo_model(**kwargs: object) -> ScriptedModel:
+    """Answers with the last user message verbatim."""
+    return ScriptedModel(lambda r: r.messages[-1]["content"], **kwargs)  # type: ignore[arg-type]
+
+
+def echo_examples(n: int, prefix: str = "e") -> list[Example]:
+    return [Example({"question": f"item {i}"}, f"item {i}", id=f"{prefix}{i}") for i in range(n)]
+
+
+@pytest.fixture
+def prompt() -> Prompt:
+    return qa_prompt()
+
+
+@pytest.fixture
+def metric() -> ExactMatch:
+    return ExactMatch()
+
+
+@pytest.fixture
+def arithmetic() -> ArithmeticModel:
+    return ArithmeticModel()
+
+
+@pytest.fixture
+def data() -> list[Example]:
+    return arithmetic_examples(40)

@@ -1,0 +1,166 @@
+"""Cache: complete keys, single flight, SQLite durability, conflicts, JSON only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from engine import Cache, CacheConflictError, CacheError, Example, SQLiteStore, evaluate
+from engine.metrics import ExactMatch
+
+from .conftest import echo_examples, echo_model, qa_prompt
+
+
+async def test_second_evaluation_of_the_same_prompt_makes_zero_calls() -> None:
+    cache, model, data = Cache(), echo_model(), echo_examples(50)
+    first = await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache)
+    second = await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache)
+    assert model.calls == 50 and first.calls == 50 and second.calls == 0
+    assert second.cache_hits == 50 and second.score == first.score
+
+
+async def test_changed_temperature_makes_every_call_again() -> None:
+    cache, model, data = Cache(), echo_model(), echo_examples(20)
+    await evaluate(qa_prompt(temperature=0.0), data, model=model, metric=ExactMatch(), cache=cache)
+    again = await evaluate(qa_prompt(temperature=0.5), data, model=model, metric=ExactMatch(), cache=cache)
+    assert again.calls == 20 and again.cache_hits == 0 and model.calls == 40
+
+
+async def test_concurrent_evaluations_of_one_prompt_make_one_call_per_example() -> None:
+    """Single flight: identical keys in flight are coalesced across evaluations."""
+    cache, model, data = Cache(), echo_model(latency=0.02), echo_examples(60)
+    results = []
+
+    async def run() -> None:
+        results.append(await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        tg.start_soon(run)
+    assert model.calls == 60
+    assert [r.score for r in results] == [1.0, 1.0]
+    assert cache.statistics().coalesced > 0
+
+
+async def test_coalesced_waiter_takes_over_when_the_leader_is_cancelled() -> None:
+    """A raced-out evaluation cancelling its calls does not strand another one's examples."""
+    cache, model, data = Cache(), echo_model(latency=0.05), echo_examples(20)
+
+    async def cut_short() -> None:
+        with anyio.move_on_after(0.02):
+            await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cut_short)
+        await anyio.sleep(0.005)
+        full = await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache)
+    assert full.completed == 20 and full.errors == 0 and full.score == 1.0
+
+
+async def test_reused_id_with_changed_inputs_raises(tmp_path: Path) -> None:
+    async with Cache.sqlite(str(tmp_path / "c.sqlite")) as cache:
+        model = echo_model()
+        await evaluate(qa_prompt(), [Example({"question": "a"}, "a", id="x")], model=model,
+                       metric=ExactMatch(), cache=cache)
+        changed = [Example({"question": "b"}, "b", id="x")]
+        for prompt in (qa_prompt(), qa_prompt(system="Another prompt.")):
+            with pytest.raises(CacheConflictError, match="'x'"):
+                await evaluate(prompt, changed, model=model, metric=ExactMatch(), cache=cache,
+                               on_error="raise")
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, anyio, json
+    sys.path.insert(0, {root!r})
+    from tests.conftest import echo_examples, echo_model, qa_prompt
+    from engine import Cache, evaluate
+    from engine.metrics import ExactMatch
+
+    async def main():
+        model = echo_model()
+        async with Cache.sqlite({path!r}) as cache:
+            r = await evaluate(qa_prompt(), echo_examples(40), model=model, metric=ExactMatch(), cache=cache)
+        print(json.dumps({{"calls": model.calls, "hits": r.cache_hits, "score": r.score}}))
+
+    anyio.run(main)
+    """
+)
+
+
+def _run_child(root: Path, path: Path) -> dict[str, float]:
+    code = _CHILD.format(root=str(root), path=str(path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_sqlite_cache_survives_a_process_restart(tmp_path: Path) -> None:
+    """A second process on the same file pays for nothing the first one paid for."""
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "cache.sqlite"
+    first = _run_child(root, path)
+    second = _run_child(root, path)
+    assert first == {"calls": 40, "hits": 0, "score": 1.0}
+    assert second == {"calls": 0, "hits": 40, "score": 1.0}
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+async def test_sqlite_values_are_json_and_durable_within_a_second(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    store = SQLiteStore(path, flush_interval=0.1)
+    await store.open()
+    cache = Cache(store)
+    await evaluate(qa_prompt(), echo_examples(5), model=echo_model(), metric=ExactMatch(), cache=cache)
+    await anyio.sleep(0.5)  # without closing: what a crash would leave
+    rows = sqlite3.connect(path).execute("SELECT key, value FROM kv").fetchall()
+    assert len(rows) == 15  # 5 predictions, 5 metric results, 5 example fingerprints
+    for key, value in rows:
+        assert key[:2] in {"p:", "m:", "e:"}
+        if key.startswith(("p:", "m:")):
+            assert isinstance(json.loads(value), dict)
+    await store.aclose()
+
+
+async def test_corrupted_cache_file_is_detected(tmp_path: Path) -> None:
+    path = tmp_path / "bad.sqlite"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(CacheError, match="not a readable cache"):
+        async with Cache.sqlite(str(path)):
+            pass
+
+
+async def test_corrupted_entry_is_an_error_not_a_miss(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    async with Cache.sqlite(str(path)) as cache:
+        await evaluate(qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(), cache=cache)
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE kv SET value = 'not json' WHERE key LIKE 'p:%'")
+    conn.commit()
+    async with Cache.sqlite(str(path)) as cache:
+        with pytest.raises(CacheError, match="not valid JSON"):
+            await evaluate(qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(),
+                           cache=cache)
+
+
+async def test_metric_results_are_cached_by_metric_identity() -> None:
+    cache, calls = Cache(), []
+
+    def counting(ex: Example, pred: str) -> float:
+        calls.append(ex.id)
+        return 1.0
+
+    data = echo_examples(5)
+    await evaluate(qa_prompt(), data, model=echo_model(), metric=counting, cache=cache)
+    await evaluate(qa_prompt(), data, model=echo_model(), metric=counting, cache=cache)
+    assert len(calls) == 5 + 2  # one preflight check per evaluation; the cached run adds 0
+    other = await evaluate(qa_prompt(), data, model=echo_model(), metric=ExactMatch(), cache=cache)
+    assert other.score == 1.0 and other.calls == 0

@@ -1,0 +1,264 @@
+"""evaluate(): nothing lost, errors never scored, racing exact, cancellation prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters import ArithmeticModel, ScriptedModel, ScriptedRequest, transient_faults
+from engine import (
+    AuthenticationError,
+    Cache,
+    ConfigError,
+    Endpoint,
+    Example,
+    Limits,
+    MetricError,
+    MetricResult,
+    PermanentError,
+    Prompt,
+    RetryPolicy,
+    TransientError,
+    evaluate,
+)
+from engine.metrics import ExactMatch
+from engine.testing import EventRecorder
+
+from .conftest import echo_examples, echo_model, qa_prompt
+
+FAST_RETRY = RetryPolicy(max_attempts=10, base_delay=0.001, max_delay=0.01, timeout=5)
+
+
+async def test_transient_failures_are_retried_and_nothing_is_lost() -> None:
+    """1,000 examples with 20% injected failures: 1,000 outcomes, the clean run's score."""
+    data = echo_examples(1000)
+    # score depends on the example so a lost or zeroed one would move the mean
+    metric = lambda ex, pred: 1.0 if int(ex.id[1:]) % 3 else 0.5  # noqa: E731
+    clean = await evaluate(qa_prompt(), data, model=echo_model(), metric=metric)
+    faulty_model = echo_model(faults=transient_faults(0.2, seed=1))
+    endpoint = Endpoint(faulty_model, retry=FAST_RETRY, limits=Limits(concurrency=64))
+    faulty = await evaluate(qa_prompt(), data, model=endpoint, metric=metric)
+    assert faulty.completed == len(faulty.outcomes) == 1000
+    assert faulty.errors == 0
+    assert faulty.score == clean.score
+    assert faulty.retries > 100  # the faults really happened
+    assert faulty.calls == faulty_model.calls == 1000 + faulty.retries
+    assert [o.example_id for o in faulty.outcomes] == [e.id for e in data]
+
+
+async def test_permanent_failures_are_recorded_errors_never_zeros() -> None:
+    """Failed examples are error outcomes with their cause, left out of the mean."""
+
+    def fail_some(request: ScriptedRequest) -> BaseException | None:
+        number = int(request.messages[-1]["content"].split()[-1])
+        return PermanentError("model refused", status=422) if number % 10 == 0 else None
+
+    model = echo_model(faults=fail_some)
+    result = await evaluate(qa_prompt(), echo_examples(100), model=model, metric=ExactMatch())
+    assert result.completed == 100 and result.errors == 10 and result.scored == 90
+    assert result.score == 1.0  # zeros for the 10 failures would give 0.9
+    failed = [o for o in result.outcomes if o.error is not None]
+    assert {o.example_id for o in failed} == {f"e{i}" for i in range(0, 100, 10)}
+    assert all(o.result is None and o.error.type == "PermanentError" for o in failed)  # type: ignore[union-attr]
+    assert "model refused" in failed[0].error.message  # type: ignore[union-attr]
+
+
+async def test_exhausted_retries_record_the_cause_and_attempts() -> None:
+    model = echo_model(faults=lambda r: TransientError("still down", status=503))
+    endpoint = Endpoint(model, retry=RetryPolicy(max_attempts=3, base_delay=0.001))
+    result = await evaluate(qa_prompt(), echo_examples(5), model=endpoint, metric=ExactMatch())
+    assert result.errors == 5 and model.calls == 15
+    error = result.outcomes[0].error
+    assert error is not None and error.attempts == 3 and "still down" in error.message
+    assert result.score != result.score  # NaN: nothing was scored, so no score at all
+
+
+async def test_on_error_raise_fails_on_first_error_unwrapped() -> None:
+    model = echo_model(faults=lambda r: PermanentError("nope", status=422))
+    with pytest.raises(PermanentError, match="nope"):
+        await evaluate(qa_prompt(), echo_examples(50), model=model, metric=ExactMatch(), on_error="raise")
+
+
+async def test_authentication_error_is_fatal_whatever_the_policy() -> None:
+    model = echo_model(faults=lambda r: AuthenticationError("bad key", status=401))
+    with pytest.raises(AuthenticationError):
+        await evaluate(qa_prompt(), echo_examples(50), model=model, metric=ExactMatch())
+    assert model.calls <= 32  # the workers that were already in flight, nothing more
+
+
+async def test_metric_exception_is_recorded_with_stage() -> None:
+    def flaky(ex: Example, pred: str) -> float:
+        if ex.id == "e3":
+            raise KeyError("boom")
+        return 1.0
+
+    result = await evaluate(qa_prompt(), echo_examples(10), model=echo_model(), metric=flaky)
+    bad = [o for o in result.outcomes if o.error is not None]
+    assert [(o.example_id, o.error.stage) for o in bad] == [("e3", "metric")]  # type: ignore[union-attr]
+    assert bad[0].prediction == "item 3"  # the paid prediction is kept
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("empty", "empty"),
+        ("duplicate", "duplicate example id 'e1'"),
+        ("missing", r"lack placeholder\(s\) \['question'\]"),
+        ("extra", "not placeholders"),
+        ("score", "1.7"),
+        ("not_example", "not an engine.Example"),
+    ],
+)
+async def test_bad_input_fails_before_any_call(case: str, match: str) -> None:
+    model = echo_model()
+    data: list[object] = list(echo_examples(5))
+    metric = ExactMatch()
+    if case == "empty":
+        data = []
+    elif case == "duplicate":
+        data.append(Example({"question": "again"}, "x", id="e1"))
+    elif case == "missing":
+        data.append(Example({"q": "typo"}, "x", id="z"))
+    elif case == "extra":
+        data.append(Example({"question": "a", "other": 1}, "x", id="z"))
+    elif case == "score":
+        metric = lambda ex, pred: 1.7  # type: ignore[assignment]  # noqa: E731
+    else:
+        data.append({"question": "a dict"})
+    with pytest.raises((ConfigError, MetricError), match=match):
+        await evaluate(qa_prompt(), data, model=model, metric=metric)  # type: ignore[arg-type]
+    assert model.calls == 0
+
+
+async def test_streaming_iterable_is_validated_row_by_row() -> None:
+    model = echo_model()
+
+    def rows() -> object:
+        yield from echo_examples(3)
+        yield Example({"wrong": 1}, "x", id="bad")
+
+    with pytest.raises(ConfigError, match="#3"):
+        await evaluate(qa_prompt(), rows(), model=model, metric=ExactMatch(), concurrency=1)  # type: ignore[arg-type]
+    result = await evaluate(qa_prompt(), iter(echo_examples(50)), model=model, metric=ExactMatch())
+    assert result.completed == 50 and result.total == 50
+
+
+def _score_pattern_model(scores: dict[str, float]) -> tuple[ScriptedModel, object]:
+    model = echo_model()
+
+    def metric(ex: Example, pred: str) -> float:
+        return scores[ex.id]
+
+    return model, metric
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scores=st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=1, max_size=40),
+    must_beat=st.sampled_from([0.0, 0.2, 0.5, 0.75, 0.9, 1.0]),
+    concurrency=st.integers(1, 8),
+)
+def test_racing_gives_the_full_evaluation_decision(
+    scores: list[float], must_beat: float, concurrency: int
+) -> None:
+    """must_beat accepts exactly when the full mean beats it; fewer calls when it rejects."""
+    data = echo_examples(len(scores))
+    by_id = {e.id: s for e, s in zip(data, scores, strict=True)}
+
+    async def run() -> None:
+        model, metric = _score_pattern_model(by_id)
+        full = await evaluate(qa_prompt(), data, model=model, metric=metric, concurrency=concurrency)  # type: ignore[arg-type]
+        raced_model, metric = _score_pattern_model(by_id)
+        raced = await evaluate(
+            qa_prompt(), data, model=raced_model, metric=metric, must_beat=must_beat,  # type: ignore[arg-type]
+            concurrency=concurrency,
+        )
+        assert (full.score > must_beat) == (not raced.stopped_early)
+        if raced.stopped_early:
+            assert raced.upper_bound is not None and raced.upper_bound <= must_beat
+            assert raced_model.calls <= model.calls
+        else:
+            assert raced.score == full.score and raced_model.calls == model.calls
+
+    asyncio.run(run())
+
+
+async def test_racing_cuts_calls_and_cancels_in_flight() -> None:
+    """A hopeless candidate stops early; its in-flight calls are cancelled."""
+    model = echo_model(latency=0.01)
+    data = echo_examples(400)
+    result = await evaluate(
+        qa_prompt(), data, model=model, metric=lambda e, p: 0.0, must_beat=0.5, concurrency=16
+    )
+    assert result.stopped_early and result.upper_bound is not None and result.upper_bound <= 0.5
+    assert model.calls < 250 and model.stats.in_flight == 0
+
+
+async def test_cancellation_is_prompt_and_leaves_no_task() -> None:
+    """Cancelling evaluate() returns within a second and leaves no task behind."""
+    model = echo_model(latency=30.0)
+    before = len(asyncio.all_tasks())
+    started = time.monotonic()
+    with anyio.move_on_after(0.2):
+        await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.2
+    gc.collect()
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
+    assert model.stats.in_flight == 0 and model.stats.cancelled == 32
+
+
+async def test_progress_events_and_outcome_stream() -> None:
+    recorder = EventRecorder()
+    streamed: list[str] = []
+    result = await evaluate(
+        qa_prompt(), echo_examples(30), model=echo_model(latency=0.005), metric=ExactMatch(),
+        on_event=recorder, on_outcome=lambda o: streamed.append(o.example_id),
+        keep_outcomes=False, progress_interval=0.0, concurrency=4,
+    )
+    assert result.outcomes == () and sorted(streamed) == sorted(f"e{i}" for i in range(30))
+    names = recorder.names()
+    assert names[0] == "evaluation.started" and names[-1] == "evaluation.finished"
+    assert "evaluation.progress" in names
+    assert recorder.named("evaluation.finished")[0].data["done"] == 30
+
+
+async def test_global_metric_and_racing_conflict() -> None:
+    with pytest.raises(ConfigError, match="racing"):
+        await evaluate(
+            qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch(),
+            global_metric=lambda rs: 0.5, must_beat=0.1,
+        )
+    res = await evaluate(
+        qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch(),
+        global_metric=lambda rs: min(r.score for r in rs),
+    )
+    assert res.score == 1.0
+
+
+async def test_better_prompt_scores_better_on_the_demo_task(data: list[Example]) -> None:
+    """The scripted demo model rewards the instructions that fix its habits."""
+    model = ArithmeticModel()
+    weak = await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=Cache())
+    strong_prompt = qa_prompt("Work carefully and reply with only the number, in digits.")
+    strong = await evaluate(strong_prompt, data, model=model, metric=ExactMatch())
+    assert weak.score < 0.5 and strong.score == 1.0
+
+
+async def test_prompt_params_and_response_format_reach_the_model() -> None:
+    model = echo_model()
+    p = Prompt(
+        [{"role": "user", "content": "{question}"}], model="m", temperature=0.3,
+        params={"max_tokens": 7}, response_format={"type": "json_object"},
+    )
+    await evaluate(p, echo_examples(1), model=model, metric=lambda e, x: MetricResult(1.0))
+    assert model.requests[0].params == {
+        "model": "m", "temperature": 0.3, "max_tokens": 7, "response_format": {"type": "json_object"}
+    }

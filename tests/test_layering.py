@@ -1,0 +1,59 @@
+"""Layering: engine never imports adapters, and keeps no module-level mutable state."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_engine_never_imports_adapters_or_provider_sdks() -> None:
+    """Dependencies point adapters -> engine; the engine imports no provider SDK."""
+    offenders = []
+    for path in (ROOT / "engine").rglob("*.py"):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in {"adapters", "openai", "httpx", "starlette", "uvicorn"}:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
+def test_engine_has_no_global_rng_or_logging_configuration() -> None:
+    """No random.seed / module-level random use, no logging or structlog configure."""
+    offenders = []
+    for path in (ROOT / "engine").rglob("*.py"):
+        text = path.read_text()
+        for needle in ("random.seed(", "structlog.configure(", "logging.basicConfig(", "import pickle"):
+            if needle in text:
+                offenders.append(f"{path.name}: {needle}")
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "random"
+                and node.func.attr not in {"Random"}
+            ):
+                offenders.append(f"{path.name}: random.{node.func.attr}()")
+    assert offenders == []
+
+
+def test_public_api_is_exported() -> None:
+    import engine
+
+    for name in ("Prompt", "Example", "Limits", "evaluate", "Evaluation", "MetricResult", "metrics"):
+        assert name in engine.__all__
+        assert hasattr(engine, name)

@@ -1,0 +1,144 @@
+"""Limits: counted at the scripted provider, not inside the engine."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from adapters import ScriptedModel, ScriptedRequest
+from engine import (
+    BadRequestError,
+    ConfigError,
+    Endpoint,
+    Limits,
+    RateLimitedError,
+    RateLimiter,
+    RateLimitSnapshot,
+    RetryPolicy,
+    TransientError,
+    evaluate,
+)
+from engine.metrics import ExactMatch
+
+from .conftest import echo_examples, echo_model, qa_prompt
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+async def test_rpm_is_never_exceeded_in_any_one_second_window() -> None:
+    """rpm=600: any 1 s window at the provider holds at most rate + burst (10 + 1)."""
+    model = echo_model()
+    limits = Limits(rpm=600, concurrency=50)
+    result = await evaluate(qa_prompt(), echo_examples(30), model=model, metric=ExactMatch(), limits=limits)
+    assert result.completed == 30
+    times = model.request_times()
+    burst = limits.request_burst(600)
+    assert max_in_window(times, 1.0) <= 600 / 60 + burst
+    # and the rate held overall: 30 requests need at least (30 - burst) / 10 s
+    assert times[-1] - times[0] >= (30 - burst) / 10 - 0.05
+
+
+async def test_concurrency_limit_holds_at_the_provider() -> None:
+    model = echo_model(latency=0.02)
+    await evaluate(qa_prompt(), echo_examples(100), model=model, metric=ExactMatch(),
+                   limits=Limits(concurrency=7), concurrency=40)
+    assert model.stats.max_in_flight == 7
+
+
+async def test_retry_after_pauses_every_worker() -> None:
+    """One 429 with Retry-After: the provider sees no request until the deadline."""
+    limited_at: list[float] = []
+
+    def faults(request: ScriptedRequest) -> BaseException | None:
+        if not limited_at and len(model.requests) >= 5:
+            limited_at.append(request.time)
+            return RateLimitedError(retry_after=0.5)
+        return None
+
+    model = echo_model(latency=0.01, faults=faults)
+    endpoint = Endpoint(model, limits=Limits(concurrency=8), retry=RetryPolicy(base_delay=0.001))
+    result = await evaluate(qa_prompt(), echo_examples(60), model=endpoint, metric=ExactMatch())
+    assert result.completed == 60 and result.errors == 0
+    deadline = limited_at[0] + 0.5
+    # requests already past the gate may arrive within their own latency; none start later
+    sent_during_pause = [t for t in model.request_times() if limited_at[0] + 0.02 < t < deadline - 0.01]
+    assert sent_during_pause == []
+    assert endpoint.statistics().rate_limited == 1
+    assert endpoint.limiter.statistics().pauses == 1
+
+
+async def test_tokens_per_minute_bucket_paces_calls() -> None:
+    """tpm limits tokens: 20 calls of ~60 tokens at 36,000 tpm (600/s) take over a second."""
+    model = ScriptedModel(lambda r: "x" * 160, name="tok")  # ~41 completion tokens
+    endpoint = Endpoint(model, limits=Limits(tpm=36_000, concurrency=20))
+    data = echo_examples(20)
+    started = anyio.current_time()
+    await evaluate(qa_prompt(), data, model=endpoint, metric=lambda e, p: 1.0)
+    elapsed = anyio.current_time() - started
+    used = endpoint.statistics().usage.total_tokens
+    assert elapsed >= (used - 600) / 600 - 0.1
+
+
+@pytest.mark.parametrize("error", [BadRequestError("bad", status=400), BadRequestError("gone", status=404)])
+async def test_client_errors_are_never_retried(error: Exception) -> None:
+    model = echo_model(faults=lambda r: error)
+    result = await evaluate(qa_prompt(), echo_examples(3), model=model, metric=ExactMatch(), concurrency=1)
+    assert model.calls == 3 and result.errors == 3 and result.retries == 0
+
+
+def test_retry_policy_backoff_is_full_jitter_and_bounded() -> None:
+    import random
+
+    policy = RetryPolicy(base_delay=1.0, max_delay=8.0)
+    rng = random.Random(0)
+    waits = [policy.backoff(attempt, rng) for attempt in range(1, 10) for _ in range(50)]
+    assert min(waits) >= 0.0 and max(waits) <= 8.0
+    assert policy.should_retry(TransientError("x"), 1) and not policy.should_retry(TransientError("x"), 8)
+    assert not policy.should_retry(BadRequestError("x"), 1) and not policy.should_retry(ValueError(), 1)
+
+
+async def test_call_timeout_is_a_retried_transient_failure() -> None:
+    slow_once: set[str] = set()
+
+    async def handler(request: ScriptedRequest) -> str:
+        text = request.messages[-1]["content"]
+        if text not in slow_once:
+            slow_once.add(text)
+            await anyio.sleep(10)
+        return text
+
+    model = ScriptedModel(handler)
+    endpoint = Endpoint(model, retry=RetryPolicy(timeout=0.05, base_delay=0.001))
+    result = await evaluate(qa_prompt(), echo_examples(10), model=endpoint, metric=ExactMatch())
+    assert result.score == 1.0 and result.retries == 10
+    assert endpoint.statistics().timeouts == 10
+
+
+async def test_limits_are_learned_from_headers_when_unconfigured() -> None:
+    limiter = RateLimiter(Limits())
+    limiter.observe(RateLimitSnapshot(limit_requests=3000, limit_tokens=90_000, remaining_requests=10))
+    stats = limiter.statistics()
+    assert stats.learned and stats.rpm == pytest.approx(2850) and stats.tpm == pytest.approx(85_500)
+    configured = RateLimiter(Limits(rpm=100))
+    configured.observe(RateLimitSnapshot(limit_requests=3000))
+    assert configured.statistics().rpm == 100
+
+
+async def test_exhausted_remaining_requests_closes_the_gate() -> None:
+    limiter = RateLimiter(Limits())
+    limiter.observe(RateLimitSnapshot(limit_requests=60, remaining_requests=0))
+    assert 0.9 < limiter.paused_for() <= 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"rpm": 0}, {"tpm": -5}, {"concurrency": 0}, {"burst": -1}])
+def test_impossible_limits_are_config_errors(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        Limits(**kwargs)  # type: ignore[arg-type]
