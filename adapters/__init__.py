@@ -7,6 +7,7 @@ it).  Run files name adapters as ``"module:Class"`` strings resolved at run time
 from __future__ import annotations
 
 from .scripted import (
+    ArithmeticCoach,
     ArithmeticModel,
     ScriptedModel,
     ScriptedRequest,
@@ -15,6 +16,7 @@ from .scripted import (
 )
 
 __all__ = [
+    "ArithmeticCoach",
     "ArithmeticModel",
     "ScriptedModel",
     "ScriptedRequest",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ import anyio
 from engine import Completion, Example, Limits, RateLimitedError, TransientError, Usage
 
 __all__ = [
+    "ArithmeticCoach",
     "ArithmeticModel",
     "FaultPlan",
     "ScriptedModel",
@@ -251,3 +253,78 @@ def arithmetic_examples(n: int, *, seed: int = 0, prefix: str = "q") -> list[Exa
         value = a + b if op == "+" else a - b if op == "-" else a * b
         out.append(Example({"question": f"What is {a} {op} {b}?"}, str(value), id=f"{prefix}{i}"))
     return out
+
+
+_SECTION = re.compile(r"^## (.+?)\n(.*?)(?=\n## |\Z)", re.DOTALL | re.MULTILINE)
+
+
+def _sections(text: str) -> dict[str, str]:
+    return {m.group(1).strip(): m.group(2).strip() for m in _SECTION.finditer(text)}
+
+
+class ArithmeticCoach(ScriptedModel):
+    """The demo task's optimizer model: answers the engine's default stage prompts.
+
+    It reads the gradient prompt's prediction and expected output and names the habit
+    that caused the failure; it reads the apply prompt's current prompt and feedback
+    and returns the prompt with the matching instruction added, as JSON messages.
+    """
+
+    FIXES: Mapping[str, tuple[str, str]] = {
+        "chatty": (
+            "The model wrapped the number in a sentence; the metric wants the bare number. "
+            "Tell it to reply with only the number.",
+            "Reply with only the number.",
+        ),
+        "spelled": (
+            "The model spelled the digits out as words. Tell it to write the answer in digits.",
+            "Write the answer in digits.",
+        ),
+        "sloppy": (
+            "The arithmetic is off by one. Tell the model to work carefully and double-check.",
+            "Work carefully and double-check the arithmetic.",
+        ),
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(self._answer, **kwargs)
+
+    def _answer(self, request: ScriptedRequest) -> str:
+        system = request.messages[0]["content"] if request.messages else ""
+        parts = _sections(request.messages[-1]["content"])
+        if system.startswith("Describe the task"):
+            return "Answer an arithmetic question with the resulting number."
+        if system.startswith("Describe in two sentences how this metric"):
+            return "Exact match against the expected number: full marks only for the bare number."
+        if "Prediction" in parts:
+            return self._gradient(parts)
+        if "Feedback to apply" in parts:
+            return self._apply(parts)
+        return "I cannot help with that."
+
+    def _gradient(self, parts: Mapping[str, str]) -> str:
+        prediction = parts.get("Prediction", "")
+        if "answer is" in prediction.casefold():
+            habit = "chatty"
+        elif re.search(r"[a-z]", prediction.casefold()):
+            habit = "spelled"
+        else:
+            habit = "sloppy"
+        feedback = self.FIXES[habit][0]
+        earlier = next((v for k, v in parts.items() if k.startswith("Earlier feedback")), "")
+        if feedback in earlier:
+            return "The earlier fix was not applied strongly enough. " + feedback
+        return feedback
+
+    def _apply(self, parts: Mapping[str, str]) -> str:
+        messages = json.loads(parts["Current prompt"])
+        feedback = parts["Feedback to apply"]
+        added = [sentence for fb, sentence in self.FIXES.values() if fb in feedback]
+        system = next((m for m in messages if m["role"] == "system"), None)
+        if system is None:
+            system = {"role": "system", "content": ""}
+            messages.insert(0, system)
+        for sentence in added:
+            if sentence not in system["content"]:
+                system["content"] = (system["content"] + " " + sentence).strip()
+        return json.dumps({"messages": messages})

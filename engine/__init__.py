@@ -10,6 +10,7 @@ Everything listed in ``__all__`` is supported; modules starting with ``_`` are n
 from __future__ import annotations
 
 from . import metrics
+from ._budget import DEFAULT_PRICES, Budget, BudgetMeter, Price
 from ._cache import Cache, CachedPrediction, CacheStatistics, metric_identity
 from ._endpoint import CallResult, Endpoint, EndpointStatistics
 from ._errors import (
@@ -35,16 +36,35 @@ from ._parsing import parse_json_object
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, redact_text
+from ._report import ProposalRecord, RunReport, StepRecord
 from ._retry import RetryPolicy
+from ._stages import (
+    ApplyContext,
+    ApplyStage,
+    GradientContext,
+    GradientStage,
+    HistoryEntry,
+    LLMApply,
+    LLMGradient,
+    ProposalError,
+    parse_proposal,
+    validate_proposal,
+)
 from ._stores import MemoryStore, SQLiteStore
+from ._trainer import OptimizationResult, optimize
 from ._types import Completion, Example, MetricResult, OutcomeError, RateLimitSnapshot, Usage
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PRICES",
+    "ApplyContext",
+    "ApplyStage",
     "AuthenticationError",
     "BadRequestError",
+    "Budget",
     "BudgetExceededError",
+    "BudgetMeter",
     "Cache",
     "CacheConflictError",
     "CacheError",
@@ -66,29 +86,43 @@ __all__ = [
     "EventCallback",
     "Example",
     "GlobalMetric",
+    "GradientContext",
+    "GradientStage",
+    "HistoryEntry",
+    "LLMApply",
+    "LLMGradient",
     "LimiterStatistics",
     "Limits",
     "MemoryStore",
     "Metric",
     "MetricError",
     "MetricResult",
+    "OptimizationResult",
     "Outcome",
     "OutcomeError",
     "PermanentError",
+    "Price",
     "Prompt",
+    "ProposalError",
+    "ProposalRecord",
     "ProviderError",
     "RateLimitSnapshot",
     "RateLimitedError",
     "RateLimiter",
     "RetryPolicy",
+    "RunReport",
     "SQLiteStore",
+    "StepRecord",
     "TransientError",
     "Usage",
     "evaluate",
     "metric_identity",
     "metrics",
+    "optimize",
     "parse_json_object",
+    "parse_proposal",
     "redact_event",
     "redact_text",
     "validate_examples",
+    "validate_proposal",
 ]

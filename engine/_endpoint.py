@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 
+from ._budget import BudgetMeter
 from ._errors import CallTimeoutError, ProviderError, RateLimitedError
 from ._events import Emitter
 from ._limits import LimiterStatistics, Limits, RateLimiter
@@ -127,12 +128,15 @@ class Endpoint:
         params: Mapping[str, Any],
         *,
         events: Emitter | None = None,
+        meter: BudgetMeter | None = None,
     ) -> CallResult:
         """Call the model under the limits, retrying per policy.
 
-        Raises the last `ProviderError` when attempts, the deadline or the error class
-        say to stop.
+        ``meter`` is checked before and charged after every attempt.  Raises the last
+        `ProviderError` when attempts, the deadline or the error class say to stop, and
+        `BudgetExceededError` when the meter's cap is reached.
         """
+        model_name = str(params.get("model", self.name))
         policy = self.retry
         started = anyio.current_time()
         attempt = 0
@@ -141,6 +145,9 @@ class Endpoint:
             estimate = estimate_tokens(messages, self._expected_completion_tokens(params))
             try:
                 async with self.limiter.slot(estimated_tokens=estimate):
+                    if meter is not None:
+                        meter.check()
+                        meter.charge_call(model_name)
                     self._calls += 1
                     completion = await self._attempt(messages, params)
             except ProviderError as exc:
@@ -171,6 +178,8 @@ class Endpoint:
             self._consecutive_429 = 0
             self._succeeded += 1
             self._usage = self._usage + completion.usage
+            if meter is not None:
+                meter.charge_usage(model_name, completion.usage)
             self._learn(completion.usage)
             self.limiter.observe(completion.rate_limits)
             await self.limiter.reconcile(estimated=estimate, actual=completion.usage.total_tokens)

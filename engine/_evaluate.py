@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import anyio
 
+from ._budget import BudgetMeter
 from ._cache import Cache, CachedPrediction, metric_identity
 from ._endpoint import Endpoint
 from ._errors import ConfigError, EngineError, MetricError, ProviderError
@@ -247,6 +248,7 @@ async def evaluate(
     concurrency: int | None = None,
     progress_interval: float = 0.5,
     events: Emitter | None = None,
+    meter: BudgetMeter | None = None,
 ) -> Evaluation:
     """Score ``prompt`` on ``examples`` with ``metric``.
 
@@ -271,6 +273,7 @@ async def evaluate(
             on huge datasets (stream them with ``on_outcome``).
         concurrency: worker count; defaults to the endpoint's concurrency limit.
         progress_interval: seconds between ``evaluation.progress`` events.
+        meter: a `BudgetMeter` charged for every call (the trainer passes its own).
     """
     if on_error not in ("record", "raise"):
         raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
@@ -311,7 +314,7 @@ async def evaluate(
 
         async def call() -> CachedPrediction:
             try:
-                result = await endpoint.complete(messages, params, events=emitter)
+                result = await endpoint.complete(messages, params, events=emitter, meter=meter)
             except ProviderError as exc:
                 run.calls += exc.attempts
                 run.retries += exc.attempts - 1

@@ -31,7 +31,9 @@ async def test_second_evaluation_of_the_same_prompt_makes_zero_calls() -> None:
 async def test_changed_temperature_makes_every_call_again() -> None:
     cache, model, data = Cache(), echo_model(), echo_examples(20)
     await evaluate(qa_prompt(temperature=0.0), data, model=model, metric=ExactMatch(), cache=cache)
-    again = await evaluate(qa_prompt(temperature=0.5), data, model=model, metric=ExactMatch(), cache=cache)
+    again = await evaluate(
+        qa_prompt(temperature=0.5), data, model=model, metric=ExactMatch(), cache=cache
+    )
     assert again.calls == 20 and again.cache_hits == 0 and model.calls == 40
 
 
@@ -41,7 +43,9 @@ async def test_concurrent_evaluations_of_one_prompt_make_one_call_per_example() 
     results = []
 
     async def run() -> None:
-        results.append(await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache))
+        results.append(
+            await evaluate(qa_prompt(), data, model=model, metric=ExactMatch(), cache=cache)
+        )
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
@@ -69,13 +73,19 @@ async def test_coalesced_waiter_takes_over_when_the_leader_is_cancelled() -> Non
 async def test_reused_id_with_changed_inputs_raises(tmp_path: Path) -> None:
     async with Cache.sqlite(str(tmp_path / "c.sqlite")) as cache:
         model = echo_model()
-        await evaluate(qa_prompt(), [Example({"question": "a"}, "a", id="x")], model=model,
-                       metric=ExactMatch(), cache=cache)
+        await evaluate(
+            qa_prompt(),
+            [Example({"question": "a"}, "a", id="x")],
+            model=model,
+            metric=ExactMatch(),
+            cache=cache,
+        )
         changed = [Example({"question": "b"}, "b", id="x")]
         for prompt in (qa_prompt(), qa_prompt(system="Another prompt.")):
             with pytest.raises(CacheConflictError, match="'x'"):
-                await evaluate(prompt, changed, model=model, metric=ExactMatch(), cache=cache,
-                               on_error="raise")
+                await evaluate(
+                    prompt, changed, model=model, metric=ExactMatch(), cache=cache, on_error="raise"
+                )
 
 
 _CHILD = textwrap.dedent(
@@ -99,7 +109,9 @@ _CHILD = textwrap.dedent(
 
 def _run_child(root: Path, path: Path) -> dict[str, float]:
     code = _CHILD.format(root=str(root), path=str(path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -119,7 +131,9 @@ async def test_sqlite_values_are_json_and_durable_within_a_second(tmp_path: Path
     store = SQLiteStore(path, flush_interval=0.1)
     await store.open()
     cache = Cache(store)
-    await evaluate(qa_prompt(), echo_examples(5), model=echo_model(), metric=ExactMatch(), cache=cache)
+    await evaluate(
+        qa_prompt(), echo_examples(5), model=echo_model(), metric=ExactMatch(), cache=cache
+    )
     await anyio.sleep(0.5)  # without closing: what a crash would leave
     rows = sqlite3.connect(path).execute("SELECT key, value FROM kv").fetchall()
     assert len(rows) == 15  # 5 predictions, 5 metric results, 5 example fingerprints
@@ -141,14 +155,17 @@ async def test_corrupted_cache_file_is_detected(tmp_path: Path) -> None:
 async def test_corrupted_entry_is_an_error_not_a_miss(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     async with Cache.sqlite(str(path)) as cache:
-        await evaluate(qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(), cache=cache)
+        await evaluate(
+            qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(), cache=cache
+        )
     conn = sqlite3.connect(path)
     conn.execute("UPDATE kv SET value = 'not json' WHERE key LIKE 'p:%'")
     conn.commit()
     async with Cache.sqlite(str(path)) as cache:
         with pytest.raises(CacheError, match="not valid JSON"):
-            await evaluate(qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(),
-                           cache=cache)
+            await evaluate(
+                qa_prompt(), echo_examples(1), model=echo_model(), metric=ExactMatch(), cache=cache
+            )
 
 
 async def test_metric_results_are_cached_by_metric_identity() -> None:

@@ -82,7 +82,9 @@ async def test_exhausted_retries_record_the_cause_and_attempts() -> None:
 async def test_on_error_raise_fails_on_first_error_unwrapped() -> None:
     model = echo_model(faults=lambda r: PermanentError("nope", status=422))
     with pytest.raises(PermanentError, match="nope"):
-        await evaluate(qa_prompt(), echo_examples(50), model=model, metric=ExactMatch(), on_error="raise")
+        await evaluate(
+            qa_prompt(), echo_examples(50), model=model, metric=ExactMatch(), on_error="raise"
+        )
 
 
 async def test_authentication_error_is_fatal_whatever_the_policy() -> None:
@@ -173,10 +175,16 @@ def test_racing_gives_the_full_evaluation_decision(
 
     async def run() -> None:
         model, metric = _score_pattern_model(by_id)
-        full = await evaluate(qa_prompt(), data, model=model, metric=metric, concurrency=concurrency)  # type: ignore[arg-type]
+        full = await evaluate(
+            qa_prompt(), data, model=model, metric=metric, concurrency=concurrency
+        )  # type: ignore[arg-type]
         raced_model, metric = _score_pattern_model(by_id)
         raced = await evaluate(
-            qa_prompt(), data, model=raced_model, metric=metric, must_beat=must_beat,  # type: ignore[arg-type]
+            qa_prompt(),
+            data,
+            model=raced_model,
+            metric=metric,
+            must_beat=must_beat,  # type: ignore[arg-type]
             concurrency=concurrency,
         )
         assert (full.score > must_beat) == (not raced.stopped_early)
@@ -219,9 +227,15 @@ async def test_progress_events_and_outcome_stream() -> None:
     recorder = EventRecorder()
     streamed: list[str] = []
     result = await evaluate(
-        qa_prompt(), echo_examples(30), model=echo_model(latency=0.005), metric=ExactMatch(),
-        on_event=recorder, on_outcome=lambda o: streamed.append(o.example_id),
-        keep_outcomes=False, progress_interval=0.0, concurrency=4,
+        qa_prompt(),
+        echo_examples(30),
+        model=echo_model(latency=0.005),
+        metric=ExactMatch(),
+        on_event=recorder,
+        on_outcome=lambda o: streamed.append(o.example_id),
+        keep_outcomes=False,
+        progress_interval=0.0,
+        concurrency=4,
     )
     assert result.outcomes == () and sorted(streamed) == sorted(f"e{i}" for i in range(30))
     names = recorder.names()
@@ -233,11 +247,18 @@ async def test_progress_events_and_outcome_stream() -> None:
 async def test_global_metric_and_racing_conflict() -> None:
     with pytest.raises(ConfigError, match="racing"):
         await evaluate(
-            qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch(),
-            global_metric=lambda rs: 0.5, must_beat=0.1,
+            qa_prompt(),
+            echo_examples(3),
+            model=echo_model(),
+            metric=ExactMatch(),
+            global_metric=lambda rs: 0.5,
+            must_beat=0.1,
         )
     res = await evaluate(
-        qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch(),
+        qa_prompt(),
+        echo_examples(3),
+        model=echo_model(),
+        metric=ExactMatch(),
         global_metric=lambda rs: min(r.score for r in rs),
     )
     assert res.score == 1.0
@@ -255,10 +276,16 @@ async def test_better_prompt_scores_better_on_the_demo_task(data: list[Example])
 async def test_prompt_params_and_response_format_reach_the_model() -> None:
     model = echo_model()
     p = Prompt(
-        [{"role": "user", "content": "{question}"}], model="m", temperature=0.3,
-        params={"max_tokens": 7}, response_format={"type": "json_object"},
+        [{"role": "user", "content": "{question}"}],
+        model="m",
+        temperature=0.3,
+        params={"max_tokens": 7},
+        response_format={"type": "json_object"},
     )
     await evaluate(p, echo_examples(1), model=model, metric=lambda e, x: MetricResult(1.0))
     assert model.requests[0].params == {
-        "model": "m", "temperature": 0.3, "max_tokens": 7, "response_format": {"type": "json_object"}
+        "model": "m",
+        "temperature": 0.3,
+        "max_tokens": 7,
+        "response_format": {"type": "json_object"},
     }

@@ -35,7 +35,12 @@ def test_engine_has_no_global_rng_or_logging_configuration() -> None:
     offenders = []
     for path in (ROOT / "engine").rglob("*.py"):
         text = path.read_text()
-        for needle in ("random.seed(", "structlog.configure(", "logging.basicConfig(", "import pickle"):
+        for needle in (
+            "random.seed(",
+            "structlog.configure(",
+            "logging.basicConfig(",
+            "import pickle",
+        ):
             if needle in text:
                 offenders.append(f"{path.name}: {needle}")
         tree = ast.parse(text)
@@ -54,6 +59,14 @@ def test_engine_has_no_global_rng_or_logging_configuration() -> None:
 def test_public_api_is_exported() -> None:
     import engine
 
-    for name in ("Prompt", "Example", "Limits", "evaluate", "Evaluation", "MetricResult", "metrics"):
+    for name in (
+        "Prompt",
+        "Example",
+        "Limits",
+        "evaluate",
+        "Evaluation",
+        "MetricResult",
+        "metrics",
+    ):
         assert name in engine.__all__
         assert hasattr(engine, name)

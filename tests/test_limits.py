@@ -37,7 +37,9 @@ async def test_rpm_is_never_exceeded_in_any_one_second_window() -> None:
     """rpm=600: any 1 s window at the provider holds at most rate + burst (10 + 1)."""
     model = echo_model()
     limits = Limits(rpm=600, concurrency=50)
-    result = await evaluate(qa_prompt(), echo_examples(30), model=model, metric=ExactMatch(), limits=limits)
+    result = await evaluate(
+        qa_prompt(), echo_examples(30), model=model, metric=ExactMatch(), limits=limits
+    )
     assert result.completed == 30
     times = model.request_times()
     burst = limits.request_burst(600)
@@ -48,8 +50,14 @@ async def test_rpm_is_never_exceeded_in_any_one_second_window() -> None:
 
 async def test_concurrency_limit_holds_at_the_provider() -> None:
     model = echo_model(latency=0.02)
-    await evaluate(qa_prompt(), echo_examples(100), model=model, metric=ExactMatch(),
-                   limits=Limits(concurrency=7), concurrency=40)
+    await evaluate(
+        qa_prompt(),
+        echo_examples(100),
+        model=model,
+        metric=ExactMatch(),
+        limits=Limits(concurrency=7),
+        concurrency=40,
+    )
     assert model.stats.max_in_flight == 7
 
 
@@ -69,7 +77,9 @@ async def test_retry_after_pauses_every_worker() -> None:
     assert result.completed == 60 and result.errors == 0
     deadline = limited_at[0] + 0.5
     # requests already past the gate may arrive within their own latency; none start later
-    sent_during_pause = [t for t in model.request_times() if limited_at[0] + 0.02 < t < deadline - 0.01]
+    sent_during_pause = [
+        t for t in model.request_times() if limited_at[0] + 0.02 < t < deadline - 0.01
+    ]
     assert sent_during_pause == []
     assert endpoint.statistics().rate_limited == 1
     assert endpoint.limiter.statistics().pauses == 1
@@ -87,10 +97,14 @@ async def test_tokens_per_minute_bucket_paces_calls() -> None:
     assert elapsed >= (used - 600) / 600 - 0.1
 
 
-@pytest.mark.parametrize("error", [BadRequestError("bad", status=400), BadRequestError("gone", status=404)])
+@pytest.mark.parametrize(
+    "error", [BadRequestError("bad", status=400), BadRequestError("gone", status=404)]
+)
 async def test_client_errors_are_never_retried(error: Exception) -> None:
     model = echo_model(faults=lambda r: error)
-    result = await evaluate(qa_prompt(), echo_examples(3), model=model, metric=ExactMatch(), concurrency=1)
+    result = await evaluate(
+        qa_prompt(), echo_examples(3), model=model, metric=ExactMatch(), concurrency=1
+    )
     assert model.calls == 3 and result.errors == 3 and result.retries == 0
 
 
@@ -101,8 +115,12 @@ def test_retry_policy_backoff_is_full_jitter_and_bounded() -> None:
     rng = random.Random(0)
     waits = [policy.backoff(attempt, rng) for attempt in range(1, 10) for _ in range(50)]
     assert min(waits) >= 0.0 and max(waits) <= 8.0
-    assert policy.should_retry(TransientError("x"), 1) and not policy.should_retry(TransientError("x"), 8)
-    assert not policy.should_retry(BadRequestError("x"), 1) and not policy.should_retry(ValueError(), 1)
+    assert policy.should_retry(TransientError("x"), 1) and not policy.should_retry(
+        TransientError("x"), 8
+    )
+    assert not policy.should_retry(BadRequestError("x"), 1) and not policy.should_retry(
+        ValueError(), 1
+    )
 
 
 async def test_call_timeout_is_a_retried_transient_failure() -> None:
@@ -124,7 +142,9 @@ async def test_call_timeout_is_a_retried_transient_failure() -> None:
 
 async def test_limits_are_learned_from_headers_when_unconfigured() -> None:
     limiter = RateLimiter(Limits())
-    limiter.observe(RateLimitSnapshot(limit_requests=3000, limit_tokens=90_000, remaining_requests=10))
+    limiter.observe(
+        RateLimitSnapshot(limit_requests=3000, limit_tokens=90_000, remaining_requests=10)
+    )
     stats = limiter.statistics()
     assert stats.learned and stats.rpm == pytest.approx(2850) and stats.tpm == pytest.approx(85_500)
     configured = RateLimiter(Limits(rpm=100))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import ConfigError, Example, MetricResult, MetricError, Prompt
+from engine import ConfigError, Example, MetricError, MetricResult, Prompt
 
 from .conftest import qa_prompt
 

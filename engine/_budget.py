@@ -1,0 +1,126 @@
+"""`Budget`: caps on calls, tokens and money, and the meter that enforces them.
+
+The meter is checked before every attempt and charged after it, on every endpoint a
+run uses, so a cap overshoots by at most the calls already in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ._errors import BudgetExceededError, ConfigError
+from ._types import Usage
+
+__all__ = ["DEFAULT_PRICES", "Budget", "BudgetMeter", "Price"]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """US dollars per million prompt and completion tokens."""
+
+    input_per_million: float
+    output_per_million: float
+
+    def cost(self, usage: Usage) -> float:
+        return (
+            usage.prompt_tokens * self.input_per_million
+            + usage.completion_tokens * self.output_per_million
+        ) / 1_000_000
+
+
+# List prices (USD per 1M tokens) as published by OpenAI; override with Budget(prices=).
+DEFAULT_PRICES: Mapping[str, Price] = MappingProxyType(
+    {
+        "gpt-4o": Price(2.50, 10.00),
+        "gpt-4o-mini": Price(0.15, 0.60),
+        "gpt-4.1": Price(2.00, 8.00),
+        "gpt-4.1-mini": Price(0.40, 1.60),
+        "gpt-4.1-nano": Price(0.10, 0.40),
+        "o4-mini": Price(1.10, 4.40),
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Budget:
+    """Optional caps for one run.
+
+    Parameters:
+        max_calls: provider requests, every attempt counted.
+        max_tokens: prompt + completion tokens over all endpoints.
+        max_cost: US dollars, priced with ``prices`` (merged over `DEFAULT_PRICES`);
+            a model without a price is a `ConfigError` before the first call.
+        prices: model name -> `Price`.
+    """
+
+    max_calls: int | None = None
+    max_tokens: int | None = None
+    max_cost: float | None = None
+    prices: Mapping[str, Price] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_calls", "max_tokens", "max_cost"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"Budget.{name} must be positive, got {value!r}")
+
+    def price_table(self) -> dict[str, Price]:
+        return {**DEFAULT_PRICES, **self.prices}
+
+
+class BudgetMeter:
+    """Counts calls, tokens and cost per model; raises when a cap is reached."""
+
+    def __init__(self, budget: Budget | None, models: Iterable[str]) -> None:
+        self.budget = budget or Budget()
+        self._prices = self.budget.price_table()
+        if self.budget.max_cost is not None:
+            unknown = sorted({m for m in models if m not in self._prices})
+            if unknown:
+                raise ConfigError(
+                    f"a money budget needs a price for model(s) {unknown}; pass "
+                    "Budget(prices={name: Price(input_per_million, output_per_million)})"
+                )
+        self.calls: dict[str, int] = {}
+        self.usage: dict[str, Usage] = {}
+        self.exceeded: str | None = None
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(u.total_tokens for u in self.usage.values())
+
+    @property
+    def cost(self) -> float | None:
+        """Estimated dollars, or ``None`` when some model has no known price."""
+        total = 0.0
+        for model, usage in self.usage.items():
+            price = self._prices.get(model)
+            if price is None:
+                return None
+            total += price.cost(usage)
+        return total
+
+    def check(self) -> None:
+        """Raise `BudgetExceededError` once any cap is reached."""
+        b = self.budget
+        if self.exceeded is None:
+            if b.max_calls is not None and self.total_calls >= b.max_calls:
+                self.exceeded = f"call budget reached ({self.total_calls} >= {b.max_calls})"
+            elif b.max_tokens is not None and self.total_tokens >= b.max_tokens:
+                self.exceeded = f"token budget reached ({self.total_tokens} >= {b.max_tokens})"
+            elif b.max_cost is not None and (self.cost or 0.0) >= b.max_cost:
+                self.exceeded = f"money budget reached (${self.cost:.4f} >= ${b.max_cost})"
+        if self.exceeded is not None:
+            raise BudgetExceededError(self.exceeded)
+
+    def charge_call(self, model: str) -> None:
+        self.calls[model] = self.calls.get(model, 0) + 1
+
+    def charge_usage(self, model: str, usage: Usage) -> None:
+        self.usage[model] = self.usage.get(model, Usage()) + usage

@@ -1,0 +1,314 @@
+"""The gradient and apply stages: plain async callables, replaceable by the caller.
+
+    gradient(GradientContext) -> str      feedback for one failed example
+    apply(ApplyContext) -> Prompt         a new prompt from the joined feedback
+
+The defaults (`LLMGradient`, `LLMApply`) are LLM calls on the optimizer endpoint with
+prompts written here.  Whatever a stage returns, the trainer validates the proposal
+(`validate_proposal`); a stage that raises `ProposalError` records a failed attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._budget import BudgetMeter
+from ._endpoint import Endpoint
+from ._errors import ConfigError, EngineError
+from ._events import Emitter
+from ._parsing import parse_json_object
+from ._prompt import Prompt, render_value
+from ._types import Example, MetricResult
+
+__all__ = [
+    "ApplyContext",
+    "ApplyStage",
+    "GradientContext",
+    "GradientStage",
+    "HistoryEntry",
+    "LLMApply",
+    "LLMGradient",
+    "ProposalError",
+    "parse_proposal",
+    "validate_proposal",
+]
+
+
+class ProposalError(EngineError):
+    """A proposed prompt is unusable; ``raw`` keeps what the stage returned."""
+
+    def __init__(self, message: str, *, raw: str | None = None) -> None:
+        self.raw = raw
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class GradientContext:
+    """Everything the gradient stage sees for one failed example, all at once."""
+
+    task_description: str
+    metric_description: str
+    prompt: Prompt
+    example: Example
+    prediction: str
+    result: MetricResult
+    earlier_feedback: tuple[str, ...]  # this example's feedback earlier in this batch
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """A recent proposal and its score (0 when it did not beat the batch)."""
+
+    prompt: Prompt
+    score: float
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyContext:
+    """What the apply stage sees: the prompt, all feedback joined, recent proposals."""
+
+    task_description: str
+    prompt: Prompt
+    feedback: tuple[str, ...]
+    history: tuple[HistoryEntry, ...]
+    variant: int = 0  # index among parallel proposals of one attempt
+
+
+GradientStage = Callable[[GradientContext], Awaitable[str]]
+ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
+
+
+def _messages_json(prompt: Prompt) -> str:
+    return json.dumps([dict(m) for m in prompt.messages], ensure_ascii=False, indent=2)
+
+
+GRADIENT_SYSTEM = """\
+You are an expert prompt engineer diagnosing one failure of a language-model prompt.
+You are shown everything at once: the task, how answers are scored, the current prompt,
+the example's inputs, the expected output, the model's prediction, and the metric's
+score and feedback. Explain concretely what in the prompt led to this failure and
+exactly what instruction to add or change in the prompt to fix it. Be specific to this
+failure, in two to four sentences. Do not rewrite the whole prompt. If earlier feedback
+on this example is listed, it did not fix the failure: say something different."""
+
+APPLY_SYSTEM = """\
+You improve a language-model prompt by applying feedback to it. Return the complete new
+prompt as JSON and nothing else: {"messages": [{"role": "system" | "user" | "assistant",
+"content": "..."}]}.
+Rules: keep every {placeholder} exactly as written (each is filled with an example's
+inputs) and add no new ones; keep every instruction about the response format; stay
+close to the current prompt's length; change what the feedback asks for; do better than
+the recent proposals listed with their scores."""
+
+PROMPT_SCHEMA: Mapping[str, Any] = {
+    "type": "object",
+    "properties": {
+        "messages": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                    "content": {"type": "string"},
+                },
+                "required": ["role", "content"],
+            },
+        }
+    },
+    "required": ["messages"],
+}
+
+
+class LLMGradient:
+    """The default gradient stage: one optimizer call per failed example."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        model: str,
+        temperature: float = 0.0,
+        meter: BudgetMeter | None = None,
+        events: Emitter | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.temperature = temperature
+        self.meter = meter
+        self.events = events
+
+    def messages(self, ctx: GradientContext) -> list[dict[str, str]]:
+        parts = [
+            f"## Task\n{ctx.task_description}",
+            f"## Metric\n{ctx.metric_description}",
+            f"## Current prompt\n{_messages_json(ctx.prompt)}",
+            f"## Inputs\n{render_value(dict(ctx.example.inputs))}",
+            f"## Expected output\n{render_value(ctx.example.expected)}",
+            f"## Prediction\n{ctx.prediction}",
+            f"## Metric result\nscore: {ctx.result.score:g}\n"
+            f"feedback: {ctx.result.feedback or '-'}",
+        ]
+        if ctx.earlier_feedback:
+            earlier = "\n".join(f"- {f}" for f in ctx.earlier_feedback)
+            parts.append(
+                "## Earlier feedback on this example (it did not fix it; say something "
+                f"different)\n{earlier}"
+            )
+        return [
+            {"role": "system", "content": GRADIENT_SYSTEM},
+            {"role": "user", "content": "\n\n".join(parts)},
+        ]
+
+    async def __call__(self, ctx: GradientContext) -> str:
+        params = {"model": self.model, "temperature": self.temperature}
+        result = await self.endpoint.complete(
+            self.messages(ctx), params, events=self.events, meter=self.meter
+        )
+        return result.completion.text.strip()
+
+
+class LLMApply:
+    """The default apply stage: one optimizer call returning JSON messages."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        model: str,
+        temperature: float = 0.0,
+        meter: BudgetMeter | None = None,
+        events: Emitter | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.model = model
+        self.temperature = temperature
+        self.meter = meter
+        self.events = events
+
+    def messages(self, ctx: ApplyContext) -> list[dict[str, str]]:
+        feedback = "\n".join(f"{i}. {f}" for i, f in enumerate(ctx.feedback, 1))
+        parts = [
+            f"## Task\n{ctx.task_description}",
+            f"## Current prompt\n{_messages_json(ctx.prompt)}",
+            f"## Feedback to apply\n{feedback}",
+        ]
+        if ctx.history:
+            shown = "\n\n".join(
+                f"### Proposal scored {h.score:.3f}{' (' + h.note + ')' if h.note else ''}\n"
+                f"{_messages_json(h.prompt)}"
+                for h in ctx.history
+            )
+            parts.append(f"## Recent proposals and their scores\n{shown}")
+        if ctx.variant:
+            parts.append(
+                f"## Variant\nThis is alternative #{ctx.variant + 1}: take a different angle."
+            )
+        return [
+            {"role": "system", "content": APPLY_SYSTEM},
+            {"role": "user", "content": "\n\n".join(parts)},
+        ]
+
+    async def __call__(self, ctx: ApplyContext) -> Prompt:
+        temperature = self.temperature if not ctx.variant else max(self.temperature, 0.7)
+        params: dict[str, Any] = {
+            "model": self.model,
+            "temperature": temperature,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},
+            },
+        }
+        result = await self.endpoint.complete(
+            self.messages(ctx), params, events=self.events, meter=self.meter
+        )
+        return parse_proposal(result.completion.text, ctx.prompt)
+
+
+def parse_proposal(text: str, current: Prompt) -> Prompt:
+    """Read a proposal (``{"messages": [...]}``, a bare list, fenced or amid prose) into
+    a prompt with the current model, params and response format."""
+    data: Any = parse_json_object(text)
+    messages: Any = data.get("messages") if isinstance(data, dict) else None
+    if messages is None:
+        match = re.search(r"\[.*\]", text, re.DOTALL)
+        if match:
+            try:
+                messages = json.loads(match.group(0))
+            except ValueError:
+                messages = None
+    if not isinstance(messages, list) or not messages:
+        raise ProposalError("the proposal is not a JSON list of messages", raw=text)
+    cleaned: list[dict[str, str]] = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ProposalError("a proposed message lacks string content", raw=text)
+        cleaned.append({"role": str(m.get("role", "system")), "content": m["content"]})
+    try:
+        return current.replace(messages=cleaned)
+    except ConfigError as exc:
+        raise ProposalError(f"the proposal is not a valid prompt: {exc}", raw=text) from exc
+
+
+_FORMAT_WORDS = ("json",)
+
+
+def validate_proposal(proposal: Prompt, original: Prompt) -> None:
+    """Raise `ProposalError` unless ``proposal`` keeps the original's inputs and format.
+
+    Checked: same placeholders (none dropped, none invented), no empty message, the
+    same model, params and response format, and a response-format instruction
+    (mentions of JSON) kept when the original has one.
+    """
+    raw = json.dumps(proposal.to_dict(), ensure_ascii=False)
+    dropped = original.placeholders - proposal.placeholders
+    if dropped:
+        raise ProposalError(f"the proposal drops placeholder(s) {sorted(dropped)}", raw=raw)
+    invented = proposal.placeholders - original.placeholders
+    if invented:
+        raise ProposalError(f"the proposal invents placeholder(s) {sorted(invented)}", raw=raw)
+    if any(not m["content"].strip() for m in proposal.messages):
+        raise ProposalError("the proposal has an empty message", raw=raw)
+    if (
+        proposal.model != original.model
+        or proposal.params != original.params
+        or proposal.response_format != original.response_format
+    ):
+        raise ProposalError("the proposal changes the model, params or response format", raw=raw)
+    before = " ".join(m["content"] for m in original.messages).casefold()
+    after = " ".join(m["content"] for m in proposal.messages).casefold()
+    for word in _FORMAT_WORDS:
+        if word in before and word not in after:
+            raise ProposalError(
+                f"the proposal drops the response-format instruction ({word})", raw=raw
+            )
+
+
+def describe_task_messages(prompt: Prompt, sample: Sequence[Example]) -> list[dict[str, str]]:
+    shown = "\n".join(
+        f"- inputs: {render_value(dict(e.inputs))} -> expected: {render_value(e.expected)}"
+        for e in sample
+    )
+    return [
+        {
+            "role": "system",
+            "content": "Describe the task this prompt performs in two or three sentences: "
+            "what the inputs are, what the output must be, and its format.",
+        },
+        {"role": "user", "content": f"## Prompt\n{_messages_json(prompt)}\n\n## Examples\n{shown}"},
+    ]
+
+
+def describe_metric_messages(source: str) -> list[dict[str, str]]:
+    return [
+        {
+            "role": "system",
+            "content": "Describe in two sentences how this metric scores an answer and what "
+            "an answer needs to get full marks.",
+        },
+        {"role": "user", "content": f"## Metric source\n{source}"},
+    ]
