@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 __all__ = ["REDACTED", "redact_event", "redact_text", "redact_value"]
@@ -51,7 +51,9 @@ def redact_value(value: Any) -> Any:
     return value
 
 
-def redact_event(logger: object, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_event(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
     """A structlog processor that redacts secrets; hosts may add it to their chain."""
     return {
         k: (REDACTED if _SECRET_FIELD.search(k) and v else redact_value(v))

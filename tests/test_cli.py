@@ -1,0 +1,129 @@
+"""The CLI end to end, in real subprocesses: outputs, exit codes, dry runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd or ROOT,
+    )
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Path:
+    """A copy of the bundled demo run, writing into tmp_path."""
+    for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):
+        shutil.copy(EXAMPLES / name, tmp_path / name)
+    text = (EXAMPLES / "demo.toml").read_text()
+    text = text.replace("../out/demo/cache.sqlite", "cache.sqlite").replace(
+        '"../out/demo"', '"out"'
+    )
+    (tmp_path / "demo.toml").write_text(text)
+    return tmp_path
+
+
+def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
+    done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["score"] == 1.0 and summary["initial_score"] < 0.5
+    out = demo / "out"
+    best = json.loads((out / "best_prompt.json").read_text())
+    assert "{question}" in best["messages"][-1]["content"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["best_score"] == 1.0 and report["steps"]
+    assert (out / "report.md").read_text().startswith("# Optimization report")
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert oct((out / "report.json").stat().st_mode & 0o777) == "0o600"
+
+    again = run_cli(
+        "evaluate",
+        str(demo / "demo.toml"),
+        "--prompt",
+        str(out / "best_prompt.json"),
+        "--split",
+        "val",
+        "--quiet",
+    )
+    assert again.returncode == 0, again.stderr
+    result = json.loads(again.stdout)
+    assert result["score"] == 1.0 and result["calls"] == 0  # resumed from the SQLite cache
+    lines = (out / "evaluation_val.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and all(json.loads(line)["result"]["score"] == 1.0 for line in lines)
+
+
+def test_dry_run_calls_nothing(demo: Path) -> None:
+    done = run_cli("optimize", str(demo / "demo.toml"), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["max_calls"] > 40 and plan["max_cost_usd_estimate"] > 0
+    assert not (demo / "cache.sqlite").exists() and not (demo / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: (d / "arithmetic_train.jsonl").write_text(
+                '{"id": "a", "question": "x", "answer": "1"}\n{broken\n'
+            ),
+            "arithmetic_train.jsonl:2",
+        ),
+        (
+            lambda d: (d / "arithmetic_train.jsonl").write_text('{"id": "a", "question": "x"}\n'),
+            "missing field 'answer'",
+        ),
+        (
+            lambda d: (d / "arithmetic_train.jsonl").write_text(
+                '{"id": "a", "question": "x", "answer": "1"}\n' * 2
+            ),
+            "duplicate id 'a'",
+        ),
+        (lambda d: (d / "arithmetic_train.jsonl").write_text(""), "empty"),
+        (
+            lambda d: (d / "demo.toml").write_text(
+                (d / "demo.toml").read_text().replace("batch_size = 4", 'batch_size = "four"')
+            ),
+            "batch_size must be int",
+        ),
+        (
+            lambda d: (d / "demo.toml").write_text(
+                (d / "demo.toml").read_text().replace("rpm = 6000", "rpm = -1")
+            ),
+            "rpm must be a positive number",
+        ),
+        (
+            lambda d: (d / "demo.toml").write_text(
+                (d / "demo.toml")
+                .read_text()
+                .replace(
+                    "options = { latency = 0.02 }", 'options = { api_key = "sk-abcdefghijkl" }'
+                )
+            ),
+            "secrets come from the environment",
+        ),
+        (lambda d: (d / "demo.toml").write_text("[prompt\n"), "not valid TOML"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_place(demo: Path, edit: object, message: str) -> None:
+    edit(demo)  # type: ignore[operator]
+    done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+    assert "sk-abcdefghijkl" not in done.stderr
+    assert not (demo / "cache.sqlite").exists()
