@@ -10,6 +10,7 @@ that uses it, is what makes the limits hold across concurrent work.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -138,7 +139,7 @@ class Endpoint:
         """
         model_name = str(params.get("model", self.name))
         policy = self.retry
-        started = anyio.current_time()
+        started = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
@@ -158,7 +159,7 @@ class Endpoint:
                     raise
                 wait = policy.backoff(attempt, self._rng)
                 if policy.deadline is not None:
-                    remaining = policy.deadline - (anyio.current_time() - started)
+                    remaining = policy.deadline - (time.monotonic() - started)
                     if remaining <= wait + self.limiter.paused_for():
                         self._failed += 1
                         raise

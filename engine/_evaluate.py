@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -305,7 +306,7 @@ async def evaluate(
     results: list[MetricResult] | None = [] if global_metric is not None else None
     outcomes: list[Outcome] = []
     iterator = enumerate(examples)
-    started = anyio.current_time()
+    started = time.monotonic()
     last_progress = started
     preflighted = prevalidated
 
@@ -385,7 +386,7 @@ async def evaluate(
                 results.append(outcome.result)
         if keep_outcomes:
             outcomes.append(outcome)
-        now = anyio.current_time()
+        now = time.monotonic()
         if now - last_progress >= progress_interval:
             last_progress = now
             emitter.emit(
@@ -435,7 +436,7 @@ async def evaluate(
     async with anyio.create_task_group() as tg:
         for _ in range(workers):
             tg.start_soon(worker, tg.cancel_scope)
-    wall = anyio.current_time() - started
+    wall = time.monotonic() - started
 
     if run.failure is not None:
         emitter.emit("evaluation.failed", level="error", error=run.failure, done=run.completed)

@@ -16,6 +16,7 @@ A 429 with Retry-After closes the pause gate for *every* worker of the endpoint.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -104,7 +105,8 @@ class RateLimiter:
         self, limits: Limits | None = None, *, clock: Callable[[], float] | None = None
     ) -> None:
         self._limits = limits or Limits()
-        self._clock = clock or anyio.current_time
+        # time.monotonic is asyncio's loop clock, without anyio's per-call backend lookup
+        self._clock = clock or time.monotonic
         self._capacity = anyio.CapacityLimiter(self._limits.concurrency)  # calls in flight
         self._rpm: float | None = None  # the request rate in force
         self._tpm: float | None = None  # the token rate in force

@@ -1,0 +1,165 @@
+"""The OpenAI adapter against the simulated provider over real loopback HTTP.
+
+Assertions are on the server's counts: what the provider really received.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from adapters.openai_chat import OpenAIChat, parse_duration, parse_rate_limits, parse_retry_after
+from adapters.simulated_server import ServerConfig, SimulatedServer
+from engine import (
+    AuthenticationError,
+    Endpoint,
+    Limits,
+    LLMApply,
+    Prompt,
+    RetryPolicy,
+    evaluate,
+)
+from engine._stages import ApplyContext
+from engine.metrics import ExactMatch
+
+from .conftest import echo_examples, qa_prompt
+
+FAST = RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.2, timeout=1.0)
+
+
+@pytest.mark.slow
+async def test_configured_rpm_holds_at_the_server() -> None:
+    """1,000 examples at RPM 3000: all outcomes, no 1 s window over rate + burst, <2% 429s."""
+    limits = Limits(rpm=3000, concurrency=64)
+    async with SimulatedServer(
+        ServerConfig(rpm=3000, latency_median=0.05, latency_sigma=0.5)
+    ) as server:
+        async with OpenAIChat(base_url=server.base_url, limits=limits) as chat:
+            result = await evaluate(
+                qa_prompt(), echo_examples(1000), model=chat, metric=ExactMatch()
+            )
+    stats = server.stats
+    assert result.completed == 1000 and result.errors == 0 and result.score == 1.0
+    assert stats.max_in_window(1.0) <= 50 + limits.request_burst(3000) + 1
+    assert stats.rate_limited < 0.02 * stats.received
+
+
+@pytest.mark.slow
+async def test_unconfigured_limits_are_learned_from_headers() -> None:
+    """No limits configured, server at RPM 3000: completes with under 10% 429s."""
+    async with SimulatedServer(
+        ServerConfig(rpm=3000, latency_median=0.05, latency_sigma=0.5)
+    ) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            result = await evaluate(
+                qa_prompt(), echo_examples(1000), model=endpoint, metric=ExactMatch()
+            )
+    stats = server.stats
+    assert result.completed == 1000 and result.errors == 0
+    assert stats.rate_limited < 0.10 * stats.received
+    assert endpoint.limiter.statistics().learned
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"error_rate": 0.2},
+        {"hang_rate": 0.1, "hang_seconds": 30},
+        {"drop_rate": 0.2},
+        {"malformed_rate": 0.2},
+    ],
+    ids=["500", "hang", "drop", "malformed"],
+)
+async def test_each_fault_kind_is_retried_to_the_fault_free_result(fault: dict[str, float]) -> None:
+    data = echo_examples(60)
+    metric = lambda ex, pred: 1.0 if pred == ex.expected else 0.0  # noqa: E731
+    async with SimulatedServer(ServerConfig(latency_median=0.01, seed=3, **fault)) as server:  # type: ignore[arg-type]
+        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=16)) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            faulty = await evaluate(qa_prompt(), data, model=endpoint, metric=metric)
+    async with SimulatedServer(ServerConfig(latency_median=0.01)) as clean_server:
+        async with OpenAIChat(base_url=clean_server.base_url) as chat:
+            clean = await evaluate(qa_prompt(), data, model=chat, metric=metric)
+    injected = sum(
+        getattr(server.stats, k) for k in ("server_errors", "hangs", "drops", "malformed")
+    )
+    assert injected > 0 and faulty.retries >= injected
+    assert faulty.errors == 0 and faulty.score == clean.score == 1.0
+    assert [o.prediction for o in faulty.outcomes] == [o.prediction for o in clean.outcomes]
+
+
+async def test_401_fails_fast_naming_the_endpoint_and_not_the_key() -> None:
+    key = "sk-canary-0123456789abcdef"
+    async with SimulatedServer(ServerConfig(api_key="sk-the-right-key-000000")) as server:
+        async with OpenAIChat(base_url=server.base_url, api_key=key) as chat:
+            started = time.monotonic()
+            with pytest.raises(AuthenticationError) as info:
+                await evaluate(qa_prompt(), echo_examples(200), model=chat, metric=ExactMatch())
+            assert time.monotonic() - started < 2
+    message = str(info.value)
+    assert f"127.0.0.1:{server.port}/v1" in message and "credentials" in message
+    assert key not in message and "canary" not in message
+    assert server.stats.received <= 32  # the first wave only: no retries of a 401
+
+
+async def test_json_schema_falls_back_to_json_object_and_remembers() -> None:
+    """A server answering json_schema with HTTP 500 gets json_object from then on."""
+    proposal = '{"messages": [{"role": "user", "content": "Be exact. {question}"}]}'
+    seen: list[object] = []
+
+    def answer(messages: object, body: dict[str, object]) -> str:
+        seen.append(body.get("response_format"))
+        return proposal
+
+    config = ServerConfig(reject_json_schema=True, answer=answer)  # type: ignore[arg-type]
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            apply = LLMApply(Endpoint(chat, retry=FAST), model="m")
+            ctx = ApplyContext("task", qa_prompt(), ("be exact",), ())
+            first = await apply(ctx)
+            second = await apply(ctx)
+    assert chat.format_mode == "json_object"
+    assert server.stats.rejected_format == 1
+    assert [f["type"] for f in seen] == ["json_object", "json_object"]  # type: ignore[index]
+    assert "schema" in seen[0]  # type: ignore[operator]
+    assert (
+        first == second
+        and isinstance(first, Prompt)
+        and "{question}" in first.messages[0]["content"]
+    )
+
+
+async def test_cancelling_mid_run_disconnects_at_the_server_within_a_second() -> None:
+    async with SimulatedServer(ServerConfig(latency_median=20.0)) as server:
+        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=8)) as chat:
+            with anyio.move_on_after(0.5):
+                await evaluate(qa_prompt(), echo_examples(50), model=chat, metric=ExactMatch())
+            cancelled_at = time.monotonic()
+            while server.stats.disconnects < 8 and time.monotonic() - cancelled_at < 1.0:
+                await anyio.sleep(0.02)
+            assert server.stats.disconnects == 8
+            assert server.stats.in_flight == 0
+
+
+def test_header_parsing() -> None:
+    assert (
+        parse_duration("6m0s") == 360
+        and parse_duration("20ms") == 0.02
+        and parse_duration("1s") == 1
+    )
+    snap = parse_rate_limits(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1.5s",
+        }
+    )
+    assert snap is not None and snap.limit_requests == 3000 and snap.remaining_requests == 0
+    assert snap.reset_requests == 1.5
+    assert parse_rate_limits({"content-type": "x"}) is None
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
