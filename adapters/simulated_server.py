@@ -473,6 +473,8 @@ def main() -> None:
         ("malformed-rate", 0.0),
     ):
         parser.add_argument(f"--{name}", type=float, default=default)
+    parser.add_argument("--latency-cap", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retry-after", choices=("seconds", "ms", "none"), default="seconds")
     parser.add_argument("--reject-json-schema", action="store_true")
     args = parser.parse_args()
@@ -481,6 +483,8 @@ def main() -> None:
         tpm=args.tpm,
         latency_median=args.latency_median,
         latency_sigma=args.latency_sigma,
+        latency_cap=args.latency_cap,
+        seed=args.seed,
         error_rate=args.error_rate,
         hang_rate=args.hang_rate,
         drop_rate=args.drop_rate,

@@ -61,9 +61,16 @@ class SQLiteStore:
     corrupted, raises `CacheError` on open instead of being used.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, flush_interval: float = 0.2) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        flush_interval: float = 0.2,
+        max_pending: int = 20_000,
+    ) -> None:
         self.path = Path(path)
         self.flush_interval = flush_interval
+        self.max_pending = max_pending  # uncommitted rows before put() waits for the writer
         self._read: sqlite3.Connection | None = None  # loop-thread connection for reads
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()  # writes for the writer
         self._lock = threading.Lock()  # guards _pending
@@ -208,7 +215,15 @@ class SQLiteStore:
             raise CacheError(f"{self.path} is not open; use 'async with SQLiteStore(...)'")
         with self._lock:
             self._pending[key] = value
+            backlog = len(self._pending)
         self._queue.put((key, value))
+        if backlog >= self.max_pending:
+            # The writer thread is behind (it shares the GIL with a busy loop): wait for
+            # it to drain half the backlog, so memory stays bounded on huge runs.
+            while self.statistics()["pending"] > self.max_pending // 2:  # noqa: ASYNC110
+                if self._writer_error is not None or self._writer is None:
+                    break
+                await anyio.sleep(self.flush_interval / 4)
 
     def statistics(self) -> dict[str, int]:
         with self._lock:
