@@ -20,6 +20,7 @@ from fractions import Fraction
 from typing import Any, Literal
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._budget import BudgetMeter
 from ._cache import Cache, CachedPrediction, metric_identity
@@ -182,6 +183,11 @@ def validate_examples(prompt: Prompt, examples: Sequence[Example]) -> None:
             raise ConfigError(f"duplicate example id {example.id!r} at rows #{first} and #{index}")
 
 
+def _is_async(metric: Metric) -> bool:
+    call = getattr(metric, "__call__", None)  # noqa: B004 - callable instances
+    return inspect.iscoroutinefunction(metric) or inspect.iscoroutinefunction(call)
+
+
 async def _preflight_metric(metric: Metric, example: Example) -> None:
     """Run the metric once on the expected answer, so a broken metric fails before
     anything is paid.  Metrics that cost calls opt out with ``preflight = False``."""
@@ -197,6 +203,16 @@ async def _preflight_metric(metric: Metric, example: Example) -> None:
             f"metric raised {type(exc).__name__} on example {example.id!r} with its expected "
             f"answer as the prediction (checked before the first call): {exc}"
         ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Predicted:
+    """An example between the prediction and the metric stage."""
+
+    index: int
+    example: Example
+    prediction: CachedPrediction
+    cached: bool
 
 
 class _Run:
@@ -247,6 +263,7 @@ async def evaluate(
     global_metric: GlobalMetric | None = None,
     keep_outcomes: bool = True,
     concurrency: int | None = None,
+    metric_concurrency: int | None = None,
     progress_interval: float = 0.5,
     events: Emitter | None = None,
     meter: BudgetMeter | None = None,
@@ -272,7 +289,10 @@ async def evaluate(
         global_metric: aggregate over the per-example results; default mean.
         keep_outcomes: keep every `Outcome` in the result; turn off for flat memory
             on huge datasets (stream them with ``on_outcome``).
-        concurrency: worker count; defaults to the endpoint's concurrency limit.
+        concurrency: prediction workers; defaults to the endpoint's concurrency limit.
+        metric_concurrency: metric workers; defaults to ``concurrency``.  Predictions
+            and metrics run in separate pools, so a slow metric does not hold back
+            predictions until all metric workers are busy.
         progress_interval: seconds between ``evaluation.progress`` events.
         meter: a `BudgetMeter` charged for every call (the trainer passes its own).
     """
@@ -296,6 +316,9 @@ async def evaluate(
         raise ConfigError("concurrency must be at least 1")
     if total is not None:
         workers = min(workers, max(total, 1))
+    scorers = metric_concurrency or workers
+    if scorers < 1:
+        raise ConfigError("metric_concurrency must be at least 1")
 
     metric_id = metric_identity(metric) if cache is not None else ""
     params: dict[str, Any] = {"model": prompt.model, **prompt.params}
@@ -338,7 +361,8 @@ async def evaluate(
         )
         return result
 
-    async def one(index: int, example: Example) -> Outcome:
+    async def predicted(index: int, example: Example) -> _Predicted | Outcome:
+        """Stage 1: the prediction, or the outcome of an example that failed there."""
         try:
             prediction, cached = await predict(example)
         except ProviderError as exc:
@@ -352,6 +376,11 @@ async def evaluate(
                 OutcomeError.from_exception("predict", exc, exc.attempts),
                 False,
             )
+        return _Predicted(index, example, prediction, cached)
+
+    async def scored(item: _Predicted) -> Outcome:
+        """Stage 2: the metric on a prediction."""
+        index, example, prediction, cached = item.index, item.example, item.prediction, item.cached
         try:
             result = await score(example, prediction.text)
         except MetricError:
@@ -402,7 +431,29 @@ async def evaluate(
                 elapsed=round(now - started, 3),
             )
 
-    async def worker(scope: anyio.CancelScope) -> None:
+    def fail(exc: Exception, scope: anyio.CancelScope) -> None:
+        # Keep the first failure, stop everything, re-raise it unwrapped below.
+        if run.failure is None:
+            run.failure = exc
+        scope.cancel()
+
+    async def finish(item: _Predicted | Outcome, scope: anyio.CancelScope) -> bool:
+        """Score, record and report one example; True when racing says stop."""
+        outcome = item if isinstance(item, Outcome) else await scored(item)
+        record(outcome)
+        if on_outcome is not None:
+            maybe = on_outcome(outcome)
+            if inspect.isawaitable(maybe):
+                await maybe
+        if run.cannot_win():
+            run.stopped_early = True
+            scope.cancel()
+            return True
+        return False
+
+    async def predictor(
+        out: MemoryObjectSendStream[_Predicted | Outcome] | None, scope: anyio.CancelScope
+    ) -> None:
         nonlocal preflighted
         try:
             for index, item in iterator:
@@ -410,21 +461,27 @@ async def evaluate(
                 if not preflighted:
                     preflighted = True
                     await _preflight_metric(metric, example)
-                outcome = await one(index, example)
-                record(outcome)
-                if on_outcome is not None:
-                    maybe = on_outcome(outcome)
-                    if inspect.isawaitable(maybe):
-                        await maybe
-                if run.cannot_win():
-                    run.stopped_early = True
-                    scope.cancel()
+                done = await predicted(index, example)
+                if out is not None:
+                    await out.send(done)
+                elif await finish(done, scope):
                     return
         except Exception as exc:
-            # Keep the first failure, stop the others, re-raise it unwrapped below.
-            if run.failure is None:
-                run.failure = exc
-            scope.cancel()
+            fail(exc, scope)
+        finally:
+            if out is not None:
+                out.close()
+
+    async def scorer(
+        incoming: MemoryObjectReceiveStream[_Predicted | Outcome], scope: anyio.CancelScope
+    ) -> None:
+        async with incoming:
+            try:
+                async for item in incoming:
+                    if await finish(item, scope):
+                        return
+            except Exception as exc:
+                fail(exc, scope)
 
     emitter.emit(
         "evaluation.started",
@@ -434,8 +491,21 @@ async def evaluate(
         endpoint=endpoint.name,
     )
     async with anyio.create_task_group() as tg:
-        for _ in range(workers):
-            tg.start_soon(worker, tg.cancel_scope)
+        if not _is_async(metric):
+            # A sync metric cannot wait on I/O: score inline, no hand-off to pay for.
+            for _ in range(workers):
+                tg.start_soon(predictor, None, tg.cancel_scope)
+        else:
+            # Two pools joined by an unbuffered stream: a prediction goes to a free
+            # metric worker, so a slow async metric (an LLM judge on its own endpoint)
+            # holds predictions back only once every metric worker is busy, and
+            # predictions never run far ahead of scoring (racing could save those).
+            send, receive = anyio.create_memory_object_stream[_Predicted | Outcome](0)
+            async with send, receive:
+                for _ in range(workers):
+                    tg.start_soon(predictor, send.clone(), tg.cancel_scope)
+                for _ in range(scorers):
+                    tg.start_soon(scorer, receive.clone(), tg.cancel_scope)
     wall = time.monotonic() - started
 
     if run.failure is not None:

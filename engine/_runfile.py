@@ -156,6 +156,7 @@ class RunFile:
     trainer: Mapping[str, Any]
     budget: Budget | None
     cache_path: Path | None
+    cache_flush_interval: float
     output_dir: Path
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
@@ -269,6 +270,9 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
 
     ct = _table(data, "cache", where)
     cache_path = (base / str(ct["path"])).resolve() if ct.get("path") else None
+    flush = _typed(ct, "flush_interval", (int, float), f"{where} [cache]")
+    if flush is not None and not 0 < flush <= 5:
+        raise ConfigError(f"{where}: [cache].flush_interval must be in (0, 5] seconds")
     ot = _table(data, "output", where)
     output_dir = (base / str(ot.get("dir", "out"))).resolve()
     return RunFile(
@@ -283,6 +287,7 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         trainer=trainer,
         budget=budget,
         cache_path=cache_path,
+        cache_flush_interval=float(flush) if flush is not None else 0.2,
         output_dir=output_dir,
         raw=data,
     )

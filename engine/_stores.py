@@ -220,7 +220,7 @@ class SQLiteStore:
         if backlog >= self.max_pending:
             # The writer thread is behind (it shares the GIL with a busy loop): wait for
             # it to drain half the backlog, so memory stays bounded on huge runs.
-            while self.statistics()["pending"] > self.max_pending // 2:  # noqa: ASYNC110
+            while self.statistics()["pending"] > self.max_pending // 2:
                 if self._writer_error is not None or self._writer is None:
                     break
                 await anyio.sleep(self.flush_interval / 4)

@@ -130,7 +130,7 @@ async def _cache(run: RunFile) -> AsyncIterator[Cache]:
     if run.cache_path is None:
         yield Cache()
         return
-    async with Cache.sqlite(str(run.cache_path)) as cache:
+    async with Cache.sqlite(str(run.cache_path), flush_interval=run.cache_flush_interval) as cache:
         yield cache
 
 
