@@ -1,7 +1,7 @@
 """`OpenAIChat`: any OpenAI-compatible chat endpoint through the official SDK.
 
-HTTP stack: ``openai`` 2.x on ``httpx`` 0.28 (see README, "HTTP stack").  One pooled
-``httpx.AsyncClient`` per endpoint, sized to the concurrency limit, owned by this
+HTTP stack: ``openai`` 3.x on ``httpx2`` (see README, "HTTP stack").  One pooled
+``httpx2.AsyncClient`` per endpoint, sized to the concurrency limit, owned by this
 object and closed by ``async with`` / `aclose`.  The SDK's own retries are off
 (``max_retries=0``) so the engine's retry policy and limiter see every attempt; SDK
 errors are translated into the engine's error tree ``from exc``.
@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-import httpx
+import httpx2
 import openai
 
 from engine import (
@@ -142,9 +142,9 @@ class OpenAIChat:
         self.limits = limits
         self.name = name or _endpoint_label(base_url)
         pool = limits.concurrency if limits is not None else 32
-        self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+        self._http = httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
+            timeout=httpx2.Timeout(timeout, connect=min(5.0, timeout)),
         )
         self._client = openai.AsyncOpenAI(
             api_key=key, base_url=base_url, max_retries=0, http_client=self._http, timeout=timeout
@@ -239,7 +239,7 @@ class OpenAIChat:
             return BadRequestError(detail, endpoint=self.name, status=status)
         return PermanentError(detail, endpoint=self.name, status=status)
 
-    def _completion(self, response: httpx.Response) -> Completion:
+    def _completion(self, response: httpx2.Response) -> Completion:
         try:
             body = json.loads(response.text)
             choice = body["choices"][0]

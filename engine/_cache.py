@@ -3,6 +3,7 @@
 Keys are fixed-shape strings, so no two different triples can collide:
 
     p:<prompt sha256>:<example id>                  -> prediction text + usage
+    c:<request sha256>                              -> an optimizer call's answer
     m:<metric id sha256>:<prompt sha256>:<example id> -> metric result
     e:<example id>                                  -> inputs hash (conflict check)
 
@@ -201,6 +202,26 @@ class Cache:
             value = await compute()
             raw = json.dumps(value.to_dict(), sort_keys=True, default=str)
             return value, raw
+
+        return await self._single_flight(key, load, compute_and_dump)
+
+    # -- optimizer calls --------------------------------------------------------------
+    async def call_text(
+        self, request: dict[str, Any], compute: Callable[[], Awaitable[str]]
+    ) -> tuple[str, bool]:
+        """The cached answer text of one optimizer request (messages + params).
+
+        Lets a resumed run replay its gradient, apply and description calls instead of
+        paying for them again.
+        """
+        key = "c:" + hashlib.sha256(canonical_json(request).encode()).hexdigest()
+
+        def load(raw: str) -> str:
+            return str(self._decode(key, raw)["text"])
+
+        async def compute_and_dump() -> tuple[str, str]:
+            text = await compute()
+            return text, canonical_json({"text": text})
 
         return await self._single_flight(key, load, compute_and_dump)
 

@@ -177,6 +177,7 @@ class Endpoint:
                 await anyio.sleep(wait)
                 continue
             self._consecutive_429 = 0
+            self.limiter.on_success()
             self._succeeded += 1
             self._usage = self._usage + completion.usage
             if meter is not None:
@@ -200,6 +201,7 @@ class Endpoint:
         if isinstance(exc, RateLimitedError):
             self._rate_limited += 1
             self._consecutive_429 += 1
+            self.limiter.on_rate_limited()
             # Retry-After pauses every worker; without it, back off the whole endpoint
             # exponentially in the number of 429s in a row.
             if exc.retry_after is not None:

@@ -32,7 +32,7 @@ from ._prompt import Prompt, render_value
 from ._protocols import ChatModel, Metric, MetricReturn
 from ._types import Example, MetricResult, OutcomeError, Usage
 
-__all__ = ["Evaluation", "GlobalMetric", "Outcome", "evaluate", "validate_examples"]
+__all__ = ["Evaluation", "GlobalMetric", "Outcome", "check_metric", "evaluate", "validate_examples"]
 
 ErrorPolicy = Literal["record", "raise"]
 GlobalMetric = Callable[[Sequence[MetricResult]], float]
@@ -188,7 +188,7 @@ def _is_async(metric: Metric) -> bool:
     return inspect.iscoroutinefunction(metric) or inspect.iscoroutinefunction(call)
 
 
-async def _preflight_metric(metric: Metric, example: Example) -> None:
+async def check_metric(metric: Metric, example: Example) -> None:
     """Run the metric once on the expected answer, so a broken metric fails before
     anything is paid.  Metrics that cost calls opt out with ``preflight = False``."""
     if getattr(metric, "preflight", True) is False:
@@ -290,7 +290,8 @@ async def evaluate(
         keep_outcomes: keep every `Outcome` in the result; turn off for flat memory
             on huge datasets (stream them with ``on_outcome``).
         concurrency: prediction workers; defaults to the endpoint's concurrency limit.
-        metric_concurrency: metric workers; defaults to ``concurrency``.  Predictions
+        metric_concurrency: metric workers for async metrics; default ``4 * concurrency``
+            (they only wait; the metric's own endpoint limits its calls).  Predictions
             and metrics run in separate pools, so a slow metric does not hold back
             predictions until all metric workers are busy.
         progress_interval: seconds between ``evaluation.progress`` events.
@@ -310,13 +311,14 @@ async def evaluate(
     prevalidated = isinstance(examples, Sequence)
     if prevalidated:
         validate_examples(prompt, examples)  # type: ignore[arg-type]
-        await _preflight_metric(metric, examples[0])  # type: ignore[index]
-    workers = concurrency or endpoint.limits.concurrency
+        await check_metric(metric, examples[0])  # type: ignore[index]
+    workers = concurrency if concurrency is not None else endpoint.limits.concurrency
     if workers < 1:
         raise ConfigError("concurrency must be at least 1")
     if total is not None:
         workers = min(workers, max(total, 1))
-    scorers = metric_concurrency or workers
+    # async metrics may wait on their own endpoint: give them room to queue up there
+    scorers = metric_concurrency if metric_concurrency is not None else 4 * workers
     if scorers < 1:
         raise ConfigError("metric_concurrency must be at least 1")
 
@@ -460,7 +462,7 @@ async def evaluate(
                 example = item if prevalidated else _check_example(prompt, item, index)
                 if not preflighted:
                     preflighted = True
-                    await _preflight_metric(metric, example)
+                    await check_metric(metric, example)
                 done = await predicted(index, example)
                 if out is not None:
                     await out.send(done)

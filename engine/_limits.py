@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -85,6 +86,35 @@ def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
     return AsyncLimiter(capacity, capacity / (per_minute / 60.0))
 
 
+class _Pacer:
+    """Spaces request starts ``interval`` apart: additive increase of the rate on
+    success, multiplicative decrease on a 429.  Used only while the endpoint's limit is
+    unknown (not configured, not announced in headers)."""
+
+    __slots__ = ("interval", "next_start")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval  # seconds between request starts
+        self.next_start = -math.inf  # clock time the next request may start
+
+    async def wait(self, clock: Callable[[], float]) -> None:
+        now = clock()
+        start = max(now, self.next_start)
+        self.next_start = start + self.interval
+        if start > now:
+            await anyio.sleep(start - now)
+
+    def ease(self) -> bool:
+        """Speed up a little; True once pacing no longer matters (over 1000/s)."""
+        rate = 1.0 / self.interval + 0.5
+        self.interval = 1.0 / rate
+        return rate > 1000.0
+
+    def back_off(self, achieved: float) -> None:
+        rate = min(1.0 / self.interval, max(achieved, 0.5)) * 0.7
+        self.interval = 1.0 / max(rate, 0.1)
+
+
 class RateLimiter:
     """Admission control for one endpoint; shared by every evaluation that uses it."""
 
@@ -93,8 +123,10 @@ class RateLimiter:
         "_clock",
         "_learned",
         "_limits",
+        "_pacer",
         "_paused_until",
         "_pauses",
+        "_recent",
         "_requests",
         "_rpm",
         "_tokens",
@@ -115,6 +147,8 @@ class RateLimiter:
         self._paused_until = -math.inf  # clock time before which nobody may send
         self._pauses = 0  # times the gate was closed or extended
         self._learned = False  # a rate came from response headers
+        self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
+        self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
         if self._limits.rpm is not None:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
@@ -164,7 +198,31 @@ class RateLimiter:
             if self._tokens is not None and estimated_tokens > 0:
                 await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
             await self.wait_until_open()
+            if self._pacer is not None:
+                await self._pacer.wait(self._clock)
             yield
+
+    # -- adapting to an endpoint that announces nothing --------------------------------
+    def on_success(self) -> None:
+        """A call went through: with no known request rate, let the pacing ease."""
+        if self._rpm is None:
+            self._recent.append(self._clock())
+            if self._pacer is not None and self._pacer.ease():
+                self._pacer = None
+
+    def on_rate_limited(self) -> None:
+        """A 429 with no known request rate: pace requests (AIMD) instead of bursting
+        every worker at the gate when it reopens."""
+        if self._rpm is not None:
+            return
+        now = self._clock()
+        while self._recent and now - self._recent[0] > 2.0:
+            self._recent.popleft()
+        achieved = len(self._recent) / 2.0  # calls per second that got through lately
+        if self._pacer is None:
+            self._pacer = _Pacer(1.0 / max(achieved, 1.0))
+        else:
+            self._pacer.back_off(achieved)
 
     async def reconcile(self, *, estimated: int, actual: int) -> None:
         """Charge tokens used beyond the estimate (spent already: the debt must be paid)."""
@@ -186,6 +244,7 @@ class RateLimiter:
             if self._rpm is None or abs(self._rpm - target) > 1e-9:
                 self._set_rpm(target)
                 self._learned = True
+                self._pacer = None  # a known rate replaces the guesswork
         if self._limits.tpm is None and snapshot.limit_tokens:
             target = snapshot.limit_tokens * _LEARNED_MARGIN
             if self._tpm is None or abs(self._tpm - target) > 1e-9:

@@ -10,6 +10,7 @@ prompts written here.  Whatever a stage returns, the trainer validates the propo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._budget import BudgetMeter
+from ._cache import Cache
 from ._endpoint import Endpoint
 from ._errors import ConfigError, EngineError
 from ._events import Emitter
 from ._parsing import parse_json_object
-from ._prompt import Prompt, render_value
+from ._prompt import Prompt, canonical_json, render_value
 from ._types import Example, MetricResult
 
 __all__ = [
@@ -124,6 +126,38 @@ PROMPT_SCHEMA: Mapping[str, Any] = {
 }
 
 
+async def optimizer_text(
+    endpoint: Endpoint,
+    messages: list[dict[str, str]],
+    params: Mapping[str, Any],
+    *,
+    meter: BudgetMeter | None = None,
+    events: Emitter | None = None,
+    cache: Cache | None = None,
+    occurrences: dict[str, int] | None = None,
+) -> str:
+    """One optimizer call's answer text, through the cache when there is one.
+
+    ``occurrences`` (one dict per run) numbers identical requests within the run, so a
+    repeated request is a fresh sample, while a resumed run, asking the same requests
+    in the same order, replays them from the cache instead of paying again.
+    """
+
+    async def call() -> str:
+        result = await endpoint.complete(messages, params, events=events, meter=meter)
+        return result.completion.text
+
+    if cache is None:
+        return await call()
+    request: dict[str, Any] = {"messages": messages, "params": dict(params)}
+    if occurrences is not None:
+        digest = hashlib.sha256(canonical_json(request).encode()).hexdigest()
+        occurrences[digest] = occurrences.get(digest, 0) + 1
+        request["occurrence"] = occurrences[digest]
+    text, _ = await cache.call_text(request, call)
+    return text
+
+
 class LLMGradient:
     """The default gradient stage: one optimizer call per failed example."""
 
@@ -135,12 +169,16 @@ class LLMGradient:
         temperature: float = 0.0,
         meter: BudgetMeter | None = None,
         events: Emitter | None = None,
+        cache: Cache | None = None,
+        occurrences: dict[str, int] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model = model
         self.temperature = temperature
         self.meter = meter
         self.events = events
+        self.cache = cache
+        self.occurrences = occurrences
 
     def messages(self, ctx: GradientContext) -> list[dict[str, str]]:
         parts = [
@@ -166,10 +204,16 @@ class LLMGradient:
 
     async def __call__(self, ctx: GradientContext) -> str:
         params = {"model": self.model, "temperature": self.temperature}
-        result = await self.endpoint.complete(
-            self.messages(ctx), params, events=self.events, meter=self.meter
+        text = await optimizer_text(
+            self.endpoint,
+            self.messages(ctx),
+            params,
+            meter=self.meter,
+            events=self.events,
+            cache=self.cache,
+            occurrences=self.occurrences,
         )
-        return result.completion.text.strip()
+        return text.strip()
 
 
 class LLMApply:
@@ -183,12 +227,16 @@ class LLMApply:
         temperature: float = 0.0,
         meter: BudgetMeter | None = None,
         events: Emitter | None = None,
+        cache: Cache | None = None,
+        occurrences: dict[str, int] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model = model
         self.temperature = temperature
         self.meter = meter
         self.events = events
+        self.cache = cache
+        self.occurrences = occurrences
 
     def messages(self, ctx: ApplyContext) -> list[dict[str, str]]:
         feedback = "\n".join(f"{i}. {f}" for i, f in enumerate(ctx.feedback, 1))
@@ -223,10 +271,16 @@ class LLMApply:
                 "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},
             },
         }
-        result = await self.endpoint.complete(
-            self.messages(ctx), params, events=self.events, meter=self.meter
+        text = await optimizer_text(
+            self.endpoint,
+            self.messages(ctx),
+            params,
+            meter=self.meter,
+            events=self.events,
+            cache=self.cache,
+            occurrences=self.occurrences,
         )
-        return parse_proposal(result.completion.text, ctx.prompt)
+        return parse_proposal(text, ctx.prompt)
 
 
 def parse_proposal(text: str, current: Prompt) -> Prompt:

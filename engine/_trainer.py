@@ -33,7 +33,7 @@ from ._cache import Cache
 from ._concurrency import run_all
 from ._endpoint import Endpoint
 from ._errors import BudgetExceededError, ConfigError, ProviderError
-from ._evaluate import Evaluation, Outcome, evaluate, validate_examples
+from ._evaluate import Evaluation, Outcome, check_metric, evaluate, validate_examples
 from ._events import Emitter, EventCallback
 from ._limits import Limits
 from ._prompt import Prompt
@@ -50,6 +50,7 @@ from ._stages import (
     ProposalError,
     describe_metric_messages,
     describe_task_messages,
+    optimizer_text,
     validate_proposal,
 )
 from ._types import Example
@@ -101,8 +102,10 @@ class _Trainer:
         gradient: GradientStage,
         apply: ApplyStage,
         events: Emitter,
+        occurrences: dict[str, int],
     ) -> None:
         self.initial = prompt
+        self.occurrences = occurrences  # numbers identical optimizer requests in this run
         self.trainset = trainset
         self.valset = valset
         self.metric = metric
@@ -176,10 +179,16 @@ class _Trainer:
 
     async def _optimizer_text(self, messages: list[dict[str, str]]) -> str:
         params = {"model": self.optimizer_model_name, "temperature": 0.0}
-        result = await self.optimizer.complete(
-            messages, params, events=self.events, meter=self.meter
+        text = await optimizer_text(
+            self.optimizer,
+            messages,
+            params,
+            meter=self.meter,
+            events=self.events,
+            cache=self.cache,
+            occurrences=self.occurrences,
         )
-        return result.completion.text.strip()
+        return text.strip()
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> OptimizationResult:
@@ -490,8 +499,10 @@ async def optimize(
         opt_endpoint = Endpoint.of(optimizer_model, limits=optimizer_limits)
     opt_name = optimizer_model_name or prompt.model
     meter = BudgetMeter(budget, models=[prompt.model, opt_name])
+    await check_metric(metric, train[0])  # a broken metric fails before the first paid call
     run_cache = None if cache is False else (cache if cache is not None else Cache())
     events = Emitter(on_event).bind(run=uuid.uuid4().hex[:8])
+    occurrences: dict[str, int] = {}
     trainer = _Trainer(
         prompt=prompt,
         trainset=train,
@@ -510,8 +521,25 @@ async def optimize(
         racing=racing,
         parallel_proposals=parallel_proposals,
         meter=meter,
-        gradient=gradient or LLMGradient(opt_endpoint, model=opt_name, meter=meter, events=events),
-        apply=apply or LLMApply(opt_endpoint, model=opt_name, meter=meter, events=events),
+        gradient=gradient
+        or LLMGradient(
+            opt_endpoint,
+            model=opt_name,
+            meter=meter,
+            events=events,
+            cache=run_cache,
+            occurrences=occurrences,
+        ),
+        apply=apply
+        or LLMApply(
+            opt_endpoint,
+            model=opt_name,
+            meter=meter,
+            events=events,
+            cache=run_cache,
+            occurrences=occurrences,
+        ),
         events=events,
+        occurrences=occurrences,
     )
     return await trainer.run()

@@ -193,6 +193,7 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
     _write_private(out_dir / "best_prompt.json", json.dumps(result.prompt.to_dict(), indent=2))
     _write_private(out_dir / "report.json", redact_text(report.to_json()))
     _write_private(out_dir / "report.md", redact_text(report.to_markdown()))
+    _write_private(out_dir / "report.html", redact_text(report.to_html()))
     try:
         report.plot(out_dir / "scores.png")
     except ImportError:

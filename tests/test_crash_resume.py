@@ -29,7 +29,9 @@ def write_run(folder: Path, base_url: str, *, rpm: int | None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "data.jsonl").open("w") as handle:
         for i in range(N):
-            handle.write(json.dumps({"id": f"r{i}", "question": f"row {i}", "expected": f"row {i}"}) + "\n")
+            handle.write(
+                json.dumps({"id": f"r{i}", "question": f"row {i}", "expected": f"row {i}"}) + "\n"
+            )
     limits = f"rpm = {rpm}, concurrency = {CONCURRENCY}" if rpm else f"concurrency = {CONCURRENCY}"
     (folder / "run.toml").write_text(
         f"""
@@ -69,7 +71,9 @@ def outputs(run: Path) -> dict[str, tuple[str, float]]:
 def test_kill_9_mid_evaluation_then_rerun_pays_only_for_the_in_flight(tmp_path: Path) -> None:
     with SimulatedServer(ServerConfig(latency_median=0.02, latency_sigma=0.3)) as server:
         run = write_run(tmp_path / "crash", server.base_url, rpm=6000)
-        proc = subprocess.Popen(evaluate_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            evaluate_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 60
         while server.stats.paid < N // 2:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -80,7 +84,9 @@ def test_kill_9_mid_evaluation_then_rerun_pays_only_for_the_in_flight(tmp_path: 
         paid_before = server.stats.paid
         assert paid_before < N
 
-        rerun = subprocess.run(evaluate_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        rerun = subprocess.run(
+            evaluate_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert rerun.returncode == 0, rerun.stderr
         summary = json.loads(rerun.stdout)
         assert summary["completed"] == N and summary["errors"] == 0
@@ -89,7 +95,9 @@ def test_kill_9_mid_evaluation_then_rerun_pays_only_for_the_in_flight(tmp_path: 
 
     with SimulatedServer(ServerConfig()) as clean:
         reference = write_run(tmp_path / "clean", clean.base_url, rpm=None)
-        done = subprocess.run(evaluate_cmd(reference), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            evaluate_cmd(reference), cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
     assert outputs(run) == outputs(reference)
     assert len(outputs(run)) == N

@@ -35,13 +35,17 @@ DATA = [
 def prompt() -> Prompt:
     return Prompt(
         [{"role": "user", "content": "What is the capital of {country}? Answer with one word."}],
-        model=MODEL, temperature=0.0, params={"max_tokens": 24},
+        model=MODEL,
+        temperature=0.0,
+        params={"max_tokens": 24},
     )
 
 
 def endpoint(chat: OpenAIChat) -> Endpoint:
     # llama-cpp-python's server answers one request at a time
-    return Endpoint(chat, limits=Limits(concurrency=1), retry=RetryPolicy(max_attempts=3, timeout=120))
+    return Endpoint(
+        chat, limits=Limits(concurrency=1), retry=RetryPolicy(max_attempts=3, timeout=120)
+    )
 
 
 async def test_evaluate_against_the_real_llm() -> None:
@@ -59,8 +63,14 @@ async def test_short_optimize_survives_the_real_llm() -> None:
     async with OpenAIChat(base_url=BASE_URL) as chat:
         ep = endpoint(chat)
         result = await optimize(
-            prompt(), DATA, metric=Contains(), model=ep, optimizer_model=ep,
-            optimizer_model_name=MODEL, batch_size=4, max_proposals_per_step=2,
+            prompt(),
+            DATA,
+            metric=Contains(),
+            model=ep,
+            optimizer_model=ep,
+            optimizer_model_name=MODEL,
+            batch_size=4,
+            max_proposals_per_step=2,
         )
     report = result.report
     assert report.task_description and report.metric_description
