@@ -40,6 +40,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .simulated_batches import BatchService
+
 __all__ = ["ServerConfig", "ServerStats", "SimulatedServer", "echo_answer"]
 
 Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
@@ -74,6 +76,9 @@ class ServerConfig:
     headers: bool = True
     answer: Answer = echo_answer
     seed: int = 0
+    batch_delay: float = 0.5
+    batch_failure_rate: float = 0.0
+    batch_expire: bool = False
 
 
 @dataclass
@@ -377,6 +382,13 @@ class SimulatedServer:
         self.config = config or ServerConfig()
         self.stats = ServerStats()
         self._provider = _Provider(self.config, self.stats)
+        self.batches = BatchService(
+            self.config.answer,
+            delay=self.config.batch_delay,
+            failure_rate=self.config.batch_failure_rate,
+            expire=self.config.batch_expire,
+            seed=self.config.seed,
+        )
         self._port = port
         self._sock: socket.socket | None = None
         self._bound_port = 0
@@ -391,6 +403,7 @@ class SimulatedServer:
             routes=[
                 Route("/v1/chat/completions", endpoint=self._provider, methods=["POST"]),
                 Route("/_stats", endpoint=stats, methods=["GET"]),
+                *self.batches.routes(),
             ]
         )
 

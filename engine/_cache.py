@@ -152,7 +152,7 @@ class Cache:
         Returns ``(prediction, cached)``; ``cached`` is true when nothing was paid here.
         Raises `CacheConflictError` when ``example.id`` was stored with other inputs.
         """
-        key = f"p:{prompt_hash}:{example.id}"
+        key = self.prediction_key(prompt_hash, example)
 
         def load(raw: str) -> CachedPrediction:
             data = self._decode(key, raw)
@@ -164,16 +164,43 @@ class Cache:
         async def compute_and_check() -> tuple[CachedPrediction, str]:
             await self._check_example(example)
             value = await compute()
-            raw = canonical_json(
-                {
-                    "text": value.text,
-                    "usage": [value.usage.prompt_tokens, value.usage.completion_tokens],
-                    "inputs": example.inputs_hash,
-                }
-            )
-            return value, raw
+            return value, self._encode_prediction(value, example)
 
         return await self._single_flight(key, load, compute_and_check)
+
+    @staticmethod
+    def prediction_key(prompt_hash: str, example: Example) -> str:
+        """The store key of a prediction (bulk paths use it as a request id)."""
+        return f"p:{prompt_hash}:{example.id}"
+
+    async def has_prediction(self, prompt_hash: str, example: Example) -> bool:
+        """Whether a prediction for (prompt, example) is stored (checks the inputs)."""
+        raw = await self.store.get(self.prediction_key(prompt_hash, example))
+        if raw is None:
+            return False
+        if self._decode("prediction", raw).get("inputs") != example.inputs_hash:
+            raise _conflict(example)
+        return True
+
+    async def put_prediction(
+        self, prompt_hash: str, example: Example, value: CachedPrediction
+    ) -> None:
+        """Store a prediction obtained outside `prediction` (e.g. from a batch job)."""
+        await self._check_example(example)
+        await self.store.put(
+            self.prediction_key(prompt_hash, example), self._encode_prediction(value, example)
+        )
+        self._writes += 1
+
+    @staticmethod
+    def _encode_prediction(value: CachedPrediction, example: Example) -> str:
+        return canonical_json(
+            {
+                "text": value.text,
+                "usage": [value.usage.prompt_tokens, value.usage.completion_tokens],
+                "inputs": example.inputs_hash,
+            }
+        )
 
     async def _check_example(self, example: Example) -> None:
         key = f"e:{example.id}"

@@ -276,7 +276,8 @@ th {{ text-align: left; background: #f6f8fa; }}
 .kpi {{ display: flex; gap: 2rem; }} .kpi div {{ background: #f6f8fa; padding: .6rem 1rem; }}
 .kpi b {{ font-size: 1.3rem; display: block; }}
 tr.ok td {{ background: #e6ffec; }}
-table.diff {{ font: 12px monospace; }} .diff_add {{ background: #e6ffec; }}
+table.diff {{ font: 12px monospace; }}
+td.diff_next {{ display: none; }} .diff_add {{ background: #e6ffec; }}
 .diff_chg {{ background: #fff5b1; }} .diff_sub {{ background: #ffebe9; }}
 </style></head><body>
 <h1>Optimization report</h1>

@@ -153,6 +153,7 @@ class RunFile:
     metric_options: Mapping[str, Any]
     model: EndpointSpec
     optimizer: EndpointSpec | None
+    batch: EndpointSpec | None
     trainer: Mapping[str, Any]
     budget: Budget | None
     cache_path: Path | None
@@ -245,6 +246,7 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
     if model is None:
         raise ConfigError(f"{where}: [model] (the task endpoint) is required")
     optimizer = _endpoint(data, "optimizer", where)
+    batch = _endpoint(data, "batch", where)  # optional bulk path for `evaluate`
 
     tt = _table(data, "trainer", where)
     trainer: dict[str, Any] = {}
@@ -284,6 +286,7 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         metric_options=metric_options,
         model=model,
         optimizer=optimizer,
+        batch=batch,
         trainer=trainer,
         budget=budget,
         cache_path=cache_path,

@@ -239,6 +239,18 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
         async with AsyncExitStack() as stack:
             task = await stack.enter_async_context(_endpoint(stack, run.model))
             cache = await stack.enter_async_context(_cache(run))
+            if run.batch is not None:
+                # Bulk first: the Batch API fills the cache at half price; whatever it
+                # could not answer is paid below through the normal, limited path.
+                bulk = run.batch.build()
+                if hasattr(bulk, "__aenter__"):
+                    bulk = await stack.enter_async_context(bulk)
+                filled = await bulk.prefill(prompt, data, cache=cache)
+                sys.stderr.write(
+                    f"batch: {filled.filled} of {filled.submitted} filled "
+                    f"({filled.failed} failed, {filled.expired} expired, "
+                    f"{filled.already_cached} already cached)\n"
+                )
             progress = _Progress(sys.stderr, [task], enabled=args.log_mode == "progress")
             result = await evaluate(
                 prompt,

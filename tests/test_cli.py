@@ -49,6 +49,13 @@ def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
     assert report["best_score"] == 1.0 and report["steps"]
     assert (out / "report.md").read_text().startswith("# Optimization report")
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "report.html").read_text()
+    assert (
+        "<svg" in page
+        and "Prompt: initial vs best" in page
+        and "Reply with only the number" in page
+    )
+    assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert oct((out / "report.json").stat().st_mode & 0o777) == "0o600"
 
     again = run_cli(

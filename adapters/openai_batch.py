@@ -1,0 +1,266 @@
+"""`OpenAIBatch`: fill the prediction cache through the OpenAI Batch API (half price).
+
+For bulk offline evaluation: the cache misses of (prompt, examples) are written as
+JSONL requests whose ``custom_id`` is the cache key, uploaded (``POST /v1/files``,
+purpose ``batch``), submitted (``POST /v1/batches``, window ``24h``), polled with
+backoff, and the output file's answers stored in the cache.  Failed and expired items
+stay misses, so the ordinary `engine.evaluate` that follows pays for exactly those
+through the normal, rate-limited path; the report says which and why.
+
+Usage::
+
+    async with OpenAIBatch(base_url=url) as batch, Cache.sqlite("c.sqlite") as cache:
+        report = await batch.prefill(prompt, examples, cache=cache)
+        result = await evaluate(prompt, examples, model=chat, metric=metric, cache=cache)
+
+Requests are split over the API's per-file limits (50,000 requests, 200 MB).  Batch
+items have their own queued-token quota, outside RPM/TPM, so the engine's limiter is
+not involved here; the few control-plane calls use the SDK's own retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import httpx2
+import openai
+
+from engine import AuthenticationError, Cache, CachedPrediction, ConfigError, Example, Prompt, Usage
+from engine import ProviderError as EngineProviderError
+
+__all__ = ["BatchReport", "OpenAIBatch"]
+
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+_TERMINAL = {"completed", "expired", "failed", "cancelled"}
+
+
+@dataclass
+class BatchReport:
+    """What a `OpenAIBatch.prefill` did; ``failures`` maps example id -> reason."""
+
+    already_cached: int = 0
+    submitted: int = 0
+    filled: int = 0
+    failed: int = 0
+    expired: int = 0
+    batches: list[str] = field(default_factory=list)
+    statuses: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> int:
+        """Examples still without a prediction: the normal path will pay for these."""
+        return self.submitted - self.filled
+
+
+class OpenAIBatch:
+    """The Batch API of an OpenAI-compatible endpoint.
+
+    Parameters:
+        base_url, api_key: as for `OpenAIChat` (key from ``$OPENAI_API_KEY``).
+        poll_interval: first wait between status polls, seconds; grows 1.5x per poll.
+        max_poll_interval: cap of that wait.
+        max_requests_per_file, max_bytes_per_file: split limits (the API's by default).
+        deadline: give up polling after this many seconds (items stay misses).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        poll_interval: float = 30.0,
+        max_poll_interval: float = 600.0,
+        max_requests_per_file: int = MAX_REQUESTS_PER_FILE,
+        max_bytes_per_file: int = MAX_BYTES_PER_FILE,
+        deadline: float | None = None,
+        timeout: float = 300.0,
+    ) -> None:
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if base_url is None:
+                raise ConfigError("no API key: pass api_key or set OPENAI_API_KEY")
+            key = "no-key"
+        if max_requests_per_file < 1 or max_bytes_per_file < 1024:
+            raise ConfigError("per-file limits must allow at least one request")
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.max_requests_per_file = min(max_requests_per_file, MAX_REQUESTS_PER_FILE)
+        self.max_bytes_per_file = min(max_bytes_per_file, MAX_BYTES_PER_FILE)
+        self.deadline = deadline
+        self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0))
+        self._client = openai.AsyncOpenAI(
+            api_key=key, base_url=base_url, http_client=self._http, timeout=timeout
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    # -- building the files ---------------------------------------------------------------
+    def _chunks(self, lines: Iterable[bytes]) -> list[list[bytes]]:
+        chunks: list[list[bytes]] = [[]]
+        size = 0
+        for line in lines:
+            if len(line) > self.max_bytes_per_file:
+                raise ConfigError(f"one batch request is {len(line)} bytes, over the file limit")
+            full = len(chunks[-1]) >= self.max_requests_per_file
+            if full or size + len(line) > self.max_bytes_per_file:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(line)
+            size += len(line)
+        return [c for c in chunks if c]
+
+    async def prefill(
+        self, prompt: Prompt, examples: Sequence[Example], *, cache: Cache
+    ) -> BatchReport:
+        """Put predictions for every cache miss of ``examples`` into ``cache``."""
+        report = BatchReport()
+        by_key: dict[str, Example] = {}
+        lines: list[bytes] = []
+        params: dict[str, Any] = {"model": prompt.model, **prompt.params}
+        if prompt.response_format is not None:
+            params["response_format"] = dict(prompt.response_format)
+        for example in examples:
+            if await cache.has_prediction(prompt.hash, example):
+                report.already_cached += 1
+                continue
+            key = cache.prediction_key(prompt.hash, example)
+            by_key[key] = example
+            body = {**params, "messages": prompt.render(example.inputs)}
+            request = {
+                "custom_id": key,
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
+            lines.append((json.dumps(request, ensure_ascii=False) + "\n").encode())
+        report.submitted = len(lines)
+        if not lines:
+            return report
+
+        try:
+            batch_ids = [await self._submit(chunk) for chunk in self._chunks(lines)]
+            report.batches = batch_ids
+            async with anyio.create_task_group() as tg:
+                for batch_id in batch_ids:
+                    tg.start_soon(self._collect, batch_id, prompt, by_key, cache, report)
+        except openai.AuthenticationError as exc:
+            raise AuthenticationError("the Batch API rejected the credentials", status=401) from exc
+        except openai.APIError as exc:
+            raise EngineProviderError(f"Batch API call failed: {type(exc).__name__}") from exc
+        return report
+
+    async def _submit(self, chunk: list[bytes]) -> str:
+        upload = await self._client.files.create(
+            file=("batch.jsonl", b"".join(chunk)), purpose="batch"
+        )
+        batch = await self._client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        return str(batch.id)
+
+    async def _collect(
+        self,
+        batch_id: str,
+        prompt: Prompt,
+        by_key: dict[str, Example],
+        cache: Cache,
+        report: BatchReport,
+    ) -> None:
+        wait = self.poll_interval
+        started = anyio.current_time()
+        while True:
+            batch = await self._client.batches.retrieve(batch_id)
+            if batch.status in _TERMINAL:
+                break
+            if self.deadline is not None and anyio.current_time() - started > self.deadline:
+                report.statuses[batch_id] = f"gave up polling ({batch.status})"
+                return
+            await anyio.sleep(wait)
+            wait = min(wait * 1.5, self.max_poll_interval)
+        report.statuses[batch_id] = str(batch.status)
+        if batch.output_file_id:
+            content = await self._client.files.content(batch.output_file_id)
+            for row in _jsonl(content.text):
+                await self._fill(row, prompt, by_key, cache, report)
+        if batch.error_file_id:
+            content = await self._client.files.content(batch.error_file_id)
+            for row in _jsonl(content.text):
+                example = by_key.get(str(row.get("custom_id")))
+                if example is None:
+                    continue
+                error = row.get("error") or {}
+                if error.get("code") == "batch_expired":
+                    report.expired += 1
+                    report.failures[example.id] = "expired"
+                else:
+                    report.failed += 1
+                    report.failures[example.id] = _reason(row)
+
+    async def _fill(
+        self,
+        row: dict[str, Any],
+        prompt: Prompt,
+        by_key: dict[str, Example],
+        cache: Cache,
+        report: BatchReport,
+    ) -> None:
+        example = by_key.get(str(row.get("custom_id")))
+        if example is None:
+            return
+        response = row.get("response") or {}
+        try:
+            if response.get("status_code") != 200:
+                raise ValueError(f"status {response.get('status_code')}")
+            body = response["body"]
+            text = body["choices"][0]["message"]["content"] or ""
+            usage = body.get("usage") or {}
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            report.failed += 1
+            report.failures[example.id] = f"unusable output ({exc})"
+            return
+        value = CachedPrediction(
+            str(text),
+            Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
+        )
+        await cache.put_prediction(prompt.hash, example, value)
+        report.filled += 1
+
+
+def _jsonl(text: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                rows.append(value)
+    return rows
+
+
+def _reason(row: dict[str, Any]) -> str:
+    response = row.get("response") or {}
+    body = response.get("body") or {}
+    message = (body.get("error") or {}).get("message") or (row.get("error") or {}).get("message")
+    return f"HTTP {response.get('status_code')}: {message}" if response else str(message)
