@@ -21,7 +21,6 @@ not involved here; the few control-plane calls use the SDK's own retries.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,6 +32,8 @@ import openai
 
 from engine import AuthenticationError, Cache, CachedPrediction, ConfigError, Example, Prompt, Usage
 from engine import ProviderError as EngineProviderError
+
+from .openai_chat import resolve_api_key
 
 __all__ = ["BatchReport", "OpenAIBatch"]
 
@@ -83,11 +84,7 @@ class OpenAIBatch:
         deadline: float | None = None,
         timeout: float = 300.0,
     ) -> None:
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if base_url is None:
-                raise ConfigError("no API key: pass api_key or set OPENAI_API_KEY")
-            key = "no-key"
+        key = resolve_api_key(api_key, base_url)
         if max_requests_per_file < 1 or max_bytes_per_file < 1024:
             raise ConfigError("per-file limits must allow at least one request")
         self.poll_interval = poll_interval

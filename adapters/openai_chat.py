@@ -41,7 +41,13 @@ from engine import (
     Usage,
 )
 
-__all__ = ["OpenAIChat", "parse_duration", "parse_rate_limits", "parse_retry_after"]
+__all__ = [
+    "OpenAIChat",
+    "parse_duration",
+    "parse_rate_limits",
+    "parse_retry_after",
+    "resolve_api_key",
+]
 
 _FORMAT_LADDER = ("json_schema", "json_object", "text")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -102,6 +108,16 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed is not None else None
 
 
+def resolve_api_key(api_key: str | None, base_url: str | None) -> str:
+    """The key to send: given, else ``$OPENAI_API_KEY``; local servers may go without."""
+    key = api_key or os.environ.get("OPENAI_API_KEY")
+    if key:
+        return key
+    if base_url is None:
+        raise ConfigError("no API key: pass api_key or set OPENAI_API_KEY")
+    return "no-key"
+
+
 def _endpoint_label(base_url: str | None) -> str:
     if not base_url:
         return "api.openai.com"
@@ -134,11 +150,7 @@ class OpenAIChat:
         timeout: float = 120.0,
         name: str | None = None,
     ) -> None:
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if base_url is None:
-                raise ConfigError("no API key: pass api_key or set OPENAI_API_KEY")
-            key = "no-key"
+        key = resolve_api_key(api_key, base_url)
         self.limits = limits
         self.name = name or _endpoint_label(base_url)
         pool = limits.concurrency if limits is not None else 32

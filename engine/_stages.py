@@ -158,8 +158,17 @@ async def optimizer_text(
     return text
 
 
-class LLMGradient:
-    """The default gradient stage: one optimizer call per failed example."""
+class _OptimizerStage:
+    """What the default stages share: the optimizer endpoint and how a call is made.
+
+    Parameters:
+        endpoint: the optimizer `Endpoint`.
+        model: the model name sent with each call.
+        temperature: sampling temperature of the calls.
+        meter, events: the run's budget meter and event emitter.
+        cache, occurrences: replay of identical requests on a resumed run (see
+            `optimizer_text`).
+    """
 
     def __init__(
         self,
@@ -179,6 +188,21 @@ class LLMGradient:
         self.events = events
         self.cache = cache
         self.occurrences = occurrences
+
+    async def _ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
+        return await optimizer_text(
+            self.endpoint,
+            messages,
+            params,
+            meter=self.meter,
+            events=self.events,
+            cache=self.cache,
+            occurrences=self.occurrences,
+        )
+
+
+class LLMGradient(_OptimizerStage):
+    """The default gradient stage: one optimizer call per failed example."""
 
     def messages(self, ctx: GradientContext) -> list[dict[str, str]]:
         parts = [
@@ -204,39 +228,12 @@ class LLMGradient:
 
     async def __call__(self, ctx: GradientContext) -> str:
         params = {"model": self.model, "temperature": self.temperature}
-        text = await optimizer_text(
-            self.endpoint,
-            self.messages(ctx),
-            params,
-            meter=self.meter,
-            events=self.events,
-            cache=self.cache,
-            occurrences=self.occurrences,
-        )
+        text = await self._ask(self.messages(ctx), params)
         return text.strip()
 
 
-class LLMApply:
+class LLMApply(_OptimizerStage):
     """The default apply stage: one optimizer call returning JSON messages."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        *,
-        model: str,
-        temperature: float = 0.0,
-        meter: BudgetMeter | None = None,
-        events: Emitter | None = None,
-        cache: Cache | None = None,
-        occurrences: dict[str, int] | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self.model = model
-        self.temperature = temperature
-        self.meter = meter
-        self.events = events
-        self.cache = cache
-        self.occurrences = occurrences
 
     def messages(self, ctx: ApplyContext) -> list[dict[str, str]]:
         feedback = "\n".join(f"{i}. {f}" for i, f in enumerate(ctx.feedback, 1))
@@ -271,15 +268,7 @@ class LLMApply:
                 "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},
             },
         }
-        text = await optimizer_text(
-            self.endpoint,
-            self.messages(ctx),
-            params,
-            meter=self.meter,
-            events=self.events,
-            cache=self.cache,
-            occurrences=self.occurrences,
-        )
+        text = await self._ask(self.messages(ctx), params)
         return parse_proposal(text, ctx.prompt)
 
 

@@ -53,7 +53,7 @@ def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
     assert (
         "<svg" in page
         and "Prompt: initial vs best" in page
-        and "Reply with only the number" in page
+        and "only&nbsp;the&nbsp;number" in page
     )
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert oct((out / "report.json").stat().st_mode & 0o777) == "0o600"
