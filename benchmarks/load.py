@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
 
+from adapters.bench import PROMPT, metric, provider, server_stats  # noqa: E402
 from adapters.openai_chat import OpenAIChat  # noqa: E402
-from benchmarks.throughput import PROMPT, metric, provider, server_stats  # noqa: E402
 from engine import Endpoint, Example, Limits, RetryPolicy, evaluate  # noqa: E402
 
 

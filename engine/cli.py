@@ -287,6 +287,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
             p.add_argument("--split", choices=("train", "val"), default="train")
+    bench = sub.add_parser(
+        "bench",
+        help="throughput benchmark against the simulated provider (adapters.bench)",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -304,7 +310,17 @@ async def _main(args: argparse.Namespace, run: RunFile) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # its options are the benchmark's own; resolved at run time, as the engine
+        # never imports adapters
+        try:
+            bench = resolve("adapters.bench:main", "bench")
+        except ConfigError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_BAD_INPUT
+        return int(bench(arguments[1:]))
+    args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     try:
         # Run files, datasets and prompt files are read before the event loop starts.

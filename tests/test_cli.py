@@ -134,3 +134,39 @@ def test_bad_input_exits_2_naming_the_place(demo: Path, edit: object, message: s
     assert message in done.stderr
     assert "sk-abcdefghijkl" not in done.stderr
     assert not (demo / "cache.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_bench_command_runs_the_throughput_benchmark() -> None:
+    done = run_cli("bench", "--scenario", "rate", "--scale", "0.05")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["pattern"] for r in rows] == ["engine", "waves", "threads"]
+    engine = rows[0]
+    assert engine["n"] == 50 and engine["lost"] == 0 and engine["score"] == 1.0
+
+
+def test_dry_run_makes_zero_requests_at_the_server(tmp_path: Path) -> None:
+    from adapters.simulated_server import ServerConfig, SimulatedServer
+
+    with SimulatedServer(ServerConfig()) as server:
+        (tmp_path / "data.jsonl").write_text('{"id": "a", "question": "q", "expected": "q"}\n')
+        (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "gpt-4o-mini"
+[data]
+train = "data.jsonl"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{server.base_url}" }}
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{server.base_url}" }}
+model_name = "gpt-4o"
+""")
+        for command in ("optimize", "evaluate"):
+            done = run_cli(command, str(tmp_path / "run.toml"), "--dry-run")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["max_cost_usd_estimate"] > 0
+        assert server.stats.received == 0

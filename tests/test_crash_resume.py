@@ -101,3 +101,80 @@ def test_kill_9_mid_evaluation_then_rerun_pays_only_for_the_in_flight(tmp_path: 
         assert done.returncode == 0, done.stderr
     assert outputs(run) == outputs(reference)
     assert len(outputs(run)) == N
+
+
+def write_optimize_run(folder: Path, base_url: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):
+        (folder / name).write_text((ROOT / "examples" / name).read_text())
+    (folder / "run.toml").write_text(
+        f"""
+[prompt]
+file = "prompt.json"
+model = "demo"
+temperature = 0.0
+
+[data]
+train = "arithmetic_train.jsonl"
+val = "arithmetic_val.jsonl"
+expected = "answer"
+
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+limits = {{ rpm = 1200, concurrency = {CONCURRENCY} }}
+
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+model_name = "coach"
+limits = {{ concurrency = 4 }}
+
+[cache]
+path = "cache.sqlite"
+flush_interval = 0.05
+
+[output]
+dir = "out"
+"""
+    )
+    return folder / "run.toml"
+
+
+def optimize_cmd(run: Path) -> list[str]:
+    return [sys.executable, "-m", "engine", "optimize", str(run), "--quiet"]
+
+
+def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) -> None:
+    from .test_faults import demo_answer
+
+    with SimulatedServer(ServerConfig(answer=demo_answer, latency_median=0.01)) as clean:
+        reference = write_optimize_run(tmp_path / "clean", clean.base_url)
+        done = subprocess.run(optimize_cmd(reference), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        uninterrupted = clean.stats.paid
+
+    with SimulatedServer(ServerConfig(answer=demo_answer, latency_median=0.01)) as server:
+        run = write_optimize_run(tmp_path / "crash", server.base_url)
+        proc = subprocess.Popen(optimize_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while server.stats.paid < uninterrupted // 2:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rerun = subprocess.run(optimize_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stderr
+        total_paid = server.stats.paid
+
+    assert total_paid <= uninterrupted + CONCURRENCY + 4  # task + optimizer calls in flight
+    best = json.loads((run.parent / "out" / "best_prompt.json").read_text())
+    assert best == json.loads((reference.parent / "out" / "best_prompt.json").read_text())
+    crashed_report = json.loads((run.parent / "out" / "report.json").read_text())
+    reference_report = json.loads((reference.parent / "out" / "report.json").read_text())
+    assert crashed_report["best_score"] == reference_report["best_score"]
+    assert [s["batch_ids"] for s in crashed_report["steps"]] == [s["batch_ids"] for s in reference_report["steps"]]
+    assert [(p["reason"], p["full_score"]) for s in crashed_report["steps"] for p in s["proposals"]] == [
+        (p["reason"], p["full_score"]) for s in reference_report["steps"] for p in s["proposals"]
+    ]

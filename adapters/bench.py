@@ -1,0 +1,227 @@
+"""Throughput against the simulated provider: the engine beside two peer patterns.
+
+- engine:  `evaluate` through `OpenAIChat` with the engine's limiter and retries.
+- waves:   ``asyncio.gather`` over chunks of 50, immediate retries (3), a failure
+           scored 0 (the original implementation's pattern).
+- threads: a pool of threads calling a synchronous OpenAI client (the SDK's own
+           2 retries), a failure scored 0 (thread-based evaluators).
+
+Scenarios (each pattern gets a fresh server with the same seed):
+
+- rate-bound:    RPM 3000, 1,000 examples, latency median 0.05 s; bound = N / rate.
+- latency-bound: no RPM, concurrency 100, 5,000 examples, log-normal latency median
+                 0.25 s sigma 1; bound = N x mean latency / concurrency.
+
+    python benchmarks/throughput.py [--scenario rate|latency|both] [--scale 1.0]
+    python -m engine bench [--scenario ...]          (the same, through the CLI)
+
+It lives in ``adapters`` (not ``benchmarks``) so the installed CLI can run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+import structlog
+
+from adapters.openai_chat import OpenAIChat
+from engine import Endpoint, Example, Limits, Prompt, RetryPolicy, evaluate
+
+PROMPT = Prompt(
+    [{"role": "system", "content": "Echo."}, {"role": "user", "content": "{question}"}], model="sim"
+)
+
+
+def examples(n: int) -> list[Example]:
+    return [Example({"question": f"item {i}"}, f"item {i}", id=f"e{i}") for i in range(n)]
+
+
+def metric(example: Example, prediction: str) -> float:
+    return 1.0 if prediction == example.expected else 0.0
+
+
+async def run_engine(url: str, data: list[Example], limits: Limits) -> dict[str, Any]:
+    async with OpenAIChat(base_url=url, limits=limits) as chat:
+        endpoint = Endpoint(chat, retry=RetryPolicy(max_attempts=10, base_delay=0.05, timeout=60))
+        result = await evaluate(PROMPT, data, model=endpoint, metric=metric)
+    return {"score": result.score, "lost": result.errors, "reported_over": result.scored}
+
+
+async def run_waves(url: str, data: list[Example], chunk: int = 50) -> dict[str, Any]:
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0)
+    lost = 0
+
+    async def one(example: Example) -> float:
+        nonlocal lost
+        messages = PROMPT.render(example.inputs)
+        for _ in range(3):  # immediate retries, no backoff
+            try:
+                response = await client.chat.completions.create(model="sim", messages=messages)  # type: ignore[arg-type]
+                return metric(example, response.choices[0].message.content or "")
+            except openai.OpenAIError:
+                continue
+        lost += 1
+        return 0.0  # the failure is scored as a wrong answer
+
+    scores: list[float] = []
+    for start in range(0, len(data), chunk):
+        scores += await asyncio.gather(*(one(e) for e in data[start : start + chunk]))
+    await client.close()
+    return {"score": sum(scores) / len(scores), "lost": lost, "reported_over": len(scores)}
+
+
+def run_threads(url: str, data: list[Example], workers: int) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=url, api_key="none")  # the SDK's default 2 retries
+    lost = 0
+
+    def one(example: Example) -> float:
+        nonlocal lost
+        try:
+            messages: Any = PROMPT.render(example.inputs)
+            response = client.chat.completions.create(model="sim", messages=messages)
+            return metric(example, response.choices[0].message.content or "")
+        except openai.OpenAIError:
+            lost += 1
+            return 0.0
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        scores = list(pool.map(one, data))
+    client.close()
+    return {"score": sum(scores) / len(scores), "lost": lost, "reported_over": len(scores)}
+
+
+def ideal_makespan(
+    n: int, workers: int, median: float, sigma: float, cap: float, seed: int
+) -> float:
+    """Finish time of a zero-overhead client with ``workers`` slots, given the exact
+    latency sequence the seeded provider draws (one ``random()`` then one ``gauss()`` per
+    request, as `adapters.simulated_server` does): the bound with the tail included."""
+    rng = random.Random(seed)
+    slots = [0.0] * workers
+    for _ in range(n):
+        rng.random()
+        latency = min(cap, median * math.exp(sigma * rng.gauss(0, 1)))
+        heapq.heappush(slots, heapq.heappop(slots) + latency)
+    return max(slots)
+
+
+@contextlib.contextmanager
+def provider(**options: float) -> Iterator[str]:
+    """The simulated provider in its own process (as a real one would be): its root URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "adapters.simulated_server", "--port", str(port)]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def server_stats(root: str) -> dict[str, Any]:
+    return dict(json.loads(urllib.request.urlopen(f"{root}/_stats", timeout=5).read()))
+
+
+async def scenario(name: str, scale: float) -> list[dict[str, Any]]:
+    if name == "rate":
+        n = int(1000 * scale)
+        config: dict[str, float] = dict(rpm=3000, latency_median=0.05, latency_sigma=0.5, seed=7)
+        bound = n / (3000 / 60)
+        ideal = bound
+        limits = Limits(rpm=3000, concurrency=100)
+    else:
+        n = int(5000 * scale)
+        config = dict(latency_median=0.25, latency_sigma=1.0, latency_cap=60.0, seed=7)
+        bound = n * 0.25 * math.exp(0.5) / 100
+        ideal = ideal_makespan(n, 100, 0.25, 1.0, 60.0, 7)
+        limits = Limits(concurrency=100)
+    data = examples(n)
+    rows = []
+    for pattern in ("engine", "waves", "threads"):
+        with provider(**config) as root:
+            url = root + "/v1"
+            started = time.perf_counter()
+            if pattern == "engine":
+                out = await run_engine(url, data, limits)
+            elif pattern == "waves":
+                out = await run_waves(url, data)
+            else:
+                out = await asyncio.to_thread(run_threads, url, data, 100)
+            wall = time.perf_counter() - started
+            stats = server_stats(root)
+        row = {
+            "scenario": name,
+            "pattern": pattern,
+            "n": n,
+            "wall_s": round(wall, 2),
+            "bound_s": round(bound, 2),
+            "fraction_of_bound": round(bound / wall, 3),
+            "ideal_with_tail_s": round(ideal, 2),
+            "fraction_of_ideal": round(ideal / wall, 3),
+            "lost": out["lost"],
+            "score": round(out["score"], 4),
+            "http_429": stats["rate_limited"],
+            "requests": stats["received"],
+            "max_per_second": stats["max_per_second"],
+        }
+        rows.append(row)
+        sys.stdout.write(
+            f"{name:>7} {pattern:>7}: wall {wall:7.2f}s  bound {bound:6.2f}s  "
+            f"fraction {bound / wall:5.3f} (of ideal {ideal:.2f}s: {ideal / wall:5.3f})  "
+            f"lost {out['lost']:4d}  "
+            f"429s {stats['rate_limited']:5d}  "
+            f"score {out['score']:.4f}  requests {stats['received']}\n"
+        )
+        sys.stdout.flush()
+    return rows
+
+
+async def run(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="bench", description="throughput: engine vs peer patterns"
+    )
+    parser.add_argument("--scenario", choices=("rate", "latency", "both"), default="both")
+    parser.add_argument("--scale", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    names = ["rate", "latency"] if args.scenario == "both" else [args.scenario]
+    rows = []
+    for name in names:
+        rows += await scenario(name, args.scale)
+    sys.stdout.write(json.dumps(rows) + "\n")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for ``python -m engine bench`` and ``benchmarks/throughput.py``."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    asyncio.run(run(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
