@@ -267,6 +267,7 @@ async def evaluate(
     progress_interval: float = 0.5,
     events: Emitter | None = None,
     meter: BudgetMeter | None = None,
+    validate: bool = True,
 ) -> Evaluation:
     """Score ``prompt`` on ``examples`` with ``metric``.
 
@@ -296,6 +297,9 @@ async def evaluate(
             predictions until all metric workers are busy.
         progress_interval: seconds between ``evaluation.progress`` events.
         meter: a `BudgetMeter` charged for every call (the trainer passes its own).
+        validate: check the dataset and the metric before the first call; callers
+            that already did (the trainer, once per run) turn it off so repeated
+            evaluations of the same data do not repeat the work.
     """
     if on_error not in ("record", "raise"):
         raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
@@ -309,7 +313,7 @@ async def evaluate(
         if not 0.0 <= must_beat <= 1.0 or math.isnan(must_beat):
             raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
     prevalidated = isinstance(examples, Sequence)
-    if prevalidated:
+    if prevalidated and validate:
         validate_examples(prompt, examples)  # type: ignore[arg-type]
         await check_metric(metric, examples[0])  # type: ignore[index]
     workers = concurrency if concurrency is not None else endpoint.limits.concurrency
@@ -333,7 +337,7 @@ async def evaluate(
     iterator = enumerate(examples)
     started = time.monotonic()
     last_progress = started
-    preflighted = prevalidated
+    preflighted = prevalidated or not validate
 
     async def predict(example: Example) -> tuple[CachedPrediction, bool]:
         messages = prompt.render(example.inputs)

@@ -159,6 +159,7 @@ class _Trainer:
             must_beat=must_beat,
             events=self.events,
             meter=self.meter,
+            validate=False,  # optimize() validated the data and the metric once
         )
         self.report.cache_hits += result.cache_hits
         return result
