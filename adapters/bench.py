@@ -32,10 +32,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import anyio
 import openai
 import structlog
 
@@ -120,8 +121,8 @@ def ideal_makespan(
     return max(slots)
 
 
-@contextlib.contextmanager
-def provider(**options: float) -> Iterator[str]:
+@contextlib.asynccontextmanager
+async def provider(**options: float) -> AsyncIterator[str]:
     """The simulated provider in its own process (as a real one would be): its root URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,22 +130,28 @@ def provider(**options: float) -> Iterator[str]:
     args = [sys.executable, "-m", "adapters.simulated_server", "--port", str(port)]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    root = f"http://127.0.0.1:{port}"
+    async with await anyio.open_process(args, stderr=subprocess.DEVNULL) as proc:
+        try:
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        await server_stats(root)
+                        break
+                    except OSError:
+                        await anyio.sleep(0.05)
+            yield root
+        finally:
+            proc.terminate()
 
 
-def server_stats(root: str) -> dict[str, Any]:
-    return dict(json.loads(urllib.request.urlopen(f"{root}/_stats", timeout=5).read()))
+async def server_stats(root: str) -> dict[str, Any]:
+    """The provider's own counts (a blocking urllib call, run in a worker thread)."""
+
+    def fetch() -> dict[str, Any]:
+        return dict(json.loads(urllib.request.urlopen(f"{root}/_stats", timeout=5).read()))
+
+    return await anyio.to_thread.run_sync(fetch)
 
 
 async def scenario(name: str, scale: float) -> list[dict[str, Any]]:
@@ -163,7 +170,7 @@ async def scenario(name: str, scale: float) -> list[dict[str, Any]]:
     data = examples(n)
     rows = []
     for pattern in ("engine", "waves", "threads"):
-        with provider(**config) as root:
+        async with provider(**config) as root:
             url = root + "/v1"
             started = time.perf_counter()
             if pattern == "engine":
@@ -173,7 +180,7 @@ async def scenario(name: str, scale: float) -> list[dict[str, Any]]:
             else:
                 out = await asyncio.to_thread(run_threads, url, data, 100)
             wall = time.perf_counter() - started
-            stats = server_stats(root)
+            stats = await server_stats(root)
         row = {
             "scenario": name,
             "pattern": pattern,

@@ -38,7 +38,7 @@ async def main() -> None:
     parser.add_argument("--rpm", type=float, default=18_000)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    with provider(rpm=args.rpm, latency_median=0.05, latency_sigma=0.5, seed=1) as root:
+    async with provider(rpm=args.rpm, latency_median=0.05, latency_sigma=0.5, seed=1) as root:
         limits = Limits(rpm=args.rpm, concurrency=args.concurrency)
         async with OpenAIChat(base_url=root + "/v1", limits=limits) as chat:
             endpoint = Endpoint(chat, retry=RetryPolicy(max_attempts=10, base_delay=0.05))
@@ -52,7 +52,7 @@ async def main() -> None:
                 progress_interval=3600,
             )
             wall = time.perf_counter() - started
-        stats = server_stats(root)
+        stats = await server_stats(root)
     bound = args.n / (args.rpm / 60)
     row = {
         "n": args.n,

@@ -267,7 +267,8 @@ class _Trainer:
             if outcome.result is not None and outcome.result.score < MAX_SCORE
         ]
         if not failed:
-            record.perfect = True
+            # nothing to learn from; "perfect" only if no example errored either
+            record.perfect = current.errors == 0
             return record
 
         feedback_history: dict[str, list[str]] = {}  # per example, reset every batch
