@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import anyio
 import structlog
 
-from ._budget import BudgetMeter
+from ._budget import Budget, BudgetMeter, Price
 from ._cache import Cache
 from ._endpoint import Endpoint, estimate_tokens
 from ._errors import ConfigError, EngineError
@@ -63,9 +63,14 @@ def _configure_logging(mode: str) -> None:
 class _Progress:
     """Turns progress events into a status line on stderr."""
 
-    def __init__(self, stream: TextIO, endpoints: Sequence[Endpoint], enabled: bool) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        endpoints: Sequence[tuple[Endpoint, Price | None]],
+        enabled: bool,
+    ) -> None:
         self.stream = stream
-        self.endpoints = endpoints
+        self.endpoints = endpoints  # each with the price of the model it serves, if known
         self.enabled = enabled
         self.tty = stream.isatty()
         self.started = time.monotonic()
@@ -84,11 +89,15 @@ class _Progress:
             elapsed = max(float(data.get("elapsed", 0.0)), 1e-9)
             rate = done / elapsed
             eta = f"{(total - done) / rate:.0f}s" if total and rate > 0 else "?"
-            limited = sum(e.statistics().rate_limited for e in self.endpoints)
+            stats = [(e.statistics(), price) for e, price in self.endpoints]
+            limited = sum(s.rate_limited for s, _ in stats)
+            priced = [price.cost(s.usage) for s, price in stats if price is not None]
+            cost = f"${sum(priced):.4f}" if len(priced) == len(stats) else "$?"
             line = (
                 f"{done}/{total or '?'} examples  {data.get('calls', 0) / elapsed:.1f} calls/s  "
                 f"429s {limited}  cache hits {data.get('cache_hits', 0)}  "
-                f"tokens {data.get('tokens', 0)}  errors {data.get('errors', 0)}  ETA {eta}"
+                f"tokens {data.get('tokens', 0)}  cost {cost}  errors {data.get('errors', 0)}  "
+                f"ETA {eta}"
             )
             self._write(line)
         elif event.name == "optimize.step":
@@ -106,6 +115,10 @@ class _Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _prices(run: RunFile) -> dict[str, Price]:
+    return (run.budget or Budget()).price_table()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -151,10 +164,8 @@ def _plan(run: RunFile, command: str) -> dict[str, Any]:
     names = [run.prompt.model]
     if run.optimizer is not None and run.optimizer.model_name:
         names.append(run.optimizer.model_name)
-    meter = BudgetMeter(None, names)
-    price = (run.budget.price_table() if run.budget else meter.budget.price_table()).get(
-        run.prompt.model
-    )
+    BudgetMeter(run.budget, names)  # a money budget without prices fails here, as in a run
+    price = _prices(run).get(run.prompt.model)
     cost = calls * per_call * price.input_per_million / 1e6 if price is not None else None
     return {
         "command": command,
@@ -175,7 +186,15 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
         task = await stack.enter_async_context(_endpoint(stack, run.model))
         opt = await stack.enter_async_context(_endpoint(stack, run.optimizer))
         cache = await stack.enter_async_context(_cache(run))
-        progress = _Progress(sys.stderr, [task, opt], enabled=args.log_mode == "progress")
+        prices = _prices(run)
+        progress = _Progress(
+            sys.stderr,
+            [
+                (task, prices.get(run.prompt.model)),
+                (opt, prices.get(run.optimizer.model_name or "")),
+            ],
+            enabled=args.log_mode == "progress",
+        )
         result = await optimize(
             run.prompt,
             run.train,
@@ -251,7 +270,11 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
                     f"({filled.failed} failed, {filled.expired} expired, "
                     f"{filled.already_cached} already cached)\n"
                 )
-            progress = _Progress(sys.stderr, [task], enabled=args.log_mode == "progress")
+            progress = _Progress(
+                sys.stderr,
+                [(task, _prices(run).get(prompt.model))],
+                enabled=args.log_mode == "progress",
+            )
             result = await evaluate(
                 prompt,
                 data,

@@ -51,9 +51,7 @@ def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     assert (
-        "<svg" in page
-        and "Prompt: initial vs best" in page
-        and "only&nbsp;the&nbsp;number" in page
+        "<svg" in page and "Prompt: initial vs best" in page and "only&nbsp;the&nbsp;number" in page
     )
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert oct((out / "report.json").stat().st_mode & 0o777) == "0o600"
@@ -170,3 +168,38 @@ model_name = "gpt-4o"
             assert done.returncode == 0, done.stderr
             assert json.loads(done.stdout)["max_cost_usd_estimate"] > 0
         assert server.stats.received == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) -> None:
+    done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    shot = tmp_path / "report.png"
+    profile = tmp_path / "chromium-profile"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            (demo / "out" / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=90,
+        check=True,
+    )
+    data = shot.read_bytes()
+    assert (
+        data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
+    )  # a blank page is about 9 KB, the report about 85 KB

@@ -150,13 +150,17 @@ def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) 
 
     with SimulatedServer(ServerConfig(answer=demo_answer, latency_median=0.01)) as clean:
         reference = write_optimize_run(tmp_path / "clean", clean.base_url)
-        done = subprocess.run(optimize_cmd(reference), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(
+            optimize_cmd(reference), cwd=ROOT, capture_output=True, text=True, timeout=180
+        )
         assert done.returncode == 0, done.stderr
         uninterrupted = clean.stats.paid
 
     with SimulatedServer(ServerConfig(answer=demo_answer, latency_median=0.01)) as server:
         run = write_optimize_run(tmp_path / "crash", server.base_url)
-        proc = subprocess.Popen(optimize_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            optimize_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 120
         while server.stats.paid < uninterrupted // 2:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
@@ -164,7 +168,9 @@ def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) 
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        rerun = subprocess.run(optimize_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        rerun = subprocess.run(
+            optimize_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=180
+        )
         assert rerun.returncode == 0, rerun.stderr
         total_paid = server.stats.paid
 
@@ -174,7 +180,9 @@ def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) 
     crashed_report = json.loads((run.parent / "out" / "report.json").read_text())
     reference_report = json.loads((reference.parent / "out" / "report.json").read_text())
     assert crashed_report["best_score"] == reference_report["best_score"]
-    assert [s["batch_ids"] for s in crashed_report["steps"]] == [s["batch_ids"] for s in reference_report["steps"]]
-    assert [(p["reason"], p["full_score"]) for s in crashed_report["steps"] for p in s["proposals"]] == [
-        (p["reason"], p["full_score"]) for s in reference_report["steps"] for p in s["proposals"]
+    assert [s["batch_ids"] for s in crashed_report["steps"]] == [
+        s["batch_ids"] for s in reference_report["steps"]
     ]
+    assert [
+        (p["reason"], p["full_score"]) for s in crashed_report["steps"] for p in s["proposals"]
+    ] == [(p["reason"], p["full_score"]) for s in reference_report["steps"] for p in s["proposals"]]
