@@ -14,7 +14,31 @@ import structlog.testing
 
 from ._events import Event
 
-__all__ = ["EventRecorder", "capture_logs"]
+__all__ = ["EventRecorder", "FakeClock", "capture_logs"]
+
+
+class FakeClock:
+    """A clock that moves only when told: pass it as ``RateLimiter(clock=...)``.
+
+    Usage::
+
+        clock = FakeClock()
+        limiter = RateLimiter(Limits(), clock=clock)
+        limiter.pause(2.0)
+        clock.advance(1.5)
+        assert limiter.paused_for() == 0.5
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a clock does not go back")
+        self.now += seconds
 
 
 class EventRecorder:

@@ -162,3 +162,42 @@ async def test_exhausted_remaining_requests_closes_the_gate() -> None:
 def test_impossible_limits_are_config_errors(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):
         Limits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pause_gate_extends_never_shortens_on_a_fake_clock() -> None:
+    """The gate's deadline only moves later; time is stepped by hand, nothing sleeps."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.pause(2.0)
+    limiter.pause(0.5)  # a shorter Retry-After from another worker does not shorten it
+    assert limiter.paused_for() == 2.0 and limiter.statistics().pauses == 1
+    clock.advance(1.5)
+    assert limiter.paused_for() == 0.5
+    limiter.pause(3.0)
+    assert limiter.paused_for() == 3.0 and limiter.statistics().pauses == 2
+    clock.advance(3.0)
+    assert limiter.paused_for() == 0.0
+
+
+def test_unknown_limit_429s_start_aimd_pacing_on_a_fake_clock() -> None:
+    """No configured or announced limit: 429s slow the pace, successes ease it again."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    for _ in range(20):  # 10 successes per second over the last 2 s
+        limiter.on_success()
+        clock.advance(0.1)
+    limiter.on_rate_limited()
+    pacer = limiter._pacer
+    assert pacer is not None and pacer.interval == pytest.approx(1 / 10, rel=0.1)
+    limiter.on_rate_limited()
+    assert pacer.interval > 1 / 10  # backs off further
+    slow = pacer.interval
+    for _ in range(5):
+        limiter.on_success()
+    assert pacer.interval < slow
+    limiter.observe(RateLimitSnapshot(limit_requests=600))
+    assert limiter._pacer is None and limiter.statistics().rpm == pytest.approx(570)
