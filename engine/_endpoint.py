@@ -150,7 +150,11 @@ class Endpoint:
                         meter.check()
                         meter.charge_call(model_name)
                     self._calls += 1
-                    completion = await self._attempt(messages, params)
+                    timeout = policy.timeout
+                    if policy.deadline is not None:  # no attempt may outlive the deadline
+                        left = max(0.001, policy.deadline - (time.monotonic() - started))
+                        timeout = left if timeout is None else min(timeout, left)
+                    completion = await self._attempt(messages, params, timeout)
             except ProviderError as exc:
                 self._on_failure(exc)
                 exc.attempts = attempt
@@ -188,14 +192,16 @@ class Endpoint:
             return CallResult(completion, attempt)
 
     async def _attempt(
-        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]
+        self,
+        messages: Sequence[Mapping[str, str]],
+        params: Mapping[str, Any],
+        seconds: float | None,
     ) -> Completion:
-        timeout = self.retry.timeout
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(seconds):
                 return await self.model.complete(messages, **params)
         except TimeoutError as exc:
-            raise CallTimeoutError(f"no answer within {timeout:g}s", endpoint=self.name) from exc
+            raise CallTimeoutError(f"no answer within {seconds:.3g}s", endpoint=self.name) from exc
 
     def _on_failure(self, exc: ProviderError) -> None:
         if isinstance(exc, RateLimitedError):

@@ -201,3 +201,13 @@ def test_unknown_limit_429s_start_aimd_pacing_on_a_fake_clock() -> None:
     assert pacer.interval < slow
     limiter.observe(RateLimitSnapshot(limit_requests=600))
     assert limiter._pacer is None and limiter.statistics().rpm == pytest.approx(570)
+
+
+async def test_deadline_bounds_a_hanging_attempt_too() -> None:
+    """An attempt may not outlive the call's deadline, whatever the per-attempt timeout."""
+    model = ScriptedModel(lambda r: "x", latency=30.0)
+    endpoint = Endpoint(model, retry=RetryPolicy(timeout=60, deadline=0.3, base_delay=0.01))
+    started = anyio.current_time()
+    result = await evaluate(qa_prompt(), echo_examples(2), model=endpoint, metric=ExactMatch())
+    assert anyio.current_time() - started < 1.0
+    assert result.errors == 2 and result.outcomes[0].error.type == "CallTimeoutError"  # type: ignore[union-attr]
