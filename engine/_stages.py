@@ -34,6 +34,7 @@ __all__ = [
     "HistoryEntry",
     "LLMApply",
     "LLMGradient",
+    "OptimizerCaller",
     "ProposalError",
     "parse_proposal",
     "validate_proposal",
@@ -158,8 +159,9 @@ async def optimizer_text(
     return text
 
 
-class _OptimizerStage:
-    """What the default stages share: the optimizer endpoint and how a call is made.
+class OptimizerCaller:
+    """How the optimizer endpoint is called: limits, budget, events and the run's replay
+    cache.  The default stages are built on it; the trainer uses it for descriptions.
 
     Parameters:
         endpoint: the optimizer `Endpoint`.
@@ -189,7 +191,7 @@ class _OptimizerStage:
         self.cache = cache
         self.occurrences = occurrences
 
-    async def _ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
+    async def ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
         return await optimizer_text(
             self.endpoint,
             messages,
@@ -201,7 +203,7 @@ class _OptimizerStage:
         )
 
 
-class LLMGradient(_OptimizerStage):
+class LLMGradient(OptimizerCaller):
     """The default gradient stage: one optimizer call per failed example."""
 
     def messages(self, ctx: GradientContext) -> list[dict[str, str]]:
@@ -228,11 +230,11 @@ class LLMGradient(_OptimizerStage):
 
     async def __call__(self, ctx: GradientContext) -> str:
         params = {"model": self.model, "temperature": self.temperature}
-        text = await self._ask(self.messages(ctx), params)
+        text = await self.ask(self.messages(ctx), params)
         return text.strip()
 
 
-class LLMApply(_OptimizerStage):
+class LLMApply(OptimizerCaller):
     """The default apply stage: one optimizer call returning JSON messages."""
 
     def messages(self, ctx: ApplyContext) -> list[dict[str, str]]:
@@ -268,7 +270,7 @@ class LLMApply(_OptimizerStage):
                 "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},
             },
         }
-        text = await self._ask(self.messages(ctx), params)
+        text = await self.ask(self.messages(ctx), params)
         return parse_proposal(text, ctx.prompt)
 
 

@@ -47,10 +47,10 @@ from ._stages import (
     HistoryEntry,
     LLMApply,
     LLMGradient,
+    OptimizerCaller,
     ProposalError,
     describe_metric_messages,
     describe_task_messages,
-    optimizer_text,
     validate_proposal,
 )
 from ._types import Example
@@ -179,17 +179,16 @@ class _Trainer:
         self.report.metric_description = self.metric_description
 
     async def _optimizer_text(self, messages: list[dict[str, str]]) -> str:
-        params = {"model": self.optimizer_model_name, "temperature": 0.0}
-        text = await optimizer_text(
+        caller = OptimizerCaller(
             self.optimizer,
-            messages,
-            params,
+            model=self.optimizer_model_name,
             meter=self.meter,
             events=self.events,
             cache=self.cache,
             occurrences=self.occurrences,
         )
-        return text.strip()
+        params = {"model": caller.model, "temperature": caller.temperature}
+        return (await caller.ask(messages, params)).strip()
 
     # -- the loop ---------------------------------------------------------------------
     async def run(self) -> OptimizationResult:
