@@ -129,13 +129,18 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
-@asynccontextmanager
-async def _endpoint(stack: AsyncExitStack, spec: EndpointSpec) -> AsyncIterator[Endpoint]:
-    model = spec.build()
-    if hasattr(model, "__aenter__"):
-        model = await stack.enter_async_context(model)
+async def _open(stack: AsyncExitStack, spec: EndpointSpec) -> Any:
+    """Build an adapter; if it holds resources (``async with``), the stack closes it."""
+    adapter = spec.build()
+    if hasattr(adapter, "__aenter__"):
+        adapter = await stack.enter_async_context(adapter)
+    return adapter
+
+
+async def _endpoint(stack: AsyncExitStack, spec: EndpointSpec) -> Endpoint:
+    model = await _open(stack, spec)
     limits = spec.limits or getattr(model, "limits", None)
-    yield Endpoint(model, limits=limits, retry=spec.retry)
+    return Endpoint(model, limits=limits, retry=spec.retry)
 
 
 @asynccontextmanager
@@ -183,8 +188,8 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
     if run.optimizer is None:
         raise ConfigError(f"{run.path}: [optimizer] is required for optimize")
     async with AsyncExitStack() as stack:
-        task = await stack.enter_async_context(_endpoint(stack, run.model))
-        opt = await stack.enter_async_context(_endpoint(stack, run.optimizer))
+        task = await _endpoint(stack, run.model)
+        opt = await _endpoint(stack, run.optimizer)
         cache = await stack.enter_async_context(_cache(run))
         prices = _prices(run)
         progress = _Progress(
@@ -256,14 +261,12 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
             sink.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
 
         async with AsyncExitStack() as stack:
-            task = await stack.enter_async_context(_endpoint(stack, run.model))
+            task = await _endpoint(stack, run.model)
             cache = await stack.enter_async_context(_cache(run))
             if run.batch is not None:
                 # Bulk first: the Batch API fills the cache at half price; whatever it
                 # could not answer is paid below through the normal, limited path.
-                bulk = run.batch.build()
-                if hasattr(bulk, "__aenter__"):
-                    bulk = await stack.enter_async_context(bulk)
+                bulk = await _open(stack, run.batch)
                 filled = await bulk.prefill(prompt, data, cache=cache)
                 sys.stderr.write(
                     f"batch: {filled.filled} of {filled.submitted} filled "
