@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from ._budget import BudgetMeter
-from ._errors import CallTimeoutError, ProviderError, RateLimitedError
+from ._errors import CallTimeoutError, ProviderError, RateLimitedError, TransientError
 from ._events import Emitter
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._protocols import ChatModel
@@ -199,9 +199,23 @@ class Endpoint:
     ) -> Completion:
         try:
             with anyio.fail_after(seconds):
-                return await self.model.complete(messages, **params)
+                answer: Any = await self.model.complete(messages, **params)
         except TimeoutError as exc:
+            # ours (fail_after) or the model's own: either way the call did not answer
             raise CallTimeoutError(f"no answer within {seconds:.3g}s", endpoint=self.name) from exc
+        except ConnectionError as exc:
+            # a model that lets a socket error escape instead of translating it
+            raise TransientError(
+                f"connection failed: {type(exc).__name__}: {exc}", endpoint=self.name
+            ) from exc
+        if isinstance(answer, str):
+            return Completion(answer)
+        if not isinstance(answer, Completion) or not isinstance(answer.text, str):
+            raise TypeError(
+                f"{type(self.model).__name__}.complete() returned {type(answer).__name__}, "
+                "not an engine.Completion"
+            )
+        return answer
 
     def _on_failure(self, exc: ProviderError) -> None:
         if isinstance(exc, RateLimitedError):

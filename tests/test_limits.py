@@ -211,3 +211,37 @@ async def test_deadline_bounds_a_hanging_attempt_too() -> None:
     result = await evaluate(qa_prompt(), echo_examples(2), model=endpoint, metric=ExactMatch())
     assert anyio.current_time() - started < 1.0
     assert result.errors == 2 and result.outcomes[0].error.type == "CallTimeoutError"  # type: ignore[union-attr]
+
+
+async def test_builtin_timeouts_and_socket_errors_from_a_model_are_retried() -> None:
+    """A model that lets TimeoutError or ConnectionError escape still gets retries."""
+    seen: dict[str, int] = {}
+
+    def flaky(request: ScriptedRequest) -> BaseException | None:
+        text = request.messages[-1]["content"]
+        seen[text] = seen.get(text, 0) + 1
+        if seen[text] == 1:
+            return TimeoutError("read timed out")
+        if seen[text] == 2:
+            return ConnectionResetError("peer reset")
+        return None
+
+    model = echo_model(faults=flaky)
+    endpoint = Endpoint(model, retry=RetryPolicy(base_delay=0.001))
+    result = await evaluate(qa_prompt(), echo_examples(10), model=endpoint, metric=ExactMatch())
+    assert result.score == 1.0 and result.errors == 0 and result.retries == 20
+
+
+async def test_a_model_returning_text_is_accepted_and_garbage_is_a_clear_bug() -> None:
+    class TextModel:
+        async def complete(self, messages: object, **params: object) -> str:
+            return "item 0"
+
+    class BrokenModel:
+        async def complete(self, messages: object, **params: object) -> object:
+            return {"text": "item 0"}
+
+    ok = await evaluate(qa_prompt(), echo_examples(1), model=TextModel(), metric=ExactMatch())  # type: ignore[arg-type]
+    assert ok.score == 1.0
+    with pytest.raises(TypeError, match=r"not an engine\.Completion"):
+        await evaluate(qa_prompt(), echo_examples(1), model=BrokenModel(), metric=ExactMatch())  # type: ignore[arg-type]
