@@ -20,11 +20,13 @@ or in-process::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
 import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -444,7 +446,7 @@ class SimulatedServer:
         while not self._server.started:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 raise RuntimeError("the simulated server did not start")
-            time.sleep(0.01)
+            self._thread.join(0.01)  # waits a moment, and returns at once if it died
         return self
 
     def stop(self) -> None:
@@ -506,14 +508,9 @@ def main() -> None:
         reject_json_schema=args.reject_json_schema,
     )
     with SimulatedServer(config, port=args.port) as server:
-        import sys
-
         sys.stderr.write(f"simulated provider on {server.base_url} (Ctrl-C to stop)\n")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()  # until Ctrl-C
 
 
 if __name__ == "__main__":
