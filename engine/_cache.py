@@ -155,11 +155,7 @@ class Cache:
         key = self.prediction_key(prompt_hash, example)
 
         def load(raw: str) -> CachedPrediction:
-            data = self._decode(key, raw)
-            if data.get("inputs") != example.inputs_hash:
-                raise _conflict(example)
-            usage = data.get("usage") or [0, 0]
-            return CachedPrediction(str(data["text"]), Usage(int(usage[0]), int(usage[1])))
+            return self._decode_prediction(key, raw, example)
 
         async def compute_and_check() -> tuple[CachedPrediction, str]:
             await self._check_example(example)
@@ -175,11 +171,11 @@ class Cache:
 
     async def has_prediction(self, prompt_hash: str, example: Example) -> bool:
         """Whether a prediction for (prompt, example) is stored (checks the inputs)."""
-        raw = await self.store.get(self.prediction_key(prompt_hash, example))
+        key = self.prediction_key(prompt_hash, example)
+        raw = await self.store.get(key)
         if raw is None:
             return False
-        if self._decode("prediction", raw).get("inputs") != example.inputs_hash:
-            raise _conflict(example)
+        self._decode_prediction(key, raw, example)
         return True
 
     async def put_prediction(
@@ -191,6 +187,13 @@ class Cache:
             self.prediction_key(prompt_hash, example), self._encode_prediction(value, example)
         )
         self._writes += 1
+
+    def _decode_prediction(self, key: str, raw: str, example: Example) -> CachedPrediction:
+        data = self._decode(key, raw)
+        if data.get("inputs") != example.inputs_hash:
+            raise _conflict(example)
+        usage = data.get("usage") or [0, 0]
+        return CachedPrediction(str(data["text"]), Usage(int(usage[0]), int(usage[1])))
 
     @staticmethod
     def _encode_prediction(value: CachedPrediction, example: Example) -> str:

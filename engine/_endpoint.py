@@ -143,7 +143,11 @@ class Endpoint:
         attempt = 0
         while True:
             attempt += 1
-            estimate = estimate_tokens(messages, self._expected_completion_tokens(params))
+            estimate = (  # only a token bucket needs it
+                estimate_tokens(messages, self._expected_completion_tokens(params))
+                if self.limiter.counts_tokens
+                else 0
+            )
             try:
                 async with self.limiter.slot(estimated_tokens=estimate):
                     if meter is not None:

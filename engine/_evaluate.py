@@ -340,9 +340,9 @@ async def evaluate(
     preflighted = prevalidated or not validate
 
     async def predict(example: Example) -> tuple[CachedPrediction, bool]:
-        messages = prompt.render(example.inputs)
-
         async def call() -> CachedPrediction:
+            # rendered only on a miss: most of a training run's evaluations are hits
+            messages = prompt.render(example.inputs)
             try:
                 result = await endpoint.complete(messages, params, events=emitter, meter=meter)
             except ProviderError as exc:

@@ -158,6 +158,11 @@ class RateLimiter:
     def limits(self) -> Limits:
         return self._limits
 
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a TPM bucket is in force (configured or learned from headers)."""
+        return self._tokens is not None
+
     def _set_rpm(self, rpm: float) -> None:
         self._rpm = rpm
         self._requests = _bucket(rpm, self._limits.request_burst(rpm))
