@@ -6,10 +6,14 @@
     ├── ProviderError                    a model endpoint failed; carries the endpoint
     │   ├── RateLimitedError             429; carries Retry-After        (retried)
     │   ├── TransientError               5xx, timeouts, dropped, malformed (retried)
-    │   │   └── CallTimeoutError         no answer within the call timeout
-    │   └── PermanentError               never retried
-    │       ├── BadRequestError          400 / 404 / 422: the request itself is wrong
-    │       └── AuthenticationError      401 / 403: fatal for the whole run
+    │   │   ├── CallTimeoutError         no answer within the call timeout
+    │   │   └── ConnectionFailedError    could not connect (refused, DNS): feeds the breaker
+    │   ├── PermanentError               never retried
+    │   │   ├── BadRequestError          400 / 404 / 422: the request itself is wrong
+    │   │   ├── NoContentError           an answer with no text (refusal, tool call, filter)
+    │   │   ├── AuthenticationError      401 / 403: fatal for the whole run
+    │   │   └── QuotaExceededError       429 insufficient_quota: billing, fatal
+    │   └── EndpointUnreachableError     the circuit breaker is open: fatal
     ├── MetricError                      a metric raised or returned a bad score
     ├── CacheError                       the cache store is unreadable or corrupted
     │   └── CacheConflictError           a reused example id with changed inputs
@@ -32,11 +36,15 @@ __all__ = [
     "CacheError",
     "CallTimeoutError",
     "ConfigError",
+    "ConnectionFailedError",
     "DataError",
+    "EndpointUnreachableError",
     "EngineError",
     "MetricError",
+    "NoContentError",
     "PermanentError",
     "ProviderError",
+    "QuotaExceededError",
     "RateLimitedError",
     "TransientError",
 ]
@@ -113,6 +121,14 @@ class CallTimeoutError(TransientError):
     """The endpoint did not answer within the per-call timeout."""
 
 
+class ConnectionFailedError(TransientError):
+    """No connection could be made (refused, unknown host, connect timeout).
+
+    Retried like any transient failure, but counted by the endpoint's circuit breaker:
+    many in a row with no success since mean nothing is listening.
+    """
+
+
 class PermanentError(ProviderError):
     """A failure that another attempt would repeat."""
 
@@ -121,8 +137,45 @@ class BadRequestError(PermanentError):
     """The request was rejected as invalid (400, 404, 422)."""
 
 
+class NoContentError(PermanentError):
+    """The endpoint answered without text: a refusal, a tool call, a content filter.
+
+    ``finish_reason`` is what the endpoint gave; ``refusal`` holds a refusal's text.
+    Never turned into an empty prediction: the example gets this error as its outcome.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        finish_reason: str | None = None,
+        refusal: str | None = None,
+        endpoint: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self.finish_reason = finish_reason
+        self.refusal = refusal
+        super().__init__(message, endpoint=endpoint, status=status)
+
+
 class AuthenticationError(PermanentError):
     """The endpoint rejected the credentials (401, 403); ends the run."""
+
+    fatal = True
+
+
+class QuotaExceededError(PermanentError):
+    """The account is out of quota (OpenAI: 429 with ``insufficient_quota``).
+
+    Looks like a rate limit but waiting does not help: fatal for the run.
+    """
+
+    fatal = True
+
+
+class EndpointUnreachableError(ProviderError):
+    """The endpoint's circuit breaker is open: many connection failures in a row and no
+    success since.  Every waiting call fails at once; fatal for the run."""
 
     fatal = True
 
