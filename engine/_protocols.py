@@ -18,6 +18,17 @@ class ChatModel(Protocol):
     provider failures; it must not retry on its own (the engine's retry policy and
     limiter need to see every attempt).  ``params`` carries the prompt's model,
     sampling parameters and ``response_format``.
+
+    Optional attributes the engine looks up with ``getattr`` (all have defaults):
+
+    - ``name: str``: a label for events and errors.
+    - ``limits: Limits``: picked up by `Endpoint` when none are given.
+    - ``cache_identity: str``: who answers (adapter and base URL, never a key); part of
+      every prediction's cache key, so two servers serving the same model name do not
+      share answers.  Default: the class's qualified name.
+    - ``response_format_sent(requested) -> Mapping | None``: the response format this
+      endpoint would actually send for ``requested`` right now (an adapter that fell
+      back from ``json_schema`` to ``json_object`` or text says so); part of the key.
     """
 
     async def complete(
