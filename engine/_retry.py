@@ -19,8 +19,14 @@ class RetryPolicy:
         base_delay: first backoff ceiling in seconds; doubles each attempt.
         max_delay: cap of the backoff ceiling.
         timeout: seconds one attempt may take before it counts as a transient failure.
-        deadline: seconds one call may take across all its attempts and waits; ``None``
-            means attempts alone bound it.
+        deadline: seconds one call may take across all its attempts and waits
+            (the pause gate included); ``None`` means attempts alone bound it.
+        max_retry_after: the longest Retry-After the endpoint will honour, in seconds.
+            A provider asking for more fails the affected calls with `RateLimitedError`
+            naming the requested wait; raise the cap to wait (the pause is announced).
+        circuit_breaker: consecutive connection failures (nothing listening, unknown
+            host) with no success since, after which the endpoint opens and every call
+            fails at once with `EndpointUnreachableError`; ``None`` disables it.
 
     Only `ProviderError`s whose class is ``retryable`` are retried (rate limits, 5xx,
     timeouts, dropped connections, malformed bodies); 400/401/404 never are.  The wait
@@ -34,6 +40,8 @@ class RetryPolicy:
     max_delay: float = 30.0
     timeout: float | None = 120.0
     deadline: float | None = None
+    max_retry_after: float = 60.0
+    circuit_breaker: int | None = 10
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -44,6 +52,10 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.timeout must be positive or None")
         if self.deadline is not None and self.deadline <= 0:
             raise ConfigError("RetryPolicy.deadline must be positive or None")
+        if not self.max_retry_after >= 0:
+            raise ConfigError("RetryPolicy.max_retry_after must not be negative")
+        if self.circuit_breaker is not None and self.circuit_breaker < 1:
+            raise ConfigError("RetryPolicy.circuit_breaker must be at least 1 or None")
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         """Whether ``error`` on attempt number ``attempt`` (1-based) deserves another."""
