@@ -16,7 +16,6 @@ A 429 with Retry-After closes the pause gate for *every* worker of the endpoint.
 from __future__ import annotations
 
 import math
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 import anyio
 from aiolimiter import AsyncLimiter
 
+from ._clock import Clock, loop_time
 from ._errors import ConfigError
 from ._types import RateLimitSnapshot
 
@@ -79,6 +79,7 @@ class LimiterStatistics:
     paused_for: float
     pauses: int
     learned: bool
+    announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
 
 
 def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
@@ -97,18 +98,18 @@ class _Pacer:
         self.interval = interval  # seconds between request starts
         self.next_start = -math.inf  # clock time the next request may start
 
-    async def wait(self, clock: Callable[[], float]) -> None:
+    async def wait(self, clock: Clock) -> None:
         now = clock()
         start = max(now, self.next_start)
         self.next_start = start + self.interval
         if start > now:
             await anyio.sleep(start - now)
 
-    def ease(self) -> bool:
-        """Speed up a little; True once pacing no longer matters (over 1000/s)."""
+    def speed_up(self) -> bool:
+        """Raise the rate a little; False once pacing no longer matters (over 1000/s)."""
         rate = 1.0 / self.interval + 0.5
         self.interval = 1.0 / rate
-        return rate > 1000.0
+        return rate <= 1000.0
 
     def back_off(self, achieved: float) -> None:
         rate = min(1.0 / self.interval, max(achieved, 0.5)) * 0.7
@@ -119,6 +120,7 @@ class RateLimiter:
     """Admission control for one endpoint; shared by every evaluation that uses it."""
 
     __slots__ = (
+        "_announced",
         "_capacity",
         "_clock",
         "_learned",
@@ -133,12 +135,9 @@ class RateLimiter:
         "_tpm",
     )
 
-    def __init__(
-        self, limits: Limits | None = None, *, clock: Callable[[], float] | None = None
-    ) -> None:
+    def __init__(self, limits: Limits | None = None, *, clock: Clock | None = None) -> None:
         self._limits = limits or Limits()
-        # time.monotonic is asyncio's loop clock, without anyio's per-call backend lookup
-        self._clock = clock or time.monotonic
+        self._clock = clock or loop_time
         self._capacity = anyio.CapacityLimiter(self._limits.concurrency)  # calls in flight
         self._rpm: float | None = None  # the request rate in force
         self._tpm: float | None = None  # the token rate in force
@@ -149,6 +148,7 @@ class RateLimiter:
         self._learned = False  # a rate came from response headers
         self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
         self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
+        self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
         if self._limits.rpm is not None:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
@@ -172,37 +172,51 @@ class RateLimiter:
         self._tokens = _bucket(tpm, max(1.0, tpm / 60.0))
 
     # -- the pause gate ---------------------------------------------------------------
-    def pause(self, seconds: float) -> None:
-        """Close the gate for every worker for ``seconds`` (extends, never shortens)."""
+    def pause(self, seconds: float) -> bool:
+        """Close the gate for every worker for ``seconds`` (extends, never shortens).
+
+        Returns whether the gate now closes later than it did.
+        """
         until = self._clock() + max(0.0, seconds)
         if until > self._paused_until:
             self._paused_until = until
             self._pauses += 1
+            return True
+        return False
 
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
 
-    async def wait_until_open(self) -> None:
-        """Wait while the pause gate is closed (re-checking: it may be extended)."""
+    async def wait_until_open(self, admit: Callable[[float], None] | None = None) -> None:
+        """Wait while the pause gate is closed (re-checking: it may be extended).
+
+        ``admit(seconds)`` is told how long the wait will be before each sleep and may
+        raise instead: a caller with a deadline or a cap on provider pauses gives up at
+        once rather than sleeping past it.
+        """
         # A sleep loop, not an Event: the deadline may move later while we sleep.
-        while (delay := self._paused_until - self._clock()) > 0:  # noqa: ASYNC110
+        while (delay := self._paused_until - self._clock()) > 0:
+            if admit is not None:
+                admit(delay)
             await anyio.sleep(delay)
 
     # -- admission --------------------------------------------------------------------
     @asynccontextmanager
-    async def slot(self, *, estimated_tokens: int = 0) -> AsyncIterator[None]:
+    async def slot(
+        self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
+    ) -> AsyncIterator[None]:
         """Hold one concurrency slot, one request and ``estimated_tokens`` of budget.
 
         The gate is checked again after the buckets: a 429 seen by another worker while
-        this one waited must still hold it back.
+        this one waited must still hold it back.  ``admit`` as for `wait_until_open`.
         """
-        await self.wait_until_open()
+        await self.wait_until_open(admit)
         async with self._capacity:
             if self._requests is not None:
                 await self._requests.acquire()
             if self._tokens is not None and estimated_tokens > 0:
                 await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
-            await self.wait_until_open()
+            await self.wait_until_open(admit)
             if self._pacer is not None:
                 await self._pacer.wait(self._clock)
             yield
@@ -212,7 +226,7 @@ class RateLimiter:
         """A call went through: with no known request rate, let the pacing ease."""
         if self._rpm is None:
             self._recent.append(self._clock())
-            if self._pacer is not None and self._pacer.ease():
+            if self._pacer is not None and not self._pacer.speed_up():
                 self._pacer = None
 
     def on_rate_limited(self) -> None:
@@ -244,6 +258,7 @@ class RateLimiter:
         """
         if snapshot is None:
             return
+        self._announced = snapshot
         if self._limits.rpm is None and snapshot.limit_requests:
             target = snapshot.limit_requests * _LEARNED_MARGIN
             if self._rpm is None or abs(self._rpm - target) > 1e-9:
@@ -270,6 +285,7 @@ class RateLimiter:
             paused_for=self.paused_for(),
             pauses=self._pauses,
             learned=self._learned,
+            announced=self._announced,
         )
 
     def __repr__(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._errors import ConfigError
 
-__all__ = ["Message", "Prompt", "canonical_json", "render_value"]
+__all__ = ["Message", "Prompt", "canonical_json", "normalise_numbers", "render_value"]
 
 _FORMATTER = string.Formatter()
 
@@ -29,6 +29,24 @@ _ROLES = frozenset({"system", "user", "assistant", "developer"})
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: the one form that is hashed."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def normalise_numbers(value: Any) -> Any:
+    """``value`` with every integral float written as an int (``0.0`` -> ``0``), recursively.
+
+    Applied to what is sent as JSON to a provider (sampling params, response formats), so
+    ``temperature = 0`` and ``temperature = 0.0`` are one request and one cache key.  Not
+    applied to example inputs: those are rendered into text, where ``1`` and ``1.0`` differ.
+    """
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value!r} is not a JSON number")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {k: normalise_numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [normalise_numbers(v) for v in value]
+    return value
 
 
 def render_value(value: Any) -> str:
@@ -122,18 +140,16 @@ class Prompt:
             if key in merged:
                 raise ConfigError(f"prompt params may not set {key!r}")
         try:
-            canonical_json(merged)
-            canonical_json(response_format)
+            params_json = canonical_json(normalise_numbers(merged))
+            format_json = canonical_json(normalise_numbers(response_format))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"prompt params must be JSON values: {exc}") from exc
 
         self._messages: tuple[Message, ...] = tuple(msgs)
         self._model = model
-        self._params: Mapping[str, Any] = MappingProxyType(json.loads(canonical_json(merged)))
+        self._params: Mapping[str, Any] = MappingProxyType(json.loads(params_json))
         self._response_format: Mapping[str, Any] | None = (
-            MappingProxyType(json.loads(canonical_json(response_format)))
-            if response_format is not None
-            else None
+            MappingProxyType(json.loads(format_json)) if response_format is not None else None
         )
         self._segments = tuple(
             _parse_template(m["content"], f"prompt message {i}") for i, m in enumerate(msgs)
@@ -165,6 +181,14 @@ class Prompt:
     @property
     def response_format(self) -> Mapping[str, Any] | None:
         return self._response_format
+
+    def request_params(self) -> dict[str, Any]:
+        """What every request of this prompt sends besides the messages: the model, the
+        sampling params and the response format (a fresh dict each call)."""
+        params: dict[str, Any] = {"model": self._model, **self._params}
+        if self._response_format is not None:
+            params["response_format"] = dict(self._response_format)
+        return params
 
     @property
     def placeholders(self) -> frozenset[str]:
