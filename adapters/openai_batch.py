@@ -30,7 +30,17 @@ import anyio
 import httpx2
 import openai
 
-from engine import AuthenticationError, Cache, CachedPrediction, ConfigError, Example, Prompt, Usage
+from engine import (
+    AuthenticationError,
+    Cache,
+    CachedPrediction,
+    ChatModel,
+    ConfigError,
+    Endpoint,
+    Example,
+    Prompt,
+    Usage,
+)
 from engine import ProviderError as EngineProviderError
 
 from .openai_chat import resolve_api_key
@@ -127,29 +137,35 @@ class OpenAIBatch:
         return [c for c in chunks if c]
 
     async def prefill(
-        self, prompt: Prompt, examples: Sequence[Example], *, cache: Cache
+        self,
+        prompt: Prompt,
+        examples: Sequence[Example],
+        *,
+        cache: Cache,
+        model: ChatModel | Endpoint,
     ) -> BatchReport:
-        """Put predictions for every cache miss of ``examples`` into ``cache``."""
+        """Put predictions for every cache miss of ``examples`` into ``cache``, under the
+        keys ``model`` (the chat endpoint the evaluation that follows will use) reads:
+        the same question, answered in bulk at half price."""
         report = BatchReport()
         by_key: dict[str, Example] = {}
         lines: list[bytes] = []
-        params: dict[str, Any] = {"model": prompt.model, **prompt.params}
-        if prompt.response_format is not None:
-            params["response_format"] = dict(prompt.response_format)
+        request = Endpoint.of(model).request_key(prompt)
+        params = prompt.request_params()
         for example in examples:
-            if await cache.has_prediction(prompt.hash, example):
+            if await cache.has_prediction(request, example):
                 report.already_cached += 1
                 continue
-            key = cache.prediction_key(prompt.hash, example)
+            key = cache.prediction_key(request, example)
             by_key[key] = example
             body = {**params, "messages": prompt.render(example.inputs)}
-            request = {
+            line = {
                 "custom_id": key,
                 "method": "POST",
                 "url": "/v1/chat/completions",
                 "body": body,
             }
-            lines.append((json.dumps(request, ensure_ascii=False) + "\n").encode())
+            lines.append((json.dumps(line, ensure_ascii=False) + "\n").encode())
         report.submitted = len(lines)
         if not lines:
             return report
@@ -159,7 +175,7 @@ class OpenAIBatch:
             report.batches = batch_ids
             async with anyio.create_task_group() as tg:
                 for batch_id in batch_ids:
-                    tg.start_soon(self._collect, batch_id, prompt, by_key, cache, report)
+                    tg.start_soon(self._collect, batch_id, request, by_key, cache, report)
         except openai.AuthenticationError as exc:
             raise AuthenticationError("the Batch API rejected the credentials", status=401) from exc
         except openai.APIError as exc:
@@ -178,7 +194,7 @@ class OpenAIBatch:
     async def _collect(
         self,
         batch_id: str,
-        prompt: Prompt,
+        request: str,
         by_key: dict[str, Example],
         cache: Cache,
         report: BatchReport,
@@ -198,7 +214,7 @@ class OpenAIBatch:
         if batch.output_file_id:
             content = await self._client.files.content(batch.output_file_id)
             for row in _jsonl(content.text):
-                await self._fill(row, prompt, by_key, cache, report)
+                await self._fill(row, request, by_key, cache, report)
         if batch.error_file_id:
             content = await self._client.files.content(batch.error_file_id)
             for row in _jsonl(content.text):
@@ -216,7 +232,7 @@ class OpenAIBatch:
     async def _fill(
         self,
         row: dict[str, Any],
-        prompt: Prompt,
+        request: str,
         by_key: dict[str, Example],
         cache: Cache,
         report: BatchReport,
@@ -239,7 +255,7 @@ class OpenAIBatch:
             str(text),
             Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
         )
-        await cache.put_prediction(prompt.hash, example, value)
+        await cache.put_prediction(request, example, value)
         report.filled += 1
 
 

@@ -31,6 +31,7 @@ from ._errors import (
     ProviderError,
     QuotaExceededError,
     RateLimitedError,
+    TooManyErrorsError,
     TransientError,
 )
 from ._evaluate import Evaluation, GlobalMetric, Outcome, evaluate, validate_examples
@@ -42,7 +43,10 @@ from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, redact_text
 from ._report import ProposalRecord, RunReport, StepRecord
 from ._retry import RetryPolicy
-from ._stages import (
+from ._stores import MemoryStore, SQLiteStore
+from ._trainer import OptimizationResult, optimize
+from ._types import Completion, Example, MetricResult, OutcomeError, RateLimitSnapshot, Usage
+from .stages import (
     ApplyContext,
     ApplyStage,
     GradientContext,
@@ -55,9 +59,6 @@ from ._stages import (
     parse_proposal,
     validate_proposal,
 )
-from ._stores import MemoryStore, SQLiteStore
-from ._trainer import OptimizationResult, optimize
-from ._types import Completion, Example, MetricResult, OutcomeError, RateLimitSnapshot, Usage
 
 __version__ = "0.1.0"
 
@@ -123,6 +124,7 @@ __all__ = [
     "RunReport",
     "SQLiteStore",
     "StepRecord",
+    "TooManyErrorsError",
     "TransientError",
     "Usage",
     "evaluate",

@@ -1,11 +1,17 @@
-"""`Cache`: predictions by (prompt hash, example id), metric results by metric identity.
+"""`Cache`: predictions by (request, example id), metric results by (metric, question).
 
-Keys are fixed-shape strings, so no two different triples can collide:
+A cache hit must be the same question.  Keys are fixed-shape strings of hashes:
 
-    p:<prompt sha256>:<example id>                  -> prediction text + usage
-    c:<request sha256>                              -> an optimizer call's answer
-    m:<metric id sha256>:<prompt sha256>:<example id> -> metric result
-    e:<example id>                                  -> inputs hash (conflict check)
+    p:<request sha256>:<example id>   -> prediction text + usage
+        request = the prompt hash (messages, model, params), the endpoint's identity
+        (adapter and base URL, or an explicit namespace) and the response format
+        actually sent
+    m:<metric sha256>:<answer sha256> -> metric result
+        metric = its code and captured state (`metric_identity`); answer = the
+        example's full content (inputs, expected, metadata) and the prediction text
+    c:<request sha256>                -> an optimizer call's answer
+    e:<example id>                    -> inputs hash (a reused id with changed inputs
+                                         is an error, not a stale hit)
 
 Identical keys requested concurrently are coalesced (single flight): one call is made,
 every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
@@ -15,11 +21,9 @@ than paying for the same failing call again.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -27,22 +31,28 @@ from typing import Any, Generic, Self, TypeVar
 import anyio
 
 from ._errors import CacheConflictError, CacheError
-from ._prompt import canonical_json
+from ._identity import metric_identity
+from ._prompt import canonical_json, normalise_numbers
 from ._protocols import CacheStore
 from ._stores import MemoryStore, SQLiteStore
 from ._types import Example, MetricResult, Usage
 
-__all__ = ["Cache", "CacheStatistics", "CachedPrediction", "metric_identity"]
+__all__ = ["Cache", "CacheStatistics", "CachedPrediction", "metric_identity", "request_hash"]
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class CachedPrediction:
-    """A stored prediction: the model's text and the usage that was paid for it."""
+    """A stored prediction: the model's text and the usage that was paid for it.
+
+    ``request`` is set on a freshly computed prediction whose request differs from
+    the one it was looked up under (see `Cache.prediction`); it is not stored.
+    """
 
     text: str
     usage: Usage
+    request: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,44 +72,14 @@ class _Flight(Generic[T]):
         self.error: Exception | None = None
 
 
-def metric_identity(metric: Callable[..., Any]) -> str:
-    """A stable identity for a metric: its ``cache_key`` attribute, else its code.
-
-    Code-derived identity is the qualified name plus a hash of the source, so editing
-    the metric invalidates its cached results.
-    """
-    explicit = getattr(metric, "cache_key", None)
-    if isinstance(explicit, str) and explicit:
-        base = "key:" + explicit
-    elif isinstance(metric, functools.partial):
-        bound = [list(metric.args), metric.keywords]
-        args = canonical_json(bound) if _jsonable(bound) else repr(bound)
-        base = "partial:" + metric_identity(metric.func) + ":" + args
-    else:
-        target: Any = (
-            metric if inspect.isfunction(metric) or inspect.ismethod(metric) else type(metric)
-        )
-        name = (
-            f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
-        )
-        try:
-            source = inspect.getsource(target)
-        except (OSError, TypeError):
-            source = ""
-        state = ""
-        if not (inspect.isfunction(metric) or inspect.ismethod(metric)):
-            attrs = getattr(metric, "__dict__", {})
-            state = canonical_json(attrs) if _jsonable(attrs) else repr(sorted(attrs))
-        base = f"code:{name}:{source}:{state}"
-    return hashlib.sha256(base.encode()).hexdigest()
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        canonical_json(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def request_hash(
+    prompt_hash: str, endpoint_identity: str, response_format: Mapping[str, Any] | None
+) -> str:
+    """The hash of one kind of request: what is asked (the prompt), of whom (the
+    endpoint's identity) and in which format (the response format actually sent)."""
+    sent = normalise_numbers(dict(response_format)) if response_format is not None else None
+    text = canonical_json([prompt_hash, endpoint_identity, sent])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class Cache:
@@ -116,6 +96,15 @@ class Cache:
         self.store: CacheStore = store if store is not None else MemoryStore()
         self._flights: dict[str, _Flight[Any]] = {}
         self._hits = self._misses = self._coalesced = self._writes = 0
+        self._uncacheable: set[int] = set()  # ids of metrics already reported uncacheable
+
+    def first_uncacheable(self, metric: object) -> bool:
+        """True the first time ``metric`` is reported as uncacheable to this cache (so
+        a run says it once, not once per evaluation)."""
+        if id(metric) in self._uncacheable:
+            return False
+        self._uncacheable.add(id(metric))
+        return True
 
     @classmethod
     def sqlite(cls, path: str, *, flush_interval: float = 0.2) -> Cache:
@@ -143,48 +132,55 @@ class Cache:
     # -- predictions ------------------------------------------------------------------
     async def prediction(
         self,
-        prompt_hash: str,
+        request: str,
         example: Example,
         compute: Callable[[], Awaitable[CachedPrediction]],
     ) -> tuple[CachedPrediction, bool]:
-        """The cached prediction for (prompt, example), computing it once if absent.
+        """The cached prediction for (request, example), computing it once if absent.
 
-        Returns ``(prediction, cached)``; ``cached`` is true when nothing was paid here.
-        Raises `CacheConflictError` when ``example.id`` was stored with other inputs.
+        ``request`` is a `request_hash`.  Returns ``(prediction, cached)``; ``cached`` is
+        true when nothing was paid here.  A computed prediction whose ``request`` differs
+        (the endpoint fell back to another response format while retrying) is stored
+        under the request it really answered.  Raises `CacheConflictError` when
+        ``example.id`` was stored with other inputs.
         """
-        key = self.prediction_key(prompt_hash, example)
+        key = self.prediction_key(request, example)
 
         def load(raw: str) -> CachedPrediction:
             return self._decode_prediction(key, raw, example)
 
-        async def compute_and_check() -> tuple[CachedPrediction, str]:
+        async def compute_and_check() -> tuple[CachedPrediction, str, str]:
             await self._check_example(example)
             value = await compute()
-            return value, self._encode_prediction(value, example)
+            answered = value.request or request
+            stored = CachedPrediction(value.text, value.usage)
+            return (
+                stored,
+                self._encode_prediction(stored, example),
+                (self.prediction_key(answered, example)),
+            )
 
         return await self._single_flight(key, load, compute_and_check)
 
     @staticmethod
-    def prediction_key(prompt_hash: str, example: Example) -> str:
+    def prediction_key(request: str, example: Example) -> str:
         """The store key of a prediction (bulk paths use it as a request id)."""
-        return f"p:{prompt_hash}:{example.id}"
+        return f"p:{request}:{example.id}"
 
-    async def has_prediction(self, prompt_hash: str, example: Example) -> bool:
-        """Whether a prediction for (prompt, example) is stored (checks the inputs)."""
-        key = self.prediction_key(prompt_hash, example)
+    async def has_prediction(self, request: str, example: Example) -> bool:
+        """Whether a prediction for (request, example) is stored (checks the inputs)."""
+        key = self.prediction_key(request, example)
         raw = await self.store.get(key)
         if raw is None:
             return False
         self._decode_prediction(key, raw, example)
         return True
 
-    async def put_prediction(
-        self, prompt_hash: str, example: Example, value: CachedPrediction
-    ) -> None:
+    async def put_prediction(self, request: str, example: Example, value: CachedPrediction) -> None:
         """Store a prediction obtained outside `prediction` (e.g. from a batch job)."""
         await self._check_example(example)
         await self.store.put(
-            self.prediction_key(prompt_hash, example), self._encode_prediction(value, example)
+            self.prediction_key(request, example), self._encode_prediction(value, example)
         )
         self._writes += 1
 
@@ -217,21 +213,30 @@ class Cache:
     async def metric_result(
         self,
         metric_id: str,
-        prompt_hash: str,
-        example_id: str,
+        example: Example,
+        prediction: str,
         compute: Callable[[], Awaitable[MetricResult]],
     ) -> tuple[MetricResult, bool]:
-        """The cached metric result for (metric, prompt, example), computing it once."""
-        key = f"m:{metric_id}:{prompt_hash}:{example_id}"
+        """The cached result of metric ``metric_id`` (a `metric_identity`) on this
+        example's full content and this prediction, computing it once.
+
+        An example whose content is not JSON (an arbitrary object as ``expected``) has
+        no key: its result is computed and not stored.
+        """
+        content = example.content_hash
+        if content is None:
+            return await compute(), False
+        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
+        key = f"m:{metric_id}:{answer}"
 
         def load(raw: str) -> MetricResult:
             data = self._decode(key, raw)
             return MetricResult(float(data["score"]), data.get("feedback"), data.get("trace"))
 
-        async def compute_and_dump() -> tuple[MetricResult, str]:
+        async def compute_and_dump() -> tuple[MetricResult, str, str]:
             value = await compute()
             raw = json.dumps(value.to_dict(), sort_keys=True, default=str)
-            return value, raw
+            return value, raw, key
 
         return await self._single_flight(key, load, compute_and_dump)
 
@@ -249,9 +254,9 @@ class Cache:
         def load(raw: str) -> str:
             return str(self._decode(key, raw)["text"])
 
-        async def compute_and_dump() -> tuple[str, str]:
+        async def compute_and_dump() -> tuple[str, str, str]:
             text = await compute()
-            return text, canonical_json({"text": text})
+            return text, canonical_json({"text": text}), key
 
         return await self._single_flight(key, load, compute_and_dump)
 
@@ -260,8 +265,11 @@ class Cache:
         self,
         key: str,
         load: Callable[[str], T],
-        compute: Callable[[], Awaitable[tuple[T, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
     ) -> tuple[T, bool]:
+        """The value under ``key``: stored, being computed by another caller (wait for
+        it), or computed here.  ``compute`` returns the value, its JSON text and the key
+        to store it under (normally ``key`` itself)."""
         while True:
             raw = await self.store.get(key)
             if raw is not None:
@@ -282,8 +290,8 @@ class Cache:
         lead: _Flight[T] = _Flight()
         self._flights[key] = lead
         try:
-            value, raw = await compute()
-            await self.store.put(key, raw)
+            value, raw, store_key = await compute()
+            await self.store.put(store_key, raw)
             self._writes += 1
             lead.value = value
             return value, False

@@ -27,6 +27,7 @@ import anyio
 
 from ._breaker import CircuitBreaker
 from ._budget import BudgetMeter
+from ._cache import request_hash
 from ._clock import Clock, loop_time
 from ._context import current_emitter, current_meter
 from ._errors import (
@@ -39,6 +40,7 @@ from ._errors import (
 )
 from ._events import Emitter
 from ._limits import LimiterStatistics, Limits, RateLimiter
+from ._prompt import Prompt
 from ._protocols import ChatModel
 from ._retry import RetryPolicy
 from ._tokens import estimate_request_tokens
@@ -184,6 +186,22 @@ class Endpoint:
                 "Give the limits to the adapter (or an Endpoint) once."
             )
         return shared
+
+    # -- identity ---------------------------------------------------------------------
+    def format_sent(self, requested: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The response format the model would send right now for ``requested``."""
+        resolve = getattr(self.model, "response_format_sent", None)
+        if requested is None or resolve is None:
+            return requested
+        sent: Mapping[str, Any] | None = resolve(requested)
+        return sent
+
+    def request_key(self, prompt: Prompt) -> str:
+        """The cache identity of asking ``prompt`` here now: prompt hash, this endpoint's
+        identity and the response format it would send (see `engine.Cache`)."""
+        return request_hash(
+            prompt.hash, self.cache_identity, self.format_sent(prompt.response_format)
+        )
 
     # -- the call ---------------------------------------------------------------------
     async def complete(

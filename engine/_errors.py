@@ -17,7 +17,8 @@
     ├── MetricError                      a metric raised or returned a bad score
     ├── CacheError                       the cache store is unreadable or corrupted
     │   └── CacheConflictError           a reused example id with changed inputs
-    └── BudgetExceededError              a call, token or money cap was reached
+    ├── BudgetExceededError              a call, token or money cap was reached
+    └── TooManyErrorsError               the best prompt's score rests on too many errors
 
 Adapters translate their SDK's errors into this tree with ``raise ... from exc`` so the
 retry policy decides on the engine's classes alone.  Every message is passed through
@@ -46,6 +47,7 @@ __all__ = [
     "ProviderError",
     "QuotaExceededError",
     "RateLimitedError",
+    "TooManyErrorsError",
     "TransientError",
 ]
 
@@ -194,3 +196,15 @@ class CacheConflictError(CacheError):
 
 class BudgetExceededError(EngineError):
     """A budget cap (calls, tokens or money) was reached."""
+
+
+class TooManyErrorsError(EngineError):
+    """More examples errored than ``max_error_rate`` allows where a decision depends on
+    it: optimizing on such a score would be optimizing on noise.
+
+    ``report`` holds the run's report up to the stop (a `RunReport`).
+    """
+
+    def __init__(self, message: str, *, report: object = None) -> None:
+        self.report = report
+        super().__init__(message)

@@ -24,8 +24,11 @@ class ProposalRecord:
     prompt: dict[str, Any] | None
     accepted: bool = False
     reason: str = ""
-    batch_score: float | None = None
-    full_score: float | None = None
+    batch_score: float | None = None  # conservative: errored examples count as failures
+    full_score: float | None = None  # conservative, exact; None when racing cut it
+    full_mean: float | None = None  # mean over scored examples, for the report
+    batch_errors: int = 0
+    full_errors: int = 0
     raced: dict[str, Any] | None = None  # {"completed", "total", "upper_bound"} when cut
     raw: str | None = None  # the stage's raw output, kept for invalid proposals
 
@@ -39,6 +42,7 @@ class StepRecord:
     batch_score: float
     best_score: float
     val_score: float | None = None
+    batch_errors: int = 0
     perfect: bool = False
     proposals: list[ProposalRecord] = field(default_factory=list)
     gradients: list[str] = field(default_factory=list)  # accepted feedback, if any
@@ -55,6 +59,9 @@ class RunReport:
     best_score: float
     initial_val_score: float | None = None
     val_score: float | None = None
+    initial_mean: float | None = None  # the initial prompt's mean over scored examples
+    initial_errors: int = 0
+    errors: int = 0  # errored examples over every evaluation of the run
     task_description: str = ""
     metric_description: str = ""
     generated_descriptions: list[str] = field(default_factory=list)
@@ -69,6 +76,7 @@ class RunReport:
     raced_evaluations: int = 0
     wall_time: float = 0.0
     stopped_reason: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def proposals(self) -> list[ProposalRecord]:

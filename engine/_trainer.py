@@ -11,8 +11,14 @@ The loop follows DESIGN.md section 2 step by step:
    beats the best score;
 4. record each step (train, and val when given) and stop at the maximum score.
 
+Every decision compares like with like: the *conservative* score, an errored example
+counted as a failure, so a candidate cannot win by erroring.  The best prompt's
+training score may rest on at most ``max_error_rate`` errored examples; past that the
+run stops with `TooManyErrorsError` rather than optimize on noise.
+
 With ``parallel_proposals=1`` this is exactly the sequential method; with ``k > 1``,
 each attempt makes ``k`` proposals at once and keeps the best one that is accepted.
+How proposals are made and judged lives in `engine._proposals`.
 """
 
 from __future__ import annotations
@@ -32,15 +38,19 @@ from ._budget import Budget, BudgetMeter
 from ._cache import Cache
 from ._concurrency import run_all
 from ._endpoint import Endpoint
-from ._errors import BudgetExceededError, ConfigError, ProviderError
-from ._evaluate import Evaluation, Outcome, check_metric, evaluate, validate_examples
+from ._errors import BudgetExceededError, ConfigError, ProviderError, TooManyErrorsError
+from ._evaluate import evaluate, is_mean, validate_examples
 from ._events import Emitter, EventCallback
 from ._limits import Limits
+from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
+from ._proposals import Proposer, best_accepted
 from ._protocols import ChatModel, Metric
-from ._report import ProposalRecord, RunReport, StepRecord
-from ._stages import (
-    ApplyContext,
+from ._report import RunReport, StepRecord
+from ._scoring import check_metric
+from ._settings import TrainerSettings
+from ._types import Example
+from .stages import (
     ApplyStage,
     GradientContext,
     GradientStage,
@@ -48,26 +58,47 @@ from ._stages import (
     LLMApply,
     LLMGradient,
     OptimizerCaller,
-    ProposalError,
     describe_metric_messages,
     describe_task_messages,
-    validate_proposal,
 )
-from ._types import Example
 
-__all__ = ["OptimizationResult", "optimize"]
+__all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 
 MAX_SCORE = 1.0
+DEFAULTS = TrainerSettings()
 
 
 @dataclass(frozen=True, slots=True)
 class OptimizationResult:
-    """The best prompt, its full training score, its validation score, the report."""
+    """The best prompt, its training score, its validation score, the report.
+
+    ``score`` is the conservative training score (errored examples count as failures),
+    the one every decision used; the report also shows the mean over scored examples.
+    """
 
     prompt: Prompt
     score: float
     val_score: float | None
     report: RunReport
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Parts:
+    """What one run works with besides its settings: data, metric, endpoints, stages."""
+
+    trainset: list[Example]
+    valset: list[Example] | None
+    metric: Metric
+    global_metric: GlobalMetric | None
+    task: Endpoint
+    optimizer: OptimizerCaller
+    cache: Cache | None
+    meter: BudgetMeter
+    gradient: GradientStage
+    apply: ApplyStage
+    events: Emitter
+    metric_timeout: float | None
+    metric_threads: int
 
 
 def _metric_source(metric: Metric) -> str:
@@ -79,118 +110,74 @@ def _metric_source(metric: Metric) -> str:
 
 
 class _Trainer:
-    def __init__(
-        self,
-        *,
-        prompt: Prompt,
-        trainset: list[Example],
-        valset: list[Example] | None,
-        metric: Metric,
-        task: Endpoint,
-        optimizer: Endpoint,
-        optimizer_model_name: str,
-        batch_size: int,
-        max_proposals_per_step: int,
-        history_size: int,
-        seed: int,
-        task_description: str | None,
-        metric_description: str | None,
-        cache: Cache | None,
-        racing: bool,
-        parallel_proposals: int,
-        meter: BudgetMeter,
-        gradient: GradientStage,
-        apply: ApplyStage,
-        events: Emitter,
-        occurrences: dict[str, int],
-    ) -> None:
+    def __init__(self, prompt: Prompt, settings: TrainerSettings, parts: _Parts) -> None:
         self.initial = prompt
-        self.occurrences = occurrences  # numbers identical optimizer requests in this run
-        self.trainset = trainset
-        self.valset = valset
-        self.metric = metric
-        self.task = task
-        self.optimizer = optimizer
-        self.optimizer_model_name = optimizer_model_name
-        self.batch_size = batch_size
-        self.max_proposals = max_proposals_per_step
-        self.history_size = history_size
-        self.seed = seed
-        self.rng = random.Random(seed)  # owned by this run; never the global RNG
-        self.task_description = task_description
-        self.metric_description = metric_description
-        self.cache = cache
-        self.racing = racing
-        self.parallel = parallel_proposals
-        self.meter = meter
-        self.gradient = gradient
-        self.apply = apply
-        self.events = events
+        self.settings = settings
+        self.parts = parts
+        self.racing = settings.racing and is_mean(parts.global_metric)
+        self.rng = random.Random(settings.seed)  # owned by this run; never the global RNG
         self.report = RunReport(
             initial_prompt=prompt.to_dict(),
             best_prompt=prompt.to_dict(),
             initial_score=math.nan,
             best_score=math.nan,
             settings={
-                "batch_size": batch_size,
-                "max_proposals_per_step": max_proposals_per_step,
-                "history_size": history_size,
-                "seed": seed,
-                "racing": racing,
-                "cache": cache is not None,
-                "parallel_proposals": parallel_proposals,
-                "train_size": len(trainset),
-                "val_size": len(valset) if valset is not None else None,
+                **settings.to_dict(),
+                "cache": parts.cache is not None,
+                "train_size": len(parts.trainset),
+                "val_size": len(parts.valset) if parts.valset is not None else None,
+                "global_metric": _name(parts.global_metric),
             },
         )
+        if settings.racing and not self.racing:
+            self.report.notes.append(
+                f"racing off: the global metric {_name(parts.global_metric)} has no known "
+                "bound, so every candidate is validated on the whole training set"
+            )
         self.best = prompt
         self.best_score = math.nan
+        self.task_description = settings.task_description
+        self.metric_description = settings.metric_description
 
-    # -- helpers ----------------------------------------------------------------------
-    async def _evaluate(
+    async def evaluate(
         self, prompt: Prompt, data: Sequence[Example], *, must_beat: float | None = None
     ) -> Evaluation:
+        p = self.parts
         result = await evaluate(
             prompt,
             data,
-            model=self.task,
-            metric=self.metric,
-            cache=self.cache,
+            model=p.task,
+            metric=p.metric,
+            cache=p.cache,
             must_beat=must_beat,
-            events=self.events,
-            meter=self.meter,
+            global_metric=p.global_metric,
+            events=p.events,
+            meter=p.meter,
+            metric_timeout=p.metric_timeout,
+            metric_threads=p.metric_threads,
             validate=False,  # optimize() validated the data and the metric once
         )
         self.report.cache_hits += result.cache_hits
+        self.report.errors += result.errors
         return result
 
-    async def _describe(self) -> None:
-        if self.task_description is None:
-            sample_rng = random.Random(f"{self.seed}:describe")  # independent of the shuffle
-            sample = sample_rng.sample(self.trainset, min(3, len(self.trainset)))
-            messages = describe_task_messages(self.initial, sample)
-            self.task_description = await self._optimizer_text(messages)
-            self.report.generated_descriptions.append("task")
-        if self.metric_description is None:
-            messages = describe_metric_messages(_metric_source(self.metric))
-            self.metric_description = await self._optimizer_text(messages)
-            self.report.generated_descriptions.append("metric")
-        self.report.task_description = self.task_description
-        self.report.metric_description = self.metric_description
-
-    async def _optimizer_text(self, messages: list[dict[str, str]]) -> str:
-        caller = OptimizerCaller(
-            self.optimizer,
-            model=self.optimizer_model_name,
-            meter=self.meter,
-            events=self.events,
-            cache=self.cache,
-            occurrences=self.occurrences,
+    def check_error_rate(self, evaluation: Evaluation, what: str) -> None:
+        """Stop the run when the best prompt's training score rests on too many errors."""
+        limit = self.settings.max_error_rate
+        if evaluation.error_rate <= limit:
+            return
+        first = next((o.error for o in evaluation.outcomes if o.error is not None), None)
+        cause = f"; first: {first.type}: {first.message}" if first is not None else ""
+        reason = (
+            f"{evaluation.errors} of {evaluation.completed} examples "
+            f"({evaluation.error_rate:.0%}) failed after retries scoring {what}, more than "
+            f"max_error_rate={limit:g}{cause}"
         )
-        params = {"model": caller.model, "temperature": caller.temperature}
-        return (await caller.ask(messages, params)).strip()
+        self.report.stopped_reason = f"error rate: {reason}"
+        self.finish_report()
+        raise TooManyErrorsError(reason, report=self.report)
 
-    # -- the loop ---------------------------------------------------------------------
+    # -- the run ----------------------------------------------------------------------
     async def run(self) -> OptimizationResult:
         started = anyio.current_time()
         try:
@@ -198,68 +185,104 @@ class _Trainer:
             if not self.report.stopped_reason:
                 self.report.stopped_reason = "all batches done"
         except BudgetExceededError as exc:
+            if math.isnan(self.best_score):
+                raise  # no score at all: nothing to return
             self.report.stopped_reason = f"budget: {exc.message}"
-            self.events.emit("optimize.budget_exceeded", level="warning", reason=exc.message)
+            self.parts.events.emit("optimize.budget_exceeded", level="warning", reason=exc.message)
         self.report.wall_time = anyio.current_time() - started
-        self.report.best_prompt = self.best.to_dict()
-        self.report.best_score = self.best_score
-        self.report.calls = dict(self.meter.calls)
-        self.report.tokens = {
-            m: [u.prompt_tokens, u.completion_tokens] for m, u in self.meter.usage.items()
-        }
-        self.report.cost = self.meter.cost
-        self.events.emit(
+        self.finish_report()
+        self.parts.events.emit(
             "optimize.finished",
             score=self.best_score,
             val_score=self.report.val_score,
             steps=len(self.report.steps),
-            calls=self.meter.total_calls,
+            calls=self.parts.meter.total_calls,
             reason=self.report.stopped_reason,
         )
         return OptimizationResult(self.best, self.best_score, self.report.val_score, self.report)
 
+    def finish_report(self) -> None:
+        meter = self.parts.meter
+        self.report.best_prompt = self.best.to_dict()
+        self.report.best_score = self.best_score
+        self.report.calls = dict(meter.calls)
+        self.report.tokens = {
+            m: [u.prompt_tokens, u.completion_tokens] for m, u in meter.usage.items()
+        }
+        self.report.cost = meter.cost
+
     async def _run(self) -> None:
         await self._describe()
-        full = await self._evaluate(self.best, self.trainset)
-        self.best_score = full.score
-        self.report.initial_score = self.report.best_score = full.score
-        if self.valset is not None:
-            val = await self._evaluate(self.best, self.valset)
-            self.report.initial_val_score = self.report.val_score = val.score
-        self.events.emit("optimize.started", score=full.score, train=len(self.trainset))
-        if self.best_score >= MAX_SCORE:
-            self.report.stopped_reason = "initial prompt already at the maximum score"
+        if await self._start():
             return
-
-        order = list(self.trainset)  # a copy: the caller's list is never shuffled
+        order = list(self.parts.trainset)  # a copy: the caller's list is never shuffled
         self.rng.shuffle(order)
-        history: deque[HistoryEntry] = deque(maxlen=self.history_size)
-        for step, start in enumerate(range(0, len(order), self.batch_size)):
-            batch = order[start : start + self.batch_size]
+        history: deque[HistoryEntry] = deque(maxlen=self.settings.history_size)
+        for step, start in enumerate(range(0, len(order), self.settings.batch_size)):
+            batch = order[start : start + self.settings.batch_size]
             record = await self._step(step, batch, history)
-            if self.valset is not None:
-                val = await self._evaluate(self.best, self.valset)
-                record.val_score = self.report.val_score = val.score
-            record.best_score = self.best_score
-            self.report.steps.append(record)
-            self.report.best_score = self.best_score
-            self.events.emit(
-                "optimize.step",
-                step=step,
-                best_score=self.best_score,
-                val_score=record.val_score,
-                proposals=len(record.proposals),
-                perfect=record.perfect,
-            )
+            await self._close_step(record)
             if self.best_score >= MAX_SCORE:
                 self.report.stopped_reason = "maximum score reached"
                 return
 
+    async def _start(self) -> bool:
+        """Score the initial prompt (train, val); True when there is nothing to do."""
+        full = await self.evaluate(self.best, self.parts.trainset)
+        self.check_error_rate(full, "the initial prompt on the training set")
+        self.best_score = full.conservative_score
+        report = self.report
+        report.initial_score = report.best_score = full.conservative_score
+        report.initial_mean, report.initial_errors = full.score, full.errors
+        if self.parts.valset is not None:
+            val = await self.evaluate(self.best, self.parts.valset)
+            report.initial_val_score = report.val_score = val.conservative_score
+        self.parts.events.emit("optimize.started", score=self.best_score, train=full.total)
+        if self.best_score >= MAX_SCORE:
+            report.stopped_reason = "initial prompt already at the maximum score"
+            return True
+        return False
+
+    async def _close_step(self, record: StepRecord) -> None:
+        if self.parts.valset is not None:
+            val = await self.evaluate(self.best, self.parts.valset)
+            record.val_score = self.report.val_score = val.conservative_score
+        record.best_score = self.best_score
+        self.report.steps.append(record)
+        self.report.best_score = self.best_score
+        self.parts.events.emit(
+            "optimize.step",
+            step=record.step,
+            best_score=self.best_score,
+            val_score=record.val_score,
+            proposals=len(record.proposals),
+            perfect=record.perfect,
+        )
+
+    async def _describe(self) -> None:
+        p = self.parts
+        if self.task_description is None:
+            sample_rng = random.Random(f"{self.settings.seed}:describe")  # apart from the shuffle
+            sample = sample_rng.sample(p.trainset, min(3, len(p.trainset)))
+            messages = describe_task_messages(self.initial, sample)
+            self.task_description = await p.optimizer.ask_text(messages)
+            self.report.generated_descriptions.append("task")
+        if self.metric_description is None:
+            messages = describe_metric_messages(_metric_source(p.metric))
+            self.metric_description = await p.optimizer.ask_text(messages)
+            self.report.generated_descriptions.append("metric")
+        self.report.task_description = self.task_description
+        self.report.metric_description = self.metric_description
+
+    # -- one batch --------------------------------------------------------------------
     async def _step(
         self, step: int, batch: list[Example], history: deque[HistoryEntry]
     ) -> StepRecord:
-        current = await self._evaluate(self.best, batch)
-        record = StepRecord(step, [e.id for e in batch], current.score, self.best_score)
+        current = await self.evaluate(self.best, batch)
+        record = StepRecord(
+            step, [e.id for e in batch], current.conservative_score, self.best_score
+        )
+        record.batch_errors = current.errors
         failed = [
             (example, outcome)
             for example, outcome in zip(batch, current.outcomes, strict=True)
@@ -269,34 +292,24 @@ class _Trainer:
             # nothing to learn from; "perfect" only if no example errored either
             record.perfect = current.errors == 0
             return record
-
         feedback_history: dict[str, list[str]] = {}  # per example, reset every batch
-        for attempt in range(self.max_proposals):
+        proposer = Proposer(self, batch, current.conservative_score, history)
+        for attempt in range(self.settings.max_proposals_per_step):
             gradients = await self._gradients(failed, feedback_history, record)
             if not gradients:
                 break
             for example_id, text in gradients:
                 feedback_history.setdefault(example_id, []).append(text)
             feedback = tuple(text for _, text in gradients)
-            proposals = await self._proposals(
-                step, attempt, batch, current.score, feedback, history
-            )
+            proposals = await proposer.attempt(step, attempt, feedback)
             record.proposals.extend(proposals)
-            winner = max(
-                (p for p in proposals if p.accepted),
-                key=lambda p: (p.full_score or 0.0, -p.variant),
-                default=None,
-            )
+            winner = best_accepted(proposals)
             if winner is not None:
-                assert winner.prompt is not None
+                assert winner.prompt is not None and winner.full_score is not None
                 self.best = Prompt.from_dict(winner.prompt)
-                self.best_score = winner.full_score if winner.full_score is not None else math.nan
+                self.best_score = winner.full_score
                 record.gradients = list(feedback)
-                for p in proposals:
-                    if p.accepted and p is not winner:
-                        p.accepted = False
-                        p.reason = "beaten by a parallel proposal"
-                self.events.emit(
+                self.parts.events.emit(
                     "optimize.accepted", step=step, attempt=attempt, score=self.best_score
                 )
                 break
@@ -309,125 +322,40 @@ class _Trainer:
         record: StepRecord,
     ) -> list[tuple[str, str]]:
         assert self.task_description is not None and self.metric_description is not None
-        task_description, metric_description = self.task_description, self.metric_description
-
-        def thunk(example: Example, outcome: Outcome) -> Any:
-            async def call() -> str:
-                assert outcome.result is not None and outcome.prediction is not None
-                ctx = GradientContext(
-                    task_description=task_description,
-                    metric_description=metric_description,
-                    prompt=self.best,
-                    example=example,
-                    prediction=outcome.prediction,
-                    result=outcome.result,
-                    earlier_feedback=tuple(feedback_history.get(example.id, ())),
-                )
-                try:
-                    return await self.gradient(ctx)
-                except ProviderError as exc:
-                    if exc.fatal:
-                        raise
-                    record.gradient_errors.append(f"{example.id}: {exc.message}")
-                    return ""
-
-            return call
-
-        texts = await run_all([thunk(e, o) for e, o in failed])
-        return [
-            (e.id, t.strip()) for (e, _), t in zip(failed, texts, strict=True) if t and t.strip()
+        contexts = [
+            GradientContext(
+                task_description=self.task_description,
+                metric_description=self.metric_description,
+                prompt=self.best,
+                example=example,
+                prediction=outcome.prediction or "",
+                result=outcome.result,  # type: ignore[arg-type]  # failed: scored ones only
+                earlier_feedback=tuple(feedback_history.get(example.id, ())),
+            )
+            for example, outcome in failed
         ]
 
-    async def _proposals(
-        self,
-        step: int,
-        attempt: int,
-        batch: list[Example],
-        batch_score: float,
-        feedback: tuple[str, ...],
-        history: deque[HistoryEntry],
-    ) -> list[ProposalRecord]:
-        assert self.task_description is not None
-        task_description = self.task_description
-        snapshot = tuple(history)
-        records = [ProposalRecord(step, attempt, variant, None) for variant in range(self.parallel)]
-
-        async def one(variant: int) -> Prompt | None:
-            ctx = ApplyContext(task_description, self.best, feedback, snapshot, variant)
-            rec = records[variant]
+        async def feedback_on(ctx: GradientContext) -> str:
             try:
-                proposal = await self.apply(ctx)
-                if not isinstance(proposal, Prompt):
-                    raise ProposalError(
-                        f"the apply stage returned a {type(proposal).__name__}, not a Prompt",
-                        raw=repr(proposal)[:2000],
-                    )
-                rec.prompt = proposal.to_dict()
-                validate_proposal(proposal, self.best)
-            except ProposalError as exc:
-                rec.reason = f"invalid: {exc.message}"
-                rec.raw = exc.raw
-                return None
+                return await self.parts.gradient(ctx)
             except ProviderError as exc:
                 if exc.fatal:
                     raise
-                rec.reason = f"invalid: apply call failed: {exc.message}"
-                return None
-            return proposal
+                record.gradient_errors.append(f"{ctx.example.id}: {exc.message}")
+                return ""
 
-        candidates = await run_all([lambda v=v: one(v) for v in range(self.parallel)])  # type: ignore[misc]
+        texts = await run_all([lambda ctx=ctx: feedback_on(ctx) for ctx in contexts])  # type: ignore[misc]
+        return [
+            (ctx.example.id, text.strip())
+            for ctx, text in zip(contexts, texts, strict=True)
+            if text and text.strip()
+        ]
 
-        async def validate(variant: int, candidate: Prompt) -> None:
-            rec = records[variant]
-            on_batch = await self._evaluate(candidate, batch)
-            rec.batch_score = on_batch.score
-            if not on_batch.score > batch_score:
-                rec.reason = "no batch improvement"
-                return
-            must_beat = self.best_score if self.racing and not math.isnan(self.best_score) else None
-            full = await self._evaluate(candidate, self.trainset, must_beat=must_beat)
-            self.report.full_evaluations += 1
-            if full.stopped_early:
-                self.report.raced_evaluations += 1
-                self.report.examples_skipped_by_racing += full.total - full.completed
-                rec.full_score = full.upper_bound
-                rec.raced = {
-                    "completed": full.completed,
-                    "total": full.total,
-                    "upper_bound": full.upper_bound,
-                }
-                rec.reason = (
-                    f"no full-set improvement: cut by racing after {full.completed}/{full.total} "
-                    f"(could reach at most {full.upper_bound:.4f} <= {self.best_score:.4f})"
-                )
-                return
-            rec.full_score = full.score
-            if full.score > self.best_score:
-                rec.accepted = True
-                rec.reason = "accepted"
-            else:
-                rec.reason = f"no full-set improvement: {full.score:.4f} <= {self.best_score:.4f}"
 
-        await run_all(
-            [
-                (lambda v=v, c=c: validate(v, c))  # type: ignore[misc]
-                for v, c in enumerate(candidates)
-                if c is not None
-            ]
-        )
-        # History in variant order, so k = 1 and k > 1 read it the same way.
-        for rec in records:
-            if rec.prompt is None or rec.reason.startswith("invalid"):
-                continue
-            if rec.reason == "no batch improvement":
-                history.append(
-                    HistoryEntry(Prompt.from_dict(rec.prompt), 0.0, "no batch improvement")
-                )
-            else:
-                note = "upper bound, cut by racing" if rec.raced else ""
-                score = rec.full_score if rec.full_score is not None else 0.0
-                history.append(HistoryEntry(Prompt.from_dict(rec.prompt), score, note))
-        return records
+def _name(global_metric: GlobalMetric | None) -> str:
+    if global_metric is None or is_mean(global_metric):
+        return "mean"
+    return str(getattr(global_metric, "__qualname__", type(global_metric).__qualname__))
 
 
 async def optimize(
@@ -439,15 +367,19 @@ async def optimize(
     model: ChatModel | Endpoint,
     optimizer_model: ChatModel | Endpoint,
     optimizer_model_name: str | None = None,
-    batch_size: int = 4,
-    max_proposals_per_step: int = 5,
-    history_size: int = 4,
-    seed: int = 42,
+    batch_size: int = DEFAULTS.batch_size,
+    max_proposals_per_step: int = DEFAULTS.max_proposals_per_step,
+    history_size: int = DEFAULTS.history_size,
+    seed: int = DEFAULTS.seed,
     task_description: str | None = None,
     metric_description: str | None = None,
     cache: Cache | Literal[False] | None = None,
-    racing: bool = True,
-    parallel_proposals: int = 1,
+    racing: bool = DEFAULTS.racing,
+    parallel_proposals: int = DEFAULTS.parallel_proposals,
+    max_error_rate: float = DEFAULTS.max_error_rate,
+    global_metric: GlobalMetric | None = None,
+    metric_timeout: float | None = 60.0,
+    metric_threads: int = 16,
     budget: Budget | None = None,
     on_event: EventCallback | None = None,
     gradient: GradientStage | None = None,
@@ -470,77 +402,79 @@ async def optimize(
         batch_size, max_proposals_per_step, history_size, seed: the method's settings.
         task_description, metric_description: generated by LLM calls when not given.
         cache: a `Cache` (default: a fresh in-memory one); ``False`` turns caching off.
-        racing: exact early stopping of full-set validation (same decisions, fewer calls).
+        racing: exact early stopping of full-set validation (same decisions, fewer
+            calls); only with the mean as global metric (the report says when it is off).
         parallel_proposals: proposals per attempt made and validated concurrently;
             1 reproduces the sequential method exactly.
+        max_error_rate: the share of errored examples (after retries) the best prompt's
+            training score may rest on; past it the run stops with `TooManyErrorsError`.
+        global_metric: aggregate of per-example results (mean by default; F1 or a
+            weighted mean over ``MetricResult.trace`` are common).
+        metric_timeout, metric_threads: as for `evaluate`.
         budget: caps on calls, tokens and money; reaching one stops the run cleanly
-            with the best prompt so far and ``report.stopped_reason``.
+            with the best prompt so far and ``report.stopped_reason`` (before the
+            initial prompt has a score, it raises `BudgetExceededError`).
         on_event: progress callback (events are also logged through structlog).
         gradient, apply: replacement stages (plain async callables); ``None`` means
             the default LLM stage.
         limits, optimizer_limits: limits for bare chat models.
     """
-    train = list(trainset)
-    validate_examples(prompt, train)
-    val = list(valset) if valset is not None else None
-    if val is not None:
-        validate_examples(prompt, val)
-    for name, value in (
-        ("batch_size", batch_size),
-        ("max_proposals_per_step", max_proposals_per_step),
-        ("history_size", history_size),
-        ("parallel_proposals", parallel_proposals),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    if model is optimizer_model:
-        task_endpoint = opt_endpoint = Endpoint.of(model, limits=limits)
-    else:
-        task_endpoint = Endpoint.of(model, limits=limits)
-        opt_endpoint = Endpoint.of(optimizer_model, limits=optimizer_limits)
+    settings = TrainerSettings(
+        batch_size=batch_size,
+        max_proposals_per_step=max_proposals_per_step,
+        history_size=history_size,
+        seed=seed,
+        racing=racing,
+        parallel_proposals=parallel_proposals,
+        max_error_rate=max_error_rate,
+        task_description=task_description,
+        metric_description=metric_description,
+    )
+    train, val = _checked_data(prompt, trainset, valset)
+    task = Endpoint.of(model, limits=limits)
+    opt = (
+        task if optimizer_model is model else Endpoint.of(optimizer_model, limits=optimizer_limits)
+    )
     opt_name = optimizer_model_name or prompt.model
     meter = BudgetMeter(budget, models=[prompt.model, opt_name])
     await check_metric(metric, train[0])  # a broken metric fails before the first paid call
     run_cache = None if cache is False else (cache if cache is not None else Cache())
     events = Emitter(on_event).bind(run=uuid.uuid4().hex[:8])
-    occurrences: dict[str, int] = {}
-    trainer = _Trainer(
-        prompt=prompt,
+    caller = OptimizerCaller(
+        opt, model=opt_name, meter=meter, events=events, cache=run_cache, request_counts={}
+    )
+    parts = _Parts(
         trainset=train,
         valset=val,
         metric=metric,
-        task=task_endpoint,
-        optimizer=opt_endpoint,
-        optimizer_model_name=opt_name,
-        batch_size=batch_size,
-        max_proposals_per_step=max_proposals_per_step,
-        history_size=history_size,
-        seed=seed,
-        task_description=task_description,
-        metric_description=metric_description,
+        global_metric=global_metric,
+        task=task,
+        optimizer=caller,
         cache=run_cache,
-        racing=racing,
-        parallel_proposals=parallel_proposals,
         meter=meter,
-        gradient=gradient
-        or LLMGradient(
-            opt_endpoint,
-            model=opt_name,
-            meter=meter,
-            events=events,
-            cache=run_cache,
-            occurrences=occurrences,
-        ),
-        apply=apply
-        or LLMApply(
-            opt_endpoint,
-            model=opt_name,
-            meter=meter,
-            events=events,
-            cache=run_cache,
-            occurrences=occurrences,
-        ),
+        gradient=gradient or LLMGradient.sharing(caller),
+        apply=apply or LLMApply.sharing(caller),
         events=events,
-        occurrences=occurrences,
+        metric_timeout=metric_timeout,
+        metric_threads=metric_threads,
     )
-    return await trainer.run()
+    return await _Trainer(prompt, settings, parts).run()
+
+
+def _checked_data(
+    prompt: Prompt, trainset: Iterable[Example], valset: Iterable[Example] | None
+) -> tuple[list[Example], list[Example] | None]:
+    train = list(trainset)
+    validate_examples(prompt, train)
+    val = list(valset) if valset is not None else None
+    if val is not None:
+        validate_examples(prompt, val)
+        by_id = {e.id: e for e in train}
+        for example in val:
+            other = by_id.get(example.id)
+            if other is not None and other.inputs_hash != example.inputs_hash:
+                raise ConfigError(
+                    f"example id {example.id!r} is in the training and the validation set "
+                    "with different inputs; give one of them another id"
+                )
+    return train, val

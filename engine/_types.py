@@ -29,12 +29,23 @@ def inputs_hash(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(inputs)).encode()).hexdigest()
 
 
+def _content_hash(example: Example) -> str | None:
+    """SHA-256 of everything a metric may read of an example (inputs, expected,
+    metadata), or ``None`` when some of it is not a JSON value."""
+    content = [example.inputs_hash, example.expected, dict(example.metadata)]
+    try:
+        return hashlib.sha256(canonical_json(content).encode()).hexdigest()
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Example:
     """One dataset row: the prompt's ``inputs``, the ``expected`` answer, a stable ``id``.
 
     When ``id`` is not given it is a content hash of the inputs, so the same inputs
-    always map to the same cache entries.
+    always map to the same cache entries.  ``content_hash`` covers inputs, expected and
+    metadata: metric results are cached by it, so fixing a label is never a stale hit.
     """
 
     inputs: Mapping[str, Any]
@@ -42,6 +53,7 @@ class Example:
     id: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
     inputs_hash: str = field(default="", compare=False, repr=False)
+    content_hash: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, Mapping):
@@ -56,6 +68,7 @@ class Example:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
         object.__setattr__(self, "inputs_hash", digest)
+        object.__setattr__(self, "content_hash", _content_hash(self))
         if self.id is None or self.id == "":
             object.__setattr__(self, "id", digest[:24])
         elif not isinstance(self.id, str):
@@ -98,13 +111,18 @@ class RateLimitSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """A model's answer to one chat call."""
+    """A model's answer to one chat call.
+
+    ``sent_response_format`` is the response format the adapter really sent, when it
+    differs from the one requested (a fallback from ``json_schema``); cache keys use it.
+    """
 
     text: str
     usage: Usage = field(default_factory=Usage)
     model: str | None = None
     finish_reason: str | None = None
     rate_limits: RateLimitSnapshot | None = None
+    sent_response_format: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,7 +267,7 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
                 # Bulk first: the Batch API fills the cache at half price; whatever it
                 # could not answer is paid below through the normal, limited path.
                 bulk = await _open(stack, run.batch)
-                filled = await bulk.prefill(prompt, data, cache=cache)
+                filled = await bulk.prefill(prompt, data, cache=cache, model=task)
                 sys.stderr.write(
                     f"batch: {filled.filled} of {filled.submitted} filled "
                     f"({filled.failed} failed, {filled.expired} expired, "

@@ -2,12 +2,15 @@
 
 A per-example metric is any callable ``(example, prediction) -> MetricResult | float``,
 sync or async.  The ones here give feedback text on failures, which the gradient stage
-reads.  Give a metric a ``cache_key`` attribute to pin its cache identity.
+reads.  Give a metric a ``cache_key`` attribute to pin its cache identity, and
+``inline = True`` when it is cheap enough to run on the event loop (the string metrics
+here are; anything slower belongs in a worker thread, the default for sync metrics).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +33,8 @@ def _norm(text: str, *, case_sensitive: bool) -> str:
 class ExactMatch:
     """1.0 when the prediction equals ``example.expected`` (whitespace-normalized)."""
 
+    inline = True  # microseconds: a thread hop would cost more
+
     def __init__(self, *, case_sensitive: bool = False, strip_chars: str = "") -> None:
         self.case_sensitive = case_sensitive
         self.strip_chars = strip_chars
@@ -46,6 +51,8 @@ class ExactMatch:
 
 class Contains:
     """1.0 when the expected text appears in the prediction."""
+
+    inline = True  # microseconds: a thread hop would cost more
 
     def __init__(self, *, case_sensitive: bool = False) -> None:
         self.case_sensitive = case_sensitive
@@ -66,6 +73,8 @@ class Numeric:
 
     A prediction with several numbers, or none, scores 0 with feedback saying so.
     """
+
+    inline = True  # microseconds: a thread hop would cost more
 
     def __init__(self, *, tolerance: float = 1e-6, relative: bool = False) -> None:
         self.tolerance = tolerance
@@ -89,6 +98,8 @@ class Numeric:
 
 class JSONFields:
     """Fraction of the expected JSON object's fields that the prediction matches."""
+
+    inline = True  # microseconds: a thread hop would cost more
 
     def __init__(self, *, fields: Sequence[str] | None = None) -> None:
         self.fields = tuple(fields) if fields is not None else None
@@ -136,7 +147,9 @@ class LLMJudge:
         self.model_name = model_name
         self.rubric = rubric
         self.temperature = temperature
-        self.cache_key = f"LLMJudge({model_name},{temperature},{rubric})"
+        self.cache_key = (
+            f"LLMJudge({self.endpoint.cache_identity},{model_name},{temperature},{rubric})"
+        )
 
     async def __call__(self, example: Example, prediction: str) -> MetricResult:
         messages = [
@@ -163,5 +176,5 @@ class LLMJudge:
 
 
 def mean(results: Sequence[MetricResult]) -> float:
-    """The default global metric."""
-    return sum(r.score for r in results) / len(results) if results else 0.0
+    """The default global metric; NaN for no results (no score, never a silent 0)."""
+    return sum(r.score for r in results) / len(results) if results else math.nan

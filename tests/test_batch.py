@@ -25,8 +25,8 @@ async def _run(config: ServerConfig, tmp_path: Path, n: int = 50, **batch_option
             OpenAIBatch(base_url=server.base_url, poll_interval=0.05, **batch_options) as batch,
             Cache.sqlite(str(tmp_path / "c.sqlite")) as cache,
         ):  # type: ignore[arg-type]
-            report = await batch.prefill(qa_prompt(), data, cache=cache)
             async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=8)) as chat:
+                report = await batch.prefill(qa_prompt(), data, cache=cache, model=chat)
                 result = await evaluate(
                     qa_prompt(), data, model=chat, metric=ExactMatch(), cache=cache
                 )

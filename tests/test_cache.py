@@ -168,16 +168,26 @@ async def test_corrupted_entry_is_an_error_not_a_miss(tmp_path: Path) -> None:
             )
 
 
-async def test_metric_results_are_cached_by_metric_identity() -> None:
-    cache, calls = Cache(), []
+class _Counting:
+    """A metric that counts its calls; its counter is not state that changes scores,
+    so it pins its identity with ``cache_key`` (else the changing list would be part of
+    it and every evaluation a miss)."""
 
-    def counting(ex: Example, pred: str) -> float:
-        calls.append(ex.id)
+    cache_key = "counting"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, ex: Example, pred: str) -> float:
+        self.calls.append(ex.id)
         return 1.0
 
+
+async def test_metric_results_are_cached_by_metric_identity() -> None:
+    cache, counting = Cache(), _Counting()
     data = echo_examples(5)
     await evaluate(qa_prompt(), data, model=echo_model(), metric=counting, cache=cache)
     await evaluate(qa_prompt(), data, model=echo_model(), metric=counting, cache=cache)
-    assert len(calls) == 5 + 2  # one preflight check per evaluation; the cached run adds 0
+    assert len(counting.calls) == 5 + 2  # one preflight check per evaluation; the cached run adds 0
     other = await evaluate(qa_prompt(), data, model=echo_model(), metric=ExactMatch(), cache=cache)
     assert other.score == 1.0 and other.calls == 0

@@ -21,7 +21,7 @@ from engine import (
     RetryPolicy,
     evaluate,
 )
-from engine._stages import ApplyContext
+from engine.stages import ApplyContext
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, qa_prompt

@@ -18,6 +18,7 @@ from adapters import (
 )
 from engine import (
     ApplyContext,
+    LLMApply,
     Budget,
     ConfigError,
     Example,
@@ -118,7 +119,8 @@ async def test_weak_prompt_reaches_the_maximum_when_one_instruction_fixes_everyt
 
 
 async def test_batch_improvement_without_full_improvement_is_rejected_with_its_full_score() -> None:
-    """Batch winner but full loser: history gets its full score; a batch loser gets 0
+    """Batch winner but full loser: the report keeps its exact full score, the history
+    says "below the best" (racing would not know the exact score); a batch loser gets 0
     and costs no full-set call; the accepted maximum ends the run."""
     n = 16
     probe = TableTask(n, {})
@@ -129,9 +131,11 @@ async def test_batch_improvement_without_full_improvement_is_rejected_with_its_f
     result = await run_table(task, stages, racing=False)
     reasons = [p.reason.split(":")[0] for p in result.report.proposals]  # type: ignore[attr-defined]
     assert reasons == ["no full-set improvement", "no batch improvement", "accepted"]
+    assert result.report.proposals[0].full_score == 4 / 16  # type: ignore[attr-defined]
     histories = [[(h.prompt, h.score) for h in c.history] for c in stages.apply_calls]
-    assert histories[1] == [(level_prompt(1), 4 / 16)]
-    assert histories[2] == [(level_prompt(1), 4 / 16), (level_prompt(2), 0.0)]
+    assert histories[1] == [(level_prompt(1), 12 / 16)]  # below the best, 0.75
+    assert histories[2] == [(level_prompt(1), 12 / 16), (level_prompt(2), 0.0)]
+    assert "below the best (0.750)" in stages.apply_calls[1].history[0].heading()
     assert len(task.requests_for(2)) == 4  # the batch only: no full-set call
     assert len(task.requests_for(1)) == 16
     assert result.prompt == level_prompt(3) and result.score == 1.0  # type: ignore[attr-defined]
@@ -191,12 +195,14 @@ async def test_racing_changes_cost_not_decisions() -> None:
         runs[racing] = (
             result,
             task.model.calls,
-            [[h.prompt for h in c.history] for c in stages.apply_calls],
+            # the whole history and the text the default apply stage would be shown
+            [(c.history, LLMApply.messages(None, c)) for c in stages.apply_calls],  # type: ignore[arg-type]
         )
     (raced, raced_calls, raced_hist), (full, full_calls, full_hist) = runs[True], runs[False]
     assert raced.prompt == full.prompt and raced.score == full.score  # type: ignore[attr-defined]
     assert raced.report.decisions() == full.report.decisions()  # type: ignore[attr-defined]
     assert raced_hist == full_hist
+    assert any(hist for hist, _ in raced_hist)  # the histories compared are not empty
     assert raced_calls < full_calls
     assert raced.report.raced_evaluations >= 1 and raced.report.examples_skipped_by_racing > 0  # type: ignore[attr-defined]
 

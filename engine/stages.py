@@ -1,11 +1,15 @@
-"""The gradient and apply stages: plain async callables, replaceable by the caller.
+"""The stage toolkit: the gradient and apply stages, their contexts and helpers.
 
     gradient(GradientContext) -> str      feedback for one failed example
     apply(ApplyContext) -> Prompt         a new prompt from the joined feedback
 
-The defaults (`LLMGradient`, `LLMApply`) are LLM calls on the optimizer endpoint with
-prompts written here.  Whatever a stage returns, the trainer validates the proposal
-(`validate_proposal`); a stage that raises `ProposalError` records a failed attempt.
+Stages are plain async callables, replaceable by the caller
+(``optimize(..., gradient=..., apply=...)``).  The defaults (`LLMGradient`, `LLMApply`)
+are LLM calls on the optimizer endpoint with the prompts written here, made through an
+`OptimizerCaller` (limits, budget, events, and the run's replay cache).  Whatever a
+stage returns, the trainer validates the proposal (`validate_proposal`); a stage that
+raises `ProposalError` records a failed attempt.  `parse_proposal` reads an LLM's JSON
+answer into a `Prompt`, for stages of your own.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from ._budget import BudgetMeter
 from ._cache import Cache
@@ -23,7 +27,7 @@ from ._endpoint import Endpoint
 from ._errors import ConfigError, EngineError
 from ._events import Emitter
 from ._parsing import parse_json_object
-from ._prompt import Prompt, canonical_json, render_value
+from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
 from ._types import Example, MetricResult
 
 __all__ = [
@@ -64,11 +68,21 @@ class GradientContext:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """A recent proposal and its score (0 when it did not beat the batch)."""
+    """A recent proposal and what became of it.
+
+    ``score`` is the accepted proposal's training score, 0 for one that did not beat
+    the batch, and the best score it failed to beat for one rejected on the full set
+    (its exact score is unknown when racing cut it, so it is never shown).  ``note``
+    says which, in words.
+    """
 
     prompt: Prompt
     score: float
     note: str = ""
+
+    def heading(self) -> str:
+        """How the default apply prompt introduces this proposal."""
+        return f"Proposal: {self.note}" if self.note else f"Proposal scored {self.score:.3f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,12 +149,12 @@ async def optimizer_text(
     meter: BudgetMeter | None = None,
     events: Emitter | None = None,
     cache: Cache | None = None,
-    occurrences: dict[str, int] | None = None,
+    request_counts: dict[str, int] | None = None,
 ) -> str:
     """One optimizer call's answer text, through the cache when there is one.
 
-    ``occurrences`` (one dict per run) numbers identical requests within the run, so a
-    repeated request is a fresh sample, while a resumed run, asking the same requests
+    ``request_counts`` (one dict per run) numbers identical requests within the run, so
+    a repeated request is a fresh sample, while a resumed run, asking the same requests
     in the same order, replays them from the cache instead of paying again.
     """
 
@@ -150,11 +164,15 @@ async def optimizer_text(
 
     if cache is None:
         return await call()
-    request: dict[str, Any] = {"messages": messages, "params": dict(params)}
-    if occurrences is not None:
+    request: dict[str, Any] = {
+        "messages": messages,
+        "params": normalise_numbers(dict(params)),
+        "endpoint": endpoint.cache_identity,
+    }
+    if request_counts is not None:
         digest = hashlib.sha256(canonical_json(request).encode()).hexdigest()
-        occurrences[digest] = occurrences.get(digest, 0) + 1
-        request["occurrence"] = occurrences[digest]
+        request_counts[digest] = request_counts.get(digest, 0) + 1
+        request["occurrence"] = request_counts[digest]
     text, _ = await cache.call_text(request, call)
     return text
 
@@ -168,7 +186,7 @@ class OptimizerCaller:
         model: the model name sent with each call.
         temperature: sampling temperature of the calls.
         meter, events: the run's budget meter and event emitter.
-        cache, occurrences: replay of identical requests on a resumed run (see
+        cache, request_counts: replay of identical requests on a resumed run (see
             `optimizer_text`).
     """
 
@@ -181,7 +199,7 @@ class OptimizerCaller:
         meter: BudgetMeter | None = None,
         events: Emitter | None = None,
         cache: Cache | None = None,
-        occurrences: dict[str, int] | None = None,
+        request_counts: dict[str, int] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.model = model
@@ -189,9 +207,24 @@ class OptimizerCaller:
         self.meter = meter
         self.events = events
         self.cache = cache
-        self.occurrences = occurrences
+        self.request_counts = request_counts
+
+    @classmethod
+    def sharing(cls, caller: OptimizerCaller) -> Self:
+        """A stage that calls the optimizer exactly as ``caller`` does (same endpoint,
+        budget, events, replay cache and request numbering)."""
+        return cls(
+            caller.endpoint,
+            model=caller.model,
+            temperature=caller.temperature,
+            meter=caller.meter,
+            events=caller.events,
+            cache=caller.cache,
+            request_counts=caller.request_counts,
+        )
 
     async def ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
+        """The answer text to ``messages`` with ``params`` (model, temperature, ...)."""
         return await optimizer_text(
             self.endpoint,
             messages,
@@ -199,8 +232,13 @@ class OptimizerCaller:
             meter=self.meter,
             events=self.events,
             cache=self.cache,
-            occurrences=self.occurrences,
+            request_counts=self.request_counts,
         )
+
+    async def ask_text(self, messages: list[dict[str, str]]) -> str:
+        """The stripped answer to ``messages`` with this caller's model and temperature."""
+        params = {"model": self.model, "temperature": self.temperature}
+        return (await self.ask(messages, params)).strip()
 
 
 class LLMGradient(OptimizerCaller):
@@ -246,9 +284,7 @@ class LLMApply(OptimizerCaller):
         ]
         if ctx.history:
             shown = "\n\n".join(
-                f"### Proposal scored {h.score:.3f}{' (' + h.note + ')' if h.note else ''}\n"
-                f"{_messages_json(h.prompt)}"
-                for h in ctx.history
+                f"### {h.heading()}\n{_messages_json(h.prompt)}" for h in ctx.history
             )
             parts.append(f"## Recent proposals and their scores\n{shown}")
         if ctx.variant:
