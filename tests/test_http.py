@@ -21,8 +21,8 @@ from engine import (
     RetryPolicy,
     evaluate,
 )
-from engine.stages import ApplyContext
 from engine.metrics import ExactMatch
+from engine.stages import ApplyContext
 
 from .conftest import echo_examples, qa_prompt
 

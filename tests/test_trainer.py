@@ -18,11 +18,11 @@ from adapters import (
 )
 from engine import (
     ApplyContext,
-    LLMApply,
     Budget,
     ConfigError,
     Example,
     GradientContext,
+    LLMApply,
     Prompt,
     optimize,
 )
