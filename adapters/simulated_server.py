@@ -44,7 +44,7 @@ from starlette.types import Receive, Scope, Send
 
 from .simulated_batches import BatchService
 
-__all__ = ["ServerConfig", "ServerStats", "SimulatedServer", "echo_answer"]
+__all__ = ["ServerConfig", "ServerStats", "SimulatedServer", "echo_answer", "main"]
 
 Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
 

@@ -2,17 +2,19 @@
 
 Public API::
 
-    from engine import Prompt, Example, Limits, evaluate, Cache, metrics
+    from engine import Prompt, Example, Limits, evaluate, optimize, Cache
+    from engine.metrics import ExactMatch          # per-example and global metrics
+    from engine.stages import LLMApply             # the stage toolkit
+    from engine.testing import ScriptedModel       # test doubles
 
-Everything listed in ``__all__`` is supported; modules starting with ``_`` are not.
+Everything listed in ``__all__`` here and in the public submodules (``metrics``,
+``stages``, ``data``, ``testing``) is supported; modules starting with ``_`` are not.
 """
 
-from __future__ import annotations
-
-from . import metrics
-from ._budget import DEFAULT_PRICES, Budget, BudgetMeter, Price
-from ._cache import Cache, CachedPrediction, CacheStatistics, metric_identity
-from ._endpoint import CallResult, Endpoint, EndpointStatistics
+from . import data, metrics, stages, testing
+from ._budget import DEFAULT_PRICES, Budget, Price
+from ._cache import Cache, CachedPrediction, CacheStatistics
+from ._endpoint import Endpoint, EndpointStatistics
 from ._errors import (
     AuthenticationError,
     BadRequestError,
@@ -34,31 +36,21 @@ from ._errors import (
     TooManyErrorsError,
     TransientError,
 )
-from ._evaluate import Evaluation, GlobalMetric, Outcome, evaluate, validate_examples
-from ._events import Emitter, Event, EventCallback
-from ._limits import LimiterStatistics, Limits, RateLimiter
-from ._parsing import parse_json_object
+from ._evaluate import evaluate, validate_examples
+from ._events import Event, EventCallback
+from ._limits import Limits
+from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
-from ._redact import redact_event, redact_text
+from ._redact import redact_event, register_secret
 from ._report import ProposalRecord, RunReport, StepRecord
 from ._retry import RetryPolicy
+from ._settings import TrainerSettings
 from ._stores import MemoryStore, SQLiteStore
+from ._tokens import approx_tokens
 from ._trainer import OptimizationResult, optimize
 from ._types import Completion, Example, MetricResult, OutcomeError, RateLimitSnapshot, Usage
-from .stages import (
-    ApplyContext,
-    ApplyStage,
-    GradientContext,
-    GradientStage,
-    HistoryEntry,
-    LLMApply,
-    LLMGradient,
-    OptimizerCaller,
-    ProposalError,
-    parse_proposal,
-    validate_proposal,
-)
+from .stages import ApplyContext, ApplyStage, GradientContext, GradientStage, ProposalError
 
 __version__ = "0.1.0"
 
@@ -70,21 +62,18 @@ __all__ = [
     "BadRequestError",
     "Budget",
     "BudgetExceededError",
-    "BudgetMeter",
     "Cache",
     "CacheConflictError",
     "CacheError",
     "CacheStatistics",
     "CacheStore",
     "CachedPrediction",
-    "CallResult",
     "CallTimeoutError",
     "ChatModel",
     "Completion",
     "ConfigError",
     "ConnectionFailedError",
     "DataError",
-    "Emitter",
     "Endpoint",
     "EndpointStatistics",
     "EndpointUnreachableError",
@@ -96,10 +85,6 @@ __all__ = [
     "GlobalMetric",
     "GradientContext",
     "GradientStage",
-    "HistoryEntry",
-    "LLMApply",
-    "LLMGradient",
-    "LimiterStatistics",
     "Limits",
     "MemoryStore",
     "Metric",
@@ -107,7 +92,6 @@ __all__ = [
     "MetricResult",
     "NoContentError",
     "OptimizationResult",
-    "OptimizerCaller",
     "Outcome",
     "OutcomeError",
     "PermanentError",
@@ -119,22 +103,22 @@ __all__ = [
     "QuotaExceededError",
     "RateLimitSnapshot",
     "RateLimitedError",
-    "RateLimiter",
     "RetryPolicy",
     "RunReport",
     "SQLiteStore",
     "StepRecord",
     "TooManyErrorsError",
+    "TrainerSettings",
     "TransientError",
     "Usage",
+    "approx_tokens",
+    "data",
     "evaluate",
-    "metric_identity",
     "metrics",
     "optimize",
-    "parse_json_object",
-    "parse_proposal",
     "redact_event",
-    "redact_text",
+    "register_secret",
+    "stages",
+    "testing",
     "validate_examples",
-    "validate_proposal",
 ]

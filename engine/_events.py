@@ -1,12 +1,22 @@
-"""Structured progress events: one structlog event and one optional callback per event.
+"""Structured progress events: one log record and one optional callback per event.
 
-The engine never configures logging.  It logs through ``structlog.get_logger("engine")``
-(the host's configuration applies) and hands the same `Event` to ``on_event``.  Values
-are redacted before they leave, whatever processors the host installed.
+Quiet as a library: the engine never configures logging and prints nothing on its own.
+Each event goes
+
+- to ``on_event`` when the caller passed one (the CLI's progress line, tests);
+- to structlog's ``get_logger("engine")`` when the host has configured structlog;
+- else to the standard library's ``logging.getLogger("engine")``, which has only a
+  `logging.NullHandler` until the host configures logging (the convention of httpx
+  and the standard library: silent until asked).
+
+To see the events: configure structlog, or the standard library (its ``basicConfig``
+with ``level=logging.INFO``)
+(``DEBUG`` adds retries and progress).  Values are redacted before they leave.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +27,17 @@ import structlog
 from ._redact import redact_value
 
 __all__ = ["Emitter", "Event", "EventCallback"]
+
+_stdlib_logger = logging.getLogger("engine")
+# A library adds a NullHandler and nothing else: without it, Python's "last resort"
+# handler would print warnings to stderr in a host that never asked for them.
+_stdlib_logger.addHandler(logging.NullHandler())
+_STDLIB_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +55,11 @@ _LEVELS = {"debug", "info", "warning", "error"}
 
 
 class Emitter:
-    """Sends events to structlog and to an optional callback, with bound context."""
+    """Sends events to an optional callback and to the host's logging, with context.
+
+    ``logger`` (a structlog-style logger) forces where events are logged; by default
+    it is decided per event (see the module docstring).
+    """
 
     __slots__ = ("_callback", "_context", "_logger")
 
@@ -42,7 +67,7 @@ class Emitter:
         self, callback: EventCallback | None = None, *, logger: Any = None, **context: Any
     ) -> None:
         self._callback = callback
-        self._logger = logger if logger is not None else structlog.get_logger("engine")
+        self._logger = logger
         self._context = context
 
     def bind(self, **context: Any) -> Emitter:
@@ -50,8 +75,17 @@ class Emitter:
         return Emitter(self._callback, logger=self._logger, **{**self._context, **context})
 
     def emit(self, name: str, level: str = "info", **data: Any) -> None:
+        level = level if level in _LEVELS else "info"
+        structured = self._logger is not None or structlog.is_configured()
+        stdlib_on = not structured and _stdlib_logger.isEnabledFor(_STDLIB_LEVELS[level])
+        if self._callback is None and not structured and not stdlib_on:
+            return  # nobody listens: do not even build the payload
         payload = redact_value({**self._context, **data})
         if self._callback is not None:
             self._callback(Event(name, payload, time.monotonic()))
-        log = getattr(self._logger, level if level in _LEVELS else "info")
-        log(name, **payload)
+        if structured:
+            logger = self._logger if self._logger is not None else structlog.get_logger("engine")
+            getattr(logger, level)(name, **payload)
+        elif stdlib_on:
+            fields = " ".join(f"{k}={v!r}" for k, v in payload.items())
+            _stdlib_logger.log(_STDLIB_LEVELS[level], "%s %s", name, fields)

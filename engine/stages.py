@@ -40,6 +40,10 @@ __all__ = [
     "LLMGradient",
     "OptimizerCaller",
     "ProposalError",
+    "describe_metric_messages",
+    "describe_task_messages",
+    "optimizer_text",
+    "parse_json_object",
     "parse_proposal",
     "validate_proposal",
 ]
@@ -370,6 +374,8 @@ def validate_proposal(proposal: Prompt, original: Prompt) -> None:
 
 
 def describe_task_messages(prompt: Prompt, sample: Sequence[Example]) -> list[dict[str, str]]:
+    """The optimizer request that writes a task description from the prompt and a
+    few examples (used when the caller gives none)."""
     shown = "\n".join(
         f"- inputs: {render_value(dict(e.inputs))} -> expected: {render_value(e.expected)}"
         for e in sample
@@ -385,6 +391,7 @@ def describe_task_messages(prompt: Prompt, sample: Sequence[Example]) -> list[di
 
 
 def describe_metric_messages(source: str) -> list[dict[str, str]]:
+    """The optimizer request that describes a metric from its source code."""
     return [
         {
             "role": "system",

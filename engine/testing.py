@@ -1,7 +1,16 @@
-"""Helpers for testing code that calls the engine: event capture and log capture.
+"""Test doubles for code that calls the engine, as httpx ships ``MockTransport``.
 
-A scripted chat model for tests lives in ``adapters.scripted`` (adapters implement the
-engine's protocols; the engine never imports them).
+- `ScriptedModel`: a chat model around a handler function, with injected latency and
+  faults (`transient_faults` or any `FaultPlan`), that logs what the provider saw.
+- `FakeClock`: a clock that moves only when told, for limiter and breaker arithmetic.
+- `EventRecorder`, `capture_logs`: what the engine reported.
+
+Usage::
+
+    from engine.testing import ScriptedModel, transient_faults
+    model = ScriptedModel(lambda request: "42", faults=transient_faults(0.1))
+    result = await evaluate(prompt, data, model=model, metric=ExactMatch())
+    assert model.calls == len(data) + result.retries
 """
 
 from __future__ import annotations
@@ -13,8 +22,17 @@ from typing import Any
 import structlog.testing
 
 from ._events import Event
+from ._scripted import FaultPlan, ScriptedModel, ScriptedRequest, transient_faults
 
-__all__ = ["EventRecorder", "FakeClock", "capture_logs"]
+__all__ = [
+    "EventRecorder",
+    "FakeClock",
+    "FaultPlan",
+    "ScriptedModel",
+    "ScriptedRequest",
+    "capture_logs",
+    "transient_faults",
+]
 
 
 class FakeClock:

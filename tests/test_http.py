@@ -16,13 +16,12 @@ from engine import (
     AuthenticationError,
     Endpoint,
     Limits,
-    LLMApply,
     Prompt,
     RetryPolicy,
     evaluate,
 )
 from engine.metrics import ExactMatch
-from engine.stages import ApplyContext
+from engine.stages import ApplyContext, LLMApply
 
 from .conftest import echo_examples, qa_prompt
 

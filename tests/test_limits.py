@@ -12,12 +12,12 @@ from engine import (
     Endpoint,
     Limits,
     RateLimitedError,
-    RateLimiter,
     RateLimitSnapshot,
     RetryPolicy,
     TransientError,
     evaluate,
 )
+from engine._limits import RateLimiter
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, echo_model, qa_prompt

@@ -13,7 +13,8 @@ import pytest
 from adapters import arithmetic_examples
 from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
-from engine import AuthenticationError, Cache, Endpoint, RetryPolicy, optimize, redact_text
+from engine import AuthenticationError, Cache, Endpoint, RetryPolicy, optimize
+from engine._redact import redact_text
 from engine.metrics import ExactMatch
 from engine.testing import EventRecorder, capture_logs
 

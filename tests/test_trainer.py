@@ -22,11 +22,11 @@ from engine import (
     ConfigError,
     Example,
     GradientContext,
-    LLMApply,
     Prompt,
     optimize,
 )
 from engine.metrics import ExactMatch
+from engine.stages import LLMApply
 
 from .conftest import qa_prompt
 

@@ -1,0 +1,92 @@
+"""The public API says what is public: sorted, complete ``__all__`` everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+import types
+
+import pytest
+
+import engine
+
+PUBLIC_MODULES = [
+    "engine",
+    "engine.data",
+    "engine.metrics",
+    "engine.stages",
+    "engine.testing",
+    "engine.cli",
+    "adapters",
+    "adapters.openai_chat",
+    "adapters.openai_batch",
+    "adapters.scripted",
+    "adapters.simulated_server",
+]
+
+
+def _isort_order(name: str) -> tuple[int, str]:
+    """The order ruff's RUF022 keeps: CONSTANTS, then Classes, then functions."""
+    if name.isupper():
+        return 0, name
+    return (1, name) if name[:1].isupper() else (2, name)
+
+
+def test_engine_exports_exactly_its_public_names_sorted() -> None:
+    """As httpx's test: ``__all__`` is every public name of the package, in order
+    (submodules only when listed, since importing one anywhere adds it)."""
+    names = [
+        name
+        for name, value in vars(engine).items()
+        if not name.startswith("_")
+        and not (isinstance(value, types.ModuleType) and name not in engine.__all__)
+    ]
+    assert engine.__all__ == sorted(names, key=_isort_order)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_every_public_module_lists_what_it_defines(name: str) -> None:
+    """``__all__`` is sorted, names only what exists, and includes every public class
+    and function the module itself defines."""
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert exported == sorted(exported, key=_isort_order)
+    assert all(hasattr(module, n) for n in exported)
+    defined = {
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_")
+        and (inspect.isclass(v) or inspect.isfunction(v))
+        and getattr(v, "__module__", None) == module.__name__
+    }
+    assert defined <= set(exported), sorted(defined - set(exported))
+
+
+def test_plumbing_is_not_at_the_top() -> None:
+    """The stage toolkit lives in engine.stages; call plumbing is not public at all."""
+    for name in ("OptimizerCaller", "CallResult", "parse_proposal", "metric_identity",
+                 "LLMApply", "LLMGradient", "Emitter", "BudgetMeter", "RateLimiter"):
+        assert name not in engine.__all__
+    from engine.stages import LLMApply, LLMGradient, OptimizerCaller, parse_proposal  # noqa: F401
+
+
+def test_importing_adapters_imports_no_http_stack() -> None:
+    """``from adapters import ArithmeticModel`` stays light; ``OpenAIChat`` loads on use."""
+    code = (
+        "import sys, adapters; from adapters import ScriptedModel, ArithmeticModel;"
+        "heavy = [m for m in ('openai', 'httpx', 'httpx2', 'aiohttp') if m in sys.modules];"
+        "print(heavy); from adapters import OpenAIChat; print(OpenAIChat.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.strip().splitlines()
+    assert first == "[]"
+    assert second == "adapters.openai_chat"
+
+
+def test_scripted_model_is_offered_by_engine_testing() -> None:
+    from adapters import ScriptedModel as from_adapters
+    from engine.testing import ScriptedModel
+
+    assert from_adapters is ScriptedModel
