@@ -80,13 +80,15 @@ class BatchService:
         ]
 
     async def upload(self, request: Request) -> Response:
-        form = await request.form()
-        upload = form.get("file")
-        if form.get("purpose") != "batch" or upload is None or isinstance(upload, str):
-            return JSONResponse(
-                {"error": {"message": "purpose=batch and a file are required"}}, 400
-            )
-        data = await upload.read()
+        # closing the form closes its spooled temporary files
+        async with request.form() as form:
+            upload = form.get("file")
+            if form.get("purpose") != "batch" or upload is None or isinstance(upload, str):
+                return JSONResponse(
+                    {"error": {"message": "purpose=batch and a file are required"}}, 400
+                )
+            data = await upload.read()
+            filename = upload.filename
         file_id = f"file-{uuid.uuid4().hex[:16]}"
         self.files[file_id] = data
         self.stats.uploads += 1
@@ -96,7 +98,7 @@ class BatchService:
                 "object": "file",
                 "bytes": len(data),
                 "purpose": "batch",
-                "filename": upload.filename,
+                "filename": filename,
                 "created_at": int(time.time()),
                 "status": "processed",
             }

@@ -49,7 +49,6 @@ limits = {{ {limits} }}
 
 [cache]
 path = "cache.sqlite"
-flush_interval = 0.05
 
 [output]
 dir = "out"
@@ -80,7 +79,7 @@ def test_kill_9_mid_evaluation_then_rerun_pays_only_for_the_in_flight(tmp_path: 
             assert time.monotonic() < deadline
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # reaps it and closes the pipes
         paid_before = server.stats.paid
         assert paid_before < N
 
@@ -132,7 +131,6 @@ limits = {{ concurrency = 4 }}
 
 [cache]
 path = "cache.sqlite"
-flush_interval = 0.05
 
 [output]
 dir = "out"
@@ -167,7 +165,7 @@ def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) 
             assert time.monotonic() < deadline
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # reaps it and closes the pipes
         rerun = subprocess.run(
             optimize_cmd(run), cwd=ROOT, capture_output=True, text=True, timeout=180
         )
