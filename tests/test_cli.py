@@ -104,13 +104,13 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("batch_size = 4", 'batch_size = "four"')
             ),
-            "batch_size must be int",
+            "demo.toml:29: [trainer] batch_size must be an integer, got \"four\"",
         ),
         (
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("rpm = 6000", "rpm = -1")
             ),
-            "rpm must be a positive number",
+            "[model.limits] rpm must be a number > 0.0, got -1",
         ),
         (
             lambda d: (d / "demo.toml").write_text(
@@ -120,7 +120,7 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
                     "options = { latency = 0.02 }", 'options = { api_key = "sk-abcdefghijkl" }'
                 )
             ),
-            "secrets come from the environment",
+            "[model] options.api_key holds a secret; run files never hold secrets",
         ),
         (lambda d: (d / "demo.toml").write_text("[prompt\n"), "not valid TOML"),
     ],
