@@ -222,7 +222,15 @@ def _subtree(struct: type[msgspec.Struct], tokens: tuple[str, ...]) -> Iterator[
 def _suggest(key: str, struct: type[msgspec.Struct], tokens: tuple[str, ...]) -> str:
     """A did-you-mean: a close name here, else the same or a close name deeper or
     elsewhere in the schema (``[model] rpm`` -> ``[model.limits] rpm``)."""
-    here = difflib.get_close_matches(key, list(_fields(struct)), n=1, cutoff=0.6)
+    names = list(_fields(struct))
+    here = (
+        difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        or [
+            n
+            for n in names
+            if min(len(n), len(key)) >= 3 and (n.startswith(key) or key.startswith(n))
+        ][:1]
+    )  # a name cut short or written out: ``dir`` for ``directory``
     if here:
         return f"[{here[0]}]" if not tokens else here[0]
     for scope in (list(_subtree(struct, tokens)), list(_subtree(RunFileSchema, ()))):

@@ -8,6 +8,7 @@ Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -252,8 +253,17 @@ def _unscored(report: RunReport) -> str:
 
 
 async def _run_optimize(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+    created = not job.out.exists()
     make_output_dir(job.out, job.out_option)
-    result = await _optimize(run, args, job)
+    try:
+        return _finish_optimize(job, await _optimize(run, args, job))
+    finally:
+        if created:  # leave no empty folder behind a run that wrote nothing
+            with contextlib.suppress(OSError):
+                job.out.rmdir()  # only ever removes an empty folder
+
+
+def _finish_optimize(job: Job, result: OptimizationResult) -> int:
     report = result.report
     summary: dict[str, Any] = {
         "score": result.score,
@@ -266,7 +276,8 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace, job: Job) -> int
     if math.isnan(result.score):
         # nothing measured: no best prompt to ship, and the last good outputs stay
         reason = _unscored(report)
-        _print_json({**summary, "output": None}, {"score": reason, "initial_score": reason})
+        notes = {"score": reason, "initial_score": "see score_note"}
+        _print_json({**summary, "output": None}, notes)
         sys.stderr.write(f"failed: {reason}\n")
         return EXIT_FAILED
     _write_optimize_outputs(job.out, result)
