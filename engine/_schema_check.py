@@ -17,6 +17,7 @@ cannot be found the message names the file alone.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import types
@@ -135,7 +136,9 @@ def _struct_in(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
+@functools.cache
 def _fields(struct: type[msgspec.Struct]) -> dict[str, Any]:
+    # cached: msgspec resolves the annotations on every call, and the schema is fixed
     return {f.encode_name: f.type for f in msgspec.structs.fields(struct)}
 
 
