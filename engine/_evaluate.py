@@ -30,7 +30,7 @@ from ._events import Emitter, EventCallback
 from ._limits import Limits
 from ._prompt import Prompt, render_value
 from ._protocols import ChatModel, Metric, MetricReturn
-from ._types import Example, MetricResult, OutcomeError, Usage
+from ._types import Example, MetricResult, OutcomeError, Usage, as_score
 
 __all__ = ["Evaluation", "GlobalMetric", "Outcome", "check_metric", "evaluate", "validate_examples"]
 
@@ -134,9 +134,10 @@ class Evaluation:
 def _as_result(value: MetricReturn, where: str) -> MetricResult:
     if isinstance(value, MetricResult):
         return value
-    if isinstance(value, bool | int | float):
+    score = as_score(value)  # NumPy scalars too (numpy.bool_ is not a bool)
+    if score is not None:
         try:
-            return MetricResult(float(value))
+            return MetricResult(score)
         except MetricError as exc:
             raise MetricError(f"{where}: {exc}") from None
     raise MetricError(

@@ -27,7 +27,7 @@ from engine.cli import main
 from engine.data import load_dataset
 from engine.metrics import ExactMatch
 
-from .conftest import qa_prompt
+from .conftest import echo_examples, echo_model, qa_prompt
 
 Case = Callable[[dict[str, Any]], None]
 
@@ -480,3 +480,33 @@ def test_bad_run_file_data_or_output_exits_2_before_any_call(
     assert "Traceback" not in err and "hunter2" not in err and "0123456789abcdef" not in err
     assert provider.stats.received == received
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no cache, no out folder
+
+
+@pytest.mark.parametrize(
+    ("make", "score"),
+    [
+        (lambda np, ok: np.bool_(ok), 1.0),
+        (lambda np, ok: np.int64(int(ok)), 1.0),
+        (lambda np, ok: np.float32(0.5), 0.5),
+        (lambda np, ok: np.array(0.25), 0.25),  # a 0-d array is a scalar too
+    ],
+)
+async def test_numpy_scalars_from_a_metric_are_scores(make: Any, score: float) -> None:
+    """A metric built on NumPy may return its scalars; numpy.bool_ is not 'got bool'."""
+    np = pytest.importorskip("numpy")
+
+    def metric(example: Example, prediction: str) -> Any:
+        return make(np, prediction.strip() == str(example.expected))
+
+    data = echo_examples(8)  # the echo model answers every one right
+    result = await evaluate(qa_prompt(), data, model=echo_model(), metric=metric)
+    assert result.errors == 0 and result.scored == 8 and result.score == score
+
+
+async def test_a_numpy_array_is_not_a_score() -> None:
+    """An array of several numbers is refused before the first call."""
+    np = pytest.importorskip("numpy")
+    model = ArithmeticModel()
+    with pytest.raises(MetricError, match="got ndarray"):
+        await evaluate(qa_prompt(), _data(), model=model, metric=lambda e, p: np.array([1.0, 0.0]))
+    assert model.calls == 0
