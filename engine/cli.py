@@ -380,10 +380,36 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
     return await _run_evaluate(run, args, job)
 
 
+def _unapplied(run: RunFile) -> list[str]:
+    """Keys the run file validates that this build does not apply yet (they are wired
+    into evaluate/optimize separately): announced, never silently ignored."""
+    endpoints = (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch))
+    given = [
+        ("[metric] global (scores use the mean)", run.global_metric_spec is not None),
+        ("[metric] timeout", "timeout" in run.raw.get("metric", {})),
+        ("[metric] threads", run.metric_threads is not None),
+        ("[cache] url (this run keeps no cache)", run.cache_url is not None),
+        ("[cluster] (this run is local)", run.cluster is not None),
+        ("[trainer] max_error_rate", "max_error_rate" in run.trainer),
+        *(
+            (f"[{name}] cache_namespace", spec is not None and spec.cache_namespace is not None)
+            for name, spec in endpoints
+        ),
+    ]
+    return [name for name, present in given if present]
+
+
 def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
     """Read and check everything before the event loop starts: run file, datasets,
     prompt file, metric, outputs."""
     run = load_run_file(args.run_file)
+    unapplied = _unapplied(run)
+    if unapplied:
+        sys.stderr.write(
+            f"warning: {run.path}: validated but not applied by this version: "
+            + "; ".join(unapplied)
+            + "\n"
+        )
     prompt_path = getattr(args, "prompt", None)
     job = prepare(
         run,
