@@ -66,6 +66,16 @@ def _check_endpoints(run: RunFile, command: str) -> None:
         raise ConfigError(f"{run.path}: [budget] {exc.message}") from None
 
 
+def _check_keys(run: RunFile) -> None:
+    # before anything is created or opened: EndpointSpec.build() would fail later anyway
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        if spec is not None and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise ConfigError(
+                f"{run.path}: [{name}] api_key_env: environment variable {spec.api_key_env} "
+                "is not set"
+            )
+
+
 def _outputs(
     run: RunFile, command: str, out: str | None, split: str, inputs: dict[Path, str]
 ) -> tuple[Path, str]:
@@ -89,13 +99,17 @@ def prepare(
     split: str = "train",
     prompt: Prompt | None = None,
     prompt_path: str | None = None,
+    check_keys: bool = True,
 ) -> Job:
     """Check everything ``command`` needs before its first call; raise `ConfigError`.
 
     ``prompt`` (read from ``prompt_path``) replaces the run file's prompt for
-    ``evaluate``; ``split`` picks the dataset it scores.
+    ``evaluate``; ``split`` picks the dataset it scores.  ``check_keys`` requires every
+    ``api_key_env`` variable to be set (a dry run may plan without the keys).
     """
     _check_endpoints(run, command)
+    if check_keys:
+        _check_keys(run)
     used = prompt or run.prompt
     splits = {"train": (run.train, run.train_path), "val": (run.val, run.val_path)}
     if command == "evaluate" and splits[split][0] is None:

@@ -418,6 +418,7 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
         split=getattr(args, "split", "train"),
         prompt=_load_prompt(prompt_path) if prompt_path else None,
         prompt_path=prompt_path,
+        check_keys=not args.dry_run,
     )
     return run, job
 

@@ -248,7 +248,7 @@ def test_evaluate_replaces_its_output_whole_and_private(tmp_path: Path) -> None:
     ("env", "code", "message"),
     [
         ({"RUNFILE_TEST_KEY": "wrong-key"}, 1, "AuthenticationError"),  # fails mid-run
-        ({}, 2, "environment variable RUNFILE_TEST_KEY is not set"),  # fails at start
+        ({}, 2, "[model] api_key_env: environment variable RUNFILE_TEST_KEY is not set"),
     ],
 )
 def test_a_failed_evaluate_leaves_the_old_output_untouched(
@@ -264,8 +264,9 @@ def test_a_failed_evaluate_leaves_the_old_output_untouched(
     assert done.returncode == code, done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr
     assert out.read_bytes() == before
-    left = {p.name for p in tmp_path.iterdir()} - {"cache.sqlite"}
-    assert left == {"results.jsonl", "run.toml", "train.jsonl", "val.jsonl"}  # no temp file
+    left = {p.name for p in tmp_path.iterdir()}
+    expected = {"results.jsonl", "run.toml", "train.jsonl", "val.jsonl"}  # no temp file
+    assert left == expected | ({"cache.sqlite"} if code == 1 else set())  # exit 2: nothing made
 
 
 def test_no_score_is_null_with_a_note_never_nan(tmp_path: Path) -> None:
