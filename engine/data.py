@@ -175,13 +175,22 @@ def _open_checked(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _read(
+    p: Path, rows: _Rows, columns: ColumnMap | None, *, text_cells: bool
+) -> tuple[list[Example], list[str]]:
+    """Every row of ``p`` as an `Example`, with its ``file:line``."""
+    try:
+        return _load(rows, columns or ColumnMap(), p, text_cells=text_cells)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text ({exc.reason})", location=str(p)) from None
+    except csv.Error as exc:
+        raise DataError(f"malformed CSV ({exc})", location=str(p)) from None
+
+
 def load_jsonl(path: str | os.PathLike[str], columns: ColumnMap | None = None) -> list[Example]:
     """Load a JSONL file (one JSON object per line)."""
     p = _open_checked(path)
-    try:
-        return _load(_iter_jsonl(p), columns or ColumnMap(), p)[0]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text ({exc.reason})", location=str(p)) from None
+    return _read(p, _iter_jsonl(p), columns, text_cells=False)[0]
 
 
 def load_csv(
@@ -189,12 +198,7 @@ def load_csv(
 ) -> list[Example]:
     """Load a CSV file with a header row (``delimiter="\\t"`` for TSV); cells are strings."""
     p = _open_checked(path)
-    try:
-        return _load(_iter_csv(p, delimiter), columns or ColumnMap(), p, text_cells=True)[0]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text ({exc.reason})", location=str(p)) from None
-    except csv.Error as exc:
-        raise DataError(f"malformed CSV ({exc})", location=str(p)) from None
+    return _read(p, _iter_csv(p, delimiter), columns, text_cells=True)[0]
 
 
 def _rows(path: str | os.PathLike[str]) -> tuple[_Rows, bool]:
@@ -214,13 +218,7 @@ def _load_located(
     path: str | os.PathLike[str], columns: ColumnMap | None
 ) -> tuple[list[Example], list[str]]:
     rows, text_cells = _rows(path)
-    p = _open_checked(path)
-    try:
-        return _load(rows, columns or ColumnMap(), p, text_cells=text_cells)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text ({exc.reason})", location=str(p)) from None
-    except csv.Error as exc:
-        raise DataError(f"malformed CSV ({exc})", location=str(p)) from None
+    return _read(_open_checked(path), rows, columns, text_cells=text_cells)
 
 
 def load_dataset(path: str | os.PathLike[str], columns: ColumnMap | None = None) -> list[Example]:
