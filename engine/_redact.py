@@ -17,6 +17,8 @@ import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
+from ._secrets import is_secret_name
+
 __all__ = ["REDACTED", "redact_event", "redact_text", "redact_value", "register_secret"]
 
 REDACTED = "[REDACTED]"
@@ -68,7 +70,6 @@ _SECRET_PATTERNS = (
         r"[\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;}]{4,})"
     ),
 )
-_SECRET_FIELD = re.compile(r"(?i)(api[_-]?key|authorization|secret|password|token$)")
 
 
 def redact_text(text: str) -> str:
@@ -90,7 +91,7 @@ def redact_value(value: Any) -> Any:
         return redact_text(value)
     if isinstance(value, Mapping):
         return {
-            k: (REDACTED if _SECRET_FIELD.search(str(k)) and v else redact_value(v))
+            k: (REDACTED if is_secret_name(str(k)) and v else redact_value(v))
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -105,6 +106,5 @@ def redact_event(
 ) -> Mapping[str, Any]:
     """A structlog processor that redacts secrets; hosts may add it to their chain."""
     return {
-        k: (REDACTED if _SECRET_FIELD.search(k) and v else redact_value(v))
-        for k, v in event_dict.items()
+        k: (REDACTED if is_secret_name(k) and v else redact_value(v)) for k, v in event_dict.items()
     }

@@ -1,9 +1,11 @@
 """Run files (TOML): what to optimize or evaluate, on which endpoints, with which limits.
 
-Adapters and metrics are named as ``"module:attr"`` strings and resolved at run time,
-so the engine never imports ``adapters``.  Secrets never live in a run file: an
-endpoint names the environment variable that holds its key (``api_key_env``).
-Paths are relative to the run file.
+The file is checked against a declared schema (`engine._schema`): unknown keys, wrong
+types, out-of-range values and secrets are `ConfigError`s naming file, line, section and
+key, raised before any dataset is read or any call is made.  Adapters and metrics are
+named as ``"module:attr"`` strings and resolved at run time, so the engine never imports
+``adapters``.  Secrets never live in a run file: an endpoint names the environment
+variable that holds its key (``api_key_env``).  Paths are relative to the run file.
 """
 
 from __future__ import annotations
@@ -12,23 +14,39 @@ import importlib
 import inspect
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
 
 from ._budget import Budget, Price
 from ._errors import ConfigError
 from ._limits import Limits
 from ._prompt import Prompt
 from ._retry import RetryPolicy
+from ._schema import (
+    BudgetSection,
+    CacheSection,
+    ClusterSection,
+    EndpointSection,
+    MetricSection,
+    PromptSection,
+    RetrySection,
+    RunFileSchema,
+)
+from ._schema_check import TomlSource, decode_run_file
 from ._types import Example
-from .data import ColumnMap, load_dataset
+from .data import ColumnMap, load_splits
 
-__all__ = ["EndpointSpec", "RunFile", "load_run_file", "resolve"]
+__all__ = ["ClusterSpec", "EndpointSpec", "RunFile", "load_run_file", "resolve"]
 
-_SECRET_KEYS = {"api_key", "apikey", "key", "token", "secret", "password", "authorization"}
+_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_RAY_ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 
 
 def resolve(spec: str, where: str) -> Any:
@@ -49,25 +67,6 @@ def resolve(spec: str, where: str) -> Any:
     return value
 
 
-def _table(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: [{key}] must be a table")
-    return value
-
-
-def _typed(table: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{where}: {key} must be {names}, got {type(value).__name__} {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class EndpointSpec:
     """An endpoint section: the adapter, its options, limits, retry and model name."""
@@ -78,8 +77,10 @@ class EndpointSpec:
     retry: RetryPolicy | None
     model_name: str | None
     api_key_env: str | None
+    cache_namespace: str | None = None
 
     def build(self) -> Any:
+        """Instantiate the adapter with its options, key and limits."""
         cls = resolve(self.adapter, "adapter")
         options = dict(self.options)
         if self.api_key_env:
@@ -96,49 +97,13 @@ class EndpointSpec:
             raise ConfigError(f"adapter {self.adapter}: bad options: {exc}") from exc
 
 
-def _endpoint(data: Mapping[str, Any], key: str, where: str) -> EndpointSpec | None:
-    if key not in data:
-        return None
-    table = _table(data, key, where)
-    adapter = table.get("adapter")
-    if not isinstance(adapter, str):
-        raise ConfigError(f"{where}: [{key}] needs adapter = 'module:Class'")
-    options = table.get("options", {})
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where}: [{key}].options must be a table")
-    leaked = sorted(k for k in options if k.lower().replace("-", "_") in _SECRET_KEYS)
-    if leaked:
-        raise ConfigError(
-            f"{where}: [{key}].options holds secret field(s) {leaked}; secrets come from the "
-            "environment: set api_key_env = 'NAME_OF_VARIABLE'"
-        )
-    limits = None
-    if "limits" in table:
-        lt = _table(table, "limits", f"{where} [{key}]")
-        unknown = set(lt) - {"rpm", "tpm", "concurrency", "burst"}
-        if unknown:
-            raise ConfigError(f"{where}: [{key}.limits] unknown key(s) {sorted(unknown)}")
-        limits = Limits(
-            rpm=_typed(lt, "rpm", (int, float), f"{where} [{key}.limits]"),
-            tpm=_typed(lt, "tpm", (int, float), f"{where} [{key}.limits]"),
-            concurrency=_typed(lt, "concurrency", int, f"{where} [{key}.limits]") or 32,
-            burst=_typed(lt, "burst", (int, float), f"{where} [{key}.limits]"),
-        )
-    retry = None
-    if "retry" in table:
-        rt = _table(table, "retry", f"{where} [{key}]")
-        try:
-            retry = RetryPolicy(**rt)
-        except TypeError as exc:
-            raise ConfigError(f"{where}: [{key}.retry]: {exc}") from exc
-    return EndpointSpec(
-        adapter=adapter,
-        options=options,
-        limits=limits,
-        retry=retry,
-        model_name=_typed(table, "model_name", str, f"{where} [{key}]"),
-        api_key_env=_typed(table, "api_key_env", str, f"{where} [{key}]"),
-    )
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """``[cluster]``: ``address`` is ``"local"``, ``"auto"`` or ``"ray://host:port"``;
+    ``workers`` is the number of evaluation workers, ``None`` to let the cluster decide."""
+
+    address: str = "local"
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,9 +124,30 @@ class RunFile:
     cache_path: Path | None
     cache_flush_interval: float
     output_dir: Path
+    global_metric_spec: str | None = None
+    metric_timeout: float = 60.0
+    metric_threads: int | None = None
+    cache_url: str | None = None
+    cluster: ClusterSpec | None = None
+    train_path: Path | None = None
+    val_path: Path | None = None
+    prompt_file: Path | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
 
+    @property
+    def input_paths(self) -> dict[Path, str]:
+        """Every file this run reads, with what it is: outputs must not overwrite them."""
+        named = {
+            self.path: "the run file",
+            self.train_path: "the [data] train dataset",
+            self.val_path: "the [data] val dataset",
+            self.prompt_file: "the [prompt] file",
+            self.cache_path: "the [cache] file",
+        }
+        return {p: what for p, what in named.items() if p is not None}
+
     def build_metric(self) -> Any:
+        """Resolve ``[metric] use`` and instantiate it with ``[metric] options``."""
         target = resolve(self.metric_spec, "[metric].use")
         if inspect.isclass(target):
             try:
@@ -174,123 +160,236 @@ class RunFile:
             raise ConfigError(f"[metric].use {self.metric_spec} is not callable")
         return target
 
+    def build_global_metric(self) -> Any:
+        """Resolve ``[metric] global`` (a callable over the list of `MetricResult`s; a
+        class is instantiated without arguments).  ``None`` when not given: the engine's
+        default, the mean, under which racing stays exact."""
+        if self.global_metric_spec is None:
+            return None
+        target = resolve(self.global_metric_spec, "[metric].global")
+        if inspect.isclass(target):
+            try:
+                target = target()
+            except TypeError as exc:
+                raise ConfigError(
+                    f"[metric].global {self.global_metric_spec}: a class must take no "
+                    f"arguments: {exc}"
+                ) from exc
+        if not callable(target):
+            raise ConfigError(f"[metric].global {self.global_metric_spec} is not callable")
+        return target
 
-_TRAINER_KEYS = {
-    "batch_size": int,
-    "max_proposals_per_step": int,
-    "history_size": int,
-    "seed": int,
-    "racing": bool,
-    "parallel_proposals": int,
-    "task_description": str,
-    "metric_description": str,
-}
 
-
-def load_run_file(path: str | os.PathLike[str]) -> RunFile:
-    """Parse and validate a run file, loading its datasets; raises `ConfigError`."""
-    p = Path(path)
-    where = str(p)
+# -- from the schema to the engine's values ------------------------------------------
+def _read(path: Path) -> tuple[TomlSource, dict[str, Any]]:
+    where = str(path)
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return TomlSource(path, text), tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such run file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a folder, not a run file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot read the run file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-    base = p.parent
 
-    pt = _table(data, "prompt", where)
-    if "file" in pt:
-        prompt_path = base / str(pt["file"])
-        try:
-            prompt_data = json.loads(prompt_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}: [prompt].file {prompt_path}: {exc}") from None
-        messages = prompt_data.get("messages") if isinstance(prompt_data, dict) else prompt_data
-    else:
-        messages = pt.get("messages")
+
+def _fail(source: TomlSource, keys: list[str], message: str) -> ConfigError:
+    return ConfigError(f"{source.where(keys)}: {message}")
+
+
+def _messages(section: PromptSection, base: Path, source: TomlSource) -> tuple[Any, Path | None]:
+    if section.file is not None and section.messages is not None:
+        raise _fail(source, ["prompt", "file"], "[prompt] has both file and messages; keep one")
+    if section.file is None:
+        if section.messages is None:
+            raise _fail(source, ["prompt"], "[prompt] needs messages (inline or in a JSON file)")
+        return section.messages, None
+    prompt_path = base / section.file
+    try:
+        data = json.loads(prompt_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _fail(source, ["prompt", "file"], f"[prompt] file {prompt_path}: {exc}") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list):
-        raise ConfigError(f"{where}: [prompt] needs messages (inline or in a JSON file)")
-    model_name = pt.get("model")
-    if not isinstance(model_name, str):
-        raise ConfigError(f"{where}: [prompt].model must be a string")
-    params = pt.get("params", {})
-    if not isinstance(params, dict):
-        raise ConfigError(f"{where}: [prompt].params must be a table")
-    prompt = Prompt(
-        messages,
-        model=model_name,
-        temperature=_typed(pt, "temperature", (int, float), f"{where} [prompt]"),
-        params=params,
-        response_format=pt.get("response_format"),
-    )
+        raise _fail(source, ["prompt", "file"], f"{prompt_path}: no list of messages")
+    return messages, prompt_path
 
-    dt = _table(data, "data", where)
-    columns = ColumnMap(
-        inputs=dt.get("inputs"),
-        expected=dt.get("expected", "expected"),
-        id=dt.get("id", "id"),
-    )
-    if "train" not in dt:
-        raise ConfigError(f"{where}: [data].train is required")
-    train = load_dataset(base / str(dt["train"]), columns)
-    val = load_dataset(base / str(dt["val"]), columns) if dt.get("val") else None
 
-    mt = _table(data, "metric", where)
-    metric_spec = mt.get("use", "engine.metrics:ExactMatch")
-    metric_options = mt.get("options", {})
-
-    model = _endpoint(data, "model", where)
-    if model is None:
-        raise ConfigError(f"{where}: [model] (the task endpoint) is required")
-    optimizer = _endpoint(data, "optimizer", where)
-    batch = _endpoint(data, "batch", where)  # optional bulk path for `evaluate`
-
-    tt = _table(data, "trainer", where)
-    trainer: dict[str, Any] = {}
-    for key in tt:
-        kind = _TRAINER_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(f"{where}: [trainer] unknown key {key!r}")
-        trainer[key] = _typed(tt, key, kind, f"{where} [trainer]")
-
-    budget = None
-    if "budget" in data:
-        bt = _table(data, "budget", where)
-        prices = {
-            name: Price(float(v[0]), float(v[1]))
-            for name, v in _table(bt, "prices", f"{where} [budget]").items()
-        }
-        budget = Budget(
-            max_calls=_typed(bt, "max_calls", int, f"{where} [budget]"),
-            max_tokens=_typed(bt, "max_tokens", int, f"{where} [budget]"),
-            max_cost=_typed(bt, "max_cost", (int, float), f"{where} [budget]"),
-            prices=prices,
+def _prompt(section: PromptSection, base: Path, source: TomlSource) -> tuple[Prompt, Path | None]:
+    messages, prompt_path = _messages(section, base, source)
+    try:
+        prompt = Prompt(
+            messages,
+            model=section.model,
+            temperature=section.temperature,
+            params=section.params,
+            response_format=section.response_format,
         )
+    except ConfigError as exc:
+        raise _fail(source, ["prompt"], f"[prompt]: {exc.message}") from None
+    return prompt, prompt_path
 
-    ct = _table(data, "cache", where)
-    cache_path = (base / str(ct["path"])).resolve() if ct.get("path") else None
-    flush = _typed(ct, "flush_interval", (int, float), f"{where} [cache]")
-    if flush is not None and not 0 < flush <= 5:
-        raise ConfigError(f"{where}: [cache].flush_interval must be in (0, 5] seconds")
-    ot = _table(data, "output", where)
-    output_dir = (base / str(ot.get("dir", "out"))).resolve()
+
+def _retry(section: RetrySection | None, source: TomlSource, name: str) -> RetryPolicy | None:
+    if section is None:
+        return None
+    given: dict[str, Any] = {}
+    for key, value in msgspec.structs.asdict(section).items():
+        if value is True:
+            raise _fail(
+                source,
+                [name, "retry", key],
+                f"[{name}.retry] {key} = true means nothing; give a number, or false for none",
+            )
+        if value is not None:
+            given[key] = None if value is False else value
+    return RetryPolicy(**given)
+
+
+def _limits(section: EndpointSection) -> Limits | None:
+    if section.limits is None:
+        return None
+    given = {k: v for k, v in msgspec.structs.asdict(section.limits).items() if v is not None}
+    return Limits(**given)
+
+
+def _endpoint(
+    section: EndpointSection | None, name: str, source: TomlSource
+) -> EndpointSpec | None:
+    if section is None:
+        return None
+    if not _SPEC.match(section.adapter):
+        raise _fail(
+            source,
+            [name, "adapter"],
+            f"[{name}] adapter must be 'module:Class', got {section.adapter!r}",
+        )
+    return EndpointSpec(
+        adapter=section.adapter,
+        options=section.options,
+        limits=_limits(section),
+        retry=_retry(section.retry, source, name),
+        model_name=section.model_name,
+        api_key_env=section.api_key_env,
+        cache_namespace=section.cache_namespace,
+    )
+
+
+def _budget(section: BudgetSection | None) -> Budget | None:
+    if section is None:
+        return None
+    return Budget(
+        max_calls=section.max_calls,
+        max_tokens=section.max_tokens,
+        max_cost=section.max_cost,
+        prices={name: Price(*pair) for name, pair in section.prices.items()},
+    )
+
+
+def _cache_url(section: CacheSection, source: TomlSource) -> str | None:
+    url = section.url
+    if url is None:
+        return None
+    if section.path is not None:
+        raise _fail(source, ["cache", "url"], "[cache] path and url exclude each other; keep one")
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _fail(source, ["cache", "url"], "[cache] url must start with postgresql://")
+    if parts.password:
+        raise _fail(
+            source,
+            ["cache", "url"],
+            "[cache] url holds a password; run files never hold secrets: use PGPASSWORD or "
+            "a .pgpass file",
+        )
+    return url
+
+
+def _cluster(section: ClusterSection | None, source: TomlSource) -> ClusterSpec | None:
+    if section is None:
+        return None
+    address = section.address
+    if address not in ("local", "auto") and not _RAY_ADDRESS.match(address):
+        raise _fail(
+            source,
+            ["cluster", "address"],
+            f"[cluster] address must be 'local', 'auto' or 'ray://host:port', got {address!r}",
+        )
+    return ClusterSpec(address=address, workers=section.workers)
+
+
+def _metric(section: MetricSection, source: TomlSource) -> None:
+    for key, spec in (("use", section.use), ("global", section.global_metric)):
+        if spec is not None and not _SPEC.match(spec):
+            raise _fail(
+                source, ["metric", key], f"[metric] {key} must be 'module:callable', got {spec!r}"
+            )
+
+
+def _datasets(
+    schema: RunFileSchema, base: Path
+) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
+    section = schema.data
+    columns = ColumnMap(
+        inputs=section.inputs,
+        expected=section.expected,
+        id=section.id,
+        metadata=section.metadata,
+    )
+    train_path = _absolute(base, section.train)
+    val_path = _absolute(base, section.val) if section.val else None
+    train, val = load_splits(train_path, val_path, columns)
+    return train, val, train_path, val_path
+
+
+def _absolute(base: Path, name: str | Path) -> Path:
+    # absolute without resolving symlinks: an output path that is a link must be seen
+    return Path(os.path.abspath(base / name))
+
+
+def load_run_file(path: str | os.PathLike[str]) -> RunFile:
+    """Parse and validate a run file, loading its datasets; raises `ConfigError`.
+
+    Every check of the file itself runs before the first dataset row is read.
+    """
+    p = Path(path)
+    source, data = _read(p)
+    schema = decode_run_file(data, source)
+    base = p.parent
+    _metric(schema.metric, source)
+    cache, cache_url = schema.cache, _cache_url(schema.cache, source)
+    cluster = _cluster(schema.cluster, source)
+    prompt, prompt_file = _prompt(schema.prompt, base, source)
+    model, optimizer, batch = (
+        _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
+    )
+    assert model is not None  # the schema requires [model]
+    train, val, train_path, val_path = _datasets(schema, base)
     return RunFile(
         path=p,
         prompt=prompt,
         train=train,
         val=val,
-        metric_spec=metric_spec,
-        metric_options=metric_options,
+        metric_spec=schema.metric.use,
+        metric_options=schema.metric.options,
         model=model,
         optimizer=optimizer,
-        batch=batch,
-        trainer=trainer,
-        budget=budget,
-        cache_path=cache_path,
-        cache_flush_interval=float(flush) if flush is not None else 0.2,
-        output_dir=output_dir,
+        batch=batch,  # optional bulk path for `evaluate`
+        trainer={k: v for k, v in msgspec.structs.asdict(schema.trainer).items() if v is not None},
+        budget=_budget(schema.budget),
+        cache_path=_absolute(base, cache.path) if cache.path else None,
+        cache_flush_interval=cache.flush_interval or 0.2,
+        output_dir=_absolute(base, schema.output.dir),
+        global_metric_spec=schema.metric.global_metric,
+        metric_timeout=schema.metric.timeout,
+        metric_threads=schema.metric.threads,
+        cache_url=cache_url,
+        cluster=cluster,
+        train_path=train_path,
+        val_path=val_path,
+        prompt_file=_absolute(base, prompt_file) if prompt_file else None,
         raw=data,
     )

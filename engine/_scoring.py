@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import numbers
 from typing import Any
 
 import anyio
@@ -25,7 +24,7 @@ import anyio
 from ._errors import MetricError
 from ._prompt import render_value
 from ._protocols import Metric, MetricReturn
-from ._types import Example, MetricResult
+from ._types import Example, MetricResult, as_score
 
 __all__ = ["MetricRunner", "MetricTimeoutError", "as_result", "check_metric", "is_async_metric"]
 
@@ -41,19 +40,16 @@ def is_async_metric(metric: Metric) -> bool:
 
 
 def as_result(value: MetricReturn | Any, where: str) -> MetricResult:
-    """A metric's return value as a `MetricResult` (numbers of any numeric type
-    accepted: numpy scalars included); anything else is a `MetricError`."""
+    """A metric's return value as a `MetricResult`: any plain number, NumPy scalars
+    included (see `as_score`); anything else is a `MetricError`."""
     if isinstance(value, MetricResult):
         return value
-    if isinstance(value, numbers.Real) or (
-        hasattr(value, "__float__") and not isinstance(value, str | bytes)
-    ):
+    score = as_score(value)  # numpy.bool_ is not a bool, numpy.int64 not an int
+    if score is not None:
         try:
-            return MetricResult(float(value))
+            return MetricResult(score)
         except MetricError as exc:
             raise MetricError(f"{where}: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise MetricError(f"{where}: not a number: {exc}") from None
     raise MetricError(
         f"{where}: a metric must return a MetricResult or a number in [0, 1], "
         f"got {type(value).__name__}"

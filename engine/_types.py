@@ -20,6 +20,7 @@ __all__ = [
     "OutcomeError",
     "RateLimitSnapshot",
     "Usage",
+    "as_score",
     "inputs_hash",
 ]
 
@@ -125,6 +126,23 @@ class Completion:
     sent_response_format: Mapping[str, Any] | None = None
 
 
+def as_score(value: object) -> float | None:
+    """A metric's plain number as a float, or ``None`` when ``value`` is not one.
+
+    Python's bool, int and float, and scalars of array libraries (NumPy's ``bool_``,
+    ``int64``, ``float32``; a 0-d array), which are not Python numbers: anything with
+    ``shape == ()`` whose ``item()`` is one.  Range and NaN are checked by the caller.
+    """
+    if isinstance(value, bool | int | float):
+        return float(value)
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == ():
+        inner = item()
+        if isinstance(inner, bool | int | float):
+            return float(inner)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class MetricResult:
     """A per-example metric result: ``score`` in [0, 1], optional feedback and trace."""
@@ -134,12 +152,10 @@ class MetricResult:
     trace: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        score = self.score
-        if isinstance(score, bool):
-            score = float(score)
-        if not isinstance(score, int | float) or math.isnan(score) or not 0.0 <= score <= 1.0:
+        score = as_score(self.score)
+        if score is None or math.isnan(score) or not 0.0 <= score <= 1.0:
             raise MetricError(f"a metric score must be a number in [0, 1], got {self.score!r}")
-        object.__setattr__(self, "score", float(score))
+        object.__setattr__(self, "score", score)
 
     def to_dict(self) -> dict[str, Any]:
         return {

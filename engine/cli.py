@@ -8,10 +8,10 @@ Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -25,13 +25,16 @@ import structlog
 from ._budget import Budget, BudgetMeter, Price
 from ._cache import Cache
 from ._endpoint import Endpoint, estimate_tokens
-from ._errors import ConfigError, EngineError
-from ._evaluate import Outcome, evaluate
+from ._errors import BudgetExceededError, ConfigError, EngineError, TooManyErrorsError
+from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
+from ._outputs import make_output_dir, replacing, replacing_path, write_private
+from ._preflight import Job, prepare
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
+from ._report import RunReport
 from ._runfile import EndpointSpec, RunFile, load_run_file, resolve
-from ._trainer import optimize
+from ._trainer import OptimizationResult, optimize
 
 __all__ = ["main"]
 
@@ -121,14 +124,6 @@ def _prices(run: RunFile) -> dict[str, Price]:
     return (run.budget or Budget()).price_table()
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file only its owner can read: outputs hold prompts and data."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-
-
 async def _open(stack: AsyncExitStack, spec: EndpointSpec) -> Any:
     """Build an adapter; if it holds resources (``async with``), the stack closes it."""
     adapter = spec.build()
@@ -183,10 +178,26 @@ def _plan(run: RunFile, command: str) -> dict[str, Any]:
     }
 
 
-async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
-    out_dir = Path(args.out) if args.out else run.output_dir
-    if run.optimizer is None:
-        raise ConfigError(f"{run.path}: [optimizer] is required for optimize")
+# [trainer] keys the run file validates but optimize() does not take yet on this branch;
+# they reach it once the trainer grows them (filtered here, never silently dropped there).
+_NOT_YET_OPTIMIZE = frozenset({"max_error_rate"})
+
+
+def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
+    """One JSON line on stdout.  NaN and infinities are not JSON: they become ``null``
+    with a ``<key>_note`` saying why there is no number."""
+    out: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            out[f"{key}_note"] = notes.get(key, "no number: nothing was scored")
+        else:
+            out[key] = value
+    sys.stdout.write(json.dumps(out, allow_nan=False) + "\n")
+
+
+async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> OptimizationResult:
+    assert run.optimizer is not None  # prepare() checked it
     async with AsyncExitStack() as stack:
         task = await _endpoint(stack, run.model)
         opt = await _endpoint(stack, run.optimizer)
@@ -200,9 +211,10 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
             ],
             enabled=args.log_mode == "progress",
         )
-        result = await optimize(
-            run.prompt,
-            run.train,
+        settings = {k: v for k, v in run.trainer.items() if k not in _NOT_YET_OPTIMIZE}
+        return await optimize(
+            job.prompt,
+            job.data,
             valset=run.val,
             metric=run.build_metric(),
             model=task,
@@ -211,32 +223,76 @@ async def _run_optimize(run: RunFile, args: argparse.Namespace) -> int:
             cache=cache,
             budget=run.budget,
             on_event=progress,
-            **run.trainer,
+            **settings,
         )
+
+
+def _write_optimize_outputs(out: Path, result: OptimizationResult) -> None:
     report = result.report
-    _write_private(out_dir / "best_prompt.json", json.dumps(result.prompt.to_dict(), indent=2))
-    _write_private(out_dir / "report.json", redact_text(report.to_json()))
-    _write_private(out_dir / "report.md", redact_text(report.to_markdown()))
-    _write_private(out_dir / "report.html", redact_text(report.to_html()))
+    write_private(out / "best_prompt.json", json.dumps(result.prompt.to_dict(), indent=2))
+    write_private(out / "report.json", redact_text(report.to_json()))
+    write_private(out / "report.md", redact_text(report.to_markdown()))
+    write_private(out / "report.html", redact_text(report.to_html()))
     try:
-        report.plot(out_dir / "scores.png")
+        with replacing_path(out / "scores.png") as temp:
+            report.plot(temp)
     except ImportError:
         sys.stderr.write(
             "matplotlib is not installed: no plot (pip install 'textgrad-engine[plot]')\n"
         )
-    sys.stdout.write(
-        json.dumps(
-            {
-                "score": result.score,
-                "val_score": result.val_score,
-                "initial_score": report.initial_score,
-                "stopped_reason": report.stopped_reason,
-                "calls": report.calls,
-                "output": str(out_dir),
-            }
+
+
+def _unscored(report: RunReport) -> str:
+    """Why an optimization ended with no score at all."""
+    return f"no training example was scored, every one errored (stopped: {report.stopped_reason})"
+
+
+def _stopped_unscored(reason: str) -> int:
+    """An optimization that ends with no prompt to ship: JSON with nulls, exit 1."""
+    nothing = math.nan  # printed as null with a note, like any missing score
+    summary = {"score": nothing, "initial_score": nothing, "stopped_reason": reason, "output": None}
+    _print_json(summary, {"score": reason, "initial_score": "see score_note"})
+    sys.stderr.write(f"failed: {reason}\n")
+    return EXIT_FAILED
+
+
+async def _run_optimize(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+    created = not job.out.exists()
+    make_output_dir(job.out, job.out_option)
+    try:
+        return _finish_optimize(job, await _optimize(run, args, job))
+    except BudgetExceededError as exc:  # before the initial prompt had a score
+        return _stopped_unscored(
+            f"the run stopped before its first evaluation finished (budget: {exc.message}); "
+            "no prompt was scored: raise the budget"
         )
-        + "\n"
-    )
+    except TooManyErrorsError as exc:
+        return _stopped_unscored(f"error rate: {exc.message}")
+    finally:
+        if created:  # leave no empty folder behind a run that wrote nothing
+            with contextlib.suppress(OSError):
+                job.out.rmdir()  # only ever removes an empty folder
+
+
+def _finish_optimize(job: Job, result: OptimizationResult) -> int:
+    report = result.report
+    summary: dict[str, Any] = {
+        "score": result.score,
+        "val_score": result.val_score,
+        "initial_score": report.initial_score,
+        "stopped_reason": report.stopped_reason,
+        "calls": report.calls,
+        "output": str(job.out),
+    }
+    if math.isnan(result.score):
+        # nothing measured: no best prompt to ship, and the last good outputs stay
+        reason = _unscored(report)
+        notes = {"score": reason, "initial_score": "see score_note"}
+        _print_json({**summary, "output": None}, notes)
+        sys.stderr.write(f"failed: {reason}\n")
+        return EXIT_FAILED
+    _write_optimize_outputs(job.out, result)
+    _print_json(summary, {"val_score": "no validation example was scored, every one errored"})
     return EXIT_OK
 
 
@@ -247,51 +303,55 @@ def _load_prompt(path: str) -> Prompt:
         raise ConfigError(f"--prompt {path}: {exc}") from None
 
 
-async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
-    prompt = args.prompt_override or run.prompt
-    data = run.val if args.split == "val" else run.train
-    if data is None:
-        raise ConfigError(f"{run.path}: no [data].val to evaluate")
-    out_path = Path(args.out) if args.out else run.output_dir / f"evaluation_{args.split}.jsonl"
-    out_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as sink:
+async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: TextIO) -> Evaluation:
+    def stream(outcome: Outcome) -> None:
+        sink.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
 
-        def stream(outcome: Outcome) -> None:
-            sink.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
+    async with AsyncExitStack() as stack:
+        task = await _endpoint(stack, run.model)
+        cache = await stack.enter_async_context(_cache(run))
+        if run.batch is not None:
+            # Bulk first: the Batch API fills the cache at half price; whatever it
+            # could not answer is paid below through the normal, limited path.
+            bulk = await _open(stack, run.batch)
+            filled = await bulk.prefill(job.prompt, job.data, cache=cache, model=task)
+            sys.stderr.write(
+                f"batch: {filled.filled} of {filled.submitted} filled "
+                f"({filled.failed} failed, {filled.expired} expired, "
+                f"{filled.already_cached} already cached)\n"
+            )
+        progress = _Progress(
+            sys.stderr,
+            [(task, _prices(run).get(job.prompt.model))],
+            enabled=args.log_mode == "progress",
+        )
+        return await evaluate(
+            job.prompt,
+            job.data,
+            model=task,
+            metric=run.build_metric(),
+            cache=cache,
+            on_event=progress,
+            on_outcome=stream,
+            keep_outcomes=False,
+            progress_interval=0.5,
+        )
 
-        async with AsyncExitStack() as stack:
-            task = await _endpoint(stack, run.model)
-            cache = await stack.enter_async_context(_cache(run))
-            if run.batch is not None:
-                # Bulk first: the Batch API fills the cache at half price; whatever it
-                # could not answer is paid below through the normal, limited path.
-                bulk = await _open(stack, run.batch)
-                filled = await bulk.prefill(prompt, data, cache=cache, model=task)
-                sys.stderr.write(
-                    f"batch: {filled.filled} of {filled.submitted} filled "
-                    f"({filled.failed} failed, {filled.expired} expired, "
-                    f"{filled.already_cached} already cached)\n"
-                )
-            progress = _Progress(
-                sys.stderr,
-                [(task, _prices(run).get(prompt.model))],
-                enabled=args.log_mode == "progress",
-            )
-            result = await evaluate(
-                prompt,
-                data,
-                model=task,
-                metric=run.build_metric(),
-                cache=cache,
-                on_event=progress,
-                on_outcome=stream,
-                keep_outcomes=False,
-                progress_interval=0.5,
-            )
+
+async def _run_evaluate(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+    make_output_dir(job.out.parent, job.out_option)
+    # The old file stays whole until this run has written every outcome.
+    with replacing(job.out) as sink:
+        result = await _evaluate(run, args, job, sink)
     summary = result.to_dict()
-    summary["output"] = str(out_path)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    summary["output"] = str(job.out)
+    _print_json(
+        summary,
+        {
+            "score": f"no example was scored: {result.errors} of {result.completed} errored "
+            f"(each error is in {job.out})"
+        },
+    )
     return EXIT_OK if result.errors == 0 else EXIT_FAILED
 
 
@@ -322,17 +382,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _main(args: argparse.Namespace, run: RunFile) -> int:
+async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
     if args.dry_run:
-        for spec in (run.model, run.optimizer):
-            if spec is not None:
-                resolve(spec.adapter, "adapter")
-        run.build_metric()
         sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
         return EXIT_OK
     if args.command == "optimize":
-        return await _run_optimize(run, args)
-    return await _run_evaluate(run, args)
+        return await _run_optimize(run, args, job)
+    return await _run_evaluate(run, args, job)
+
+
+def _unapplied(run: RunFile) -> list[str]:
+    """Keys the run file validates that this build does not apply yet (they are wired
+    into evaluate/optimize separately): announced, never silently ignored."""
+    endpoints = (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch))
+    given = [
+        ("[metric] global (scores use the mean)", run.global_metric_spec is not None),
+        ("[metric] timeout", "timeout" in run.raw.get("metric", {})),
+        ("[metric] threads", run.metric_threads is not None),
+        ("[cache] url (this run keeps no cache)", run.cache_url is not None),
+        ("[cluster] (this run is local)", run.cluster is not None),
+        ("[trainer] max_error_rate", "max_error_rate" in run.trainer),
+        *(
+            (f"[{name}] cache_namespace", spec is not None and spec.cache_namespace is not None)
+            for name, spec in endpoints
+        ),
+    ]
+    return [name for name, present in given if present]
+
+
+def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
+    """Read and check everything before the event loop starts: run file, datasets,
+    prompt file, metric, outputs."""
+    run = load_run_file(args.run_file)
+    unapplied = _unapplied(run)
+    if unapplied:
+        sys.stderr.write(
+            f"warning: {run.path}: validated but not applied by this version: "
+            + "; ".join(unapplied)
+            + "\n"
+        )
+    prompt_path = getattr(args, "prompt", None)
+    job = prepare(
+        run,
+        args.command,
+        out=args.out,
+        split=getattr(args, "split", "train"),
+        prompt=_load_prompt(prompt_path) if prompt_path else None,
+        prompt_path=prompt_path,
+        check_keys=not args.dry_run,
+    )
+    return run, job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -349,10 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     try:
-        # Run files, datasets and prompt files are read before the event loop starts.
-        run = load_run_file(args.run_file)
-        args.prompt_override = _load_prompt(args.prompt) if getattr(args, "prompt", None) else None
-        return anyio.run(_main, args, run)
+        run, job = _prepare(args)
+        return anyio.run(_main, args, run, job)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; rerun the same command to resume from the cache\n")
         return EXIT_INTERRUPTED
@@ -361,4 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except EngineError as exc:
         sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n")
+        return EXIT_FAILED
+    except OSError as exc:  # a disk that fills up or goes away mid-run
+        sys.stderr.write(f"failed: {redact_text(str(exc))}\n")
         return EXIT_FAILED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,17 +11,25 @@ from pathlib import Path
 
 import pytest
 
+from adapters.simulated_server import ServerConfig, SimulatedServer
+from engine._preflight import OPTIMIZE_FILES
+
+from .test_bad_input import RUN, _rows
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "engine", *args],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=cwd or ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -38,6 +47,9 @@ def demo(tmp_path: Path) -> Path:
 
 
 def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
+    (demo / "out").mkdir()
+    (demo / "out" / "report.json").write_text("an older report")
+    (demo / "out" / "report.json").chmod(0o644)  # its mode must not survive the rewrite
     done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -54,7 +66,8 @@ def test_optimize_then_evaluate_the_bundled_run(demo: Path) -> None:
         "<svg" in page and "Prompt: initial vs best" in page and "only&nbsp;the&nbsp;number" in page
     )
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
-    assert oct((out / "report.json").stat().st_mode & 0o777) == "0o600"
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o600"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(OPTIMIZE_FILES)  # no temp file left
 
     again = run_cli(
         "evaluate",
@@ -104,13 +117,13 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("batch_size = 4", 'batch_size = "four"')
             ),
-            "batch_size must be int",
+            'demo.toml:29: [trainer] batch_size must be an integer, got "four"',
         ),
         (
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("rpm = 6000", "rpm = -1")
             ),
-            "rpm must be a positive number",
+            "[model.limits] rpm must be a number > 0.0, got -1",
         ),
         (
             lambda d: (d / "demo.toml").write_text(
@@ -120,7 +133,7 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
                     "options = { latency = 0.02 }", 'options = { api_key = "sk-abcdefghijkl" }'
                 )
             ),
-            "secrets come from the environment",
+            "[model] options.api_key holds a secret; run files never hold secrets",
         ),
         (lambda d: (d / "demo.toml").write_text("[prompt\n"), "not valid TOML"),
     ],
@@ -203,3 +216,100 @@ def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) ->
     assert (
         data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
     )  # a blank page is about 9 KB, the report about 85 KB
+
+
+def _server_run(folder: Path, server: SimulatedServer, model_lines: str = "") -> Path:
+    """The bad-input table's run file against ``server``; ``model_lines`` go into
+    its [model] section."""
+    (folder / "train.jsonl").write_text(_rows("t", 8))
+    (folder / "val.jsonl").write_text(_rows("v", 4))
+    text = RUN.replace("BASE_URL", server.base_url)
+    path = folder / "run.toml"
+    path.write_text(text.replace("\n[optimizer]", model_lines + "\n[optimizer]", 1))
+    return path
+
+
+def test_evaluate_replaces_its_output_whole_and_private(tmp_path: Path) -> None:
+    """An existing 0644 output is replaced by a complete 0600 file, no temp file left."""
+    out = tmp_path / "results.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o644)
+    with SimulatedServer(ServerConfig()) as server:
+        run = _server_run(tmp_path, server)
+        done = run_cli("evaluate", str(run), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == [f"t{i}" for i in range(8)]
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".results")]
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "message"),
+    [
+        ({"RUNFILE_TEST_KEY": "wrong-key"}, 1, "AuthenticationError"),  # fails mid-run
+        ({}, 2, "[model] api_key_env: environment variable RUNFILE_TEST_KEY is not set"),
+    ],
+)
+def test_a_failed_evaluate_leaves_the_old_output_untouched(
+    tmp_path: Path, env: dict[str, str], code: int, message: str
+) -> None:
+    """evaluate --out never truncates a result file before the run has succeeded."""
+    out = tmp_path / "results.jsonl"
+    out.write_text("a result worth keeping\n" * 1000)
+    before = out.read_bytes()
+    with SimulatedServer(ServerConfig(api_key="right-key")) as server:
+        run = _server_run(tmp_path, server, 'api_key_env = "RUNFILE_TEST_KEY"\n')
+        done = run_cli("evaluate", str(run), "--out", str(out), "--quiet", env=env)
+    assert done.returncode == code, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert out.read_bytes() == before
+    left = {p.name for p in tmp_path.iterdir()}
+    expected = {"results.jsonl", "run.toml", "train.jsonl", "val.jsonl"}  # no temp file
+    assert left == expected | ({"cache.sqlite"} if code == 1 else set())  # exit 2: nothing made
+
+
+def test_no_score_is_null_with_a_note_never_nan(tmp_path: Path) -> None:
+    """When every example errors, stdout is valid JSON: null and the reason."""
+    with SimulatedServer(ServerConfig(error_rate=1.0)) as server:
+        run = _server_run(tmp_path, server, "retry = { max_attempts = 1 }\n")
+        done = run_cli("evaluate", str(run), "--quiet")
+    assert done.returncode == 1, done.stderr
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in stdout")
+
+    summary = json.loads(done.stdout, parse_constant=no_constants)
+    assert summary["score"] is None and summary["errors"] == 8 and summary["scored"] == 0
+    assert summary["score_note"].startswith("no example was scored: 8 of 8 errored")
+
+
+def test_a_budget_that_stops_optimize_before_any_score_exits_1(demo: Path) -> None:
+    """No prompt was measured: exit 1 with the reason, no outputs, JSON without NaN."""
+    toml = demo / "demo.toml"
+    toml.write_text(toml.read_text().replace("max_calls = 5000", "max_calls = 1"))
+    done = run_cli("optimize", str(toml), "--quiet")
+    assert done.returncode == 1, done.stderr
+    assert "failed: the run stopped before its first evaluation finished (budget: call budget" in (
+        done.stderr
+    )
+    summary = json.loads(done.stdout)
+    assert summary["score"] is None and summary["initial_score"] is None
+    assert "budget" in summary["score_note"] and summary["output"] is None
+    assert not (demo / "out").exists()
+
+
+def test_keys_not_applied_yet_are_announced(demo: Path) -> None:
+    """A validated key that this version does not act on is a warning, never silence."""
+    toml = demo / "demo.toml"
+    toml.write_text(
+        toml.read_text().replace(
+            'use = "engine.metrics:ExactMatch"',
+            'use = "engine.metrics:ExactMatch"\nglobal = "engine.metrics:mean"\nthreads = 2',
+        )
+        + "\n[cluster]\naddress = 'local'\n"
+    )
+    done = run_cli("optimize", str(toml), "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "validated but not applied by this version: [metric] global" in done.stderr
+    assert "[metric] threads" in done.stderr and "[cluster]" in done.stderr
