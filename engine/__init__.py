@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import metrics
 from ._budget import DEFAULT_PRICES, Budget, BudgetMeter, Price
 from ._cache import Cache, CachedPrediction, CacheStatistics, metric_identity
+from ._cache_copy import copy_cache
 from ._endpoint import CallResult, Endpoint, EndpointStatistics
 from ._errors import (
     AuthenticationError,
@@ -37,6 +38,7 @@ from ._evaluate import Evaluation, GlobalMetric, Outcome, evaluate, validate_exa
 from ._events import Emitter, Event, EventCallback
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._parsing import parse_json_object
+from ._postgres import PostgresStore
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, redact_text
@@ -110,6 +112,7 @@ __all__ = [
     "Outcome",
     "OutcomeError",
     "PermanentError",
+    "PostgresStore",
     "Price",
     "Prompt",
     "ProposalError",
@@ -125,6 +128,7 @@ __all__ = [
     "StepRecord",
     "TransientError",
     "Usage",
+    "copy_cache",
     "evaluate",
     "metric_identity",
     "metrics",

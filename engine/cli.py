@@ -337,6 +337,10 @@ async def _main(args: argparse.Namespace, run: RunFile) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["cache"]:
+        from ._cache_cli import main as cache_main  # its own parser: `cache copy SRC DST`
+
+        return cache_main(arguments[1:])
     if arguments[:1] == ["bench"]:
         # its options are the benchmark's own; resolved at run time, as the engine
         # never imports adapters
