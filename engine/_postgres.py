@@ -14,6 +14,10 @@ interval.  Once ``max_pending`` rows wait, `put` waits for the writer (back-pres
 A failed batch is retried on a fresh connection twice; after that every `put` and
 `aclose` raises `CacheError`: a failure is never a silent miss.
 
+Reads: concurrent `get` calls share one query.  A reader task sends, in one
+``key = ANY($1)`` lookup, every key asked for while its previous query was out, so
+an evaluation's workers cost one round trip per batch of lookups, not one each.
+
 Single flight across processes (the protocol; ``owner`` is unique per computation)::
 
     value = await store.get(key)
@@ -74,6 +78,18 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 _RETRIES = 3  # attempts per batch before the writer gives up
 
 
+async def _keep_session(conn: Any) -> None:
+    return None
+
+
+def _settle(reads: dict[str, list[asyncio.Future[str | None]]], *, error: str) -> None:
+    """Fail every get() still waiting in ``reads`` with a `CacheError`."""
+    for futures in reads.values():
+        for future in futures:
+            if not future.done():
+                future.set_exception(CacheError(error))
+
+
 class PostgresStore:
     """A PostgreSQL table of JSON values, shared by every process that opens it.
 
@@ -132,10 +148,14 @@ class PostgresStore:
         self._waiters: dict[str, set[asyncio.Event]] = {}  # wait_for calls by key
         self._listen_lock = asyncio.Lock()  # one LISTEN connection, however many waiters
         self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reads: dict[str, list[asyncio.Future[str | None]]] = {}  # gets not yet sent
+        self._read_work = asyncio.Event()  # the reader has keys to look up
         self._writer_error: BaseException | None = None  # first failure of the writer
         self._stopping = False
         self._taken = self._written = 0  # batches taken by / committed by the writer
         self._committed = self._claims_won = self._claims_lost = 0
+        self._read_queries = self._keys_read = 0  # the reader's queries and keys they held
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Self:
@@ -156,6 +176,9 @@ class PostgresStore:
                 max_size=self.pool_size,
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
+                # The store changes no session state (no SET, LISTEN or session locks),
+                # so skip asyncpg's reset query: it doubled the round trips of a read.
+                reset=_keep_session,
             )
         except db_errors() as exc:
             raise CacheError(f"cannot connect to {display_url(self.url)}: {exc}") from exc
@@ -167,16 +190,18 @@ class PostgresStore:
             self._pool = None
             raise
         self._writer = asyncio.create_task(self._writer_loop(), name=f"pg-writer:{self.table}")
+        self._reader = asyncio.create_task(self._reader_loop(), name=f"pg-reader:{self.table}")
         return self
 
     async def aclose(self) -> None:
         """Commit everything written so far (and every release), then disconnect."""
         writer, self._writer = self._writer, None
-        if writer is not None:
-            self._stopping = True
-            self._work.set()
-            self._urgent.set()
-            await asyncio.wait([writer])
+        reader, self._reader = self._reader, None
+        self._stopping = True
+        self._work.set()
+        self._urgent.set()
+        self._read_work.set()
+        await asyncio.wait([task for task in (writer, reader) if task is not None])
         if self._listener is not None:
             listener, self._listener = self._listener, None
             with contextlib.suppress(*db_errors()):
@@ -204,8 +229,14 @@ class PostgresStore:
         value = self._pending.get(key)
         if value is not None:
             return value
-        raw = await self._query("fetchval", self._sql.get, key)
-        return None if raw is None else str(raw)
+        if self._reader is None or self._reader.done():
+            raise CacheError(f"{self!r} is not open; use 'async with PostgresStore(...)'")
+        # Concurrent reads share one query: the reader task sends every key asked for
+        # while its previous query was out (evaluate's workers ask dozens at a time).
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._reads.setdefault(key, []).append(future)
+        self._read_work.set()
+        return await future
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, str]:
         """The stored values of ``keys`` (absent keys are left out), in few queries."""
@@ -335,11 +366,13 @@ class PostgresStore:
             after = batch[-1][0]
 
     def statistics(self) -> dict[str, int]:
-        """Live counters: rows committed, rows pending, batches, claims won and lost."""
+        """Live counters: rows, batches, read queries and keys, claims won and lost."""
         return {
             "committed": self._committed,
             "pending": len(self._pending),
             "batches": self._written,
+            "read_queries": self._read_queries,
+            "keys_read": self._keys_read,
             "claims_won": self._claims_won,
             "claims_lost": self._claims_lost,
         }
@@ -392,6 +425,32 @@ class PostgresStore:
                 if attempt == _RETRIES - 1 or not is_connection_error(exc):
                     raise
                 await anyio.sleep(0.1 * 2**attempt)
+
+    async def _reader_loop(self) -> None:
+        try:
+            while self._reads or not self._stopping:
+                if not self._reads:
+                    await self._read_work.wait()
+                    self._read_work.clear()
+                    continue
+                batch, self._reads = self._reads, {}
+                self._read_queries += 1
+                self._keys_read += len(batch)
+                try:
+                    rows = await self._query("fetch", self._sql.get_many, list(batch))
+                except CacheError as exc:
+                    _settle(batch, error=exc.message)
+                    continue
+                found = {str(k): str(v) for k, v in rows}
+                for key, futures in batch.items():
+                    value = found.get(key)
+                    for future in futures:
+                        if not future.done():  # a cancelled get() leaves its future done
+                            future.set_result(value)
+        finally:
+            # However the reader ends, no get() is left waiting on it.
+            batch, self._reads = self._reads, {}
+            _settle(batch, error=f"{self._where()}: the store was closed during the read")
 
     def _wake_progress(self) -> None:
         self._progress.set()

@@ -564,3 +564,41 @@ def test_cli_copy_round_trip_and_exit_codes(pg_url: str, tmp_path: Path) -> None
         result = _cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stdout == ""
+
+
+async def test_concurrent_reads_share_queries(pg_url: str, table: str) -> None:
+    """Many gets at once come back right, in fewer queries than keys."""
+    async with PostgresStore(pg_url, table=table) as store:
+        for i in range(0, 200, 2):
+            await store.put(f"k{i}", json.dumps(i))
+        await store.flush()
+        found: dict[str, str | None] = {}
+
+        async def read(key: str) -> None:
+            found[key] = await store.get(key)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(read, f"k{i}")
+        stats = store.statistics()
+    assert found == {f"k{i}": (json.dumps(i) if i % 2 == 0 else None) for i in range(200)}
+    assert stats["keys_read"] == 200 and stats["read_queries"] < 50
+
+
+async def test_a_cancelled_read_leaves_the_store_usable(pg_url: str, table: str) -> None:
+    async with PostgresStore(pg_url, table=table) as store:
+        await store.put("k", '"v"')
+        await store.flush()
+        with anyio.move_on_after(0) as scope:
+            await store.get("k")
+        assert scope.cancelled_caught
+        assert await store.get("k") == '"v"'
+
+
+async def test_a_failed_read_raises_instead_of_missing(pg_url: str, table: str) -> None:
+    async with PostgresStore(pg_url, table=table) as store:
+        await _sql(pg_url, f'DROP TABLE "{table}"')
+        with pytest.raises(CacheError, match="UndefinedTable"):
+            await store.get("k")
+        with pytest.raises(CacheError, match="UndefinedTable"):
+            await store.get_many(["k"])
