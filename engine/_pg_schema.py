@@ -18,7 +18,7 @@ __all__ = [
     "check_url",
     "db_errors",
     "display_url",
-    "is_connection_error",
+    "is_retryable",
     "prepare_schema",
 ]
 
@@ -81,10 +81,16 @@ def check_url(url: str) -> str:
     return url
 
 
-def is_connection_error(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException) -> bool:
+    """A lost connection, or a transaction the server rolled back (deadlock victim)."""
     asyncpg = asyncpg_module()
     return isinstance(
-        exc, OSError | TimeoutError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.TransactionRollbackError,
     )
 
 
@@ -103,10 +109,13 @@ class Statements:
             " WHERE key = $1 AND expires_at > now())"
         )
         # One statement, so one transaction: the rows, then the claims they answer,
-        # then a notification per released key, all visible at the same commit.
+        # then a notification per released key, all visible at the same commit.  Rows
+        # go in key order: two processes upserting the same keys then lock them in
+        # the same order and cannot deadlock.
         self.write = (
             f"WITH up AS (INSERT INTO {kv} AS t (key, value)"
-            " SELECT * FROM unnest($1::text[], $2::text[])"
+            " SELECT * FROM unnest($1::text[], $2::text[]) AS r(key, value)"
+            ' ORDER BY r.key COLLATE "C"'
             " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
             " WHERE t.value IS DISTINCT FROM EXCLUDED.value),"
             f" gone AS (DELETE FROM {claims} c"

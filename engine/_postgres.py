@@ -11,7 +11,7 @@ Writes: `put` keeps the row in memory (reads see it at once) and a writer task
 upserts everything queued in one statement per batch, committed at most
 ``flush_interval`` after the first row of the batch, so a crash loses at most that
 interval.  Once ``max_pending`` rows wait, `put` waits for the writer (back-pressure).
-A failed batch is retried on a fresh connection twice; after that every `put` and
+A batch that lost its connection or was rolled back is retried twice; after that every `put` and
 `aclose` raises `CacheError`: a failure is never a silent miss.
 
 Reads: concurrent `get` calls share one query.  A reader task sends, in one
@@ -68,7 +68,7 @@ from ._pg_schema import (
     check_url,
     db_errors,
     display_url,
-    is_connection_error,
+    is_retryable,
     prepare_schema,
 )
 
@@ -156,6 +156,7 @@ class PostgresStore:
         self._taken = self._written = 0  # batches taken by / committed by the writer
         self._committed = self._claims_won = self._claims_lost = 0
         self._read_queries = self._keys_read = 0  # the reader's queries and keys they held
+        self._retries = 0  # write batches sent again
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Self:
@@ -292,7 +293,7 @@ class PostgresStore:
             self._claims_lost += 1
             return False
         won = await self._query("fetchval", self._sql.claim, key, owner, float(ttl))
-        if won and await self._query("fetchval", self._sql.get, key) is not None:
+        if won and await self.get(key) is not None:
             # The holder before us committed its value and released just as we took
             # over its row; the value is there, so there is nothing to compute.
             await self._query("execute", self._sql.drop_claim, key, owner)
@@ -366,11 +367,12 @@ class PostgresStore:
             after = batch[-1][0]
 
     def statistics(self) -> dict[str, int]:
-        """Live counters: rows, batches, read queries and keys, claims won and lost."""
+        """Live counters: rows, batches, retries, read queries and keys, claims."""
         return {
             "committed": self._committed,
             "pending": len(self._pending),
             "batches": self._written,
+            "retries": self._retries,
             "read_queries": self._read_queries,
             "keys_read": self._keys_read,
             "claims_won": self._claims_won,
@@ -421,9 +423,11 @@ class PostgresStore:
                 return
             except db_errors() as exc:
                 # The statement is idempotent, so a batch whose commit was lost with
-                # its connection is safe to send again; a server error is not transient.
-                if attempt == _RETRIES - 1 or not is_connection_error(exc):
+                # its connection, or that the server rolled back, is safe to send
+                # again; any other server error will not go away by itself.
+                if attempt == _RETRIES - 1 or not is_retryable(exc):
                     raise
+                self._retries += 1
                 await anyio.sleep(0.1 * 2**attempt)
 
     async def _reader_loop(self) -> None:

@@ -217,6 +217,26 @@ async def test_back_pressure_bounds_the_uncommitted_rows(pg_url: str, table: str
     assert (await _sql(pg_url, f'SELECT count(*) FROM "{table}"'))[0][0] == 1000
 
 
+async def test_two_writers_of_the_same_keys_do_not_deadlock(pg_url: str, table: str) -> None:
+    """Workers storing overlapping keys in different orders commit without a retry."""
+    keys = [f"p:{i:05d}" for i in range(2000)]
+    async with (
+        PostgresStore(pg_url, table=table) as one,
+        PostgresStore(pg_url, table=table) as two,
+    ):
+        for rnd in range(5):
+            for key in keys:
+                await one.put(key, f'"{rnd} one"')
+            for key in reversed(keys):
+                await two.put(key, f'"{rnd} two"')
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one.flush)
+                tg.start_soon(two.flush)
+        stats = [one.statistics(), two.statistics()]
+    assert [s["committed"] for s in stats] == [10_000, 10_000]
+    assert [s["retries"] for s in stats] == [0, 0]
+
+
 async def test_corrupted_row_is_an_error_not_a_miss(pg_url: str, table: str) -> None:
     async with Cache(PostgresStore(pg_url, table=table)) as cache:
         await evaluate(
