@@ -11,8 +11,9 @@ Writes: `put` keeps the row in memory (reads see it at once) and a writer task
 upserts everything queued in one statement per batch, committed at most
 ``flush_interval`` after the first row of the batch, so a crash loses at most that
 interval.  Once ``max_pending`` rows wait, `put` waits for the writer (back-pressure).
-A batch that lost its connection or was rolled back is retried twice; after that every `put` and
-`aclose` raises `CacheError`: a failure is never a silent miss.
+A statement that lost its connection or was rolled back (a deadlock victim) is
+retried twice on a fresh connection; after that a read raises `CacheError`, and a
+failed batch makes every later `put` and `aclose` raise it: never a silent miss.
 
 Reads: concurrent `get` calls share one query.  A reader task sends, in one
 ``key = ANY($1)`` lookup, every key asked for while its previous query was out, so
@@ -75,7 +76,7 @@ from ._pg_schema import (
 __all__ = ["PostgresStore"]
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,40}")
-_RETRIES = 3  # attempts per batch before the writer gives up
+_RETRIES = 3  # attempts per statement before a CacheError
 
 
 async def _keep_session(conn: Any) -> None:
@@ -156,7 +157,7 @@ class PostgresStore:
         self._taken = self._written = 0  # batches taken by / committed by the writer
         self._committed = self._claims_won = self._claims_lost = 0
         self._read_queries = self._keys_read = 0  # the reader's queries and keys they held
-        self._retries = 0  # write batches sent again
+        self._retries = 0  # statements sent again after a lost connection or a rollback
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Self:
@@ -177,6 +178,8 @@ class PostgresStore:
                 max_size=self.pool_size,
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
+                # who holds these connections, in pg_stat_activity
+                server_settings={"application_name": f"textgrad-engine {self.table}"},
                 # The store changes no session state (no SET, LISTEN or session locks),
                 # so skip asyncpg's reset query: it doubled the round trips of a read.
                 reset=_keep_session,
@@ -416,19 +419,7 @@ class PostgresStore:
 
     async def _write(self, rows: dict[str, str], releases: dict[str, str]) -> None:
         args = (list(rows), list(rows.values()), list(releases), list(releases.values()))
-        for attempt in range(_RETRIES):
-            try:
-                async with self._pool.acquire() as conn:
-                    await conn.execute(self._sql.write, *args)
-                return
-            except db_errors() as exc:
-                # The statement is idempotent, so a batch whose commit was lost with
-                # its connection, or that the server rolled back, is safe to send
-                # again; any other server error will not go away by itself.
-                if attempt == _RETRIES - 1 or not is_retryable(exc):
-                    raise
-                self._retries += 1
-                await anyio.sleep(0.1 * 2**attempt)
+        await self._query("execute", self._sql.write, *args)
 
     async def _reader_loop(self) -> None:
         try:
@@ -462,12 +453,23 @@ class PostgresStore:
 
     # -- helpers ----------------------------------------------------------------------
     async def _query(self, method: str, sql: str, *args: Any) -> Any:
-        if self._pool is None:
-            raise CacheError(f"{self!r} is not open; use 'async with PostgresStore(...)'")
-        try:
-            return await getattr(self._pool, method)(sql, *args)
-        except db_errors() as exc:
-            raise CacheError(f"{self._where()}: {type(exc).__name__}: {exc}") from exc
+        """Run one statement on a pooled connection; failures raise `CacheError`.
+
+        Every statement the store sends may be sent twice (reads, upserts, a claim
+        by the same owner, deletes), so one that lost its connection or that the
+        server rolled back (a deadlock victim) is retried on a fresh connection.
+        """
+        for attempt in range(_RETRIES):
+            if self._pool is None:
+                raise CacheError(f"{self!r} is not open; use 'async with PostgresStore(...)'")
+            try:
+                return await getattr(self._pool, method)(sql, *args)
+            except db_errors() as exc:
+                if attempt == _RETRIES - 1 or not is_retryable(exc):
+                    raise CacheError(f"{self._where()}: {type(exc).__name__}: {exc}") from exc
+            self._retries += 1
+            await anyio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _listen(self) -> None:
         """Start LISTENing for releases once; without it, `wait_for` polls."""
@@ -475,7 +477,11 @@ class PostgresStore:
             if self._listener is not None and not self._listener.is_closed():
                 return
             try:
-                conn = await asyncpg_module().connect(self.url, timeout=self.connect_timeout)
+                conn = await asyncpg_module().connect(
+                    self.url,
+                    timeout=self.connect_timeout,
+                    server_settings={"application_name": f"textgrad-engine {self.table}"},
+                )
                 await conn.add_listener(self._sql.channel, self._on_release)
             except db_errors():
                 return  # polling every poll_interval still finds the value

@@ -305,6 +305,68 @@ async def test_a_failed_write_raises_instead_of_losing_rows(pg_url: str, table: 
         await store.aclose()
 
 
+async def test_the_store_survives_its_connections_being_killed(pg_url: str, table: str) -> None:
+    """A server restart or an idle-connection reaper: reads and writes reconnect."""
+    async with (
+        PostgresStore(pg_url, table=table) as store,
+        PostgresStore(pg_url, table=table, poll_interval=0.2) as other,
+    ):
+        await store.put("a", '"1"')
+        await store.flush()
+        assert await other.claim("held", "o", ttl=30)
+        waiting = []
+
+        async def wait() -> None:
+            waiting.append(await store.wait_for("held", timeout=20))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.sleep(0.2)
+            killed = await _sql(
+                pg_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                f"textgrad-engine {table}",
+            )
+            assert len(killed) >= 3  # the pools of both stores and the LISTEN connection
+            assert await store.get("a") == '"1"'
+            await store.put("b", '"2"')
+            await store.flush()
+            await other.put("held", '"v"')
+            await other.release("held", "o")
+        assert waiting == ['"v"']  # found by polling after its LISTEN connection died
+
+
+async def test_a_read_cut_by_a_lost_connection_is_sent_again(pg_url: str, table: str) -> None:
+    """The backend dies under an in-flight read: the read is retried, not failed."""
+    async with PostgresStore(pg_url, table=table) as store:
+        await store.put("a", '"1"')
+        await store.flush()
+        blocker = await asyncpg.connect(pg_url)
+        try:
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute(f'LOCK TABLE "{table}" IN ACCESS EXCLUSIVE MODE')
+            got = []
+
+            async def read() -> None:
+                got.append(await store.get("a"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await anyio.sleep(0.3)  # the read now waits for the lock, in the server
+                await blocker.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = $1",
+                    f"textgrad-engine {table}",
+                )
+                await anyio.sleep(0.3)
+                await lock.commit()
+        finally:
+            await blocker.close()
+        assert got == ['"1"'] and store.statistics()["retries"] >= 1
+
+
 async def test_unreachable_server_and_bad_settings(pg_url: str) -> None:
     port = _free_port()  # nothing listens there
     url = f"postgresql://engine:s3cret-pw@127.0.0.1:{port}/postgres"
