@@ -82,7 +82,11 @@ def check_url(url: str) -> str:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """A lost connection, or a transaction the server rolled back (deadlock victim)."""
+    """A lost connection, or a transaction the server rolled back (deadlock victim).
+
+    A connection the server closed while it sat idle in the pool can surface as the
+    driver's InternalClientError ("cannot switch to state ...") on its next use.
+    """
     asyncpg = asyncpg_module()
     return isinstance(
         exc,
@@ -90,6 +94,7 @@ def is_retryable(exc: BaseException) -> bool:
         | TimeoutError
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
+        | asyncpg.exceptions.InternalClientError
         | asyncpg.TransactionRollbackError,
     )
 
