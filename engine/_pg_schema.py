@@ -15,6 +15,7 @@ from ._stores import _FORMAT
 __all__ = [
     "Statements",
     "asyncpg_module",
+    "check_table",
     "check_url",
     "db_errors",
     "display_url",
@@ -22,6 +23,7 @@ __all__ = [
     "prepare_schema",
 ]
 
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,40}")  # leaves room for the _claims suffix
 _QUERY_PASSWORD = re.compile(r"(?i)([?&](?:password|sslpassword)=)[^&#]*")
 
 # Expected columns of each table, by suffix of the table name.
@@ -79,6 +81,13 @@ def check_url(url: str) -> str:
             f"bad PostgreSQL URL {display_url(url)!r}: expected postgresql://USER@HOST:PORT/DB"
         )
     return url
+
+
+def check_table(table: str) -> str:
+    """Raise `ConfigError` unless ``table`` is a plain lowercase SQL identifier."""
+    if not _IDENTIFIER.fullmatch(table):
+        raise ConfigError(f"cache table {table!r} must be a lowercase SQL identifier (a-z, 0-9, _)")
+    return table
 
 
 def is_retryable(exc: BaseException) -> bool:

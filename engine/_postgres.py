@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable
@@ -66,6 +65,7 @@ from ._errors import CacheError, ConfigError
 from ._pg_schema import (
     Statements,
     asyncpg_module,
+    check_table,
     check_url,
     db_errors,
     display_url,
@@ -75,7 +75,6 @@ from ._pg_schema import (
 
 __all__ = ["PostgresStore"]
 
-_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 _RETRIES = 3  # attempts per statement before a CacheError
 
 
@@ -122,14 +121,12 @@ class PostgresStore:
         command_timeout: float = 30.0,
         create: bool = True,
     ) -> None:
-        if not _IDENTIFIER.fullmatch(table):
-            raise ConfigError(f"table {table!r} must be a lowercase SQL identifier")
         if flush_interval <= 0 or max_pending < 2 or pool_size < 1 or poll_interval <= 0:
             raise ConfigError(
                 "flush_interval and poll_interval must be > 0, max_pending >= 2, pool_size >= 1"
             )
         self.url = check_url(url)
-        self.table = table
+        self.table = check_table(table)
         self.flush_interval = flush_interval
         self.max_pending = max_pending
         self.pool_size = pool_size

@@ -21,6 +21,7 @@ from typing import Any
 from ._budget import Budget, Price
 from ._errors import ConfigError
 from ._limits import Limits
+from ._pg_schema import check_table, check_url
 from ._prompt import Prompt
 from ._retry import RetryPolicy
 from ._types import Example
@@ -160,6 +161,8 @@ class RunFile:
     cache_flush_interval: float
     output_dir: Path
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    cache_url: str | None = None  # a postgresql:// URL: the cache shared across workers
+    cache_table: str = "engine_cache"  # its table there
 
     def build_metric(self) -> Any:
         target = resolve(self.metric_spec, "[metric].use")
@@ -272,6 +275,14 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
 
     ct = _table(data, "cache", where)
     cache_path = (base / str(ct["path"])).resolve() if ct.get("path") else None
+    cache_url = _cache_url(ct, where)
+    if cache_url is not None and cache_path is not None:
+        raise ConfigError(f"{where}: [cache] takes a path (SQLite) or a url (PostgreSQL), not both")
+    cache_table = _typed(ct, "table", str, f"{where} [cache]") or "engine_cache"
+    try:
+        check_table(cache_table)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: [cache].table: {exc}") from None
     flush = _typed(ct, "flush_interval", (int, float), f"{where} [cache]")
     if flush is not None and not 0 < flush <= 5:
         raise ConfigError(f"{where}: [cache].flush_interval must be in (0, 5] seconds")
@@ -293,4 +304,17 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         cache_flush_interval=float(flush) if flush is not None else 0.2,
         output_dir=output_dir,
         raw=data,
+        cache_url=cache_url,
+        cache_table=cache_table,
     )
+
+
+def _cache_url(table: Mapping[str, Any], where: str) -> str | None:
+    """``[cache].url``: a shared PostgreSQL cache (its password belongs in PGPASSWORD)."""
+    url = _typed(table, "url", str, f"{where} [cache]")
+    if url is None:
+        return None
+    try:
+        return check_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: [cache].url: {exc}") from None

@@ -28,6 +28,7 @@ from ._endpoint import Endpoint, estimate_tokens
 from ._errors import ConfigError, EngineError
 from ._evaluate import Outcome, evaluate
 from ._events import Event
+from ._postgres import PostgresStore
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
 from ._runfile import EndpointSpec, RunFile, load_run_file, resolve
@@ -145,6 +146,13 @@ async def _endpoint(stack: AsyncExitStack, spec: EndpointSpec) -> Endpoint:
 
 @asynccontextmanager
 async def _cache(run: RunFile) -> AsyncIterator[Cache]:
+    if run.cache_url is not None:  # shared by every worker: [cache] url = "postgresql://..."
+        store = PostgresStore(
+            run.cache_url, table=run.cache_table, flush_interval=run.cache_flush_interval
+        )
+        async with Cache(store) as cache:
+            yield cache
+        return
     if run.cache_path is None:
         yield Cache()
         return

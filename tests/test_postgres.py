@@ -684,3 +684,68 @@ async def test_a_failed_read_raises_instead_of_missing(pg_url: str, table: str) 
             await store.get("k")
         with pytest.raises(CacheError, match="UndefinedTable"):
             await store.get_many(["k"])
+
+
+# -- run files: [cache] url -----------------------------------------------------------
+
+
+def _demo_run(tmp_path: Path, cache: str) -> Path:
+    """The bundled demo run with its [cache] section replaced."""
+    examples = ROOT / "examples"
+    for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):
+        shutil.copy(examples / name, tmp_path / name)
+    text = (examples / "demo.toml").read_text()
+    text = text.replace('path = "../out/demo/cache.sqlite"', cache).replace(
+        '"../out/demo"', '"out"'
+    )
+    assert cache in text
+    (tmp_path / "demo.toml").write_text(text)
+    return tmp_path / "demo.toml"
+
+
+def test_run_file_cache_url_shares_the_cache(pg_url: str, tmp_path: Path) -> None:
+    """`evaluate` with [cache] url: a second process pays for nothing."""
+    table = "t_" + uuid.uuid4().hex[:12]
+    run = _demo_run(tmp_path, f'url = "{pg_url}"\ntable = "{table}"')
+    try:
+        first = _evaluate_cli(run)
+        second = _evaluate_cli(run)
+    finally:
+        anyio.run(_drop, pg_url, table)
+    assert first["calls"] == 40 and first["cache_hits"] == 0
+    assert second["calls"] == 0 and second["cache_hits"] == 40
+    assert second["score"] == first["score"]
+
+
+def _evaluate_cli(run: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", str(run), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 1: some examples scored with errors
+    return dict(json.loads(done.stdout))
+
+
+@pytest.mark.parametrize(
+    ("cache", "message"),
+    [
+        ('url = "mysql://h/db"', "[cache].url: bad PostgreSQL URL"),
+        ('url = "postgresql://h/db"\npath = "c.sqlite"', "not both"),
+        ('url = "postgresql://h/db"\ntable = "Bad Name"', "[cache].table"),
+    ],
+)
+def test_run_file_cache_url_is_checked_before_any_call(
+    tmp_path: Path, cache: str, message: str
+) -> None:
+    run = _demo_run(tmp_path, cache)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", str(run), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
