@@ -76,6 +76,7 @@ from ._pg_schema import (
 __all__ = ["PostgresStore"]
 
 _RETRIES = 3  # attempts per statement before a CacheError
+_PAGE = 5000  # keys per get_many query
 
 
 async def _keep_session(conn: Any) -> None:
@@ -190,6 +191,7 @@ class PostgresStore:
             await self._pool.close()
             self._pool = None
             raise
+        self._stopping = False  # open again after aclose: the queues were drained
         self._writer = asyncio.create_task(self._writer_loop(), name=f"pg-writer:{self.table}")
         self._reader = asyncio.create_task(self._reader_loop(), name=f"pg-reader:{self.table}")
         return self
@@ -202,7 +204,9 @@ class PostgresStore:
         self._work.set()
         self._urgent.set()
         self._read_work.set()
-        await asyncio.wait([task for task in (writer, reader) if task is not None])
+        tasks = [task for task in (writer, reader) if task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
         if self._listener is not None:
             listener, self._listener = self._listener, None
             with contextlib.suppress(*db_errors()):
@@ -249,8 +253,8 @@ class PostgresStore:
                 found[key] = value
             else:
                 missing.append(key)
-        for start in range(0, len(missing), 5000):
-            rows = await self._query("fetch", self._sql.get_many, missing[start : start + 5000])
+        for start in range(0, len(missing), _PAGE):
+            rows = await self._query("fetch", self._sql.get_many, missing[start : start + _PAGE])
             found.update((str(k), str(v)) for k, v in rows)
         return found
 
@@ -260,7 +264,7 @@ class PostgresStore:
         self._queue[key] = value
         self._work.set()
         if self._waiters:
-            self._on_release(None, 0, self._sql.channel, key)  # a waiter in this process
+            self._wake_waiters(key)  # a wait_for in this process
         if len(self._pending) >= self.max_pending:
             # The writer is behind: wait until it has drained half the backlog, so
             # memory stays bounded on huge runs.
@@ -479,12 +483,19 @@ class PostgresStore:
                     timeout=self.connect_timeout,
                     server_settings={"application_name": f"textgrad-engine {self.table}"},
                 )
-                await conn.add_listener(self._sql.channel, self._on_release)
             except db_errors():
                 return  # polling every poll_interval still finds the value
+            try:
+                await conn.add_listener(self._sql.channel, self._on_release)
+            except db_errors():
+                conn.terminate()
+                return
             self._listener = conn
 
     def _on_release(self, conn: Any, pid: int, channel: str, key: str) -> None:
+        self._wake_waiters(key)  # a NOTIFY from whichever process released ``key``
+
+    def _wake_waiters(self, key: str) -> None:
         for event in self._waiters.get(key, ()):
             event.set()
 
@@ -498,9 +509,9 @@ class PostgresStore:
 
     def _raise_writer_error(self) -> None:
         if self._writer_error is not None:
-            raise CacheError(
-                f"writing {self._where()} failed: {self._writer_error}"
-            ) from self._writer_error
+            error = self._writer_error
+            detail = error if isinstance(error, CacheError) else f"{self._where()}: {error!r}"
+            raise CacheError(f"writing the cache failed: {detail}") from error
 
     def _where(self) -> str:
         return f"{display_url(self.url)} table {self.table}"

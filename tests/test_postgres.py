@@ -195,6 +195,21 @@ async def test_pending_rows_are_read_back_before_their_commit(pg_url: str, table
         assert await store.get("absent") is None
 
 
+async def test_close_twice_and_open_again(pg_url: str, table: str) -> None:
+    store = PostgresStore(pg_url, table=table)
+    await store.aclose()  # never opened: nothing to do
+    async with store:
+        await store.put("a", '"1"')
+    await store.aclose()
+    with pytest.raises(CacheError, match="not open"):
+        await store.put("b", '"2"')
+    async with store:  # the same object opens again
+        assert await store.get("a") == '"1"'
+        await store.put("b", '"2"')
+    async with PostgresStore(pg_url, table=table) as fresh:
+        assert await fresh.get_many(["a", "b"]) == {"a": '"1"', "b": '"2"'}
+
+
 async def test_scan_pages_through_every_committed_row(pg_url: str, table: str) -> None:
     async with PostgresStore(pg_url, table=table) as store:
         for i in range(25):
