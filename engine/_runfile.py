@@ -273,19 +273,7 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
             prices=prices,
         )
 
-    ct = _table(data, "cache", where)
-    cache_path = (base / str(ct["path"])).resolve() if ct.get("path") else None
-    cache_url = _cache_url(ct, where)
-    if cache_url is not None and cache_path is not None:
-        raise ConfigError(f"{where}: [cache] takes a path (SQLite) or a url (PostgreSQL), not both")
-    cache_table = _typed(ct, "table", str, f"{where} [cache]") or "engine_cache"
-    try:
-        check_table(cache_table)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: [cache].table: {exc}") from None
-    flush = _typed(ct, "flush_interval", (int, float), f"{where} [cache]")
-    if flush is not None and not 0 < flush <= 5:
-        raise ConfigError(f"{where}: [cache].flush_interval must be in (0, 5] seconds")
+    cache = _cache_section(_table(data, "cache", where), base, where)
     ot = _table(data, "output", where)
     output_dir = (base / str(ot.get("dir", "out"))).resolve()
     return RunFile(
@@ -300,21 +288,32 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         batch=batch,
         trainer=trainer,
         budget=budget,
-        cache_path=cache_path,
-        cache_flush_interval=float(flush) if flush is not None else 0.2,
         output_dir=output_dir,
         raw=data,
-        cache_url=cache_url,
-        cache_table=cache_table,
+        **cache,
     )
 
 
-def _cache_url(table: Mapping[str, Any], where: str) -> str | None:
-    """``[cache].url``: a shared PostgreSQL cache (its password belongs in PGPASSWORD)."""
-    url = _typed(table, "url", str, f"{where} [cache]")
-    if url is None:
-        return None
+def _cache_section(ct: Mapping[str, Any], base: Path, where: str) -> dict[str, Any]:
+    """``[cache]``: a SQLite ``path``, or a PostgreSQL ``url`` (and ``table``) shared by
+    workers, whose password belongs in PGPASSWORD rather than in the file."""
+    cache_path = (base / str(ct["path"])).resolve() if ct.get("path") else None
+    url = _typed(ct, "url", str, f"{where} [cache]")
+    table = _typed(ct, "table", str, f"{where} [cache]") or "engine_cache"
+    if url is not None and cache_path is not None:
+        raise ConfigError(f"{where}: [cache] takes a path (SQLite) or a url (PostgreSQL), not both")
     try:
-        return check_url(url)
+        if url is not None:
+            check_url(url)
+        check_table(table)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: [cache].url: {exc}") from None
+        raise ConfigError(f"{where}: [cache]: {exc}") from None
+    flush = _typed(ct, "flush_interval", (int, float), f"{where} [cache]")
+    if flush is not None and not 0 < flush <= 5:
+        raise ConfigError(f"{where}: [cache].flush_interval must be in (0, 5] seconds")
+    return {
+        "cache_path": cache_path,
+        "cache_flush_interval": float(flush) if flush is not None else 0.2,
+        "cache_url": url,
+        "cache_table": table,
+    }

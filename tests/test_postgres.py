@@ -747,9 +747,9 @@ def _evaluate_cli(run: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("cache", "message"),
     [
-        ('url = "mysql://h/db"', "[cache].url: bad PostgreSQL URL"),
+        ('url = "mysql://h/db"', "[cache]: bad PostgreSQL URL"),
         ('url = "postgresql://h/db"\npath = "c.sqlite"', "not both"),
-        ('url = "postgresql://h/db"\ntable = "Bad Name"', "[cache].table"),
+        ('url = "postgresql://h/db"\ntable = "Bad Name"', "[cache]: cache table"),
     ],
 )
 def test_run_file_cache_url_is_checked_before_any_call(
