@@ -67,13 +67,13 @@ def main(argv: Sequence[str]) -> int:
     except EngineError as exc:
         sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n")
         return EXIT_FAILED
-    summary = {
-        "command": "cache copy",
-        "src": _show(args.src),
-        "dst": _show(args.dst),
-        "rows": rows,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    summary: dict[str, object] = {"command": "cache copy", "src": _show(args.src)}
+    if is_postgres_url(args.src):
+        summary["src_table"] = args.src_table
+    summary["dst"] = _show(args.dst)
+    if is_postgres_url(args.dst):
+        summary["dst_table"] = args.dst_table
+    summary.update(rows=rows, seconds=round(time.perf_counter() - started, 3))
     sys.stdout.write(json.dumps(summary) + "\n")
     return EXIT_OK
 

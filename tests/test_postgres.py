@@ -644,6 +644,7 @@ def test_cli_copy_round_trip_and_exit_codes(pg_url: str, tmp_path: Path) -> None
         down = _cli("copy", pg_url, str(tmp_path / "b.sqlite"), "--src-table", table)
         assert up.returncode == 0 and down.returncode == 0, up.stderr + down.stderr
         assert json.loads(up.stdout)["rows"] == json.loads(down.stdout)["rows"] == 30
+        assert json.loads(up.stdout)["dst_table"] == json.loads(down.stdout)["src_table"] == table
         assert _sqlite_rows(tmp_path / "b.sqlite") == _sqlite_rows(tmp_path / "a.sqlite")
         assert stat.S_IMODE(os.stat(tmp_path / "b.sqlite").st_mode) == 0o600
         bad_format = tmp_path / "notes.sqlite"
