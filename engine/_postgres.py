@@ -141,21 +141,24 @@ class PostgresStore:
         self._pending: dict[str, str] = {}  # put but not yet committed: read-your-writes
         self._queue: dict[str, str] = {}  # put but not yet taken by the writer
         self._releases: dict[str, str] = {}  # claims to drop after the queued rows: key -> owner
-        self._work = asyncio.Event()  # the writer has something to do
-        self._urgent = asyncio.Event()  # ... and should not wait for flush_interval
-        self._progress = asyncio.Event()  # replaced after every batch; wakes flush/put
         self._waiters: dict[str, set[asyncio.Event]] = {}  # wait_for calls by key
-        self._listen_lock = asyncio.Lock()  # one LISTEN connection, however many waiters
+        self._new_signals()
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._reads: dict[str, list[asyncio.Future[str | None]]] = {}  # gets not yet sent
-        self._read_work = asyncio.Event()  # the reader has keys to look up
         self._writer_error: BaseException | None = None  # first failure of the writer
         self._stopping = False
         self._taken = self._written = 0  # batches taken by / committed by the writer
         self._committed = self._claims_won = self._claims_lost = 0
         self._read_queries = self._keys_read = 0  # the reader's queries and keys they held
         self._retries = 0  # statements sent again after a lost connection or a rollback
+
+    def _new_signals(self) -> None:
+        self._work = asyncio.Event()  # the writer has something to do
+        self._urgent = asyncio.Event()  # ... and should not wait for flush_interval
+        self._progress = asyncio.Event()  # replaced after every batch; wakes flush/put
+        self._read_work = asyncio.Event()  # the reader has keys to look up
+        self._listen_lock = asyncio.Lock()  # one LISTEN connection, however many waiters
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Self:
@@ -192,6 +195,7 @@ class PostgresStore:
             self._pool = None
             raise
         self._stopping = False  # open again after aclose: the queues were drained
+        self._new_signals()  # asyncio primitives bind to the loop that first waits on them
         self._writer = asyncio.create_task(self._writer_loop(), name=f"pg-writer:{self.table}")
         self._reader = asyncio.create_task(self._reader_loop(), name=f"pg-reader:{self.table}")
         return self

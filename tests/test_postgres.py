@@ -210,6 +210,20 @@ async def test_close_twice_and_open_again(pg_url: str, table: str) -> None:
         assert await fresh.get_many(["a", "b"]) == {"a": '"1"', "b": '"2"'}
 
 
+def test_one_store_object_in_two_event_loops(pg_url: str, table: str) -> None:
+    """A store opened, closed, then opened in another `anyio.run` (another loop)."""
+    store = PostgresStore(pg_url, table=table, flush_interval=0.05)
+
+    async def use(key: str) -> str | None:
+        async with store:
+            await store.put(key, '"x"')
+            await store.flush()
+            return await store.get("first")
+
+    assert anyio.run(use, "first") == '"x"'
+    assert anyio.run(use, "second") == '"x"'
+
+
 async def test_scan_pages_through_every_committed_row(pg_url: str, table: str) -> None:
     async with PostgresStore(pg_url, table=table) as store:
         for i in range(25):
