@@ -14,6 +14,7 @@ Everything listed in ``__all__`` here and in the public submodules (``metrics``,
 from . import data, metrics, stages, testing
 from ._budget import DEFAULT_PRICES, Budget, Price
 from ._cache import Cache, CachedPrediction, CacheStatistics
+from ._cache_copy import copy_cache
 from ._endpoint import Endpoint, EndpointStatistics
 from ._errors import (
     AuthenticationError,
@@ -40,6 +41,7 @@ from ._evaluate import evaluate, validate_examples
 from ._events import Event, EventCallback
 from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
+from ._postgres import PostgresStore
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
@@ -95,6 +97,7 @@ __all__ = [
     "Outcome",
     "OutcomeError",
     "PermanentError",
+    "PostgresStore",
     "Price",
     "Prompt",
     "ProposalError",
@@ -112,6 +115,7 @@ __all__ = [
     "TransientError",
     "Usage",
     "approx_tokens",
+    "copy_cache",
     "data",
     "evaluate",
     "metrics",

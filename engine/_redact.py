@@ -60,9 +60,11 @@ def register_secret(value: str | None) -> None:
     if isinstance(value, str) and len(value.strip()) >= _MIN_SECRET_LENGTH:
         _KNOWN.add(value.strip())
 
-# Shapes of provider credentials: OpenAI-style ``sk-...`` keys, bearer tokens, and
-# ``api_key=...`` / ``"api_key": "..."`` pairs in URLs, JSON and reprs.
+# Shapes of provider credentials: OpenAI-style ``sk-...`` keys, bearer tokens,
+# ``api_key=...`` / ``"api_key": "..."`` pairs in URLs, JSON and reprs, and the
+# password of a ``scheme://user:password@host`` URL (a database URL, a proxy).
 _SECRET_PATTERNS = (
+    re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]*:)([^\s/@]+)(?=@)"),
     re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9_\-\.=]{8,}"),
     re.compile(

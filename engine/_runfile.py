@@ -27,6 +27,7 @@ import msgspec
 from ._budget import Budget, Price
 from ._errors import ConfigError
 from ._limits import Limits
+from ._pg_schema import check_table, check_url
 from ._prompt import Prompt
 from ._retry import RetryPolicy
 from ._schema import (
@@ -133,6 +134,7 @@ class RunFile:
     val_path: Path | None = None
     prompt_file: Path | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    cache_table: str = "engine_cache"  # the table of a PostgreSQL cache
 
     @property
     def input_paths(self) -> dict[Path, str]:
@@ -305,6 +307,11 @@ def _cache_url(section: CacheSection, source: TomlSource) -> str | None:
             "[cache] url holds a password; run files never hold secrets: use PGPASSWORD or "
             "a .pgpass file",
         )
+    try:
+        check_url(url)
+        check_table(section.table)
+    except ConfigError as exc:
+        raise _fail(source, ["cache", "url"], f"[cache]: {exc.message}") from None
     return url
 
 
@@ -391,5 +398,6 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         train_path=train_path,
         val_path=val_path,
         prompt_file=_absolute(base, prompt_file) if prompt_file else None,
+        cache_table=cache.table,
         raw=data,
     )

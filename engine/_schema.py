@@ -138,6 +138,7 @@ class CacheSection(_Section, frozen=True):
 
     path: str | None = None
     url: str | None = None
+    table: str = "engine_cache"
     flush_interval: FlushInterval | None = None
 
 

@@ -29,6 +29,7 @@ from ._errors import BudgetExceededError, ConfigError, EngineError, TooManyError
 from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
+from ._postgres import PostgresStore
 from ._preflight import Job, prepare
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
@@ -140,6 +141,13 @@ async def _endpoint(stack: AsyncExitStack, spec: EndpointSpec) -> Endpoint:
 
 @asynccontextmanager
 async def _cache(run: RunFile) -> AsyncIterator[Cache]:
+    if run.cache_url is not None:  # shared by every worker: [cache] url = "postgresql://..."
+        store = PostgresStore(
+            run.cache_url, table=run.cache_table, flush_interval=run.cache_flush_interval
+        )
+        async with Cache(store) as cache:
+            yield cache
+        return
     if run.cache_path is None:
         yield Cache()
         return
@@ -436,6 +444,10 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["cache"]:
+        from ._cache_cli import main as cache_main  # its own parser: `cache copy SRC DST`
+
+        return cache_main(arguments[1:])
     if arguments[:1] == ["bench"]:
         # its options are the benchmark's own; resolved at run time, as the engine
         # never imports adapters
