@@ -29,6 +29,7 @@ from ._errors import ConfigError
 from ._limits import Limits
 from ._pg_schema import check_table, check_url
 from ._prompt import Prompt
+from ._redact import register_secret
 from ._retry import RetryPolicy
 from ._schema import (
     BudgetSection,
@@ -88,6 +89,7 @@ class EndpointSpec:
             key = os.environ.get(self.api_key_env)
             if not key:
                 raise ConfigError(f"environment variable {self.api_key_env} is not set")
+            register_secret(key)  # redacted by value from now on, whatever its shape
             options["api_key"] = key
         accepted = inspect.signature(cls).parameters
         if self.limits is not None and "limits" in accepted:

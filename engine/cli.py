@@ -40,6 +40,7 @@ from ._trainer import OptimizationResult, optimize
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+_METRIC_THREADS = 16  # evaluate()'s default, when [metric] threads is not given
 
 
 def _configure_logging(mode: str) -> None:
@@ -136,7 +137,7 @@ async def _open(stack: AsyncExitStack, spec: EndpointSpec) -> Any:
 async def _endpoint(stack: AsyncExitStack, spec: EndpointSpec) -> Endpoint:
     model = await _open(stack, spec)
     limits = spec.limits or getattr(model, "limits", None)
-    return Endpoint(model, limits=limits, retry=spec.retry)
+    return Endpoint(model, limits=limits, retry=spec.retry, namespace=spec.cache_namespace)
 
 
 @asynccontextmanager
@@ -188,9 +189,6 @@ def _plan(run: RunFile, command: str) -> dict[str, Any]:
 
 # [trainer] keys the run file validates but optimize() does not take yet on this branch;
 # they reach it once the trainer grows them (filtered here, never silently dropped there).
-_NOT_YET_OPTIMIZE = frozenset({"max_error_rate"})
-
-
 def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
     """One JSON line on stdout.  NaN and infinities are not JSON: they become ``null``
     with a ``<key>_note`` saying why there is no number."""
@@ -219,19 +217,21 @@ async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> Optimiz
             ],
             enabled=args.log_mode == "progress",
         )
-        settings = {k: v for k, v in run.trainer.items() if k not in _NOT_YET_OPTIMIZE}
         return await optimize(
             job.prompt,
             job.data,
             valset=run.val,
             metric=run.build_metric(),
+            global_metric=run.build_global_metric(),
+            metric_timeout=run.metric_timeout,
+            metric_threads=run.metric_threads or _METRIC_THREADS,
             model=task,
             optimizer_model=opt,
             optimizer_model_name=run.optimizer.model_name,
             cache=cache,
             budget=run.budget,
             on_event=progress,
-            **settings,
+            **run.trainer,
         )
 
 
@@ -338,6 +338,9 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
             job.data,
             model=task,
             metric=run.build_metric(),
+            global_metric=run.build_global_metric(),
+            metric_timeout=run.metric_timeout,
+            metric_threads=run.metric_threads or _METRIC_THREADS,
             cache=cache,
             on_event=progress,
             on_outcome=stream,
@@ -402,19 +405,7 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
 def _unapplied(run: RunFile) -> list[str]:
     """Keys the run file validates that this build does not apply yet (they are wired
     into evaluate/optimize separately): announced, never silently ignored."""
-    endpoints = (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch))
-    given = [
-        ("[metric] global (scores use the mean)", run.global_metric_spec is not None),
-        ("[metric] timeout", "timeout" in run.raw.get("metric", {})),
-        ("[metric] threads", run.metric_threads is not None),
-        ("[cache] url (this run keeps no cache)", run.cache_url is not None),
-        ("[cluster] (this run is local)", run.cluster is not None),
-        ("[trainer] max_error_rate", "max_error_rate" in run.trainer),
-        *(
-            (f"[{name}] cache_namespace", spec is not None and spec.cache_namespace is not None)
-            for name, spec in endpoints
-        ),
-    ]
+    given = [("[cluster] (this run is local)", run.cluster is not None)]
     return [name for name, present in given if present]
 
 
