@@ -312,10 +312,16 @@ class Endpoint:
     async def _before_retry(self, exc: ProviderError, call: _Attempts) -> None:
         """Sleep the backoff before another attempt, or re-raise ``exc`` to stop."""
         policy = self.retry
-        too_long = isinstance(exc, RateLimitedError) and (exc.retry_after or 0.0) > (
-            policy.max_retry_after
-        )
-        if exc.fatal or too_long or not policy.should_retry(exc, call.count):
+        if isinstance(exc, RateLimitedError) and (exc.retry_after or 0.0) > policy.max_retry_after:
+            self._counters.failed += 1
+            raise RateLimitedError(
+                f"the provider asked to wait {exc.retry_after:.0f}s (Retry-After), more than "
+                f"max_retry_after={policy.max_retry_after:g}s; raise RetryPolicy."
+                "max_retry_after to wait",
+                retry_after=exc.retry_after,
+                endpoint=self.name,
+            ) from exc
+        if exc.fatal or not policy.should_retry(exc, call.count):
             self._counters.failed += 1
             raise exc
         wait = policy.backoff(call.count, self._rng)

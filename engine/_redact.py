@@ -60,6 +60,7 @@ def register_secret(value: str | None) -> None:
     if isinstance(value, str) and len(value.strip()) >= _MIN_SECRET_LENGTH:
         _KNOWN.add(value.strip())
 
+
 # Shapes of provider credentials: OpenAI-style ``sk-...`` keys, bearer tokens,
 # ``api_key=...`` / ``"api_key": "..."`` pairs in URLs, JSON and reprs, and the
 # password of a ``scheme://user:password@host`` URL (a database URL, a proxy).

@@ -110,6 +110,12 @@ class ScriptedModel:
         self.stats = _Stats()
 
     @property
+    def cache_identity(self) -> str:
+        """Who answers, for cache keys: scripted models with other names are other
+        endpoints (their answers are never each other's cache hits)."""
+        return f"scripted:{self.name}"
+
+    @property
     def requests(self) -> list[ScriptedRequest]:
         return self.stats.requests
 

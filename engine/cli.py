@@ -105,6 +105,13 @@ class _Progress:
                 f"ETA {eta}"
             )
             self._write(line)
+        elif event.name == "endpoint.paused" and float(data.get("seconds", 0.0)) >= 1.0:
+            self._write(
+                f"paused by the provider until {data.get('until')} "
+                f"({float(data.get('seconds', 0.0)):.0f}s, {data.get('reason')}; "
+                f"endpoint {data.get('endpoint')})",
+                final=True,
+            )
         elif event.name == "optimize.step":
             val = data.get("val_score")
             self._write(

@@ -1,0 +1,309 @@
+"""Bounded time under hostile providers, and safe to embed in a service (issue #10).
+
+Tests that wait on the engine's own timers run on a fast-forwarded loop clock
+(``@pytest.mark.looptime``): an hour of provider pause takes milliseconds and a loaded
+machine cannot make them flaky; loop time is asserted, never wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from engine import (
+    Endpoint,
+    EndpointUnreachableError,
+    Example,
+    Limits,
+    QuotaExceededError,
+    RateLimitedError,
+    RetryPolicy,
+    evaluate,
+    register_secret,
+)
+from engine.metrics import ExactMatch
+from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
+
+from .conftest import echo_examples, echo_model, qa_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loop_now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+def _rate_limited_once(retry_after: float) -> ScriptedModel:
+    """Every example's first attempt is a 429 asking for ``retry_after`` seconds."""
+
+    def plan(request: ScriptedRequest) -> BaseException | None:
+        if request.attempt == 1:
+            return RateLimitedError(retry_after=retry_after, endpoint="scripted")
+        return None
+
+    return echo_model(faults=plan)
+
+
+# -- every wait is bounded and visible -----------------------------------------------
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_past_the_cap_fails_the_calls_at_once_naming_the_wait() -> None:
+    model = _rate_limited_once(3600)
+    endpoint = Endpoint(model, retry=RetryPolicy(deadline=10), limits=Limits(concurrency=2))
+    started = _loop_now()
+    result = await evaluate(qa_prompt(), echo_examples(6), model=endpoint, metric=ExactMatch())
+    assert _loop_now() - started < 1.0  # loop time: nothing waited for the hour
+    assert result.errors == 6
+    messages = [o.error.message for o in result.outcomes if o.error is not None]
+    assert all("3600" in m and "max_retry_after" in m for m in messages), messages
+    assert model.calls <= 2  # the first 429 closed the gate for everyone: no more sent
+
+
+@pytest.mark.looptime
+async def test_a_raised_cap_waits_out_the_pause_and_announces_it() -> None:
+    model = _rate_limited_once(3600)
+    endpoint = Endpoint(
+        model,
+        retry=RetryPolicy(max_retry_after=7200, base_delay=0.01),
+        limits=Limits(concurrency=1),
+    )
+    recorder = EventRecorder()
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(1), model=endpoint, metric=ExactMatch(), on_event=recorder
+    )
+    assert result.errors == 0 and result.score == 1.0
+    assert _loop_now() - started >= 3600
+    paused = recorder.named("endpoint.paused")
+    assert (
+        paused and paused[0].data["seconds"] == 3600 and paused[0].data["reason"] == "Retry-After"
+    )
+    assert len(str(paused[0].data["until"]).split(":")) == 3  # a wall-clock time HH:MM:SS
+
+
+@pytest.mark.looptime
+async def test_the_deadline_bounds_the_pause_gate_too() -> None:
+    model = _rate_limited_once(30)  # under the 60 s cap, past the 10 s deadline
+    endpoint = Endpoint(model, retry=RetryPolicy(deadline=10), limits=Limits(concurrency=1))
+    started = _loop_now()
+    result = await evaluate(qa_prompt(), echo_examples(3), model=endpoint, metric=ExactMatch())
+    assert _loop_now() - started < 10
+    assert result.errors == 3
+    assert any("deadline" in o.error.message for o in result.outcomes if o.error is not None)
+
+
+@pytest.mark.looptime
+async def test_a_metric_that_never_returns_is_a_metric_error_outcome() -> None:
+    async def hangs(example: Example, prediction: str) -> float:
+        await anyio.sleep_forever()
+        return 1.0
+
+    hangs.preflight = False  # type: ignore[attr-defined]
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=echo_model(), metric=hangs, metric_timeout=60
+    )
+    assert 60 <= _loop_now() - started < 61
+    assert result.errors == 4 and result.completed == 4
+    error = result.outcomes[0].error
+    assert error is not None and error.stage == "metric" and "within 60s" in error.message
+
+
+# -- fail fast when nothing can succeed ----------------------------------------------
+
+
+async def test_an_exhausted_quota_stops_the_run_at_once() -> None:
+    def plan(request: ScriptedRequest) -> BaseException | None:
+        return QuotaExceededError(
+            "You exceeded your current quota", endpoint="scripted", status=429
+        )
+
+    model = echo_model(faults=plan)
+    endpoint = Endpoint(model, limits=Limits(concurrency=4))
+    with pytest.raises(QuotaExceededError, match="quota"):
+        await evaluate(qa_prompt(), echo_examples(40), model=endpoint, metric=ExactMatch())
+    assert model.calls <= 4  # no retries: the first answers end it
+
+
+@pytest.mark.looptime
+async def test_an_endpoint_nothing_listens_at_opens_the_breaker() -> None:
+    def refused(request: ScriptedRequest) -> BaseException | None:
+        return ConnectionRefusedError(111, "Connection refused")
+
+    model = echo_model(faults=refused)
+    endpoint = Endpoint(model, limits=Limits(concurrency=8))
+    started = _loop_now()
+    with pytest.raises(EndpointUnreachableError, match="connection refused") as info:
+        await evaluate(qa_prompt(), echo_examples(40), model=endpoint, metric=ExactMatch())
+    assert _loop_now() - started < 5
+    assert "10 connection failures in a row" in str(info.value)
+    assert model.calls <= 10 + 8  # the threshold, plus what was already in flight
+    assert endpoint.statistics().breaker_open
+
+
+@pytest.mark.looptime
+async def test_the_breaker_lets_calls_through_again_after_its_cool_down() -> None:
+    down = True
+
+    def plan(request: ScriptedRequest) -> BaseException | None:
+        return ConnectionRefusedError(111, "Connection refused") if down else None
+
+    model = echo_model(faults=plan)
+    endpoint = Endpoint(model, retry=RetryPolicy(circuit_breaker=3), limits=Limits(concurrency=1))
+    with pytest.raises(EndpointUnreachableError):
+        await evaluate(qa_prompt(), echo_examples(5), model=endpoint, metric=ExactMatch())
+    down = False
+    with pytest.raises(EndpointUnreachableError):  # still open: fails without a call
+        calls = model.calls
+        await evaluate(qa_prompt(), echo_examples(1), model=endpoint, metric=ExactMatch())
+    assert model.calls == calls
+    await anyio.sleep(31)
+    result = await evaluate(qa_prompt(), echo_examples(2), model=endpoint, metric=ExactMatch())
+    assert result.score == 1.0 and not endpoint.statistics().breaker_open
+
+
+# -- one limiter per adapter, however it is shared ---------------------------------------
+
+
+async def test_concurrent_evaluations_of_one_adapter_share_its_endpoint() -> None:
+    """Two evaluate() calls given the same bare adapter hold one concurrency budget."""
+    model = ScriptedModel(
+        lambda r: r.messages[-1]["content"], latency=0.01, limits=Limits(concurrency=4)
+    )
+
+    async def run(prefix: str) -> None:
+        await evaluate(qa_prompt(), echo_examples(40, prefix), model=model, metric=ExactMatch())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "a")
+        tg.start_soon(run, "b")
+    assert model.stats.max_in_flight == 4  # not 8: one endpoint, one limiter
+    assert Endpoint.of(model) is Endpoint.of(model)
+
+
+def test_conflicting_limits_for_a_shared_adapter_are_an_error() -> None:
+    model = echo_model()
+    Endpoint.of(model, limits=Limits(concurrency=4))
+    with pytest.raises(ValueError, match="already runs under"):
+        Endpoint.of(model, limits=Limits(concurrency=8))
+
+
+# -- sync metrics do not block the loop ----------------------------------------------
+
+
+async def test_a_slow_sync_metric_runs_in_threads_not_on_the_loop() -> None:
+    def slow(example: Example, prediction: str) -> float:
+        time.sleep(0.2)
+        return 1.0
+
+    slow.preflight = False  # type: ignore[attr-defined]
+    model = echo_model(latency=0.01)
+    endpoint = Endpoint(model, retry=RetryPolicy(timeout=0.5), limits=Limits(concurrency=8))
+    started = time.monotonic()
+    result = await evaluate(qa_prompt(), echo_examples(40), model=endpoint, metric=slow)
+    wall = time.monotonic() - started
+    assert result.score == 1.0 and result.errors == 0
+    assert endpoint.statistics().timeouts == 0 and model.calls == 40  # no spurious retries
+    assert wall < 2.0  # 40 x 0.2 s would be 8 s on the loop
+
+
+# -- secrets redacted by value -------------------------------------------------------
+
+
+async def test_a_key_of_no_known_shape_is_redacted_where_a_gateway_echoes_it() -> None:
+    key = "Zq8vN3kT0pLm5Wc2Hx7Rb4Yd9Gf1Js6A"  # no sk- prefix, no known shape
+    register_secret(key)
+
+    def echo_key(request: ScriptedRequest) -> BaseException | None:
+        from engine import BadRequestError
+
+        return BadRequestError(f"invalid api key {key} for this deployment", status=400)
+
+    recorder = EventRecorder()
+    result = await evaluate(
+        qa_prompt(),
+        echo_examples(2),
+        model=echo_model(faults=echo_key),
+        metric=ExactMatch(),
+        on_event=recorder,
+    )
+    text = json.dumps([o.to_dict() for o in result.outcomes]) + repr(recorder.events)
+    assert key not in text and "[REDACTED]" in text
+
+
+def test_the_cli_redacts_a_shapeless_key_from_outcomes_and_stderr(tmp_path: Path) -> None:
+    key = "Pk4mX9bQ2wE7rT1yU6iO3aS8dF5gH0jL"
+    (tmp_path / "data.jsonl").write_text(
+        json.dumps({"id": "r1", "question": "q", "expected": "q"}) + "\n"
+    )
+    (tmp_path / "run.toml").write_text(
+        """
+[prompt]
+messages = [{ role = "user", content = "{question}" }]
+model = "m"
+[data]
+train = "data.jsonl"
+[model]
+adapter = "tests.key_echo:KeyEchoModel"
+api_key_env = "SHAPELESS_KEY"
+[output]
+dir = "out"
+"""
+    )
+    env = {**os.environ, "SHAPELESS_KEY": key}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", str(tmp_path / "run.toml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr  # the example errored
+    outcomes = (tmp_path / "out" / "evaluation_train.jsonl").read_text()
+    assert "invalid key" in outcomes and "[REDACTED]" in outcomes
+    for text in (outcomes, done.stdout, done.stderr):
+        assert key not in text
+
+
+# -- quiet as a library --------------------------------------------------------------
+
+_QUIET = """
+import anyio
+from engine import Example, Prompt, evaluate, RetryPolicy, Endpoint, TransientError
+from engine.metrics import ExactMatch
+from engine.testing import ScriptedModel, transient_faults
+
+async def main():
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    data = [Example({"q": f"x{i}"}, f"x{i}") for i in range(30)]
+    model = ScriptedModel(lambda r: r.messages[-1]["content"], faults=transient_faults(0.3))
+    endpoint = Endpoint(model, retry=RetryPolicy(base_delay=0.001))
+    await evaluate(prompt, data, model=endpoint, metric=ExactMatch(), progress_interval=0)
+
+%s
+anyio.run(main)
+"""
+
+
+def test_a_library_prints_nothing_unless_the_host_asks() -> None:
+    quiet = subprocess.run(
+        [sys.executable, "-c", _QUIET % ""], capture_output=True, text=True, check=True
+    )
+    assert quiet.stdout == "" and quiet.stderr == ""
+    asked = subprocess.run(
+        [sys.executable, "-c", _QUIET % "import logging; logging.basicConfig(level=logging.DEBUG)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "evaluation.finished" in asked.stderr and "call.retry" in asked.stderr
