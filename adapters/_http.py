@@ -10,9 +10,10 @@ does translate is what only it can see, the failures below HTTP:
     dropped mid-request or mid-response, reset, bad framing           TransientError
 
 Why aiohttp: against an instant server at 100 requests in flight, a plain aiohttp
-client spends about a sixth of the CPU per request of ``httpx2`` and a ninth of the
-OpenAI SDK (``benchmarks/client_cpu.py``).  The body is encoded once with orjson and
-the session is made lazily, on the running loop, on first use.
+client spends about a seventh of the CPU per request of plain ``httpx2`` and a
+fourteenth of the OpenAI SDK's typed create (``benchmarks/client_cpu.py``).  The body
+is encoded once with orjson; the session is made lazily, on the running loop, on
+first use.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ __all__ = ["AiohttpTransport", "connect_failure_reason"]
 # Connecting is bounded on its own so a dead host fails fast, whatever the call timeout;
 # below the whole request's timeout, so that a connect that hangs is reported as one.
 _CONNECT_TIMEOUT = 5.0
-# Idle keep-alive connections older than this are closed (servers drop them anyway).
-_KEEPALIVE = 30.0
+# Idle keep-alive connections are closed after this long: servers drop theirs (uvicorn
+# after 5 s, nginx 75 s), and reusing one the server is closing fails that request.
+_KEEPALIVE = 15.0
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -4,8 +4,9 @@ Two transports behind one translation (``adapters._wire``):
 
 - ``transport="aiohttp"`` (the default): one pooled, keep-alive ``aiohttp`` session per
   adapter, sized to the concurrency limit; the body is encoded once with orjson and the
-  answer parsed with it.  About 0.15 ms of client CPU per request where the SDK on
-  ``httpx2`` spends 1.4 ms (``benchmarks/client_cpu.py``, README "HTTP stack").
+  answer parsed with it.  `evaluate` through it spends about 0.17 ms of client CPU per
+  request end to end; through the SDK, 1.5-1.7 ms (``benchmarks/client_cpu.py``,
+  README "HTTP stack").
 - ``transport="sdk"``: the official ``openai`` SDK on ``httpx2``, as before, with its
   own retries off.  For setups only the SDK handles, and for trio.
 
@@ -109,7 +110,8 @@ class OpenAIChat:
             Azure).  A custom ``base_url`` may go without one (local servers).
         limits: the endpoint's `Limits` (picked up by `engine.Endpoint`); its
             concurrency also sizes the connection pool (default 32).
-        timeout: seconds for one HTTP request (connecting alone is capped at 5 s).
+        timeout: seconds for one HTTP request (connecting alone is capped at 5 s, or
+            half the timeout when that is shorter).
             The engine's `RetryPolicy.timeout` bounds the whole attempt as well.
         name: label for events and errors; default host and path of the endpoint.
         transport: ``"aiohttp"`` (lean, the default) or ``"sdk"`` (the openai SDK).
