@@ -66,12 +66,13 @@ def connect_failure_reason(exc: BaseException) -> str:
     """A few words saying why a connection could not be made: ``connection refused``,
     ``unknown host``, ``connect timeout``, ``TLS error: ...``."""
     for item in _chain(exc):
-        if isinstance(item, socket.gaierror) or type(item).__name__ == "ClientConnectorDNSError":
+        if isinstance(item, socket.gaierror | aiohttp.ClientConnectorDNSError):
             return "unknown host"
         if isinstance(item, ConnectionRefusedError) or getattr(item, "errno", None) == (
             errno.ECONNREFUSED
         ):
             return "connection refused"
+        # httpx2's ConnectTimeout is not a TimeoutError; named so the SDK stays optional
         if isinstance(item, TimeoutError) or type(item).__name__ == "ConnectTimeout":
             return "connect timeout"
         if isinstance(item, ssl.SSLError):

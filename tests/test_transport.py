@@ -313,3 +313,35 @@ def test_one_adapter_serves_two_event_loops_in_turn() -> None:
         assert anyio.run(ask) == anyio.run(ask) == "hello"
         anyio.run(chat.aclose)
     assert server.stats.paid == 2
+
+
+def test_connect_failures_say_why_in_a_few_words() -> None:
+    """What each transport's connect error chain reads as (a DNS failure is built here:
+    resolving a name would query the machine's resolver, off this host)."""
+    import aiohttp
+    import httpx2
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from adapters._http import connect_failure_reason
+
+    key = ConnectionKey("no-such-host.invalid", 443, True, True, None, None, None)
+    dns = aiohttp.ClientConnectorDNSError(key, socket.gaierror(-2, "Name or service not known"))
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connection refused"))
+
+    def chained(cause: OSError) -> httpx2.ConnectError:
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise httpx2.ConnectError(str(exc)) from exc
+        except httpx2.ConnectError as error:
+            return error
+
+    assert connect_failure_reason(dns) == "unknown host"
+    assert connect_failure_reason(refused) == "connection refused"
+    assert connect_failure_reason(chained(socket.gaierror(-2, "no name"))) == "unknown host"
+    assert (
+        connect_failure_reason(chained(ConnectionRefusedError(111, "no"))) == "connection refused"
+    )
+    assert connect_failure_reason(chained(OSError(113, "No route to host"))) == "host unreachable"
+    assert connect_failure_reason(chained(TimeoutError("timed out"))) == "connect timeout"
