@@ -345,3 +345,43 @@ def test_connect_failures_say_why_in_a_few_words() -> None:
     )
     assert connect_failure_reason(chained(OSError(113, "No route to host"))) == "host unreachable"
     assert connect_failure_reason(chained(TimeoutError("timed out"))) == "connect timeout"
+
+
+def test_the_server_command_line_takes_the_new_options() -> None:
+    """``python -m adapters.simulated_server`` with the quota and api-key flags."""
+    import subprocess
+    import sys
+
+    from engine import AuthenticationError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    key = "cli-key-3b9d2c7e"
+    command = [sys.executable, "-m", "adapters.simulated_server", "--port", str(port)]
+    command += ["--quota-exhausted", "--api-key", key, "--api-key-header"]
+    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+        async def ask(api_key: str) -> None:
+            async with OpenAIChat(
+                azure_endpoint=f"http://127.0.0.1:{port}",
+                azure_deployment="d",
+                api_version="2024-10-21",
+                api_key=api_key,
+            ) as chat:
+                await chat.complete(HELLO, model="m")
+
+        with pytest.raises(QuotaExceededError):  # the api-key header passed, then quota
+            anyio.run(ask, key)
+        with pytest.raises(AuthenticationError):
+            anyio.run(ask, "wrong")
+    finally:
+        server.terminate()
+        server.wait(10)
