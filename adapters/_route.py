@@ -41,13 +41,13 @@ class Route:
     ``headers`` and ``api_key`` hold secrets: `Route` never prints them.
     """
 
-    url: str  # the chat-completions URL, query included
+    url: str = field(repr=False)  # the chat-completions URL, query (maybe secret) included
     headers: Mapping[str, str] = field(repr=False)  # lower-case names
     display: str  # scheme://host[:port]/path: safe in messages
     identity: str  # cache identity: kind + display (+ Azure deployment and api-version)
     label: str  # short name for events: host[:port]/path
     # what the SDK transport needs to build the same request its own way
-    base_url: str = ""
+    base_url: str = field(default="", repr=False)
     api_key: str | None = field(default=None, repr=False)
     user_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     user_query: Mapping[str, str] = field(default_factory=dict, repr=False)

@@ -175,6 +175,14 @@ class OpenAIBatch:
                     tg.start_soon(self._collect, batch_id, prompt, by_key, cache, report)
         except openai.APIError as exc:
             raise self._translate(exc) from exc
+        except ExceptionGroup as group:  # a poll or download inside the task group failed
+            failed, _ = group.split(openai.APIError)
+            if failed is None:
+                raise
+            first = failed.exceptions[0]
+            while isinstance(first, ExceptionGroup):
+                first = first.exceptions[0]
+            raise self._translate(first) from group
         return report
 
     def _translate(self, exc: openai.APIError) -> ProviderError:

@@ -385,3 +385,28 @@ def test_the_server_command_line_takes_the_new_options() -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_a_batch_endpoint_gone_mid_poll_is_a_connection_failure_not_a_group(
+    tmp_path: Path,
+) -> None:
+    """A poll failing inside the batch's task group surfaces as the engine's error."""
+    server = SimulatedServer(ServerConfig(batch_delay=30.0))
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with (
+            OpenAIBatch(base_url=server.base_url, poll_interval=0.05) as batch,
+            Cache.sqlite(str(tmp_path / "c.sqlite")) as cache,
+        ):
+
+            async def stop_after_the_first_poll() -> None:
+                while server.batches.stats.polls == 0:
+                    await anyio.sleep(0.02)
+                await anyio.to_thread.run_sync(server.stop)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_after_the_first_poll)
+                with pytest.raises(ConnectionFailedError, match="connection refused"):
+                    await batch.prefill(qa_prompt(), echo_examples(5), cache=cache)
+    finally:
+        await anyio.to_thread.run_sync(server.stop)
