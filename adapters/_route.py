@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from engine import ConfigError
 
@@ -54,6 +54,16 @@ class Route:
     azure_endpoint: str | None = None
     azure_deployment: str | None = None
     api_version: str | None = None
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every value this route sends that may be a credential: the key, the caller's
+        header and query values (a bearer token alone too), the base URL's query."""
+        values = [self.api_key or "", *self.user_headers.values(), *self.user_query.values()]
+        values += [value for _, value in parse_qsl(urlsplit(self.base_url).query)]
+        values += [value.split(" ", 1)[1] for value in values if " " in value]
+        # short values ("1", "eu") are settings, and replacing them would garble text
+        return tuple(sorted({v for v in values if len(v) >= 8 and v != "no-key"}, key=len))
 
 
 def _strings(value: Mapping[str, str] | None, what: str) -> dict[str, str]:

@@ -25,7 +25,7 @@ import email.utils
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,8 @@ _LIMIT_HEADERS = (
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
 )
+# The marker the engine's own redaction uses (engine._redact.REDACTED).
+REDACTED = "[REDACTED]"
 # How much of an error body a message quotes: enough for the provider's sentence,
 # not a gateway's whole HTML page.
 _DETAIL_CHARS = 300
@@ -201,12 +203,28 @@ def _body_text(body: bytes) -> str:
     return text[:_DETAIL_CHARS] + ("..." if len(text) > _DETAIL_CHARS else "")
 
 
+def _scrub(text: str, secrets: Sequence[str]) -> str:
+    # longest first, so a token inside a longer header value goes with it
+    for secret in reversed(secrets):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def translate_status(
-    status: int, headers: Mapping[str, str], body: bytes, *, endpoint: str
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    endpoint: str,
+    secrets: Sequence[str] = (),
 ) -> ProviderError:
-    """The engine error for a non-2xx answer (see the table in the module docstring)."""
+    """The engine error for a non-2xx answer (see the table in the module docstring).
+
+    ``secrets`` (sorted by length) are removed from the quoted error text by value: a
+    gateway that echoes a key of no known shape must not put it in an error.
+    """
     message, code, kind = _error_fields(body)
-    detail = (message or _body_text(body) or "no body")[: _DETAIL_CHARS * 2]
+    detail = _scrub((message or _body_text(body) or "no body")[: _DETAIL_CHARS * 2], secrets)
     if status == 429:
         if "insufficient_quota" in (code, kind):
             return QuotaExceededError(
@@ -227,7 +245,7 @@ def translate_status(
         return BadRequestError(detail, endpoint=endpoint, status=status)
     if 300 <= status < 400 and headers.get("location"):
         # API calls are never redirected on purpose: a wrong scheme or path in base_url
-        detail = f"redirected to {headers['location']}; point the base URL there"
+        detail = _scrub(f"redirected to {headers['location']}; point the base URL there", secrets)
     return PermanentError(detail, endpoint=endpoint, status=status)
 
 

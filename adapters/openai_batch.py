@@ -98,6 +98,7 @@ class OpenAIBatch:
         route = openai_route(base_url=base_url, api_key=api_key)
         self.name = f"{route.label} (Batch API)"
         self._display = route.display
+        self._secrets = route.secrets
         if max_requests_per_file < 1 or max_bytes_per_file < 1024:
             raise ConfigError("per-file limits must allow at least one request")
         self.poll_interval = poll_interval
@@ -190,7 +191,11 @@ class OpenAIBatch:
         if isinstance(exc, openai.APIStatusError):
             response = exc.response
             return translate_status(
-                response.status_code, response.headers, response.content, endpoint=self.name
+                response.status_code,
+                response.headers,
+                response.content,
+                endpoint=self.name,
+                secrets=self._secrets,
             )
         cause = exc.__cause__
         if isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout):

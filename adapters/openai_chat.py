@@ -146,6 +146,7 @@ class OpenAIChat:
         self.name = name or route.label
         self.transport = transport
         self._identity = route.identity
+        self._secrets = route.secrets
         pool = limits.concurrency if limits is not None else _DEFAULT_POOL
         self._transport = _transport(
             transport, route, pool=pool, timeout=timeout, endpoint=self.name
@@ -205,7 +206,9 @@ class OpenAIChat:
                 endpoint=self.name,
                 status=raw.status,
             )
-        return translate_status(raw.status, raw.headers, raw.body, endpoint=self.name)
+        return translate_status(
+            raw.status, raw.headers, raw.body, endpoint=self.name, secrets=self._secrets
+        )
 
     def __repr__(self) -> str:
         return f"<OpenAIChat {self.name!r} transport={self.transport} format={self._ladder.mode}>"

@@ -141,3 +141,47 @@ def test_azure_cache_identity_has_deployment_and_version_not_the_key() -> None:
     )
     assert other.cache_identity != chat.cache_identity
     assert KEY not in chat.cache_identity + repr(chat)
+
+
+async def test_a_gateway_echoing_the_key_does_not_put_it_in_the_error(transport: str) -> None:
+    """A key of no known shape, echoed back in an error body, is removed by value."""
+    import asyncio
+
+    import orjson
+
+    token = "gw7c1d9e0f2a3b4c5d6e7f8a9b"
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = int(
+            next(h for h in head.split("\r\n") if h.lower().startswith("content-length")).split(
+                ":"
+            )[1]
+        )
+        await reader.readexactly(length)
+        sent = {
+            k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head.split("\r\n")[1:])
+        }
+        text = f"bad credentials: api-key={sent.get('api-key')} auth={sent.get('x-gateway-auth')}"
+        body = orjson.dumps({"error": {"message": text}})
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    chat = OpenAIChat(
+        azure_endpoint=f"http://127.0.0.1:{port}",
+        azure_deployment="d",
+        api_version=VERSION,
+        api_key=KEY,
+        headers={"X-Gateway-Auth": f"Token {token}"},
+        transport=transport,
+    )
+    async with server, chat:
+        with pytest.raises(BadRequestError) as info:
+            await chat.complete(HELLO, model="m")
+    message = str(info.value)
+    assert "bad credentials" in message and "[REDACTED]" in message
+    assert KEY not in message and token not in message
