@@ -153,15 +153,9 @@ async def test_a_gateway_echoing_the_key_does_not_put_it_in_the_error(transport:
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        length = int(
-            next(h for h in head.split("\r\n") if h.lower().startswith("content-length")).split(
-                ":"
-            )[1]
-        )
-        await reader.readexactly(length)
-        sent = {
-            k.lower(): v.strip() for k, _, v in (h.partition(":") for h in head.split("\r\n")[1:])
-        }
+        lines = (line.partition(":") for line in head.split("\r\n")[1:])
+        sent = {name.lower(): value.strip() for name, _, value in lines}
+        await reader.readexactly(int(sent["content-length"]))
         text = f"bad credentials: api-key={sent.get('api-key')} auth={sent.get('x-gateway-auth')}"
         body = orjson.dumps({"error": {"message": text}})
         writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n")
