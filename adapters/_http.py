@@ -37,7 +37,7 @@ from engine import (
 )
 
 from ._route import Route
-from ._wire import RawResponse, encode_json
+from ._wire import RawResponse, encode_json, scrub
 
 __all__ = ["AiohttpTransport", "connect_failure_reason"]
 
@@ -158,9 +158,8 @@ class AiohttpTransport:
         except TimeoutError as exc:  # total or socket-read timeout
             raise CallTimeoutError("the HTTP request timed out", endpoint=self._endpoint) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransientError(
-                f"connection failed: {type(exc).__name__}: {exc}", endpoint=self._endpoint
-            ) from exc
+            detail = scrub(f"{type(exc).__name__}: {exc}", self._route.secrets)
+            raise TransientError(f"connection failed: {detail}", endpoint=self._endpoint) from exc
 
     def _unreachable(self, reason: str) -> ConnectionFailedError:
         return ConnectionFailedError(

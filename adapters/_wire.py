@@ -57,6 +57,7 @@ __all__ = [
     "parse_response",
     "parse_retry_after",
     "resolve_api_key",
+    "scrub",
     "translate_status",
 ]
 
@@ -203,7 +204,8 @@ def _body_text(body: bytes) -> str:
     return text[:_DETAIL_CHARS] + ("..." if len(text) > _DETAIL_CHARS else "")
 
 
-def _scrub(text: str, secrets: Sequence[str]) -> str:
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """``text`` without any of ``secrets`` (sorted by length, as `Route.secrets` is)."""
     # longest first, so a token inside a longer header value goes with it
     for secret in reversed(secrets):
         text = text.replace(secret, REDACTED)
@@ -224,7 +226,7 @@ def translate_status(
     gateway that echoes a key of no known shape must not put it in an error.
     """
     message, code, kind = _error_fields(body)
-    detail = _scrub((message or _body_text(body) or "no body")[: _DETAIL_CHARS * 2], secrets)
+    detail = scrub((message or _body_text(body) or "no body")[: _DETAIL_CHARS * 2], secrets)
     if status == 429:
         if "insufficient_quota" in (code, kind):
             return QuotaExceededError(
@@ -245,7 +247,7 @@ def translate_status(
         return BadRequestError(detail, endpoint=endpoint, status=status)
     if 300 <= status < 400 and headers.get("location"):
         # API calls are never redirected on purpose: a wrong scheme or path in base_url
-        detail = _scrub(f"redirected to {headers['location']}; point the base URL there", secrets)
+        detail = scrub(f"redirected to {headers['location']}; point the base URL there", secrets)
     return PermanentError(detail, endpoint=endpoint, status=status)
 
 
