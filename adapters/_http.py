@@ -126,6 +126,8 @@ class AiohttpTransport:
             ) from None
         # A session belongs to one loop: an adapter reused under a second asyncio.run()
         # gets a fresh one (the old loop, and its sockets, are gone).
+        if self._session is not None:
+            _abandon(self._session)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self._pool, limit_per_host=0, keepalive_timeout=_KEEPALIVE
@@ -173,5 +175,16 @@ class AiohttpTransport:
             return
         if self._loop is asyncio.get_running_loop():
             await session.close()
-        else:  # made under a loop that has ended: its sockets went with it
-            session.detach()
+        else:
+            _abandon(session)
+
+
+def _abandon(session: aiohttp.ClientSession) -> None:
+    """Let go of a session made under an event loop that has ended, quietly: nothing
+    can be awaited on that loop any more; the sockets close as they are collected."""
+    connector = session.connector
+    session.detach()
+    if connector is not None:
+        # The synchronous half of close(): marks the connector closed; its loop is gone,
+        # so there is nothing to await (close() itself is a coroutine).
+        connector._close()
