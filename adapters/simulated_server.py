@@ -3,13 +3,19 @@
 Real HTTP (uvicorn) with what a provider does under load: RPM and TPM limits enforced
 as token buckets with real 429s, ``retry-after`` / ``retry-after-ms`` and
 ``x-ratelimit-*`` headers; log-normal latency with a heavy tail; and injected 500s,
-hangs, dropped connections, malformed bodies, outages and auth failures.  It counts
-what it really received (arrival times, concurrency, repeats, client disconnects) so
-tests assert on the provider's view, not the engine's.
+hangs, dropped connections, malformed bodies, outages, auth failures, an exhausted
+quota (429 ``insufficient_quota``) and answers without text (refusals, tool calls,
+content filters).  It serves OpenAI's route and Azure's deployment route
+(``/openai/deployments/{d}/chat/completions?api-version=``, ``api-key`` header).  It
+counts what it really received (arrival times, concurrency, repeats, client
+disconnects, routes, connections, the last request's headers) so tests assert on the
+provider's view, not the engine's.
 
 Run it as a script::
 
     python -m adapters.simulated_server --port 8000 --rpm 3000 --latency-median 0.25
+    python -m adapters.simulated_server --quota-exhausted          # a dead account
+    python -m adapters.simulated_server --null-content-rate 0.1 --null-content-kind refusal
 
 or in-process::
 
