@@ -32,6 +32,7 @@ import json
 import math
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -52,7 +53,13 @@ from starlette.types import Receive, Scope, Send
 from . import _fake
 from .simulated_batches import BatchService
 
-__all__ = ["ServerConfig", "ServerStats", "SimulatedServer", "echo_answer"]
+__all__ = [
+    "ServerConfig",
+    "ServerStats",
+    "SimulatedServer",
+    "echo_answer",
+    "wait_until_listening",
+]
 
 Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
 
@@ -600,6 +607,20 @@ class SimulatedServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await anyio.to_thread.run_sync(self.stop)
+
+
+def wait_until_listening(
+    port: int, process: subprocess.Popen[bytes], *, timeout: float = 20.0
+) -> None:
+    """Block until a server started as ``process`` accepts connections on ``port``
+    (``python -m adapters.simulated_server`` in tests and benchmarks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"no server came up on port {port}")
+        time.sleep(0.05)
 
 
 def _parser() -> argparse.ArgumentParser:

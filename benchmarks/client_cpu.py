@@ -38,6 +38,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from adapters.simulated_server import wait_until_listening
+
 ROWS = (
     "engine",
     "engine+memcache",
@@ -128,13 +130,7 @@ def server_process(kind: str) -> Iterator[str]:
         args = [sys.executable, "-m", "adapters.simulated_server", "--port", str(port), "--fast"]
     proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the benchmark server did not start")
-            time.sleep(0.05)
+        wait_until_listening(port, proc)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

@@ -20,7 +20,7 @@ import pytest
 from adapters._fake import REFUSAL_TEXT
 from adapters.openai_batch import OpenAIBatch
 from adapters.openai_chat import OpenAIChat
-from adapters.simulated_server import ServerConfig, SimulatedServer
+from adapters.simulated_server import ServerConfig, SimulatedServer, wait_until_listening
 from engine import (
     BadRequestError,
     Cache,
@@ -368,12 +368,7 @@ def test_the_server_command_line_takes_the_new_options() -> None:
     command += ["--quota-exhausted", "--api-key", key, "--api-key-header"]
     server = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until_listening(port, server)
 
         async def ask(api_key: str) -> None:
             async with OpenAIChat(
