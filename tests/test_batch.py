@@ -12,7 +12,7 @@ import pytest
 from adapters.openai_batch import OpenAIBatch
 from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
-from engine import Cache, Limits, evaluate
+from engine import Cache, Endpoint, Limits, evaluate
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, qa_prompt
@@ -26,9 +26,12 @@ async def _run(config: ServerConfig, tmp_path: Path, n: int = 50, **batch_option
             Cache.sqlite(str(tmp_path / "c.sqlite")) as cache,
         ):  # type: ignore[arg-type]
             async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=8)) as chat:
-                report = await batch.prefill(qa_prompt(), data, cache=cache, model=chat)
+                # each run has a server on a new port: one namespace shares the cache
+                # across them on purpose (a base URL is otherwise part of every key)
+                endpoint = Endpoint(chat, namespace="simulated-provider")
+                report = await batch.prefill(qa_prompt(), data, cache=cache, model=endpoint)
                 result = await evaluate(
-                    qa_prompt(), data, model=chat, metric=ExactMatch(), cache=cache
+                    qa_prompt(), data, model=endpoint, metric=ExactMatch(), cache=cache
                 )
     return report, result, server
 

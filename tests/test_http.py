@@ -1,6 +1,7 @@
 """The OpenAI adapter against the simulated provider over real loopback HTTP.
 
-Assertions are on the server's counts: what the provider really received.
+Assertions are on the server's counts: what the provider really received.  The key
+tests run on both transports (the lean aiohttp default and the SDK).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from engine.stages import ApplyContext, LLMApply
 from .conftest import echo_examples, qa_prompt
 
 FAST = RetryPolicy(max_attempts=8, base_delay=0.01, max_delay=0.2, timeout=1.0)
+
+
+@pytest.fixture(params=["aiohttp", "sdk"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.mark.slow
@@ -72,11 +78,15 @@ async def test_unconfigured_limits_are_learned_from_headers() -> None:
     ],
     ids=["500", "hang", "drop", "malformed"],
 )
-async def test_each_fault_kind_is_retried_to_the_fault_free_result(fault: dict[str, float]) -> None:
+async def test_each_fault_kind_is_retried_to_the_fault_free_result(
+    fault: dict[str, float], transport: str
+) -> None:
     data = echo_examples(60)
     metric = lambda ex, pred: 1.0 if pred == ex.expected else 0.0  # noqa: E731
     async with SimulatedServer(ServerConfig(latency_median=0.01, seed=3, **fault)) as server:  # type: ignore[arg-type]
-        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=16)) as chat:
+        async with OpenAIChat(
+            base_url=server.base_url, limits=Limits(concurrency=16), transport=transport
+        ) as chat:
             endpoint = Endpoint(chat, retry=FAST)
             faulty = await evaluate(qa_prompt(), data, model=endpoint, metric=metric)
     async with SimulatedServer(ServerConfig(latency_median=0.01)) as clean_server:
@@ -90,10 +100,10 @@ async def test_each_fault_kind_is_retried_to_the_fault_free_result(fault: dict[s
     assert [o.prediction for o in faulty.outcomes] == [o.prediction for o in clean.outcomes]
 
 
-async def test_401_fails_fast_naming_the_endpoint_and_not_the_key() -> None:
+async def test_401_fails_fast_naming_the_endpoint_and_not_the_key(transport: str) -> None:
     key = "sk-canary-0123456789abcdef"
     async with SimulatedServer(ServerConfig(api_key="sk-the-right-key-000000")) as server:
-        async with OpenAIChat(base_url=server.base_url, api_key=key) as chat:
+        async with OpenAIChat(base_url=server.base_url, api_key=key, transport=transport) as chat:
             started = time.monotonic()
             with pytest.raises(AuthenticationError) as info:
                 await evaluate(qa_prompt(), echo_examples(200), model=chat, metric=ExactMatch())
@@ -104,7 +114,7 @@ async def test_401_fails_fast_naming_the_endpoint_and_not_the_key() -> None:
     assert server.stats.received <= 32  # the first wave only: no retries of a 401
 
 
-async def test_json_schema_falls_back_to_json_object_and_remembers() -> None:
+async def test_json_schema_falls_back_to_json_object_and_remembers(transport: str) -> None:
     """A server answering json_schema with HTTP 500 gets json_object from then on."""
     proposal = '{"messages": [{"role": "user", "content": "Be exact. {question}"}]}'
     seen: list[object] = []
@@ -115,7 +125,7 @@ async def test_json_schema_falls_back_to_json_object_and_remembers() -> None:
 
     config = ServerConfig(reject_json_schema=True, answer=answer)  # type: ignore[arg-type]
     async with SimulatedServer(config) as server:
-        async with OpenAIChat(base_url=server.base_url) as chat:
+        async with OpenAIChat(base_url=server.base_url, transport=transport) as chat:
             apply = LLMApply(Endpoint(chat, retry=FAST), model="m")
             ctx = ApplyContext("task", qa_prompt(), ("be exact",), ())
             first = await apply(ctx)
@@ -131,9 +141,13 @@ async def test_json_schema_falls_back_to_json_object_and_remembers() -> None:
     )
 
 
-async def test_cancelling_mid_run_disconnects_at_the_server_within_a_second() -> None:
+async def test_cancelling_mid_run_disconnects_at_the_server_within_a_second(
+    transport: str,
+) -> None:
     async with SimulatedServer(ServerConfig(latency_median=20.0)) as server:
-        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=8)) as chat:
+        async with OpenAIChat(
+            base_url=server.base_url, limits=Limits(concurrency=8), transport=transport
+        ) as chat:
             with anyio.move_on_after(0.5):
                 await evaluate(qa_prompt(), echo_examples(50), model=chat, metric=ExactMatch())
             cancelled_at = time.monotonic()
