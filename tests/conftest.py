@@ -5,16 +5,16 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from adapters import ArithmeticModel, ScriptedModel, arithmetic_examples
+from engine import Example, Prompt
+from engine.metrics import ExactMatch
+
 # pytest rewrites the asserts of every package that ships a pytest plugin (anyio does),
 # and anyio imports its asyncio backend lazily, the first time a test needs it.  That
 # import, when it happens deep in a test's stack, trips CPython 3.11.7's "AST
 # constructor recursion depth mismatch" inside the rewriter; importing it here, at a
 # shallow depth, keeps every later lookup a dictionary hit.
 anyio.run(anyio.to_thread.run_sync, lambda: None)
-
-from adapters import ArithmeticModel, ScriptedModel, arithmetic_examples
-from engine import Example, Prompt
-from engine.metrics import ExactMatch
 
 
 def qa_prompt(system: str = "Answer the question.", **kwargs: object) -> Prompt:
