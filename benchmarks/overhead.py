@@ -19,8 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _child(n: int, cache_kind: str) -> dict[str, float]:
@@ -40,6 +38,9 @@ def _child(n: int, cache_kind: str) -> dict[str, float]:
 
     def metric(example: Example, prediction: str) -> float:
         return 1.0 if prediction == example.expected else 0.0
+
+    # a microsecond metric: scored on the loop, as the built-in string metrics are
+    metric.inline = True  # type: ignore[attr-defined]
 
     model = ScriptedModel(lambda r: r.messages[-1]["content"], keep_requests=False)
 

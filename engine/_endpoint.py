@@ -246,9 +246,9 @@ class Endpoint:
     ) -> Completion:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
-        async with self.limiter.slot(
-            estimated_tokens=call.estimate, admit=lambda wait: self._admit(wait, call)
-        ):
+        limiter = self.limiter
+        await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
+        try:
             self.breaker.check(self.name)
             if call.meter is not None:
                 call.meter.check()
@@ -259,6 +259,8 @@ class Endpoint:
                 left = max(0.001, call.give_up_at - self._clock())
                 timeout = left if timeout is None else min(timeout, left)
             return await self._attempt(messages, params, timeout)
+        finally:
+            limiter.release()
 
     async def _attempt(
         self,

@@ -158,7 +158,7 @@ class _EvaluationRun:
     # -- the prediction ---------------------------------------------------------------
     def _request(self, sent: Any) -> str:
         """The request hash for a response format as sent (memoised per format)."""
-        text = canonical_json(sent)
+        text = canonical_json(sent) if sent is not None else ""
         known = self.requests.get(text)
         if known is None:
             prompt, endpoint = self.s.prompt, self.s.endpoint

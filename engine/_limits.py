@@ -201,25 +201,48 @@ class RateLimiter:
             await anyio.sleep(delay)
 
     # -- admission --------------------------------------------------------------------
-    @asynccontextmanager
-    async def slot(
+    async def acquire(
         self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
-    ) -> AsyncIterator[None]:
-        """Hold one concurrency slot, one request and ``estimated_tokens`` of budget.
+    ) -> None:
+        """Take one concurrency slot, one request and ``estimated_tokens`` of budget;
+        give the slot back with `release` (or use `slot`).
 
         The gate is checked again after the buckets: a 429 seen by another worker while
         this one waited must still hold it back.  ``admit`` as for `wait_until_open`.
         """
-        await self.wait_until_open(admit)
-        async with self._capacity:
+        if self._paused_until != -math.inf:  # never paused: no clock to read
+            await self.wait_until_open(admit)
+        try:  # a free slot is taken without a trip through the event loop
+            self._capacity.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._capacity.acquire()
+        try:
             if self._requests is not None:
                 await self._requests.acquire()
             if self._tokens is not None and estimated_tokens > 0:
                 await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
-            await self.wait_until_open(admit)
+            if self._paused_until != -math.inf:
+                await self.wait_until_open(admit)
             if self._pacer is not None:
                 await self._pacer.wait(self._clock)
+        except BaseException:
+            self._capacity.release()
+            raise
+
+    def release(self) -> None:
+        """Give back the concurrency slot taken by `acquire`."""
+        self._capacity.release()
+
+    @asynccontextmanager
+    async def slot(
+        self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
+    ) -> AsyncIterator[None]:
+        """`acquire` ... `release` as a context manager."""
+        await self.acquire(estimated_tokens=estimated_tokens, admit=admit)
+        try:
             yield
+        finally:
+            self.release()
 
     # -- adapting to an endpoint that announces nothing --------------------------------
     def on_success(self) -> None:

@@ -20,13 +20,14 @@ class Tally:
     """Counts of one evaluation; owned by its workers on one event loop."""
 
     __slots__ = (
+        "_fractional",
+        "_ones",
         "cache_hits",
         "calls",
         "completed",
         "errors",
         "must_beat",
         "retries",
-        "score_sum",
         "scored",
         "stopped_early",
         "total",
@@ -40,7 +41,8 @@ class Tally:
         self.completed = 0  # examples with an outcome
         self.scored = 0  # ... of which with a metric result
         self.errors = 0  # ... of which with an error
-        self.score_sum = Fraction(0)
+        self._ones = 0  # scores of exactly 1 (most metrics are 0/1): counted, not summed
+        self._fractional = Fraction(0)  # every other score, summed exactly
         self.calls = 0  # provider attempts paid for, retries included
         self.cache_hits = 0
         self.retries = 0
@@ -56,7 +58,16 @@ class Tally:
             self.errors += 1
         else:
             self.scored += 1
-            self.score_sum += Fraction(outcome.result.score)
+            score = outcome.result.score
+            if score == 1.0:
+                self._ones += 1
+            elif score != 0.0:
+                self._fractional += Fraction(score)
+
+    @property
+    def score_sum(self) -> Fraction:
+        """The exact sum of the scores so far (independent of completion order)."""
+        return self._fractional + self._ones
 
     def paid(self, attempts: int, usage: Usage | None = None) -> None:
         """Count ``attempts`` provider calls for one prediction (and the tokens paid)."""
@@ -73,12 +84,14 @@ class Tally:
 
     def cannot_win(self) -> bool:
         """Exact racing test: even with every remaining example perfect, not above?"""
-        if self.must_beat is None:
+        must_beat, total = self.must_beat, self.total
+        if must_beat is None or total is None or total <= 0:
             return False
-        bound = self.bound()
-        if bound is None or bound > self.must_beat:
+        # bound <= must_beat, multiplied out: integers unless a score was fractional
+        reachable = self._ones + (total - self.completed) + self._fractional
+        if reachable > must_beat * total:
             return False
-        self.upper_bound = bound
+        self.upper_bound = Fraction(reachable) / total
         return True
 
     def mean(self) -> float:

@@ -54,7 +54,10 @@ class Example:
     id: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
     inputs_hash: str = field(default="", compare=False, repr=False)
-    content_hash: str | None = field(default=None, compare=False, repr=False)
+    # computed on first use (only cached metric results need it)
+    _content: list[str | None] = field(
+        default_factory=list, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, Mapping):
@@ -69,11 +72,18 @@ class Example:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
         object.__setattr__(self, "inputs_hash", digest)
-        object.__setattr__(self, "content_hash", _content_hash(self))
         if self.id is None or self.id == "":
             object.__setattr__(self, "id", digest[:24])
         elif not isinstance(self.id, str):
             object.__setattr__(self, "id", str(self.id))
+
+    @property
+    def content_hash(self) -> str | None:
+        """SHA-256 of everything a metric may read (inputs, expected, metadata), or
+        ``None`` when some of it is not a JSON value (its results are then not cached)."""
+        if not self._content:
+            self._content.append(_content_hash(self))
+        return self._content[0]
 
 
 @dataclass(frozen=True, slots=True)
