@@ -19,9 +19,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def _child(n: int, cache_kind: str) -> dict[str, float]:
     import anyio

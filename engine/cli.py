@@ -315,10 +315,14 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--split", choices=("train", "val"), default="train")
     bench = sub.add_parser(
         "bench",
-        help="throughput benchmark against the simulated provider (adapters.bench)",
-        add_help=False,
+        help="bench --simulated: the engine beside peer patterns on the simulated provider",
     )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.add_argument(
+        "--simulated",
+        action="store_true",
+        required=True,
+        help="run benchmarks/throughput.py (its own options follow: --scenario, --scale)",
+    )
     return parser
 
 
@@ -335,17 +339,28 @@ async def _main(args: argparse.Namespace, run: RunFile) -> int:
     return await _run_evaluate(run, args)
 
 
+def _bench_simulated(arguments: list[str]) -> int:
+    """``bench --simulated``: the engine-vs-peers harness in ``benchmarks/throughput.py``.
+
+    The harness is not part of the installed package (it imports adapters and peers'
+    patterns); it is resolved at run time and found from a source checkout's root.
+    """
+    try:
+        harness = resolve("benchmarks.throughput:main", "bench --simulated")
+    except ConfigError as exc:
+        sys.stderr.write(
+            f"error: {exc}\nbench --simulated runs benchmarks/throughput.py, which ships with "
+            "the source checkout, not the installed package: run it from the repository "
+            "root (python -m engine bench --simulated ...), or python benchmarks/throughput.py\n"
+        )
+        return EXIT_BAD_INPUT
+    return int(harness(arguments))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["bench"]:
-        # its options are the benchmark's own; resolved at run time, as the engine
-        # never imports adapters
-        try:
-            bench = resolve("adapters.bench:main", "bench")
-        except ConfigError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            return EXIT_BAD_INPUT
-        return int(bench(arguments[1:]))
+    if arguments[:1] == ["bench"] and "--simulated" in arguments[1:]:
+        return _bench_simulated([a for a in arguments[1:] if a != "--simulated"])
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     try:

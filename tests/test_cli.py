@@ -136,7 +136,7 @@ def test_bad_input_exits_2_naming_the_place(demo: Path, edit: object, message: s
 
 @pytest.mark.slow
 def test_bench_command_runs_the_throughput_benchmark() -> None:
-    done = run_cli("bench", "--scenario", "rate", "--scale", "0.05")
+    done = run_cli("bench", "--simulated", "--scenario", "rate", "--scale", "0.05")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["pattern"] for r in rows] == ["engine", "waves", "threads"]
