@@ -246,7 +246,7 @@ class _Provider:
             return
 
         prompt_tokens = sum(len(str(m.get("content", ""))) for m in messages) // 4 + 1
-        answer = c.answer(messages, body)
+        answer, finish_reason = _cut_to_max_tokens(c.answer(messages, body), body)
         completion_tokens = len(answer) // 4 + 1
         with self.lock:
             wait = self.requests.take(1) if self.requests is not None else 0.0
@@ -320,7 +320,7 @@ class _Provider:
                     "choices": [
                         {
                             "index": 0,
-                            "finish_reason": "stop",
+                            "finish_reason": finish_reason,
                             "message": {"role": "assistant", "content": answer},
                         }
                     ],
@@ -334,6 +334,15 @@ class _Provider:
             )
         finally:
             stats.in_flight -= 1
+
+
+def _cut_to_max_tokens(answer: str, body: Mapping[str, Any]) -> tuple[str, str]:
+    """Cut an answer to the request's ``max_tokens`` (counted as this server counts, 4
+    characters a token), as providers do; the finish reason says whether it was cut."""
+    cap = body.get("max_tokens") or body.get("max_completion_tokens")
+    if isinstance(cap, int) and cap > 0 and len(answer) // 4 + 1 > cap:
+        return answer[: 4 * (cap - 1)], "length"
+    return answer, "stop"
 
 
 async def _sleep_or_disconnect(delay: float, receive: Receive) -> bool:
@@ -422,7 +431,10 @@ class SimulatedServer:
         self._provider.down_until = time.monotonic() + seconds
 
     def start(self) -> Self:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+        # proto says TCP, and accepted sockets inherit it.  With proto 0 every response
+        # body (sent after its headers) waited for the client's delayed ACK: +40 ms.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", self._port))
         self._bound_port = int(self._sock.getsockname()[1])
