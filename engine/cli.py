@@ -1,4 +1,4 @@
-"""The command line: ``textgrad optimize RUN.toml`` / ``textgrad evaluate RUN.toml``.
+"""The command line: ``textgrad optimize | evaluate | bench RUN.toml``.
 
 Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted.
 Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
@@ -22,8 +22,10 @@ from typing import Any, TextIO
 import anyio
 import structlog
 
+from ._bench_cli import add_bench_arguments, run_bench
 from ._budget import Budget, BudgetMeter, Price
 from ._cache import Cache
+from ._console import StatusLine
 from ._endpoint import Endpoint, estimate_tokens
 from ._errors import ConfigError, EngineError
 from ._evaluate import Outcome, evaluate
@@ -69,10 +71,10 @@ class _Progress:
         endpoints: Sequence[tuple[Endpoint, Price | None]],
         enabled: bool,
     ) -> None:
-        self.stream = stream
+        self.status = StatusLine(stream)
         self.endpoints = endpoints  # each with the price of the model it serves, if known
         self.enabled = enabled
-        self.tty = stream.isatty()
+        self.tty = self.status.tty
         self.started = time.monotonic()
         self.last_line = 0.0
 
@@ -110,11 +112,7 @@ class _Progress:
             )
 
     def _write(self, line: str, *, final: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.status.write(line, final=final)
 
 
 def _prices(run: RunFile) -> dict[str, Price]:
@@ -295,6 +293,13 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace) -> int:
     return EXIT_OK if result.errors == 0 else EXIT_FAILED
 
 
+def _log_options(parser: argparse.ArgumentParser) -> None:
+    logs = parser.add_mutually_exclusive_group()
+    logs.add_argument("--quiet", dest="log_mode", action="store_const", const="quiet")
+    logs.add_argument("--json-logs", dest="log_mode", action="store_const", const="json")
+    parser.set_defaults(log_mode="progress")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgrad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,27 +311,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run_file", help="the TOML run file")
         p.add_argument("--out", help="output folder (optimize) or JSONL file (evaluate)")
         p.add_argument("--dry-run", action="store_true", help="validate and plan; call nothing")
-        logs = p.add_mutually_exclusive_group()
-        logs.add_argument("--quiet", dest="log_mode", action="store_const", const="quiet")
-        logs.add_argument("--json-logs", dest="log_mode", action="store_const", const="json")
-        p.set_defaults(log_mode="progress")
+        _log_options(p)
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
             p.add_argument("--split", choices=("train", "val"), default="train")
     bench = sub.add_parser(
         "bench",
-        help="bench --simulated: the engine beside peer patterns on the simulated provider",
+        help="measure the run file's endpoint: rate, limits, latency, cost; recommend limits",
     )
-    bench.add_argument(
-        "--simulated",
-        action="store_true",
-        required=True,
-        help="run benchmarks/throughput.py (its own options follow: --scenario, --scale)",
-    )
+    add_bench_arguments(bench)
+    _log_options(bench)
     return parser
 
 
 async def _main(args: argparse.Namespace, run: RunFile) -> int:
+    if args.command == "bench":
+        return await run_bench(run, args, _open)
     if args.dry_run:
         for spec in (run.model, run.optimizer):
             if spec is not None:
@@ -369,7 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompt_override = _load_prompt(args.prompt) if getattr(args, "prompt", None) else None
         return anyio.run(_main, args, run)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; rerun the same command to resume from the cache\n")
+        resume = (
+            "" if args.command == "bench" else "; rerun the same command to resume from the cache"
+        )
+        sys.stderr.write(f"interrupted{resume}\n")
         return EXIT_INTERRUPTED
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import screenshot_in_chromium
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -177,29 +179,9 @@ model_name = "gpt-4o"
 def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) -> None:
     done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
     assert done.returncode == 0, done.stderr
-    shot = tmp_path / "report.png"
-    profile = tmp_path / "chromium-profile"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--window-size=1200,1600",
-            f"--screenshot={shot}",
-            (demo / "out" / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        timeout=90,
-        check=True,
+    data = screenshot_in_chromium(
+        demo / "out" / "report.html", tmp_path / "report.png", tmp_path / "chromium-profile"
     )
-    data = shot.read_bytes()
     assert (
         data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
     )  # a blank page is about 9 KB, the report about 85 KB
