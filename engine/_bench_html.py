@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ._bench_report import BenchReport
     from ._bench_stats import LevelResult
-    from .bench import BenchReport
 
 __all__ = ["render_bench_html"]
 
@@ -125,6 +125,14 @@ def _throughput(level: LevelResult, configured_rpm: float | None) -> str:
     )
     if configured_rpm is not None and configured_rpm != announced:
         series += _limit(f"configured rpm {configured_rpm:g}", configured_rpm / 60, end, _GREY)
+    per_request = (level.prompt_tokens_mean or 0.0) + (level.completion_tokens_mean or 0.0)
+    if level.limit_tokens_per_min is not None and per_request > 0:
+        series += _limit(
+            f"token limit at {per_request:.0f} tokens/request",
+            level.limit_tokens_per_min / per_request / 60,
+            end,
+            _ORANGE,
+        )
     return _chart(
         f"throughput, concurrency {level.concurrency}", series, x_label="seconds into the level"
     )
@@ -192,6 +200,18 @@ def _rows(report: BenchReport) -> str:
     return "".join(out)
 
 
+def _fractions(level: LevelResult) -> str:
+    parts = [
+        f"{fraction:.2f} {unit}"
+        for fraction, unit in (
+            (level.fraction_of_request_limit, "req"),
+            (level.fraction_of_token_limit, "tok"),
+        )
+        if fraction is not None
+    ]
+    return ", ".join(parts) or "unknown"
+
+
 def _money(value: float | None, spec: str) -> str:
     return "unknown" if value is None else "$" + format(value, spec)
 
@@ -202,7 +222,7 @@ def _kpis(report: BenchReport) -> str:
     if best is not None and best.requests_per_s is not None:
         items = [
             ("best rate", f"{best.requests_per_s:.1f}/s at {best.concurrency}"),
-            ("of announced limit", _num(best.fraction_of_request_limit, ".2f", "unknown")),
+            ("of announced limits", _fractions(best)),
             ("p50 / p95 at best", f"{_num(best.p50_s, '.3f')} / {_num(best.p95_s, '.3f')} s"),
             *items,
         ]
@@ -251,7 +271,8 @@ def render_bench_html(report: BenchReport) -> str:
 <h1>Endpoint benchmark: {html.escape(report.endpoint)}</h1>
 <p>Model {html.escape(report.model)}, {kind}; every request through the engine's
 limiter and retry policy, as a run sends it. Rates are over each level's steady part
-(from the first answer back to the last start); latency is per attempt.</p>
+(the second half of its requests, by start time); latency is per attempt, as the
+adapter saw it.</p>
 <div class="kpi">{_kpis(report)}</div>
 {stopped}
 <h2>Levels</h2>

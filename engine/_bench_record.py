@@ -23,6 +23,7 @@ import anyio
 from ._budget import Price
 from ._errors import BudgetExceededError, ConfigError, ProviderError, RateLimitedError
 from ._protocols import ChatModel
+from ._redact import redact_text
 from ._types import Completion, RateLimitSnapshot, Usage
 
 __all__ = ["Attempt", "RecordingModel", "RequestCaps", "completion_cap", "worst_case_usage"]
@@ -61,7 +62,8 @@ class Attempt:
     """One request as the adapter handled it.
 
     ``error`` is the engine's error class name (``RateLimitedError``,
-    ``CallTimeoutError``, ...), ``None`` for an answer.
+    ``CallTimeoutError``, ...), ``None`` for an answer; ``detail`` its message
+    (redacted, cut to 200 characters).
     """
 
     level: int
@@ -72,6 +74,7 @@ class Attempt:
     retry_after: float | None = None
     usage: Usage | None = None
     rate_limits: RateLimitSnapshot | None = None
+    detail: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -195,9 +198,18 @@ class RecordingModel:
         except BaseException as exc:
             retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
             status = exc.status if isinstance(exc, ProviderError) else None
+            detail = redact_text(str(exc) or type(exc).__name__)[:200]
             self._record(
                 reserved,
-                Attempt(self.level, start, self._clock(), _classify(exc), status, retry_after),
+                Attempt(
+                    self.level,
+                    start,
+                    self._clock(),
+                    _classify(exc),
+                    status,
+                    retry_after,
+                    detail=detail,
+                ),
             )
             raise
         # the endpoint accepts a bare string too; it carries no usage or headers

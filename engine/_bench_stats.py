@@ -81,7 +81,8 @@ class LevelResult:
 
     ``requests`` are answered requests (each may have taken several ``attempts``);
     ``failed`` gave up after their retries.  ``errors`` counts failed attempts by the
-    engine's error class (429s included, as ``RateLimitedError``).  Limits are what
+    engine's error class (429s included, as ``RateLimitedError``); ``error_examples``
+    holds the last message of each class.  Limits are what
     the endpoint announced (``x-ratelimit-limit-*``), ``None`` when it announced none.
     The rates are over ``steady_requests`` answers started within ``steady_s`` seconds
     (`steady_window`).  ``samples`` are ``(seconds since start, latency, error)`` per
@@ -111,6 +112,7 @@ class LevelResult:
     max_s: float | None
     mean_s: float | None
     errors: Mapping[str, int]
+    error_examples: Mapping[str, str]
     prompt_tokens_mean: float | None
     completion_tokens_mean: float | None
     cost_usd: float | None
@@ -124,6 +126,7 @@ class LevelResult:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data.pop("samples")
         data["errors"] = dict(self.errors)
+        data["error_examples"] = dict(self.error_examples)
         data["timeline"] = [bucket.to_dict() for bucket in self.timeline]
         return data
 
@@ -249,6 +252,7 @@ def summarize_level(
         max_s=max(latencies) if latencies else None,
         mean_s=_mean(latencies),
         errors=dict(Counter(a.error for a in attempts if a.error is not None)),
+        error_examples={a.error: a.detail or "" for a in attempts if a.error is not None},
         prompt_tokens_mean=_mean([u.prompt_tokens for u in usages]),
         completion_tokens_mean=_mean([u.completion_tokens for u in usages]),
         cost_usd=cost,

@@ -296,6 +296,8 @@ def test_a_dead_endpoint_stops_the_sweep(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "requests all failed" in report["stopped"] and len(report["levels"]) == 1
     assert report["levels"][0]["errors"]["TransientError"] == report["attempts"] >= 10
+    assert "errors at concurrency 2: TransientError" in done.stdout
+    assert "connection failed" in report["levels"][0]["error_examples"]["TransientError"]
 
 
 def test_the_connection_pool_is_sized_to_the_highest_level(tmp_path: Path) -> None:
