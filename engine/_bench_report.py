@@ -189,9 +189,27 @@ def _no_limit_found(
     if best.concurrency == top and len(levels) > 1:
         notes.append(f"the rate was still rising at concurrency {top}: try higher levels")
     if configured is not None and (configured.rpm or configured.tpm):
-        notes.append("the run file's own rpm/tpm may have held the sweep back; they are kept")
+        notes += _held_back(best, configured)
         return Recommendation(best.concurrency, configured.rpm, configured.tpm, False, tuple(notes))
     return Recommendation(best.concurrency, None, None, False, tuple(notes))
+
+
+def _held_back(best: LevelResult, configured: Limits) -> list[str]:
+    """Whether the run file's own rates, not the endpoint, capped the sweep."""
+    capped = [
+        f"{name} = {limit:g} ({rate * 60 / limit:.2f} of it reached)"
+        for name, limit, rate in (
+            ("rpm", configured.rpm, best.requests_per_s),
+            ("tpm", configured.tpm, best.tokens_per_s),
+        )
+        if limit and rate and rate * 60 >= _NEAR_BEST * limit
+    ]
+    if not capped:
+        return ["the run file's own rpm/tpm are kept (the sweep stayed under them)"]
+    return [
+        f"the run file's {' and '.join(capped)} capped the sweep, not the endpoint: "
+        "raise them to look further"
+    ]
 
 
 def _binding_notes(best: LevelResult, rpm: int | None, tpm: int | None) -> list[str]:
@@ -316,6 +334,8 @@ def _summary_lines(report: BenchReport) -> list[str]:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

@@ -332,6 +332,22 @@ async def test_duration_mode_runs_each_level_for_its_time() -> None:
     assert report.attempts == len(model.requests) == sum(lv.requests for lv in report.levels)
 
 
+def test_the_run_files_own_rpm_capping_the_sweep_is_said(tmp_path: Path) -> None:
+    """The bundled demo (scripted, rpm = 6000 in the run file): the sweep reaches that
+    rpm, and the recommendation says the run file capped it, not the endpoint."""
+    out = tmp_path / "bench.json"
+    done = run_cli(
+        "bench", "examples/demo.toml", "--concurrency", "2,8", "--requests", "60",
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["levels"][-1]["requests_per_s"] == pytest.approx(100, rel=0.05)
+    assert "the run file's rpm = 6000 (" in report["recommendation"]["toml"]
+    assert "capped the sweep, not the endpoint" in done.stdout
+    assert (tmp_path / "bench.html").exists()
+
+
 def test_recommend_without_any_answer() -> None:
     rec = recommend([])
     assert rec.concurrency is None and "no request was answered" in rec.to_toml()
