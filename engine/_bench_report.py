@@ -21,7 +21,7 @@ __all__ = [
     "Recommendation",
     "best_level",
     "format_table",
-    "projection",
+    "project",
     "recommend",
 ]
 
@@ -93,9 +93,11 @@ class BenchReport:
 
     @property
     def answered(self) -> int:
+        """Requests answered over the whole sweep."""
         return sum(level.requests for level in self.levels)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: one object per level under ``levels``."""
         configured = self.configured
         return {
             "endpoint": self.endpoint,
@@ -117,9 +119,11 @@ class BenchReport:
         }
 
     def to_json(self, **kwargs: Any) -> str:
+        """`to_dict` as JSON (``kwargs`` go to `json.dumps`)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def to_table(self) -> str:
+        """The fixed-width table `format_table` makes."""
         return format_table(self)
 
     def to_html(self) -> str:
@@ -238,7 +242,7 @@ def _configured_notes(configured: Limits | None, rpm: int | None, tpm: int | Non
     return notes
 
 
-def projection(
+def project(
     levels: Sequence[LevelResult], best: LevelResult | None, examples: int, price: Price | None
 ) -> Projection | None:
     """``examples`` requests at the best level's rate, each at the sweep's mean cost per

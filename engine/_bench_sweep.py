@@ -112,6 +112,7 @@ class RequestSource:
         self.params: Mapping[str, Any] = params
 
     def messages(self, i: int) -> list[dict[str, str]]:
+        """The messages of request ``i`` (``params`` are the same for every request)."""
         if self.synthetic is None:
             return self.prompt.render(self.rows[i % len(self.rows)].inputs)
         # a distinct first line per request: no provider-side prompt cache hits
@@ -167,10 +168,12 @@ class Sweep:
         self.clock = clock
         self.counter = itertools.count()  # request index across levels: rows keep cycling
         self.answered = self.failed = 0
-        self.fatal: ProviderError | None = None
+        self.fatal: Exception | None = None  # raised once the sweep has stopped
         self.stopped: str | None = None
 
     async def run(self) -> list[LevelResult]:
+        """Every level in order; stops early on a cap, a fatal error (re-raised once the
+        levels' attempts are recorded) or an endpoint that answers nothing."""
         results: list[LevelResult] = []
         for index, concurrency in enumerate(self.settings.concurrency):
             if self.stopped is not None:
@@ -240,6 +243,9 @@ class Sweep:
                         f"the first {self.failed} requests all failed "
                         f"(last: {type(exc).__name__}: {exc})"
                     )
+            except Exception as exc:  # an adapter's bug: stop, and raise it after the sweep
+                self.fatal = self.fatal or exc
+                state.stopped = f"{type(exc).__name__}: {exc}"
             else:
                 state.answered += 1
                 self.answered += 1

@@ -31,7 +31,7 @@ from ._bench_report import (
     Recommendation,
     best_level,
     format_table,
-    projection,
+    project,
     recommend,
 )
 from ._bench_stats import LevelResult, TimelineBucket, percentile
@@ -119,7 +119,7 @@ async def bench_endpoint(
         synthetic=settings.prompt_tokens is not None,
         dataset_examples=len(rows),
         best=best,
-        projection=projection(levels, best, examples, price),
+        projection=project(levels, best, examples, price),
         recommendation=recommend(levels, limits),
     )
 

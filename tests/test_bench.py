@@ -348,6 +348,20 @@ def test_the_run_files_own_rpm_capping_the_sweep_is_said(tmp_path: Path) -> None
     assert (tmp_path / "bench.html").exists()
 
 
+async def test_a_broken_adapter_stops_the_sweep_with_its_own_error() -> None:
+    """An adapter returning something that is not a completion: the sweep stops and its
+    TypeError comes out as itself, not wrapped in an exception group."""
+
+    class Broken:
+        async def complete(self, messages: object, /, **params: object) -> object:
+            return 42
+
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    settings = BenchSettings(concurrency=(4, 16), requests=50)
+    with pytest.raises(TypeError, match=r"not an engine\.Completion"):
+        await bench_endpoint(Broken(), prompt, [Example({"q": "x"})], settings=settings)  # type: ignore[arg-type]
+
+
 def test_recommend_without_any_answer() -> None:
     rec = recommend([])
     assert rec.concurrency is None and "no request was answered" in rec.to_toml()
