@@ -38,10 +38,22 @@ def completion_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-def _message(answer: str, null_content: str | None) -> tuple[dict[str, Any], str, str]:
+def cut_to_max_tokens(answer: str, request: Mapping[str, Any]) -> tuple[str, str]:
+    """An answer cut to the request's ``max_tokens`` (counted as this server counts),
+    as providers do, and the finish reason that says whether it was cut."""
+    cap = request.get("max_tokens") or request.get("max_completion_tokens")
+    if isinstance(cap, int) and cap > 0 and completion_tokens(answer) > cap:
+        return answer[: 4 * (cap - 1)], "length"
+    return answer, "stop"
+
+
+def _message(
+    answer: str, null_content: str | None, request: Mapping[str, Any]
+) -> tuple[dict[str, Any], str, str]:
     """``(message, finish_reason, billed text)`` of the assistant's answer."""
     if null_content is None:
-        return {"role": "assistant", "content": answer}, "stop", answer
+        text, finish_reason = cut_to_max_tokens(answer, request)
+        return {"role": "assistant", "content": text}, finish_reason, text
     if null_content == "refusal":
         message = {"role": "assistant", "content": None, "refusal": REFUSAL_TEXT}
         return message, "stop", REFUSAL_TEXT
@@ -66,7 +78,7 @@ def completion_body(
 ) -> dict[str, Any]:
     """The ``chat.completion`` object answering ``request`` (the parsed request body)
     with ``answer``, or with no text when ``null_content`` names a kind."""
-    message, finish_reason, billed = _message(answer, null_content)
+    message, finish_reason, billed = _message(answer, null_content, request)
     prompt = prompt_tokens(request.get("messages") or ())
     completion = completion_tokens(billed)
     return {

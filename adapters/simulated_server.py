@@ -245,7 +245,8 @@ class _Provider:
             await _json(send, *(refusal or _INVALID_JSON))
             return
         answer = self.config.answer(body["messages"], body)
-        wait, limit_headers = self._take(_fake.prompt_tokens(body["messages"]), answer)
+        billed, _ = _fake.cut_to_max_tokens(answer, body)  # what the token bucket is charged
+        wait, limit_headers = self._take(_fake.prompt_tokens(body["messages"]), billed)
         if wait:
             await self._rate_limited(send, wait, limit_headers)
             return
@@ -556,7 +557,10 @@ class SimulatedServer:
         self._provider.down_until = time.monotonic() + seconds
 
     def start(self) -> Self:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose
+        # proto says TCP, and accepted sockets inherit it.  With proto 0 every response
+        # body (sent after its headers) waited for the client's delayed ACK: +40 ms.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", self._port))
         self._bound_port = int(self._sock.getsockname()[1])

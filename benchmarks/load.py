@@ -12,19 +12,22 @@ import argparse
 import asyncio
 import json
 import resource
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import structlog
 
-import structlog  # noqa: E402
+from adapters.openai_chat import OpenAIChat
+from adapters.simulated_process import fetch_stats, simulated_provider_process
+from engine import Endpoint, Example, Limits, Prompt, RetryPolicy, evaluate
 
-from adapters.bench import PROMPT, metric, provider, server_stats  # noqa: E402
-from adapters.openai_chat import OpenAIChat  # noqa: E402
-from engine import Endpoint, Example, Limits, RetryPolicy, evaluate  # noqa: E402
+PROMPT = Prompt(
+    [{"role": "system", "content": "Echo."}, {"role": "user", "content": "{question}"}], model="sim"
+)
+
+
+def metric(example: Example, prediction: str) -> float:
+    return 1.0 if prediction == example.expected else 0.0
 
 
 def examples(n: int) -> Iterator[Example]:
@@ -38,7 +41,8 @@ async def main() -> None:
     parser.add_argument("--rpm", type=float, default=18_000)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
-    async with provider(rpm=args.rpm, latency_median=0.05, latency_sigma=0.5, seed=1) as root:
+    server = dict(rpm=args.rpm, latency_median=0.05, latency_sigma=0.5, seed=1)
+    async with simulated_provider_process(**server) as root:
         limits = Limits(rpm=args.rpm, concurrency=args.concurrency)
         async with OpenAIChat(base_url=root + "/v1", limits=limits) as chat:
             endpoint = Endpoint(chat, retry=RetryPolicy(max_attempts=10, base_delay=0.05))
@@ -52,7 +56,7 @@ async def main() -> None:
                 progress_interval=3600,
             )
             wall = time.perf_counter() - started
-        stats = await server_stats(root)
+        stats = await fetch_stats(root)
     bound = args.n / (args.rpm / 60)
     row = {
         "n": args.n,

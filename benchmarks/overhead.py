@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-
 def _child(n: int, cache_kind: str) -> dict[str, float]:
     import anyio
 

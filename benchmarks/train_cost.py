@@ -15,18 +15,13 @@ import argparse
 import json
 import random
 import re
-import sys
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import anyio
 
-import anyio  # noqa: E402
-
-from adapters import ScriptedModel, ScriptedRequest  # noqa: E402
-from engine import Cache, Example, Prompt, optimize  # noqa: E402
-from engine.metrics import ExactMatch  # noqa: E402
+from adapters import ScriptedModel, ScriptedRequest
+from engine import Cache, Example, Prompt, optimize
+from engine.metrics import ExactMatch
 
 RULES = [f"rule-{c}" for c in "abcdefgh"]
 WEIGHTS = [30, 22, 16, 11, 8, 6, 4, 3]

@@ -94,7 +94,7 @@ class CircuitBreaker:
         self.check(endpoint)
 
     def _error(self, endpoint: str) -> EndpointUnreachableError:
-        cause = self._last.message if self._last is not None else "connection failures"
+        cause = self._last.detail if self._last is not None else "connection failures"
         return EndpointUnreachableError(
             f"{cause}; {self._threshold} connection failures in a row and no success since, "
             f"so every call to this endpoint now fails at once (retried after "

@@ -91,6 +91,7 @@ class ProviderError(EngineError):
     ) -> None:
         self.endpoint = redact_text(endpoint) if endpoint else None
         self.status = status
+        self.detail = redact_text(message)  # the message without status and endpoint
         where = f" [{self.endpoint}]" if self.endpoint else ""
         code = f" (HTTP {status})" if status is not None else ""
         super().__init__(f"{message}{code}{where}")

@@ -1,4 +1,4 @@
-"""The command line: ``textgrad optimize RUN.toml`` / ``textgrad evaluate RUN.toml``.
+"""The command line: ``textgrad optimize | evaluate | bench RUN.toml``.
 
 Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted.
 Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
@@ -22,8 +22,10 @@ from typing import Any, TextIO
 import anyio
 import structlog
 
+from ._bench_cli import add_bench_arguments, run_bench
 from ._budget import Budget, BudgetMeter, Price
 from ._cache import Cache
+from ._console import StatusLine
 from ._endpoint import Endpoint, estimate_tokens
 from ._errors import BudgetExceededError, ConfigError, EngineError, TooManyErrorsError
 from ._evaluate import Evaluation, Outcome, evaluate
@@ -74,10 +76,10 @@ class _Progress:
         endpoints: Sequence[tuple[Endpoint, Price | None]],
         enabled: bool,
     ) -> None:
-        self.stream = stream
+        self.status = StatusLine(stream)
         self.endpoints = endpoints  # each with the price of the model it serves, if known
         self.enabled = enabled
-        self.tty = stream.isatty()
+        self.tty = self.status.tty
         self.started = time.monotonic()
         self.last_line = 0.0
 
@@ -122,11 +124,7 @@ class _Progress:
             )
 
     def _write(self, line: str, *, final: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.status.write(line, final=final)
 
 
 def _prices(run: RunFile) -> dict[str, Price]:
@@ -373,6 +371,13 @@ async def _run_evaluate(run: RunFile, args: argparse.Namespace, job: Job) -> int
     return EXIT_OK if result.errors == 0 else EXIT_FAILED
 
 
+def _log_options(parser: argparse.ArgumentParser) -> None:
+    logs = parser.add_mutually_exclusive_group()
+    logs.add_argument("--quiet", dest="log_mode", action="store_const", const="quiet")
+    logs.add_argument("--json-logs", dest="log_mode", action="store_const", const="json")
+    parser.set_defaults(log_mode="progress")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgrad", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -384,23 +389,23 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run_file", help="the TOML run file")
         p.add_argument("--out", help="output folder (optimize) or JSONL file (evaluate)")
         p.add_argument("--dry-run", action="store_true", help="validate and plan; call nothing")
-        logs = p.add_mutually_exclusive_group()
-        logs.add_argument("--quiet", dest="log_mode", action="store_const", const="quiet")
-        logs.add_argument("--json-logs", dest="log_mode", action="store_const", const="json")
-        p.set_defaults(log_mode="progress")
+        _log_options(p)
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
             p.add_argument("--split", choices=("train", "val"), default="train")
     bench = sub.add_parser(
         "bench",
-        help="throughput benchmark against the simulated provider (adapters.bench)",
-        add_help=False,
+        help="measure the run file's endpoint: rate, limits, latency, cost; recommend limits",
     )
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    add_bench_arguments(bench)
+    _log_options(bench)
     return parser
 
 
-async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
+async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
+    if args.command == "bench":
+        return await run_bench(run, args, _open)
+    assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
         sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
         return EXIT_OK
@@ -416,10 +421,12 @@ def _unapplied(run: RunFile) -> list[str]:
     return [name for name, present in given if present]
 
 
-def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
+def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
     """Read and check everything before the event loop starts: run file, datasets,
-    prompt file, metric, outputs."""
+    prompt file, metric, outputs (bench checks its own)."""
     run = load_run_file(args.run_file)
+    if args.command == "bench":
+        return run, None
     unapplied = _unapplied(run)
     if unapplied:
         sys.stderr.write(
@@ -440,28 +447,42 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
     return run, job
 
 
+def _bench_simulated(arguments: list[str]) -> int:
+    """``bench --simulated``: the engine-vs-peers harness in ``benchmarks/throughput.py``.
+
+    The harness is not part of the installed package (it imports adapters and peers'
+    patterns); it is resolved at run time and found from a source checkout's root.
+    """
+    try:
+        harness = resolve("benchmarks.throughput:main", "bench --simulated")
+    except ConfigError as exc:
+        sys.stderr.write(
+            f"error: {exc}\nbench --simulated runs benchmarks/throughput.py, which ships with "
+            "the source checkout, not the installed package: run it from the repository "
+            "root (python -m engine bench --simulated ...), or python benchmarks/throughput.py\n"
+        )
+        return EXIT_BAD_INPUT
+    return int(harness(arguments))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["cache"]:
         from ._cache_cli import main as cache_main  # its own parser: `cache copy SRC DST`
 
         return cache_main(arguments[1:])
-    if arguments[:1] == ["bench"]:
-        # its options are the benchmark's own; resolved at run time, as the engine
-        # never imports adapters
-        try:
-            bench = resolve("adapters.bench:main", "bench")
-        except ConfigError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            return EXIT_BAD_INPUT
-        return int(bench(arguments[1:]))
+    if arguments[:1] == ["bench"] and "--simulated" in arguments[1:]:
+        return _bench_simulated([a for a in arguments[1:] if a != "--simulated"])
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     try:
         run, job = _prepare(args)
         return anyio.run(_main, args, run, job)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted; rerun the same command to resume from the cache\n")
+        resume = (
+            "" if args.command == "bench" else "; rerun the same command to resume from the cache"
+        )
+        sys.stderr.write(f"interrupted{resume}\n")
         return EXIT_INTERRUPTED
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")

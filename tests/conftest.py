@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import anyio
 import pytest
 
@@ -15,6 +18,31 @@ from engine.metrics import ExactMatch
 # constructor recursion depth mismatch" inside the rewriter; importing it here, at a
 # shallow depth, keeps every later lookup a dictionary hit.
 anyio.run(anyio.to_thread.run_sync, lambda: None)
+
+
+def screenshot_in_chromium(page: Path, shot: Path, profile: Path) -> bytes:
+    """Render an HTML file in headless Chromium (Debian's package); the PNG's bytes."""
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=90,
+        check=True,
+    )
+    return shot.read_bytes()
 
 
 def qa_prompt(system: str = "Answer the question.", **kwargs: object) -> Prompt:

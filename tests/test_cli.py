@@ -14,6 +14,7 @@ import pytest
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine._preflight import OPTIMIZE_FILES
 
+from .conftest import screenshot_in_chromium
 from .test_bad_input import RUN, _rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +150,7 @@ def test_bad_input_exits_2_naming_the_place(demo: Path, edit: object, message: s
 
 @pytest.mark.slow
 def test_bench_command_runs_the_throughput_benchmark() -> None:
-    done = run_cli("bench", "--scenario", "rate", "--scale", "0.05")
+    done = run_cli("bench", "--simulated", "--scenario", "rate", "--scale", "0.05")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     assert [r["pattern"] for r in rows] == ["engine", "waves", "threads"]
@@ -190,29 +191,9 @@ model_name = "gpt-4o"
 def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) -> None:
     done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
     assert done.returncode == 0, done.stderr
-    shot = tmp_path / "report.png"
-    profile = tmp_path / "chromium-profile"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            "--window-size=1200,1600",
-            f"--screenshot={shot}",
-            (demo / "out" / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        timeout=90,
-        check=True,
+    data = screenshot_in_chromium(
+        demo / "out" / "report.html", tmp_path / "report.png", tmp_path / "chromium-profile"
     )
-    data = shot.read_bytes()
     assert (
         data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000
     )  # a blank page is about 9 KB, the report about 85 KB

@@ -1,0 +1,391 @@
+"""`textgrad bench RUN.toml`: the endpoint benchmark against the simulated provider,
+over real HTTP on loopback, counted at the server."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters import ScriptedModel, transient_faults
+from adapters.openai_chat import OpenAIChat
+from adapters.simulated_server import ServerConfig, SimulatedServer
+from engine import Example, Prompt, RetryPolicy
+from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
+from tests.conftest import screenshot_in_chromium
+from tests.test_cli import run_cli
+
+REQUIRED_LEVEL_FIELDS = {
+    "concurrency",
+    "requests",
+    "requests_per_s",
+    "tokens_per_s",
+    "limit_requests_per_min",
+    "limit_tokens_per_min",
+    "fraction_of_request_limit",
+    "share_429",
+    "p50_s",
+    "p95_s",
+    "p99_s",
+    "errors",
+}
+
+
+def write_run(
+    folder: Path,
+    base_url: str,
+    *,
+    rows: int = 100,
+    limits: str = "",
+    params: str = "{ max_tokens = 16 }",
+    prices: str = "",
+) -> Path:
+    """A run file on the OpenAI adapter; every row's text has the same length, so every
+    request costs the same at the server."""
+    with (folder / "data.jsonl").open("w") as out:
+        for i in range(rows):
+            text = f"item {i:03d}"
+            out.write(json.dumps({"id": f"q{i:03d}", "question": text, "expected": text}) + "\n")
+    run = folder / "run.toml"
+    run.write_text(f"""
+[prompt]
+messages = [{{ role = "system", content = "Echo." }}, {{ role = "user", content = "{{question}}" }}]
+model = "sim"
+params = {params}
+[data]
+train = "data.jsonl"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+{f"limits = {limits}" if limits else ""}
+{f"[budget]{chr(10)}prices = {prices}" if prices else ""}
+[output]
+dir = "out"
+""")
+    return run
+
+
+def bench(run: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run the CLI; its JSON output as well (empty when it wrote none)."""
+    out = run.parent / "bench.json"
+    done = run_cli("bench", str(run), "--json", str(out), *args)
+    return done, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def seeded_latencies(n: int, *, median: float, sigma: float, seed: int) -> list[float]:
+    """The latencies the seeded provider draws for its first n answered requests (one
+    random() then one gauss() each, as `adapters.simulated_server` does)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        rng.random()
+        out.append(min(30.0, median * math.exp(sigma * rng.gauss(0, 1))))
+    return out
+
+
+def server_rate(arrivals: list[float], steady_requests: int) -> float:
+    """Requests per second the server saw over the same requests the bench measured
+    its rate on: the last ``steady_requests`` starts and the one before them."""
+    first = len(arrivals) - 1 - steady_requests
+    return steady_requests / (arrivals[-1] - arrivals[first])
+
+
+async def test_simulated_server_honours_max_tokens() -> None:
+    """The provider cuts an answer at max_tokens and says so, as real ones do (the
+    bench's cost cap counts on it)."""
+    async with SimulatedServer(ServerConfig()) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            long = "x" * 400
+            cut = await chat.complete([{"role": "user", "content": long}], model="m", max_tokens=10)
+            whole = await chat.complete([{"role": "user", "content": long}], model="m")
+    assert cut.usage.completion_tokens == 10 and cut.finish_reason == "length"
+    assert whole.usage.completion_tokens == 101 and whole.text == long
+
+
+@pytest.mark.slow
+def test_best_level_reaches_the_announced_rpm_as_the_server_counts_it(tmp_path: Path) -> None:
+    """RPM 3,000 announced, latency median 0.2 s: the best level reaches >= 0.95 of it,
+    and each level's fraction matches the server's own arrival rate within 2%."""
+    config = ServerConfig(rpm=3000, latency_median=0.2, latency_sigma=0.5, seed=3)
+    with SimulatedServer(config) as server:
+        run = write_run(tmp_path, server.base_url, limits="{ rpm = 3000 }")
+        done, report = bench(run, "--concurrency", "8,32", "--requests", "200")
+        arrivals = list(server.stats.arrivals)  # in arrival order (no 429s: all paid)
+        assert server.stats.rate_limited == 0
+        assert server.stats.received == sum(lv["attempts"] for lv in report["levels"]) == 400
+    assert done.returncode == 0, done.stderr
+    levels = report["levels"]
+    assert all(set(lv) >= REQUIRED_LEVEL_FIELDS for lv in levels)
+    assert [lv["limit_requests_per_min"] for lv in levels] == [3000, 3000]
+    best = max(levels, key=lambda lv: lv["requests_per_s"])
+    assert best["fraction_of_request_limit"] >= 0.95
+    assert report["best_concurrency"] == best["concurrency"] == 32
+    for i, level in enumerate(levels):
+        seen = server_rate(arrivals[200 * i : 200 * (i + 1)], level["steady_requests"]) / 50
+        assert level["fraction_of_request_limit"] == pytest.approx(seen, rel=0.02)
+    assert "rpm = 3000" in report["recommendation"]["toml"]
+    assert "concurrency = 32" in report["recommendation"]["toml"]
+    assert "1.00 of the announced 3,000 requests/min" in done.stdout
+
+
+def test_latency_percentiles_match_the_seeded_provider(tmp_path: Path) -> None:
+    """p50/p95/p99 and the max, as measured, are within 5% of the latencies the seeded
+    provider drew (computed here from the same generator)."""
+    config = ServerConfig(latency_median=0.2, latency_sigma=0.5, seed=11)
+    with SimulatedServer(config) as server:
+        run = write_run(tmp_path, server.base_url)
+        done, report = bench(run, "--concurrency", "32", "--requests", "300")
+        assert server.stats.paid == 300
+    assert done.returncode == 0, done.stderr
+    drawn = seeded_latencies(300, median=0.2, sigma=0.5, seed=11)
+    level = report["levels"][0]
+    for key, q in (("p50_s", 0.5), ("p95_s", 0.95), ("p99_s", 0.99)):
+        assert level[key] == pytest.approx(percentile(drawn, q), rel=0.05), key
+    assert level["max_s"] == pytest.approx(max(drawn), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("server", "levels", "limits"),
+    [
+        (ServerConfig(latency_median=0.01), "8,32,128", ""),
+        # an unconfigured endpoint bursts 128 into a 50/s provider: 429s, retries
+        pytest.param(
+            ServerConfig(rpm=3000, latency_median=0.01), "128,8", "", marks=pytest.mark.slow
+        ),
+    ],
+    ids=["plain", "429-storm"],
+)
+def test_request_cap_holds_at_the_server(
+    tmp_path: Path, server: ServerConfig, levels: str, limits: str
+) -> None:
+    """--max-requests 150 sends exactly 150 requests, retries included, whatever the sweep."""
+    with SimulatedServer(server) as provider:
+        run = write_run(tmp_path, provider.base_url, limits=limits)
+        done, report = bench(run, "--concurrency", levels, "--max-requests", "150")
+        received, limited = provider.stats.received, provider.stats.rate_limited
+    assert done.returncode == 0, done.stderr
+    assert received == report["attempts"] == 150
+    assert sum(lv["attempts"] for lv in report["levels"]) == 150
+    assert "request cap reached" in report["stopped"]
+    if server.rpm:
+        assert limited > 0 and report["levels"][0]["errors"]["RateLimitedError"] == limited
+
+
+def test_cost_cap_holds_at_the_server(tmp_path: Path) -> None:
+    """--max-cost with a price table: what the server answered never costs more."""
+    with SimulatedServer(ServerConfig(latency_median=0.01)) as provider:
+        run = write_run(tmp_path, provider.base_url, prices="{ sim = [1000.0, 2000.0] }")
+        done, report = bench(run, "--concurrency", "8,32", "--max-cost", "1.0")
+        paid, received = provider.stats.paid, provider.stats.received
+    assert done.returncode == 0, done.stderr
+    # the server counts 4 prompt tokens ("Echo." + "item 000") and 3 completion tokens
+    per_request = (4 * 1000.0 + 3 * 2000.0) / 1e6
+    assert paid == received == report["attempts"]
+    assert 0.5 < paid * per_request <= 1.0  # stopped at the cap, not long before it
+    assert report["cost_usd"] == pytest.approx(paid * per_request)
+    assert "cost cap reached" in report["stopped"]
+
+
+def test_endpoint_announcing_nothing(tmp_path: Path) -> None:
+    """No x-ratelimit headers: limits unknown, the rate still measured, and the
+    recommendation says no limit was found up to the highest level tried."""
+    with SimulatedServer(ServerConfig(latency_median=0.02)) as provider:
+        run = write_run(tmp_path, provider.base_url)
+        done, report = bench(run, "--concurrency", "2,8", "--requests", "60")
+    assert done.returncode == 0, done.stderr
+    for level in report["levels"]:
+        assert set(level) >= REQUIRED_LEVEL_FIELDS
+        assert level["limit_requests_per_min"] is None and level["limit_tokens_per_min"] is None
+        assert level["fraction_of_request_limit"] is None
+        assert level["requests_per_s"] > 0 and level["errors"] == {}
+    assert report["levels"][1]["requests_per_s"] > report["levels"][0]["requests_per_s"]
+    toml = report["recommendation"]["toml"]
+    assert "no limit was found up to concurrency 8" in toml and "rpm" not in toml.split("[")[-1]
+    assert "unknown" in done.stdout
+    assert "no limit was found up to concurrency 8" in done.stdout
+    html = (tmp_path / "bench.html").read_text()
+    assert "<svg" in html and "<script" not in html
+
+
+def test_dry_run_prints_the_bounds_and_calls_nothing(tmp_path: Path) -> None:
+    with SimulatedServer(ServerConfig()) as provider:
+        run = write_run(tmp_path, provider.base_url, prices="{ sim = [1000.0, 2000.0] }")
+        done = run_cli("bench", str(run), "--dry-run", "--max-requests", "100")
+        assert provider.stats.received == 0
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["planned_requests"] == 600 and plan["max_attempts"] == 100
+    # worst case per request: every byte a token (13 + 2 x 8 + 8 = 37) plus max_tokens 16
+    worst = (37 * 1000 + 16 * 2000) / 1e6
+    assert plan["cost_per_request_upper_bound_usd"] == pytest.approx(worst)
+    assert plan["max_cost_usd"] == pytest.approx(100 * worst)
+
+
+@pytest.mark.parametrize(
+    ("args", "params", "prices", "message"),
+    [
+        (["--max-cost", "1"], "{ max_tokens = 16 }", "", "needs the model's price"),
+        (["--max-cost", "1"], "{}", "{ sim = [1.0, 2.0] }", "max_tokens"),
+        (["--concurrency", "0,8"], "{}", "", "positive"),
+        (["--requests", "10", "--duration", "5"], "{}", "", "not allowed with"),
+    ],
+)
+def test_bad_bench_input_exits_2_before_any_call(
+    tmp_path: Path, args: list[str], params: str, prices: str, message: str
+) -> None:
+    with SimulatedServer(ServerConfig()) as provider:
+        run = write_run(tmp_path, provider.base_url, params=params, prices=prices)
+        done = run_cli("bench", str(run), *args)
+        assert provider.stats.received == 0
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert message in done.stderr
+
+
+def test_bench_simulated_outside_a_checkout_says_where_it_lives(tmp_path: Path) -> None:
+    done = run_cli("bench", "--simulated", "--scale", "0.01", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "source checkout" in done.stderr and "benchmarks/throughput.py" in done.stderr
+
+
+async def test_caps_count_every_retry_of_a_flaky_model() -> None:
+    """In-process: attempts (retries included) stop at max_requests; failed attempts are
+    counted by the engine's error class."""
+    model = ScriptedModel(lambda r: r.messages[-1]["content"], faults=transient_faults(0.3))
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    rows = [Example({"q": f"row {i}"}, id=str(i)) for i in range(20)]
+    report = await bench_endpoint(
+        model,
+        prompt,
+        rows,
+        settings=BenchSettings(concurrency=(4, 16), requests=100, max_requests=120),
+        retry=RetryPolicy(base_delay=0.001, max_attempts=4),
+    )
+    assert len(model.requests) == report.attempts == 120
+    errors = sum(lv.errors.get("TransientError", 0) for lv in report.levels)
+    answered = sum(lv.requests for lv in report.levels)
+    assert errors > 0 and errors + answered == 120
+    assert report.stopped is not None and "request cap" in report.stopped
+
+
+def test_bad_credentials_stop_the_sweep_at_once(tmp_path: Path) -> None:
+    """A fatal error (401) ends the bench with exit 1 after the first wave, not 600 calls."""
+    with SimulatedServer(ServerConfig(api_key="sk-right-key-123456")) as provider:
+        run = write_run(tmp_path, provider.base_url)
+        done, _ = bench(run, "--concurrency", "4,32")
+        received = provider.stats.received
+    assert done.returncode == 1
+    assert "AuthenticationError" in done.stderr and received <= 4
+
+
+def test_a_dead_endpoint_stops_the_sweep(tmp_path: Path) -> None:
+    """Nothing listening: the endpoint's circuit breaker opens after 10 connection
+    failures in a row and the sweep stops at once, exit 1, naming the URL and why."""
+    with SimulatedServer(ServerConfig()) as provider:
+        url = provider.base_url
+    run = write_run(tmp_path, url)
+    run.write_text(
+        run.read_text() + "[model.retry]\nmax_attempts = 2\nbase_delay = 0.01\ntimeout = 5\n"
+    )
+    done, _ = bench(run, "--concurrency", "2,8")
+    assert done.returncode == 1, done.stderr
+    assert "EndpointUnreachableError" in done.stderr
+    assert f"cannot reach {url}: connection refused" in done.stderr
+    assert "10 connection failures in a row" in done.stderr
+
+
+def test_the_connection_pool_is_sized_to_the_highest_level(tmp_path: Path) -> None:
+    """The adapter is built for 64 connections, not the run file's concurrency (32)."""
+    with SimulatedServer(ServerConfig(latency_median=0.3)) as provider:
+        run = write_run(tmp_path, provider.base_url, limits="{ concurrency = 32 }")
+        done, _ = bench(run, "--concurrency", "64", "--requests", "128")
+        assert provider.stats.max_in_flight == 64
+    assert done.returncode == 0, done.stderr
+
+
+async def test_synthetic_load_sends_the_size_asked_for() -> None:
+    """--prompt-tokens / --max-tokens: prompts of about that size, completions cut at it."""
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    settings = BenchSettings(concurrency=(4,), requests=24, prompt_tokens=300, max_tokens=20)
+    async with SimulatedServer(ServerConfig()) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            report = await bench_endpoint(chat, prompt, [Example({"q": "x"})], settings=settings)
+    level = report.levels[0]
+    assert report.synthetic and level.requests == 24
+    assert level.prompt_tokens_mean == pytest.approx(300, abs=2)
+    assert level.completion_tokens_mean == 20
+
+
+async def test_duration_mode_runs_each_level_for_its_time() -> None:
+    model = ScriptedModel(lambda r: "ok", latency=0.01)
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    settings = BenchSettings(concurrency=(2, 4), duration=0.5)
+    report = await bench_endpoint(model, prompt, [Example({"q": "x"})], settings=settings)
+    assert [lv.planned for lv in report.levels] == [None, None]
+    assert all(lv.requests > 10 and 0.5 <= lv.wall_s < 1.5 for lv in report.levels)
+    assert report.attempts == len(model.requests) == sum(lv.requests for lv in report.levels)
+
+
+def test_the_run_files_own_rpm_capping_the_sweep_is_said(tmp_path: Path) -> None:
+    """The bundled demo (scripted, rpm = 6000 in the run file): the sweep reaches that
+    rpm, and the recommendation says the run file capped it, not the endpoint."""
+    out = tmp_path / "bench.json"
+    done = run_cli(
+        "bench", "examples/demo.toml", "--concurrency", "2,8", "--requests", "60",
+        "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["levels"][-1]["requests_per_s"] == pytest.approx(100, rel=0.05)
+    assert "the run file's rpm = 6000 (" in report["recommendation"]["toml"]
+    assert "capped the sweep, not the endpoint" in done.stdout
+    assert (tmp_path / "bench.html").exists()
+
+
+async def test_a_broken_adapter_stops_the_sweep_with_its_own_error() -> None:
+    """An adapter returning something that is not a completion: the sweep stops and its
+    TypeError comes out as itself, not wrapped in an exception group."""
+
+    class Broken:
+        async def complete(self, messages: object, /, **params: object) -> object:
+            return 42
+
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    settings = BenchSettings(concurrency=(4, 16), requests=50)
+    with pytest.raises(TypeError, match=r"not an engine\.Completion"):
+        await bench_endpoint(Broken(), prompt, [Example({"q": "x"})], settings=settings)  # type: ignore[arg-type]
+
+
+def test_recommend_without_any_answer() -> None:
+    rec = recommend([])
+    assert rec.concurrency is None and "no request was answered" in rec.to_toml()
+
+
+def test_percentile_is_the_inclusive_quantile() -> None:
+    values = [0.3, 0.1, 0.9, 0.5, 0.7, 0.2]
+    for q in (0.25, 0.5, 0.95, 0.99):
+        expected = statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+        assert percentile(values, q) == pytest.approx(expected)
+    assert percentile([], 0.5) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_bench_html_renders_in_headless_chromium(tmp_path: Path) -> None:
+    config = ServerConfig(rpm=3000, latency_median=0.05, latency_sigma=0.5)
+    with SimulatedServer(config) as provider:
+        run = write_run(tmp_path, provider.base_url)
+        done, _ = bench(run, "--concurrency", "4,16", "--requests", "80")
+    assert done.returncode == 0, done.stderr
+    data = screenshot_in_chromium(
+        tmp_path / "bench.html", tmp_path / "bench.png", tmp_path / "profile"
+    )
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000  # a blank page is ~9 KB
