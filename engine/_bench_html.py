@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from ._svg import Series, chart
 
 if TYPE_CHECKING:
     from ._bench_report import BenchReport
@@ -25,88 +25,10 @@ _MAX_DOTS = 1500
 _BLUE, _ORANGE, _RED, _GREY, _GREEN = "#1f6feb", "#d97706", "#cf222e", "#6e7781", "#1a7f37"
 
 
-@dataclass(frozen=True, slots=True)
-class _Series:
-    label: str
-    color: str
-    points: Sequence[tuple[float, float]]
-    style: str = "line"  # "line", "dash" (a limit) or "dots"
-
-
-def _axis(high: float, count: int = 5) -> list[float]:
-    """Round tick values from 0 to at least ``high`` (steps of 1, 2, 2.5 or 5 x 10^k)."""
-    if not high > 0:
-        return [0.0, 1.0]
-    raw = high / count
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * magnitude >= raw)
-    return [i * step for i in range(math.ceil(high / step - 1e-9) + 1)]
-
-
-def _shape(series: _Series, xy: tuple[float, float, float, float]) -> str:
-    """One series in chart coordinates; ``xy`` = (x0, x-scale, y0, y-scale)."""
-    x0, sx, y0, sy = xy
-    points = [(x0 + x * sx, y0 - y * sy) for x, y in series.points]
-    if series.style == "dots":
-        return "".join(
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="1.6" fill="{series.color}" fill-opacity="0.45"/>'
-            for x, y in points
-        )
-    dash = ' stroke-dasharray="6 4"' if series.style == "dash" else ""
-    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-    return (
-        f'<polyline points="{path}" fill="none" stroke="{series.color}" '
-        f'stroke-width="{1.5 if dash else 2}"{dash}/>'
-    )
-
-
-def _chart(
-    title: str, series: Sequence[_Series], *, x_label: str, width: int = 540, height: int = 250
-) -> str:
-    """A small line/dot chart: x from 0, y from 0, round ticks, a legend on top."""
-    left, right, top, bottom = 52, 12, 34, 38
-    xs = [x for s in series for x, _ in s.points] or [1.0]
-    ys = [y for s in series for _, y in s.points] or [1.0]
-    x_ticks, y_ticks = _axis(max(xs)), _axis(max(ys) * 1.05)
-    sx = (width - left - right) / x_ticks[-1]
-    sy = (height - top - bottom) / y_ticks[-1]
-    y0 = height - bottom
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="{html.escape(title)}">',
-        f'<rect width="{width}" height="{height}" fill="#fff"/>',
-        f'<text x="{left}" y="14" font-size="12" font-weight="600">{html.escape(title)}</text>',
-    ]
-    for tick in y_ticks:
-        y = y0 - tick * sy
-        parts.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eaeef2"/>'
-            f'<text x="{left - 5}" y="{y + 4:.1f}" font-size="10" text-anchor="end">{tick:g}</text>'
-        )
-    for tick in x_ticks:
-        x = left + tick * sx
-        parts.append(
-            f'<text x="{x:.1f}" y="{y0 + 14}" font-size="10" text-anchor="middle">{tick:g}</text>'
-        )
-    parts += [_shape(s, (left, sx, y0, sy)) for s in series if s.points]
-    legend_x = left
-    for s in series:
-        parts.append(
-            f'<text x="{legend_x}" y="28" font-size="10" fill="{s.color}">'
-            f"{html.escape(s.label)}</text>"
-        )
-        legend_x += 7 * len(s.label) + 16
-    parts.append(
-        f'<text x="{(left + width - right) / 2}" y="{height - 6}" font-size="10" '
-        f'text-anchor="middle">{html.escape(x_label)}</text></svg>'
-    )
-    return "".join(parts)
-
-
-def _limit(label: str, per_second: float | None, end: float, color: str) -> list[_Series]:
+def _limit(label: str, per_second: float | None, end: float, color: str) -> list[Series]:
     if per_second is None:
         return []
-    return [_Series(label, color, [(0.0, per_second), (end, per_second)], "dash")]
+    return [Series(label, color, [(0.0, per_second), (end, per_second)], "dash")]
 
 
 def _throughput(level: LevelResult, configured_rpm: float | None) -> str:
@@ -117,9 +39,9 @@ def _throughput(level: LevelResult, configured_rpm: float | None) -> str:
     ]
     limited = [(b.t + 0.5, float(b.rate_limited)) for b in level.timeline]
     announced = level.limit_requests_per_min
-    series = [_Series("answers/s", _BLUE, rate)]
+    series = [Series("answers/s", _BLUE, rate)]
     if any(y for _, y in limited):
-        series.append(_Series("429s/s", _RED, limited))
+        series.append(Series("429s/s", _RED, limited))
     series += _limit(
         f"announced limit {announced}/min", announced / 60 if announced else None, end, _RED
     )
@@ -133,7 +55,7 @@ def _throughput(level: LevelResult, configured_rpm: float | None) -> str:
             end,
             _ORANGE,
         )
-    return _chart(
+    return chart(
         f"throughput, concurrency {level.concurrency}", series, x_label="seconds into the level"
     )
 
@@ -141,9 +63,9 @@ def _throughput(level: LevelResult, configured_rpm: float | None) -> str:
 def _tokens(level: LevelResult) -> str:
     end = max(level.wall_s, 1.0)
     limit = level.limit_tokens_per_min
-    series = [_Series("tokens/s", _GREEN, [(b.t + 0.5, float(b.tokens)) for b in level.timeline])]
+    series = [Series("tokens/s", _GREEN, [(b.t + 0.5, float(b.tokens)) for b in level.timeline])]
     series += _limit(f"announced limit {limit}/min", limit / 60 if limit else None, end, _RED)
-    return _chart(
+    return chart(
         f"tokens, concurrency {level.concurrency}", series, x_label="seconds into the level"
     )
 
@@ -153,24 +75,24 @@ def _latency(level: LevelResult) -> str:
     stride = max(1, math.ceil(len(samples) / _MAX_DOTS))
     shown = samples[::stride]
     series = [
-        _Series(
+        Series(
             "attempt latency", _GREY, [(t, lat) for t, lat, err in shown if err is None], "dots"
         ),
-        _Series(
+        Series(
             "failed attempt", _RED, [(t, lat) for t, lat, err in shown if err is not None], "dots"
         ),
-        _Series(
+        Series(
             "p50 per second",
             _BLUE,
             [(b.t + 0.5, b.p50_s) for b in level.timeline if b.p50_s is not None],
         ),
-        _Series(
+        Series(
             "p95 per second",
             _ORANGE,
             [(b.t + 0.5, b.p95_s) for b in level.timeline if b.p95_s is not None],
         ),
     ]
-    return _chart(
+    return chart(
         f"latency (s), concurrency {level.concurrency}",
         series,
         x_label="seconds into the level (dots at the attempt's start)",

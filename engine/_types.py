@@ -55,9 +55,7 @@ class Example:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     inputs_hash: str = field(default="", compare=False, repr=False)
     # computed on first use (only cached metric results need it)
-    _content: list[str | None] = field(
-        default_factory=list, init=False, compare=False, repr=False
-    )
+    _content: list[str | None] = field(default_factory=list, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.inputs, Mapping):

@@ -25,7 +25,16 @@ def test_engine_never_imports_adapters_or_provider_sdks() -> None:
     for path in (ROOT / "engine").rglob("*.py"):
         for name in _imports(path):
             top = name.split(".")[0]
-            if top in {"adapters", "openai", "httpx", "httpx2", "starlette", "uvicorn"}:
+            if top in {
+                "adapters",
+                "openai",
+                "httpx",
+                "httpx2",
+                "aiohttp",
+                "orjson",
+                "starlette",
+                "uvicorn",
+            }:
                 offenders.append(f"{path.relative_to(ROOT)} imports {name}")
     assert offenders == []
 
@@ -82,3 +91,28 @@ def test_importing_the_library_configures_no_logging() -> None:
     code = "import structlog, engine, engine.cli, adapters; print(structlog.is_configured())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _logic_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from a function's first statement after its docstring to its end: its
+    logic, without the signature and the parameter docs that document it."""
+    body = node.body
+    first = body[1] if len(body) > 1 and ast.get_docstring(node) is not None else body[0]
+    return (node.end_lineno or first.lineno) - first.lineno + 1
+
+
+def test_no_function_in_engine_or_adapters_is_over_60_lines() -> None:
+    """Small functions (issue #13): at most 60 lines of logic each.  The simulated
+    server's fault table and the public entry points' long documented signatures are
+    counted by their logic, not their parameter lists."""
+    offenders = []
+    for package in ("engine", "adapters"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    length = _logic_lines(node)
+                    if length > 60:
+                        offenders.append(
+                            f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {length}"
+                        )
+    assert offenders == []
