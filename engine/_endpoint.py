@@ -15,6 +15,7 @@ adapter, concurrently, they share one budget.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
 import weakref
@@ -268,12 +269,18 @@ class Endpoint:
         params: Mapping[str, Any],
         seconds: float | None,
     ) -> Completion:
+        # A cancel scope with a deadline on the loop's clock: anyio's fail_after, without
+        # its context-manager wrapper and backend lookups (this runs once per call).
+        deadline = self._clock() + seconds if seconds is not None else math.inf
         try:
-            with anyio.fail_after(seconds):
+            with anyio.CancelScope(deadline=deadline) as scope:
                 answer: Any = await self.model.complete(messages, **params)
+            if scope.cancelled_caught:
+                raise TimeoutError
         except TimeoutError as exc:
-            # ours (fail_after) or the model's own: either way the call did not answer
-            raise CallTimeoutError(f"no answer within {seconds:.3g}s", endpoint=self.name) from exc
+            # ours (the deadline) or the model's own: either way the call did not answer
+            within = f" within {seconds:.3g}s" if seconds is not None else ""
+            raise CallTimeoutError(f"no answer{within}", endpoint=self.name) from exc
         except ConnectionRefusedError as exc:
             raise ConnectionFailedError(
                 f"cannot reach {self.name}: connection refused", endpoint=self.name

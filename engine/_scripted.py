@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from ._clock import loop_time
 from ._errors import RateLimitedError, TransientError
 from ._limits import Limits
 from ._tokens import approx_tokens
@@ -133,11 +134,12 @@ class ScriptedModel:
 
     async def complete(self, messages: Sequence[Mapping[str, str]], /, **params: Any) -> Completion:
         msgs = tuple(dict(m) for m in messages)
-        text_key = repr((msgs, sorted(params.items(), key=lambda kv: kv[0])))
-        attempt = self._seen.get(text_key, 0) + 1
-        if self.keep_requests:
+        attempt = 1
+        if self.keep_requests or self.faults is not None:  # faults may depend on it
+            text_key = repr((msgs, sorted(params.items(), key=lambda kv: kv[0])))
+            attempt = self._seen.get(text_key, 0) + 1
             self._seen[text_key] = attempt
-        request = ScriptedRequest(msgs, dict(params), anyio.current_time(), attempt)
+        request = ScriptedRequest(msgs, dict(params), loop_time(), attempt)
         stats = self.stats
         if self.keep_requests:
             stats.requests.append(request)

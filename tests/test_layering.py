@@ -31,7 +31,6 @@ def test_engine_never_imports_adapters_or_provider_sdks() -> None:
                 "httpx",
                 "httpx2",
                 "aiohttp",
-                "orjson",
                 "starlette",
                 "uvicorn",
             }:
