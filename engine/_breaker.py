@@ -58,9 +58,11 @@ class CircuitBreaker:
         return self._failures
 
     def check(self, endpoint: str) -> None:
-        """Raise `EndpointUnreachableError` while the breaker is open."""
+        """Raise `EndpointUnreachableError` while the breaker is open (nothing is sent)."""
         if self.is_open:
-            raise self._error(endpoint)
+            error = self._error(endpoint)
+            error.sent = False
+            raise error
 
     def on_success(self) -> None:
         self._failures = 0

@@ -232,6 +232,10 @@ class Endpoint:
             try:
                 completion = await self._attempt_under_limits(messages, params, call)
             except ProviderError as exc:
+                if not exc.sent:  # the gate refused to wait: nothing to count or retry
+                    exc.attempts = call.count - 1
+                    self._counters.failed += 1
+                    raise
                 exc.attempts = call.count
                 self._on_failure(exc, call)
                 await self._before_retry(exc, call)
@@ -304,19 +308,23 @@ class Endpoint:
         """Refuse a wait at the pause gate that passes the cap or the call's deadline."""
         cap = self.retry.max_retry_after
         if wait > cap:
-            raise RateLimitedError(
+            refusal = RateLimitedError(
                 f"the provider paused this endpoint for {wait:.0f}s, more than "
                 f"max_retry_after={cap:g}s; raise RetryPolicy.max_retry_after to wait",
                 retry_after=wait,
                 endpoint=self.name,
             )
-        if call.give_up_at is not None and self._clock() + wait > call.give_up_at:
-            raise RateLimitedError(
+        elif call.give_up_at is not None and self._clock() + wait > call.give_up_at:
+            refusal = RateLimitedError(
                 f"the provider paused this endpoint for {wait:.1f}s, past this call's "
                 f"deadline of {self.retry.deadline:g}s",
                 retry_after=wait,
                 endpoint=self.name,
             )
+        else:
+            return
+        refusal.sent = False  # refused here, before sending: not the provider's answer
+        raise refusal
 
     async def _before_retry(self, exc: ProviderError, call: _Attempts) -> None:
         """Sleep the backoff before another attempt, or re-raise ``exc`` to stop."""

@@ -85,6 +85,7 @@ class ProviderError(EngineError):
     retryable: bool = False
     fatal: bool = False
     attempts: int = 1  # set by the endpoint to the attempts made before giving up
+    sent: bool = True  # False when the engine refused before sending (a bounded wait)
 
     def __init__(
         self, message: str, *, endpoint: str | None = None, status: int | None = None

@@ -375,6 +375,9 @@ class _EvaluationRun:
     def _result(self) -> Evaluation:
         t = self.tally
         wall = time.monotonic() - self.started
+        if t.stopped_early and t.completed == t.total:
+            # the examples in flight when racing cut it finished anyway: a full evaluation
+            t.stopped_early, t.upper_bound = False, None
         if self.s.global_metric is not None:
             score, conservative = self._global_scores()
         else:

@@ -85,8 +85,8 @@ class Tally:
     def cannot_win(self) -> bool:
         """Exact racing test: even with every remaining example perfect, not above?"""
         must_beat, total = self.must_beat, self.total
-        if must_beat is None or total is None or total <= 0:
-            return False
+        if must_beat is None or total is None or self.completed >= total:
+            return False  # nothing left to save: the evaluation is complete anyway
         # bound <= must_beat, multiplied out: integers unless a score was fractional
         reachable = self._ones + (total - self.completed) + self._fractional
         if reachable > must_beat * total:

@@ -66,8 +66,17 @@ def test_every_public_module_lists_what_it_defines(name: str) -> None:
 
 def test_plumbing_is_not_at_the_top() -> None:
     """The stage toolkit lives in engine.stages; call plumbing is not public at all."""
-    for name in ("OptimizerCaller", "CallResult", "parse_proposal", "metric_identity",
-                 "LLMApply", "LLMGradient", "Emitter", "BudgetMeter", "RateLimiter"):
+    for name in (
+        "OptimizerCaller",
+        "CallResult",
+        "parse_proposal",
+        "metric_identity",
+        "LLMApply",
+        "LLMGradient",
+        "Emitter",
+        "BudgetMeter",
+        "RateLimiter",
+    ):
         assert name not in engine.__all__
     from engine.stages import LLMApply, LLMGradient, OptimizerCaller, parse_proposal  # noqa: F401
 

@@ -53,6 +53,9 @@ async def test_concurrent_evaluations_of_one_prompt_make_one_call_per_example() 
     assert model.calls == 60
     assert [r.score for r in results] == [1.0, 1.0]
     assert cache.statistics().coalesced > 0
+    # what one evaluation paid, the other got without paying: hits, never calls
+    assert sum(r.calls for r in results) == 60
+    assert sum(r.cache_hits for r in results) == 60
 
 
 async def test_coalesced_waiter_takes_over_when_the_leader_is_cancelled() -> None:

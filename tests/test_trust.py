@@ -107,18 +107,20 @@ async def test_the_evaluation_reports_both_scores_and_the_error_count() -> None:
 
 
 async def test_racing_bound_counts_errors_as_failures() -> None:
-    """With 4 of 8 errored the conservative bound is at most 0.5: a must_beat of 0.5
-    is unreachable and the evaluation is cut, where the mean over scored would not be."""
+    """B alternates right and errored.  After x5 (three errors, two examples left) the
+    conservative bound is 5/8 = 0.625: a must_beat of 0.625 is out of reach and the
+    evaluation is cut there.  Leaving errors out of the denominator, the bound would
+    still be (3 + 2) / 5 = 1.0 and nothing would be cut."""
     evaluation = await evaluate(
         _prompt("B"),
         _data(8),
         model=_AOrB().model,
         metric=ExactMatch(),
-        must_beat=0.5,
+        must_beat=0.625,
         concurrency=1,
     )
-    assert evaluation.stopped_early
-    assert evaluation.upper_bound is not None and evaluation.upper_bound <= 0.5
+    assert evaluation.stopped_early and evaluation.completed == 6
+    assert evaluation.upper_bound == 0.625
 
 
 async def test_too_many_errors_on_the_best_prompt_stops_the_run() -> None:
