@@ -10,8 +10,8 @@ A cache hit must be the same question.  Keys are fixed-shape strings of hashes:
         metric = its code and captured state (`metric_identity`); answer = the
         example's full content (inputs, expected, metadata) and the prediction text
     c:<request sha256>                -> an optimizer call's answer
-    e:<example id>                    -> inputs hash (a reused id with changed inputs
-                                         is an error, not a stale hit)
+    e:<example id>                    -> {"inputs": hash} (a reused id with changed
+                                         inputs is an error, not a stale hit)
 
 Identical keys requested concurrently are coalesced (single flight): one call is made,
 every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
@@ -207,8 +207,8 @@ class Cache:
         key = f"e:{example.id}"
         stored = await self.store.get(key)
         if stored is None:
-            await self.store.put(key, example.inputs_hash)
-        elif stored != example.inputs_hash:
+            await self.store.put(key, dump_value({"inputs": example.inputs_hash}))
+        elif self._decode(key, stored).get("inputs") != example.inputs_hash:
             raise _conflict(example)
 
     # -- metric results ---------------------------------------------------------------

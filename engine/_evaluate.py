@@ -294,6 +294,10 @@ class _EvaluationRun:
         s = self.s
         try:
             for index, item in self.iterator:
+                # A checkpoint per example: a model that answers without waiting (an
+                # in-process one) would otherwise keep this worker from ever yielding,
+                # starving the others, cancellation and the loop's timer upkeep.
+                await anyio.lowlevel.checkpoint()
                 example = item if s.prevalidated else _check_example(s.prompt, item, index)
                 if not self.preflighted:
                     self.preflighted = True

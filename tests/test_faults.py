@@ -124,7 +124,9 @@ async def test_outage_past_the_deadline_fails_clearly_and_keeps_what_was_paid(
             endpoint = Endpoint(chat, retry=retry)
             async with Cache.sqlite(str(tmp_path / "c.sqlite")) as cache:
                 threading.Timer(0.3, server.take_down, args=(30,)).start()
-                with pytest.raises(TransientError, match="503"):
+                # the cause (HTTP 503) and the endpoint, by its host and port
+                endpoint_label = server.base_url.removeprefix("http://")
+                with pytest.raises(TransientError, match="503") as failure:
                     await evaluate(
                         qa_prompt(),
                         data,
@@ -133,6 +135,7 @@ async def test_outage_past_the_deadline_fails_clearly_and_keeps_what_was_paid(
                         cache=cache,
                         on_error="raise",
                     )
+                assert endpoint_label in str(failure.value)
                 paid_before = server.stats.paid
                 assert 0 < paid_before < 300
             server.take_down(0)
