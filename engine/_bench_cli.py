@@ -60,6 +60,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "(benchmarks/throughput.py; its own options: --scenario, --scale)",
     )
     parser.add_argument(
+        "--client-cpu",
+        action="store_true",
+        help="instead: client CPU per request of the engine and plain clients against an "
+        "instant server (benchmarks/client_cpu.py; its own options: --rows, --repeat)",
+    )
+    parser.add_argument(
         "--concurrency", type=_levels, default=(8, 32, 128), help="levels (default 8,32,128)"
     )
     size = parser.add_mutually_exclusive_group()

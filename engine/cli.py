@@ -447,22 +447,23 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
     return run, job
 
 
-def _bench_simulated(arguments: list[str]) -> int:
-    """``bench --simulated``: the engine-vs-peers harness in ``benchmarks/throughput.py``.
+def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throughput:main") -> int:
+    """``bench --simulated``: the engine-vs-peers harness in ``benchmarks/throughput.py``;
+    ``bench --client-cpu``: client CPU per request in ``benchmarks/client_cpu.py``.
 
-    The harness is not part of the installed package (it imports adapters and peers'
-    patterns); it is resolved at run time and found from a source checkout's root.
+    The harnesses are not part of the installed package (they import adapters and
+    peers' patterns); they are resolved at run time from a source checkout's root.
     """
     try:
-        harness = resolve("benchmarks.throughput:main", "bench --simulated")
+        harness = resolve(harness_spec, "bench")
     except ConfigError as exc:
         sys.stderr.write(
-            f"error: {exc}\nbench --simulated runs benchmarks/throughput.py, which ships with "
-            "the source checkout, not the installed package: run it from the repository "
-            "root (python -m engine bench --simulated ...), or python benchmarks/throughput.py\n"
+            f"error: {exc}\nthis bench runs {harness_spec.split(':')[0].replace('.', '/')}.py, "
+            "which ships with the source checkout, not the installed package: run it from "
+            "the repository root\n"
         )
         return EXIT_BAD_INPUT
-    return int(harness(arguments))
+    return int(harness(arguments) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cache_main(arguments[1:])
     if arguments[:1] == ["bench"] and "--simulated" in arguments[1:]:
         return _bench_simulated([a for a in arguments[1:] if a != "--simulated"])
+    if arguments[:1] == ["bench"] and "--client-cpu" in arguments[1:]:
+        rest = [a for a in arguments[1:] if a != "--client-cpu"]
+        return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     try:

@@ -307,3 +307,64 @@ def test_a_library_prints_nothing_unless_the_host_asks() -> None:
         check=True,
     )
     assert "evaluation.finished" in asked.stderr and "call.retry" in asked.stderr
+
+
+# -- over real HTTP --------------------------------------------------------------------
+
+
+async def test_a_server_that_is_not_listening_stops_the_run_in_seconds() -> None:
+    """40 examples against a closed port: the breaker opens after 10 refused connections
+    and the run stops with the URL and the cause (it took 324 s before the breaker)."""
+    from adapters.openai_chat import OpenAIChat
+    from adapters.simulated_server import SimulatedServer
+
+    with SimulatedServer() as server:
+        url = server.base_url  # a port that was just freed: nothing listens there now
+    started = time.monotonic()
+    async with OpenAIChat(base_url=url, limits=Limits(concurrency=8)) as chat:
+        with pytest.raises(EndpointUnreachableError) as info:
+            await evaluate(qa_prompt(), echo_examples(40), model=chat, metric=ExactMatch())
+    assert time.monotonic() - started < 5
+    assert f"cannot reach {url}: connection refused" in str(info.value)
+
+
+@pytest.mark.slow
+async def test_two_evaluations_and_an_optimization_share_one_adapters_budget() -> None:
+    """One OpenAIChat(limits=Limits(rpm=3000)) used by two evaluations and one
+    optimization at once: the provider (RPM 3000) sees at most 1% 429s and the combined
+    work reaches at least 0.95 of the rate bound (it saw 44% 429s when each evaluation
+    built its own limiter)."""
+    from adapters import ArithmeticCoach
+    from adapters.openai_chat import OpenAIChat
+    from adapters.simulated_server import ServerConfig, SimulatedServer
+    from engine import optimize
+
+    config = ServerConfig(rpm=3000, latency_median=0.05, latency_sigma=0.3, seed=3)
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(
+            base_url=server.base_url, limits=Limits(rpm=3000, concurrency=64)
+        ) as chat:
+            started = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                for prefix in ("a", "b"):
+                    tg.start_soon(
+                        lambda p=prefix: evaluate(
+                            qa_prompt(), echo_examples(400, p), model=chat, metric=ExactMatch()
+                        )
+                    )
+                tg.start_soon(
+                    lambda: optimize(
+                        qa_prompt("Repeat the question."),
+                        echo_examples(200, "o"),
+                        metric=lambda e, p: 1.0 if p == e.expected else 0.0,
+                        model=chat,
+                        optimizer_model=ArithmeticCoach(),
+                        task_description="echo",
+                        metric_description="exact",
+                    )
+                )
+            wall = time.monotonic() - started
+    stats = server.stats
+    assert stats.rate_limited <= 0.01 * stats.received
+    bound = stats.paid / (3000 / 60)  # the time the provider's rate needs for this work
+    assert bound / wall >= 0.95, (bound, wall, stats.paid)
