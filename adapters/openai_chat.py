@@ -127,6 +127,10 @@ def _endpoint_label(base_url: str | None) -> str:
     return f"{parts.hostname or ''}{port}{parts.path.rstrip('/')}"
 
 
+def _rebuild(arguments: Mapping[str, Any]) -> OpenAIChat:
+    return OpenAIChat(**arguments)
+
+
 class OpenAIChat:
     """An OpenAI-compatible chat model; implements `engine.ChatModel`.
 
@@ -151,6 +155,14 @@ class OpenAIChat:
         name: str | None = None,
     ) -> None:
         key = resolve_api_key(api_key, base_url)
+        # what __reduce__ rebuilds this object from in another process
+        self._arguments = {
+            "base_url": base_url,
+            "api_key": api_key,
+            "limits": limits,
+            "timeout": timeout,
+            "name": name,
+        }
         self.limits = limits
         self.name = name or _endpoint_label(base_url)
         pool = limits.concurrency if limits is not None else 32
@@ -163,6 +175,14 @@ class OpenAIChat:
         )
         # the best structured-output mode this endpoint accepted (learned on failure)
         self._format_mode = "json_schema"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its constructor arguments (a cluster worker gets its own client
+        and connection pool; no live session crosses processes).  An ``api_key`` given
+        explicitly travels with it; one read from ``$OPENAI_API_KEY`` is read again
+        where it is unpickled.  The structured-output mode learned so far goes along, so
+        both sides send (and cache under) the same response format."""
+        return (_rebuild, (self._arguments,), {"_format_mode": self._format_mode})
 
     @property
     def format_mode(self) -> str:
