@@ -230,8 +230,13 @@ class Cache:
             }
         )
 
+    @staticmethod
+    def example_key(example: Example) -> str:
+        """The store key of an example's fingerprint (its id's inputs hash)."""
+        return f"e:{example.id}"
+
     async def _check_example(self, example: Example) -> None:
-        key = f"e:{example.id}"
+        key = self.example_key(example)
         stored = await self.store.get(key)
         if stored is None:
             await self.store.put(key, example.inputs_hash)
@@ -252,11 +257,9 @@ class Cache:
         An example whose content is not JSON (an arbitrary object as ``expected``) has
         no key: its result is computed and not stored.
         """
-        content = example.content_hash
-        if content is None:
+        key = self.metric_key(metric_id, example, prediction)
+        if key is None:
             return await compute(), False
-        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
-        key = f"m:{metric_id}:{answer}"
 
         def load(raw: str) -> MetricResult:
             data = self._decode(key, raw)
@@ -268,6 +271,16 @@ class Cache:
             return value, raw, key
 
         return await self._single_flight(key, load, compute_and_dump)
+
+    @staticmethod
+    def metric_key(metric_id: str, example: Example, prediction: str) -> str | None:
+        """The store key of a metric result, or ``None`` when the example's content has
+        no canonical form (its results are not cached)."""
+        content = example.content_hash
+        if content is None:
+            return None
+        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
+        return f"m:{metric_id}:{answer}"
 
     # -- optimizer calls --------------------------------------------------------------
     async def call_text(
