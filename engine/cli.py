@@ -34,8 +34,9 @@ from ._preflight import Job, prepare
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
 from ._report import RunReport
-from ._runfile import EndpointSpec, RunFile, load_run_file, resolve
+from ._runfile import ClusterSpec, EndpointSpec, RunFile, load_run_file, resolve
 from ._trainer import OptimizationResult, optimize
+from .cluster import FileDataset, RayCluster
 
 __all__ = ["main"]
 
@@ -103,7 +104,7 @@ class _Progress:
                 f"tokens {data.get('tokens', 0)}  cost {cost}  errors {data.get('errors', 0)}  "
                 f"ETA {eta}"
             )
-            self._write(line)
+            self._write(line + _per_worker(data.get("workers"), rate))
         elif event.name == "optimize.step":
             val = data.get("val_score")
             self._write(
@@ -119,6 +120,14 @@ class _Progress:
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _per_worker(workers: Any, total_rate: float) -> str:
+    """A cluster's progress: each worker's examples per second, then the total."""
+    if not isinstance(workers, list) or not workers:
+        return ""
+    each = " ".join(f"w{w.get('worker')} {float(w.get('per_s', 0.0)):.1f}/s" for w in workers)
+    return f"  workers: {each} (total {total_rate:.1f}/s)"
 
 
 def _prices(run: RunFile) -> dict[str, Price]:
@@ -204,8 +213,11 @@ def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
     sys.stdout.write(json.dumps(out, allow_nan=False) + "\n")
 
 
-async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> OptimizationResult:
+async def _optimize(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> OptimizationResult:
     assert run.optimizer is not None  # prepare() checked it
+    assert not isinstance(job.data, FileDataset)  # the trainer holds its training set
     async with AsyncExitStack() as stack:
         task = await _endpoint(stack, run.model)
         opt = await _endpoint(stack, run.optimizer)
@@ -231,6 +243,7 @@ async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> Optimiz
             cache=cache,
             budget=run.budget,
             on_event=progress,
+            cluster=cluster,
             **settings,
         )
 
@@ -264,11 +277,13 @@ def _stopped_unscored(reason: str) -> int:
     return EXIT_FAILED
 
 
-async def _run_optimize(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+async def _run_optimize(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> int:
     created = not job.out.exists()
     make_output_dir(job.out, job.out_option)
     try:
-        return _finish_optimize(job, await _optimize(run, args, job))
+        return _finish_optimize(job, await _optimize(run, args, job, cluster))
     except BudgetExceededError as exc:  # before the initial prompt had a score
         return _stopped_unscored(
             f"the run stopped before its first evaluation finished (budget: {exc.message}); "
@@ -311,7 +326,9 @@ def _load_prompt(path: str) -> Prompt:
         raise ConfigError(f"--prompt {path}: {exc}") from None
 
 
-async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: TextIO) -> Evaluation:
+async def _evaluate(
+    run: RunFile, args: argparse.Namespace, job: Job, sink: TextIO, cluster: RayCluster | None
+) -> Evaluation:
     def stream(outcome: Outcome) -> None:
         sink.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
 
@@ -321,6 +338,7 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
         if run.batch is not None:
             # Bulk first: the Batch API fills the cache at half price; whatever it
             # could not answer is paid below through the normal, limited path.
+            assert not isinstance(job.data, FileDataset)  # [batch] loads the data
             bulk = await _open(stack, run.batch)
             filled = await bulk.prefill(job.prompt, job.data, cache=cache, model=task)
             sys.stderr.write(
@@ -333,24 +351,29 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
             [(task, _prices(run).get(job.prompt.model))],
             enabled=args.log_mode == "progress",
         )
+        streamed = isinstance(job.data, FileDataset)
         return await evaluate(
             job.prompt,
             job.data,
             model=task,
             metric=run.build_metric(),
-            cache=cache,
+            # a streamed file can only use a cache every worker opens ([cache] url)
+            cache=None if streamed and run.cache_url is None else cache,
             on_event=progress,
             on_outcome=stream,
             keep_outcomes=False,
             progress_interval=0.5,
+            cluster=cluster,
         )
 
 
-async def _run_evaluate(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+async def _run_evaluate(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> int:
     make_output_dir(job.out.parent, job.out_option)
     # The old file stays whole until this run has written every outcome.
     with replacing(job.out) as sink:
-        result = await _evaluate(run, args, job, sink)
+        result = await _evaluate(run, args, job, sink, cluster)
     summary = result.to_dict()
     summary["output"] = str(job.out)
     _print_json(
@@ -374,6 +397,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run_file", help="the TOML run file")
         p.add_argument("--out", help="output folder (optimize) or JSONL file (evaluate)")
         p.add_argument("--dry-run", action="store_true", help="validate and plan; call nothing")
+        p.add_argument(
+            "--cluster",
+            metavar="ADDRESS",
+            help="run on a Ray cluster: local, auto or ray://host:port (overrides [cluster])",
+        )
+        p.add_argument(
+            "--workers", type=_positive, metavar="N", help="cluster workers (overrides [cluster])"
+        )
         logs = p.add_mutually_exclusive_group()
         logs.add_argument("--quiet", dest="log_mode", action="store_const", const="quiet")
         logs.add_argument("--json-logs", dest="log_mode", action="store_const", const="json")
@@ -390,13 +421,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _cluster_spec(run: RunFile, args: argparse.Namespace) -> ClusterSpec | None:
+    """``[cluster]``, with ``--cluster`` and ``--workers`` over it; None: run here."""
+    address, workers = getattr(args, "cluster", None), getattr(args, "workers", None)
+    if address is None and workers is None and run.cluster is None:
+        return None
+    spec = run.cluster or ClusterSpec()
+    return ClusterSpec(address=address or spec.address, workers=workers or spec.workers)
+
+
 async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
     if args.dry_run:
         sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
         return EXIT_OK
-    if args.command == "optimize":
-        return await _run_optimize(run, args, job)
-    return await _run_evaluate(run, args, job)
+    spec = _cluster_spec(run, args)
+    async with AsyncExitStack() as stack:
+        cluster = None
+        if spec is not None:
+            pool = RayCluster(spec.address, workers=spec.workers)
+            cluster = await stack.enter_async_context(pool)
+        if args.command == "optimize":
+            return await _run_optimize(run, args, job, cluster)
+        return await _run_evaluate(run, args, job, cluster)
 
 
 def _unapplied(run: RunFile) -> list[str]:
@@ -407,8 +463,6 @@ def _unapplied(run: RunFile) -> list[str]:
         ("[metric] global (scores use the mean)", run.global_metric_spec is not None),
         ("[metric] timeout", "timeout" in run.raw.get("metric", {})),
         ("[metric] threads", run.metric_threads is not None),
-        ("[cache] url (this run keeps no cache)", run.cache_url is not None),
-        ("[cluster] (this run is local)", run.cluster is not None),
         ("[trainer] max_error_rate", "max_error_rate" in run.trainer),
         *(
             (f"[{name}] cache_namespace", spec is not None and spec.cache_namespace is not None)
@@ -421,7 +475,18 @@ def _unapplied(run: RunFile) -> list[str]:
 def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job]:
     """Read and check everything before the event loop starts: run file, datasets,
     prompt file, metric, outputs."""
-    run = load_run_file(args.run_file)
+    run = load_run_file(args.run_file, load_data=False)
+    # A cluster evaluation streams its file past the driver, unless the cache is an
+    # SQLite file (only the driver writes it: then the driver holds the rows, as here).
+    streamed = (
+        args.command == "evaluate"
+        and not args.dry_run
+        and _cluster_spec(run, args) is not None
+        and run.batch is None
+        and run.cache_path is None
+    )
+    if not streamed:
+        run = load_run_file(args.run_file)
     unapplied = _unapplied(run)
     if unapplied:
         sys.stderr.write(

@@ -337,7 +337,9 @@ async def test_a_file_is_streamed_in_file_order(cluster: RayCluster, tmp_path: P
     run over the loaded file, in the same order, with the same ids."""
     path = tmp_path / "data.jsonl"
     _write_jsonl(path, 300)
-    local = await evaluate(qa_prompt(), load_dataset(path), model=mixed_model(), metric=ExactMatch())
+    local = await evaluate(
+        qa_prompt(), load_dataset(path), model=mixed_model(), metric=ExactMatch()
+    )
     remote = await evaluate(
         qa_prompt(), FileDataset(path), model=mixed_model(), metric=ExactMatch(), cluster=cluster
     )
@@ -518,7 +520,10 @@ async def test_optimize_on_the_cluster_decides_as_locally(cluster: RayCluster) -
 
     data = arithmetic_examples(60)
     prompt = Prompt(
-        [{"role": "system", "content": "Answer the question."}, {"role": "user", "content": "{question}"}],
+        [
+            {"role": "system", "content": "Answer the question."},
+            {"role": "user", "content": "{question}"},
+        ],
         model="demo",
         temperature=0.0,
     )
@@ -533,3 +538,92 @@ async def test_optimize_on_the_cluster_decides_as_locally(cluster: RayCluster) -
         return result.prompt, result.score, result.val_score, steps, reasons
 
     assert await run(cluster=cluster) == await run()
+
+
+# -- the command line ---------------------------------------------------------------------
+def _run_file(folder: Path, base_url: str, n: int, extra: str = "") -> Path:
+    _write_jsonl(folder / "data.jsonl", n)
+    run = folder / "run.toml"
+    run.write_text(
+        f"""
+[prompt]
+messages = [{{ role = "system", content = "Echo." }}, {{ role = "user", content = "{{question}}" }}]
+model = "sim"
+
+[data]
+train = "data.jsonl"
+
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+limits = {{ rpm = 6000, concurrency = 8 }}
+
+[output]
+dir = "out"
+{extra}
+"""
+    )
+    return run
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+@pytest.mark.slow
+def test_cli_evaluates_on_a_cluster_as_it_does_locally(
+    server: SimulatedServer, tmp_path: Path
+) -> None:
+    """``--cluster local --workers 2`` on a run file without [cluster]: the outcomes of
+    a local run, written in dataset order (a local run writes them as they finish),
+    and the provider paid once per example and run."""
+    run = _run_file(tmp_path, server.base_url, 120)
+    local = _cli("evaluate", str(run), "--quiet", "--out", str(tmp_path / "local.jsonl"))
+    assert local.returncode == 0, local.stderr
+    remote = _cli(
+        "evaluate", str(run), "--cluster", "local", "--workers", "2",
+        "--out", str(tmp_path / "remote.jsonl"),
+    )  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert "validated but not applied" not in remote.stderr
+    summary = json.loads(remote.stdout)
+    assert (summary["completed"], summary["calls"], summary["score"]) == (120, 120, 1.0)
+    lines = [json.loads(x) for x in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (tmp_path / "local.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(120))
+    assert [(x["index"], x["id"], x["prediction"]) for x in lines] == sorted(
+        (x["index"], x["id"], x["prediction"]) for x in expected
+    )
+    assert server.stats.paid == 240
+
+
+@pytest.mark.slow
+def test_cli_optimizes_on_a_cluster_from_the_run_file(tmp_path: Path) -> None:
+    """The bundled demo with [cluster] added: the same best prompt and score."""
+    for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):
+        (tmp_path / name).write_text((ROOT / "examples" / name).read_text())
+    text = (ROOT / "examples" / "demo.toml").read_text()
+    text = text.replace("../out/demo/cache.sqlite", "cache.sqlite").replace(
+        '"../out/demo"', '"out"'
+    )
+    (tmp_path / "demo.toml").write_text(text)
+    (tmp_path / "cluster.toml").write_text(
+        text.replace('"out"', '"out-cluster"').replace("cache.sqlite", "cluster.sqlite")
+        + "\n[cluster]\naddress = 'local'\nworkers = 2\n"
+    )
+    local = _cli("optimize", str(tmp_path / "demo.toml"), "--quiet")
+    remote = _cli("optimize", str(tmp_path / "cluster.toml"), "--quiet")
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    first, second = json.loads(local.stdout), json.loads(remote.stdout)
+    assert (second["score"], second["initial_score"]) == (first["score"], first["initial_score"])
+    best = [
+        json.loads((tmp_path / d / "best_prompt.json").read_text()) for d in ("out", "out-cluster")
+    ]
+    assert best[0] == best[1]
