@@ -421,6 +421,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_ray_data() -> None:
+    """Ray Data logs every dataset it runs at INFO on the console; the CLI has its own
+    progress line.  (An application's choice: the library leaves logging alone.)"""
+    from .cluster._ray import ray_data_module
+
+    ray_data_module()  # its logging is configured on import: set the level after it
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -450,6 +459,7 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job) -> int:
         if spec is not None:
             pool = RayCluster(spec.address, workers=spec.workers)
             cluster = await stack.enter_async_context(pool)
+            _quiet_ray_data()
         if args.command == "optimize":
             return await _run_optimize(run, args, job, cluster)
         return await _run_evaluate(run, args, job, cluster)

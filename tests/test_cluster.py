@@ -209,6 +209,39 @@ async def test_cluster_evaluation_equals_the_local_one(cluster: RayCluster) -> N
     assert remote.errors == 12 and remote.calls == 90
 
 
+async def test_errors_raise_as_they_do_locally(cluster: RayCluster) -> None:
+    """on_error="raise": the worker's first failure is the evaluation's, as itself."""
+    with pytest.raises(PermanentError) as local:
+        await evaluate(
+            qa_prompt(), echo_examples(20), model=mixed_model(), metric=ExactMatch(),
+            on_error="raise",
+        )  # fmt: skip
+    with pytest.raises(PermanentError) as remote:
+        await evaluate(
+            qa_prompt(), echo_examples(20), model=mixed_model(), metric=ExactMatch(),
+            on_error="raise", cluster=cluster,
+        )  # fmt: skip
+    assert str(remote.value) == str(local.value)
+
+
+async def test_the_run_budget_is_charged_and_stops_the_cluster(cluster: RayCluster) -> None:
+    """A call budget stops an optimization on the cluster as it does locally."""
+    from adapters import ArithmeticCoach, ArithmeticModel, arithmetic_examples
+    from engine import Budget, BudgetExceededError
+
+    data = arithmetic_examples(300)
+    prompt = Prompt(
+        [{"role": "system", "content": "Answer."}, {"role": "user", "content": "{question}"}],
+        model="demo",
+    )
+    with pytest.raises(BudgetExceededError):
+        await optimize(
+            prompt, data, metric=ExactMatch(), model=ArithmeticModel(),
+            optimizer_model=ArithmeticCoach(), budget=Budget(max_calls=100), cluster=cluster,
+            task_description="t", metric_description="m",
+        )  # fmt: skip
+
+
 async def test_a_generator_is_streamed_in_batches(cluster: RayCluster) -> None:
     """Any iterable works (validated as it streams, like a local run)."""
     remote = await evaluate(
@@ -533,9 +566,11 @@ async def test_optimize_on_the_cluster_decides_as_locally(cluster: RayCluster) -
             prompt, data[:40], valset=data[40:], metric=ExactMatch(), model=ArithmeticModel(),
             optimizer_model=ArithmeticCoach(), **extra,  # type: ignore[arg-type]
         )  # fmt: skip
-        steps = [(s.best_score, s.val_score, len(s.proposals)) for s in result.report.steps]
-        reasons = [p.reason for s in result.report.steps for p in s.proposals]
-        return result.prompt, result.score, result.val_score, steps, reasons
+        report = result.report
+        steps = [(s.best_score, s.val_score, len(s.proposals)) for s in report.steps]
+        reasons = [p.reason for s in report.steps for p in s.proposals]
+        # the cluster's calls are charged to the run's meter, and none is paid twice
+        return result.prompt, result.score, result.val_score, steps, reasons, report.calls
 
     assert await run(cluster=cluster) == await run()
 

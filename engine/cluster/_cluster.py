@@ -98,6 +98,7 @@ class RayCluster:
         self._actor: Any = None  # the remote worker class
         self._handles: list[Any] = []
         self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
+        self._tally: Any = None  # the RacingTally actor, once a raced evaluation runs
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> Self:
@@ -154,9 +155,11 @@ class RayCluster:
                     await handle.shutdown.remote()
                 except Exception:  # a dead worker has nothing to commit
                     continue
-        for handle in [*handles, *(actor for _, actor in self._budgets.values())]:
+        actors = [*handles, *(actor for _, actor in self._budgets.values())]
+        for handle in [*actors, *([self._tally] if self._tally is not None else [])]:
             ray.kill(handle)
         self._budgets.clear()
+        self._tally = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -221,23 +224,26 @@ class RayCluster:
         return dict(await self.budget_for(endpoint).statistics.remote())
 
     def racing_tally(self) -> Any:
-        """A new tally actor for one raced evaluation."""
-        return self._ray.remote(RacingTally).options(num_cpus=0).remote()
+        """The cluster's tally actor (one for every raced evaluation, made once)."""
+        if self._tally is None:
+            self._tally = self._ray.remote(RacingTally).options(num_cpus=0).remote()
+        return self._tally
 
-    async def finish(self, job_id: str, slots: Iterable[int], tally: Any, events: Emitter) -> None:
+    async def finish(self, job_id: str, slots: Iterable[int], events: Emitter) -> None:
         """Close one evaluation on its workers (permits back, caches committed)."""
+
+        async def close(slot: int) -> None:
+            try:
+                await self._handles[slot].finish.remote(job_id)
+            except Exception as exc:
+                error = unwrap_task_error(exc)
+                if not isinstance(error, ActorDied):  # a dead worker holds nothing
+                    events.emit("cluster.finish_failed", level="warning", worker=slot, error=error)
+
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
-            for slot in slots:
-                try:
-                    await self._handles[slot].finish.remote(job_id)
-                except Exception as exc:
-                    error = unwrap_task_error(exc)
-                    if not isinstance(error, ActorDied):  # a dead worker holds nothing
-                        events.emit(
-                            "cluster.finish_failed", level="warning", worker=slot, error=error
-                        )
-        if tally is not None:
-            self._ray.kill(tally)
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(close, slot)
 
     # -- evaluation -------------------------------------------------------------------
     async def evaluate(

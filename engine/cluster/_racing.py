@@ -23,54 +23,68 @@ __all__ = ["RaceReporter", "RacingTally"]
 REPORT_INTERVAL = 0.05  # seconds between a worker's reports (and stop checks)
 
 
-class RacingTally:
-    """Running sums of one raced evaluation (the body of a Ray actor).
+class _Race:
+    """The running sums of one raced evaluation."""
 
-    Made before the dataset's size is known (a file is counted by its check pass);
-    `start` sets it and the score to beat before the first outcome.
-    """
+    __slots__ = ("completed", "must_beat", "score_sum", "seen", "total", "upper_bound")
 
-    def __init__(self) -> None:
-        self.total = 0
-        self.must_beat = Fraction(0)
+    def __init__(self, total: int, must_beat: float) -> None:
+        self.total = total
+        self.must_beat = Fraction(must_beat)
         self.score_sum = Fraction(0)
         self.completed = 0
         self.seen: dict[int, set[int]] = {}  # batch sequence number -> positions counted
         self.upper_bound: Fraction | None = None  # set when the bound says stop
 
-    def start(self, total: int, must_beat: float) -> None:
-        self.total, self.must_beat = total, Fraction(must_beat)
 
-    def add(self, seq: int, items: list[tuple[int, float | None]]) -> bool:
+class RacingTally:
+    """The sums of every raced evaluation of a cluster (the body of one Ray actor,
+    made once: an actor per evaluation would cost a process start each)."""
+
+    def __init__(self) -> None:
+        self.races: dict[str, _Race] = {}
+
+    def start(self, job: str, total: int, must_beat: float) -> None:
+        """Before the first outcome of ``job``: its size and the score to beat."""
+        self.races[job] = _Race(total, must_beat)
+
+    def add(self, job: str, seq: int, items: list[tuple[int, float | None]]) -> bool:
         """Count ``(position, score or None)`` outcomes of batch ``seq``; True: stop."""
-        seen = self.seen.setdefault(seq, set())
+        race = self.races.get(job)
+        if race is None:
+            return True  # the evaluation is over: nothing more is wanted
+        seen = race.seen.setdefault(seq, set())
         for position, score in items:
             if position in seen:
                 continue
             seen.add(position)
-            self.completed += 1
+            race.completed += 1
             if score is not None:
-                self.score_sum += Fraction(score)
-        if self.upper_bound is None:
-            bound = (self.score_sum + (self.total - self.completed)) / self.total
-            if bound <= self.must_beat:
-                self.upper_bound = bound
-        return self.upper_bound is not None
+                race.score_sum += Fraction(score)
+        if race.upper_bound is None:
+            bound = (race.score_sum + (race.total - race.completed)) / race.total
+            if bound <= race.must_beat:
+                race.upper_bound = bound
+        return race.upper_bound is not None
 
-    def stopped(self) -> bool:
-        return self.upper_bound is not None
+    def stopped(self, job: str) -> bool:
+        race = self.races.get(job)
+        return race is None or race.upper_bound is not None
 
-    def state(self) -> tuple[int, float | None]:
-        """(outcomes counted, the bound that stopped the run or None)."""
-        bound = float(self.upper_bound) if self.upper_bound is not None else None
-        return self.completed, bound
+    def finish(self, job: str) -> float | None:
+        """Forget ``job``; the bound that stopped it, or None if it ran to the end."""
+        race = self.races.pop(job, None)
+        if race is None or race.upper_bound is None:
+            return None
+        return float(race.upper_bound)
 
 
 class RaceReporter:
     """A worker's side of racing for one batch: buffer outcomes, report, stop."""
 
-    def __init__(self, tally: Any, seq: int) -> None:
+    def __init__(self, tally: Any, job: str, seq: int) -> None:
         self.tally = tally  # the RacingTally actor's handle
+        self.job = job
         self.seq = seq
         self.buffer: list[tuple[int, float | None]] = []
         self.stop = False
@@ -82,9 +96,9 @@ class RaceReporter:
         """Report what is buffered (or just ask); True when the run must stop."""
         items, self.buffer = self.buffer, []
         if items:
-            self.stop = bool(await self.tally.add.remote(self.seq, items))
+            self.stop = bool(await self.tally.add.remote(self.job, self.seq, items))
         else:
-            self.stop = bool(await self.tally.stopped.remote())
+            self.stop = bool(await self.tally.stopped.remote(self.job))
         return self.stop
 
     async def watch(self, scope: anyio.CancelScope) -> None:

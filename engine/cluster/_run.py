@@ -517,7 +517,7 @@ async def evaluate_on(
         if tally is not None:
             assert must_beat is not None
             _check_racing(must_beat, laid.total, checked.get("global_metric"))
-            await tally.start.remote(laid.total, must_beat)
+            await tally.start.remote(job.job_id, laid.total, must_beat)
         delivery = _Delivery(
             laid,
             on_outcome=on_outcome,
@@ -527,13 +527,15 @@ async def evaluate_on(
             progress_interval=progress_interval,
         )
         await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter)
-        bound = (await tally.state.remote())[1] if tally is not None else None
+        bound = await tally.finish.remote(job.job_id) if tally is not None else None
         evaluation = replace(delivery.result(bound), must_beat=must_beat)
     except Exception as exc:
         emitter.emit("evaluation.failed", level="error", error=exc)
         raise
     finally:
-        await cluster.finish(job.job_id, laid.slots, tally, emitter)
+        await cluster.finish(job.job_id, laid.slots, emitter)
+        if tally is not None:
+            tally.finish.remote(job.job_id)  # forgets it (already done on success)
     emitter.emit("evaluation.finished", **_summary(evaluation))
     return evaluation
 

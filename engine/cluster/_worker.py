@@ -237,7 +237,7 @@ class ClusterWorker:
         job = opened.job
         examples = await batch.load()
         cache, seeded = opened.batch_cache(batch)
-        reporter = RaceReporter(job.tally, batch.seq) if job.tally is not None else None
+        reporter = RaceReporter(job.tally, job.job_id, batch.seq) if job.tally is not None else None
         collector = _Collector(reporter)
         meter = BudgetMeter(None, [])
         evaluation, failure = None, None
