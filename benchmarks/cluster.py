@@ -14,6 +14,8 @@ Scenarios (``--scenario``, default all, in this order):
   one outcome, repeated paid calls <= that worker's concurrency.
 - ``resume``: the same evaluation (2,000 examples, a JSONL file) run by a new cluster
   against the PostgreSQL cache of a first one.  Target: the second pays 0 calls.
+- ``lease``: what one lease of the budget actor costs (round trip, actor and caller
+  CPU), 2,000 leases in a row, and the budget's own logic without Ray.
 - ``rss``: a JSONL file of 10^4 and of 10^6 rows evaluated on 2 workers (instant
   scripted provider in the workers, outcomes streamed to a JSONL file as the CLI
   does), each driver in a fresh process.  Target: peak driver RSS at 10^6 within 1.2x
@@ -218,6 +220,37 @@ async def scenario_resume(url: str) -> dict[str, Any]:
     return {"scenario": "resume", "n": n, "first": runs[0], "second": runs[1]}
 
 
+async def scenario_lease(count: int = 2000) -> dict[str, Any]:
+    """The cost of one lease: a call to the budget actor, sequentially, ``count`` times."""
+    import psutil
+    import ray
+
+    from engine.cluster._rates import Ask, RateBudget
+
+    async with RayCluster("local", workers=1, num_cpus=2):
+        budget = ray.remote(RateBudget).options(num_cpus=0).remote(Limits(rpm=6e9))
+        pid = await budget.__ray_call__.remote(lambda actor: os.getpid())
+        actor = psutil.Process(pid)
+        before, cpu, started = sum(actor.cpu_times()[:2]), cpu_seconds(), time.monotonic()
+        for _ in range(count):
+            await budget.lease.remote(Ask(want=1))
+        wall = time.monotonic() - started
+        actor_cpu, caller_cpu = sum(actor.cpu_times()[:2]) - before, cpu_seconds() - cpu
+        ray.kill(budget)
+    plain = RateBudget(Limits(rpm=6e9))
+    logic = time.perf_counter()
+    for _ in range(100_000):
+        plain.lease(Ask(want=1))
+    logic = (time.perf_counter() - logic) / 100_000
+    return {
+        "scenario": "lease",
+        "round_trip_us": wall / count * 1e6,
+        "actor_cpu_us": actor_cpu / count * 1e6,
+        "caller_cpu_us": caller_cpu / count * 1e6,
+        "logic_us": logic * 1e6,
+    }
+
+
 def scenario_rss(sizes: list[int]) -> dict[str, Any]:
     peaks = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -284,7 +317,7 @@ def postgres(url: str | None) -> Iterator[str]:
 
 async def run(args: argparse.Namespace, url: str | None) -> list[dict[str, Any]]:
     results = []
-    everything = ["cpu", "limit", "kill", "resume", "rss"]
+    everything = ["cpu", "limit", "kill", "resume", "lease", "rss"]
     wanted = everything if args.scenario == "all" else args.scenario.split(",")
     for name in wanted:
         if name == "cpu":
@@ -300,6 +333,8 @@ async def run(args: argparse.Namespace, url: str | None) -> list[dict[str, Any]]
         elif name == "resume":
             assert url is not None
             results.append(await scenario_resume(url))
+        elif name == "lease":
+            results.append(await scenario_lease())
         elif name == "rss":
             results.append(scenario_rss(args.rss_sizes))
         print(json.dumps(results[-1]), flush=True)
