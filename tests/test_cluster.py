@@ -249,6 +249,29 @@ async def test_the_run_budget_is_charged_and_stops_the_cluster(cluster: RayClust
         )  # fmt: skip
 
 
+CANARY = "canary-3f9a7c1e55d2"  # a key of no known shape, registered at the driver
+
+
+def leaks_the_key(request: ScriptedRequest) -> str:
+    raise PermanentError(f"gateway says: bad key {CANARY}", endpoint="scripted", status=400)
+
+
+async def test_secrets_registered_at_the_driver_are_redacted_in_workers(
+    cluster: RayCluster,
+) -> None:
+    """An error text made in a worker process never carries a key the driver knows."""
+    from engine import register_secret
+
+    register_secret(CANARY)
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=ScriptedModel(leaks_the_key), metric=ExactMatch(),
+        cluster=cluster,
+    )  # fmt: skip
+    messages = [o.error.message for o in result.outcomes if o.error is not None]
+    assert len(messages) == 4
+    assert all("[REDACTED]" in m and CANARY not in m for m in messages)
+
+
 async def test_a_generator_is_streamed_in_batches(cluster: RayCluster) -> None:
     """Any iterable works (validated as it streams, like a local run)."""
     remote = await evaluate(

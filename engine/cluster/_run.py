@@ -41,6 +41,7 @@ from .._outcome import Evaluation, GlobalMetric, Outcome
 from .._postgres import PostgresStore
 from .._prompt import Prompt
 from .._protocols import ChatModel, Metric
+from .._redact import known_secrets
 from .._scoring import MetricRunner, check_metric
 from .._tally import Tally
 from .._types import Example, MetricResult
@@ -457,6 +458,7 @@ def _job(
         budget=cluster.budget_for(endpoint),
         tally=tally,
         check_metric=plan.validate,
+        secrets=known_secrets(),
     )
 
 

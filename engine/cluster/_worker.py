@@ -28,6 +28,7 @@ from .._limits import Limits
 from .._outcome import Evaluation, Outcome
 from .._postgres import PostgresStore
 from .._prompt import Prompt
+from .._redact import register_secret
 from .._retry import RetryPolicy
 from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
@@ -71,6 +72,7 @@ class Job:
     budget: Any  # the endpoint's RateBudget actor handle
     tally: Any = None  # the RacingTally actor handle, when racing
     check_metric: bool = True
+    secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,8 @@ class _Opened:
     """A job opened in this worker: its endpoint, its cache."""
 
     def __init__(self, job: Job, slot: int, store: PostgresStore | None) -> None:
+        for secret in job.secrets:
+            register_secret(secret)
         self.job = job
         self.share = job.shares[slot % len(job.shares)]
         self.leased = LeasedModel(
