@@ -499,6 +499,7 @@ async def test_a_new_cluster_resumes_from_postgres_paying_nothing(
 
 
 # -- faults -----------------------------------------------------------------------------------
+@pytest.mark.slow
 async def test_a_killed_worker_loses_nothing(
     ray_session: None, server: SimulatedServer, pg_url: str, table: str
 ) -> None:
@@ -510,7 +511,8 @@ async def test_a_killed_worker_loses_nothing(
     killed: list[int] = []
     async with (
         RayCluster("local", workers=2, worker_cpus=0.25) as fresh,
-        Cache(PostgresStore(pg_url, table=table, flush_interval=0.02)) as cache,
+        # a short claim ttl: the dead worker's claims delay its batch's re-run by it
+        Cache(PostgresStore(pg_url, table=table, flush_interval=0.02), claim_ttl=2.0) as cache,
     ):
 
         async def kill_one() -> None:
