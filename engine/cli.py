@@ -428,6 +428,8 @@ def _quiet_ray_data() -> None:
 
     ray_data_module()  # its logging is configured on import: set the level after it
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "progress bars disabled": the engine turns them off on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def _positive(text: str) -> int:
