@@ -40,7 +40,8 @@ from engine import (
     optimize,
 )
 from engine.cluster import FileDataset, RayCluster
-from engine.cluster._rates import LEASE_LIFE, Ask, LeasedModel, RateBudget
+from engine.cluster._leased import LeasedModel
+from engine.cluster._rates import LEASE_LIFE, Ask, RateBudget
 from engine.data import ColumnMap, load_dataset
 from engine.metrics import ExactMatch
 from engine.testing import ScriptedModel, ScriptedRequest

@@ -32,8 +32,8 @@ from .._redact import register_secret
 from .._retry import RetryPolicy
 from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
+from ._leased import LeasedModel
 from ._racing import RaceReporter
-from ._rates import LeasedModel
 from ._source import Batch, FileBatch
 
 __all__ = ["BatchResult", "CacheSpec", "CheckResult", "ClusterWorker", "Job", "check_inputs"]
