@@ -719,3 +719,30 @@ def test_cli_streams_a_file_against_the_shared_cache(
     assert (json.loads(first.stdout)["calls"], json.loads(second.stdout)["calls"]) == (150, 0)
     assert server.stats.paid == 150
     assert (tmp_path / "a.jsonl").read_text().count("\n") == 150
+
+
+async def test_optimize_with_the_shared_cache_pays_each_call_once(
+    cluster: RayCluster, pg_url: str, table: str
+) -> None:
+    """The workers' rows are committed before the trainer's next local step reads
+    them: the run pays what a local run pays, not a call more."""
+    from adapters import ArithmeticCoach, ArithmeticModel, arithmetic_examples
+
+    data = arithmetic_examples(40)
+    prompt = Prompt(
+        [{"role": "system", "content": "Answer."}, {"role": "user", "content": "{question}"}],
+        model="demo",
+    )
+
+    async def run(**extra: object) -> tuple[object, ...]:
+        result = await optimize(
+            prompt, data, metric=ExactMatch(), model=ArithmeticModel(),
+            optimizer_model=ArithmeticCoach(), task_description="t", metric_description="m",
+            **extra,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return result.prompt, result.score, result.report.calls
+
+    local = await run()
+    async with Cache(PostgresStore(pg_url, table=table)) as cache:
+        remote = await run(cluster=cluster, cache=cache)
+    assert remote == local
