@@ -14,9 +14,10 @@ once, and over any longer window no more than the rate.
 
 A 429 seen by any worker is reported at once: its Retry-After closes the gate for every
 worker (each learns it at its next lease: within `FREE_RECHECK` when no rate is in
-force); without one, the gate closes for an exponential backoff.  While no rate is known at all (none configured, no headers), a
-429 starts pacing at 0.7 of the rate achieved lately, raised a little on every lease
-(additive increase, multiplicative decrease), as `engine.RateLimiter` does in-process.
+force); without one, the gate closes for an exponential backoff.  While no rate is
+known at all (none configured, no headers), a 429 starts pacing at 0.7 of the rate
+achieved lately, raised a little on every lease (additive increase, multiplicative
+decrease), as `engine.RateLimiter` does in-process.
 """
 
 from __future__ import annotations
