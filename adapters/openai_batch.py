@@ -42,6 +42,7 @@ from engine import (
     Prompt,
     ProviderError,
     TransientError,
+    register_secret,
 )
 
 from ._http import connect_failure_reason
@@ -101,6 +102,8 @@ class OpenAIBatch:
         self.name = f"{route.label} (Batch API)"
         self._display = route.display
         self._secrets = route.secrets
+        for secret in route.secrets:  # redacted by value wherever the engine writes text
+            register_secret(secret)
         if max_requests_per_file < 1 or max_bytes_per_file < 1024:
             raise ConfigError("per-file limits must allow at least one request")
         self.poll_interval = poll_interval

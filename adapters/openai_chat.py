@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 
-from engine import Completion, ConfigError, Limits, ProviderError, TransientError
+from engine import Completion, ConfigError, Limits, ProviderError, TransientError, register_secret
 
 from ._http import AiohttpTransport
 from ._route import Route, azure_route, openai_route
@@ -100,6 +100,10 @@ def _route(
     )
 
 
+def _rebuild(arguments: Mapping[str, Any]) -> OpenAIChat:
+    return OpenAIChat(**arguments)
+
+
 class OpenAIChat:
     """An OpenAI-compatible chat model; implements `engine.ChatModel`.
 
@@ -139,9 +143,25 @@ class OpenAIChat:
     ) -> None:
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive, got {timeout!r}")
+        # what __reduce__ rebuilds this object from in another process (a cluster worker)
+        self._arguments: dict[str, Any] = {
+            "base_url": base_url,
+            "api_key": api_key,
+            "limits": limits,
+            "timeout": timeout,
+            "name": name,
+            "transport": transport,
+            "azure_endpoint": azure_endpoint,
+            "azure_deployment": azure_deployment,
+            "api_version": api_version,
+            "headers": dict(headers) if headers is not None else None,
+            "query": dict(query) if query is not None else None,
+        }
         route = _route(
             base_url, api_key, (azure_endpoint, azure_deployment, api_version), headers, query
         )
+        for secret in route.secrets:  # redacted by value wherever the engine writes text
+            register_secret(secret)
         self.limits = limits
         self.name = name or route.label
         self.transport = transport
@@ -152,6 +172,17 @@ class OpenAIChat:
             transport, route, pool=pool, timeout=timeout, endpoint=self.name
         )
         self._ladder = FormatLadder()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its constructor arguments: a cluster worker gets its own session
+        and pool; no live connection crosses processes.  An ``api_key`` given explicitly
+        travels with it; one read from the environment is read again where it is
+        unpickled.  The structured-output mode learned so far goes along, so both sides
+        send (and cache under) the same response format."""
+        return (_rebuild, (self._arguments,), {"format_mode": self._ladder.mode})
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self._ladder.mode = str(state["format_mode"])
 
     @property
     def format_mode(self) -> str:

@@ -17,15 +17,24 @@ Identical keys requested concurrently are coalesced (single flight): one call is
 every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
 racing), a waiter takes over; if the leader failed, waiters share the failure rather
 than paying for the same failing call again.
+
+A store shared by many processes (`PostgresStore`: it has ``claim``, ``wait_for`` and
+``release``) extends single flight across them for what is paid for, predictions and
+optimizer calls: the leader of a key in this process claims it in the store before it
+computes; a process that finds another's live claim waits for that value instead of
+paying for it again.  A claim lasts ``claim_ttl`` seconds and is renewed while its call
+runs, so however long a call may take, a process that died holding a claim delays the
+others by at most ``claim_ttl``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 import anyio
 
@@ -40,6 +49,21 @@ from ._types import Example, MetricResult, Usage
 __all__ = ["Cache", "CacheStatistics", "CachedPrediction", "metric_identity", "request_hash"]
 
 T = TypeVar("T")
+
+# How long a cross-process claim lasts without renewal; renewed every third of it.
+DEFAULT_CLAIM_TTL = 10.0
+
+
+class _ClaimingStore(Protocol):
+    """The part of a shared store that single flight across processes uses."""
+
+    async def claim(self, key: str, owner: str, ttl: float) -> bool: ...
+
+    async def release(self, key: str, owner: str) -> None: ...
+
+    async def wait_for(self, key: str, timeout: float) -> str | None: ...  # noqa: ASYNC109
+
+    def new_owner(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +116,13 @@ class Cache:
             await evaluate(prompt, data, model=m, metric=f, cache=cache)
     """
 
-    def __init__(self, store: CacheStore | None = None) -> None:
+    def __init__(
+        self, store: CacheStore | None = None, *, claim_ttl: float = DEFAULT_CLAIM_TTL
+    ) -> None:
+        if not claim_ttl > 0:
+            raise CacheError(f"claim_ttl must be positive, got {claim_ttl!r}")
         self.store: CacheStore = store if store is not None else MemoryStore()
+        self.claim_ttl = claim_ttl
         self._flights: dict[str, _Flight[Any]] = {}
         self._hits = self._misses = self._coalesced = self._writes = 0
         self._uncacheable: set[int] = set()  # ids of metrics already reported uncacheable
@@ -160,7 +189,7 @@ class Cache:
                 (self.prediction_key(answered, example)),
             )
 
-        return await self._single_flight(key, load, compute_and_check)
+        return await self._single_flight(key, load, compute_and_check, shared=True)
 
     @staticmethod
     def prediction_key(request: str, example: Example) -> str:
@@ -201,10 +230,15 @@ class Cache:
             }
         )
 
+    @staticmethod
+    def example_key(example: Example) -> str:
+        """The store key of an example's fingerprint (its id's inputs hash)."""
+        return f"e:{example.id}"
+
     async def _check_example(self, example: Example) -> None:
         if example.id == example.inputs_hash[:24]:
             return  # a content-hash id: other inputs would have another id
-        key = f"e:{example.id}"
+        key = self.example_key(example)
         stored = await self.store.get(key)
         if stored is None:
             await self.store.put(key, dump_value({"inputs": example.inputs_hash}))
@@ -225,11 +259,9 @@ class Cache:
         An example whose content is not JSON (an arbitrary object as ``expected``) has
         no key: its result is computed and not stored.
         """
-        content = example.content_hash
-        if content is None:
+        key = self.metric_key(metric_id, example, prediction)
+        if key is None:
             return await compute(), False
-        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
-        key = f"m:{metric_id}:{answer}"
 
         def load(raw: str) -> MetricResult:
             data = self._decode(key, raw)
@@ -241,6 +273,16 @@ class Cache:
             return value, raw, key
 
         return await self._single_flight(key, load, compute_and_dump)
+
+    @staticmethod
+    def metric_key(metric_id: str, example: Example, prediction: str) -> str | None:
+        """The store key of a metric result, or ``None`` when the example's content has
+        no canonical form (its results are not cached)."""
+        content = example.content_hash
+        if content is None:
+            return None
+        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
+        return f"m:{metric_id}:{answer}"
 
     # -- optimizer calls --------------------------------------------------------------
     async def call_text(
@@ -260,7 +302,7 @@ class Cache:
             text = await compute()
             return text, dump_value({"text": text}), key
 
-        return await self._single_flight(key, load, compute_and_dump)
+        return await self._single_flight(key, load, compute_and_dump, shared=True)
 
     # -- single flight ----------------------------------------------------------------
     async def _single_flight(
@@ -268,10 +310,13 @@ class Cache:
         key: str,
         load: Callable[[str], T],
         compute: Callable[[], Awaitable[tuple[T, str, str]]],
+        *,
+        shared: bool = False,
     ) -> tuple[T, bool]:
         """The value under ``key``: stored, being computed by another caller (wait for
         it), or computed here.  ``compute`` returns the value, its JSON text and the key
-        to store it under (normally ``key`` itself)."""
+        to store it under (normally ``key`` itself).  ``shared``: a paid value, single
+        flight across processes too when the store can claim keys."""
         while True:
             raw = await self.store.get(key)
             if raw is not None:
@@ -290,15 +335,16 @@ class Cache:
                 return flight.value, True
             # the leader was cancelled: look again, and lead if still absent
 
-        self._misses += 1
         lead: _Flight[T] = _Flight()
         self._flights[key] = lead
         try:
-            value, raw, store_key = await compute()
-            await self.store.put(store_key, raw)
-            self._writes += 1
+            claiming = shared and callable(getattr(self.store, "claim", None))
+            if claiming:
+                value, cached = await self._lead_claimed(key, load, compute)
+            else:
+                value, cached = await self._compute(compute), False
             lead.value = value
-            return value, False
+            return value, cached
         except Exception as exc:
             lead.error = exc
             raise
@@ -306,6 +352,64 @@ class Cache:
             del self._flights[key]
             if lead.done is not None:
                 lead.done.set()
+
+    async def _compute(self, compute: Callable[[], Awaitable[tuple[T, str, str]]]) -> T:
+        self._misses += 1
+        value, raw, store_key = await compute()
+        await self.store.put(store_key, raw)
+        self._writes += 1
+        return value
+
+    async def _lead_claimed(
+        self,
+        key: str,
+        load: Callable[[str], T],
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
+    ) -> tuple[T, bool]:
+        """Compute ``key`` once among every process sharing the store: claim it, or
+        wait for the value of whoever holds the claim (and claim it if they give up)."""
+        store = cast(_ClaimingStore, self.store)
+        owner = store.new_owner()
+        while True:
+            if await store.claim(key, owner, self.claim_ttl):
+                try:
+                    return await self._compute_renewing(store, key, owner, compute), False
+                finally:
+                    with anyio.CancelScope(shield=True):  # a cancelled call frees its key too
+                        await store.release(key, owner)
+            raw = await store.wait_for(key, timeout=self.claim_ttl)
+            if raw is not None:
+                self._hits += 1
+                return load(raw), True
+            # the holder failed, was cancelled or died: claim it again
+
+    async def _compute_renewing(
+        self,
+        store: _ClaimingStore,
+        key: str,
+        owner: str,
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
+    ) -> T:
+        """`_compute`, renewing the claim on ``key`` until the value is stored."""
+
+        async def renew() -> None:
+            while True:
+                await anyio.sleep(self.claim_ttl / 3)
+                with contextlib.suppress(CacheError):  # at worst another process pays too
+                    await store.claim(key, owner, self.claim_ttl)
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(renew)
+            try:
+                value = await self._compute(compute)
+            except Exception as exc:  # re-raised as itself below, not as an ExceptionGroup
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return value
 
     @staticmethod
     def _decode(key: str, raw: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -40,6 +40,9 @@ from ._protocols import ChatModel, Metric
 from ._scoring import MetricRunner, MetricTimeoutError, check_metric
 from ._tally import Tally
 from ._types import Example, MetricResult, OutcomeError
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 __all__ = [
     "Evaluation",
@@ -456,6 +459,7 @@ async def evaluate(
     events: Emitter | None = None,
     meter: BudgetMeter | None = None,
     validate: bool = True,
+    cluster: RayCluster | None = None,
 ) -> Evaluation:
     """Score ``prompt`` on ``examples`` with ``metric``.
 
@@ -492,7 +496,19 @@ async def evaluate(
         meter: a `BudgetMeter` charged for every call, a metric's own calls included.
         validate: check the dataset and the metric before the first call; callers
             that already did (the trainer, once per run) turn it off.
+        cluster: an `engine.cluster.RayCluster`: run on its workers instead of here
+            (same arguments, same result; see `RayCluster.evaluate`).
     """
+    if cluster is not None:
+        # Scale-out wraps the core: the cluster's workers run this same function.
+        return await cluster.evaluate(
+            prompt, examples, model=model, metric=metric, cache=cache, limits=limits,
+            on_error=on_error, must_beat=must_beat, on_event=on_event, on_outcome=on_outcome,
+            global_metric=global_metric, keep_outcomes=keep_outcomes, concurrency=concurrency,
+            metric_concurrency=metric_concurrency, metric_timeout=metric_timeout,
+            metric_threads=metric_threads, progress_interval=progress_interval, events=events,
+            meter=meter, validate=validate,
+        )  # fmt: skip
     settings, total = await _settle(
         prompt,
         examples,

@@ -22,6 +22,7 @@ from ._outputs import check_output_dir, check_output_file
 from ._prompt import Prompt
 from ._runfile import RunFile, resolve
 from ._types import Example
+from .cluster import FileDataset
 from .data import row_location
 
 __all__ = ["OPTIMIZE_FILES", "Job", "prepare"]
@@ -33,11 +34,14 @@ _ROW = re.compile(r"example #(\d+)")
 @dataclass(frozen=True, slots=True)
 class Job:
     """One checked command: the prompt that runs, the examples it scores and where its
-    output goes (a folder for ``optimize``, a JSONL file for ``evaluate``)."""
+    output goes (a folder for ``optimize``, a JSONL file for ``evaluate``).
+
+    ``data`` is a list, or a `FileDataset` when a cluster streams the file (its rows
+    are checked by the cluster, before its first call)."""
 
     command: Literal["optimize", "evaluate"]
     prompt: Prompt
-    data: list[Example]
+    data: list[Example] | FileDataset
     out: Path
     out_option: str  # how the user named ``out``, for messages
 
@@ -111,6 +115,8 @@ def prepare(
     if check_keys:
         _check_keys(run)
     used = prompt or run.prompt
+    if not run.data_loaded:
+        return _streamed(run, command, used, out, split, prompt_path)
     splits = {"train": (run.train, run.train_path), "val": (run.val, run.val_path)}
     if command == "evaluate" and splits[split][0] is None:
         raise ConfigError(f"{run.path}: no [data] val to evaluate")
@@ -127,3 +133,25 @@ def prepare(
     data = splits[split if command == "evaluate" else "train"][0]
     assert data is not None
     return Job(command=command, prompt=used, data=data, out=target, out_option=option)
+
+
+def _streamed(
+    run: RunFile,
+    command: Literal["optimize", "evaluate"],
+    prompt: Prompt,
+    out: str | None,
+    split: str,
+    prompt_path: str | None,
+) -> Job:
+    """`prepare` for an evaluation whose file a cluster reads (``load_data=False``)."""
+    path = run.train_path if split == "train" else run.val_path
+    if command != "evaluate" or path is None:
+        raise ConfigError(f"{run.path}: no [data] {split} to evaluate")
+    run.build_metric()
+    run.build_global_metric()
+    inputs = run.input_paths
+    if prompt_path is not None:
+        inputs[Path(os.path.abspath(prompt_path))] = "the --prompt file"
+    target, option = _outputs(run, command, out, split, inputs)
+    data = FileDataset(path, run.columns)
+    return Job(command=command, prompt=prompt, data=data, out=target, out_option=option)

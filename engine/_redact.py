@@ -19,7 +19,14 @@ from typing import Any
 
 from ._secrets import is_secret_name
 
-__all__ = ["REDACTED", "redact_event", "redact_text", "redact_value", "register_secret"]
+__all__ = [
+    "REDACTED",
+    "known_secrets",
+    "redact_event",
+    "redact_text",
+    "redact_value",
+    "register_secret",
+]
 
 REDACTED = "[REDACTED]"
 # Shorter values would redact ordinary words; no real credential is this short.
@@ -45,6 +52,10 @@ class _KnownSecrets:
             ordered = sorted(self._values, key=len, reverse=True)
             self._pattern = re.compile("|".join(re.escape(v) for v in ordered))
 
+    def values(self) -> tuple[str, ...]:
+        with self._lock:
+            return tuple(self._values)
+
     def redact(self, text: str) -> str:
         pattern = self._pattern
         return pattern.sub(REDACTED, text) if pattern is not None else text
@@ -59,6 +70,12 @@ def register_secret(value: str | None) -> None:
     characters are ignored (they would redact ordinary words)."""
     if isinstance(value, str) and len(value.strip()) >= _MIN_SECRET_LENGTH:
         _KNOWN.add(value.strip())
+
+
+def known_secrets() -> tuple[str, ...]:
+    """Every value given to `register_secret` in this process (for a cluster's workers,
+    which must redact the same values)."""
+    return _KNOWN.values()
 
 
 # Shapes of provider credentials: OpenAI-style ``sk-...`` keys, bearer tokens,

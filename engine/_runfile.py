@@ -137,6 +137,8 @@ class RunFile:
     prompt_file: Path | None = None
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     cache_table: str = "engine_cache"  # the table of a PostgreSQL cache
+    columns: ColumnMap = field(default_factory=ColumnMap)  # how [data] rows map to examples
+    data_loaded: bool = True  # False: train/val are empty, read where the work runs
 
     @property
     def input_paths(self) -> dict[Path, str]:
@@ -338,19 +340,25 @@ def _metric(section: MetricSection, source: TomlSource) -> None:
             )
 
 
-def _datasets(
-    schema: RunFileSchema, base: Path
-) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
+def _columns(schema: RunFileSchema) -> ColumnMap:
     section = schema.data
-    columns = ColumnMap(
+    return ColumnMap(
         inputs=section.inputs,
         expected=section.expected,
         id=section.id,
         metadata=section.metadata,
     )
+
+
+def _datasets(
+    schema: RunFileSchema, base: Path, load: bool
+) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
+    section = schema.data
     train_path = _absolute(base, section.train)
     val_path = _absolute(base, section.val) if section.val else None
-    train, val = load_splits(train_path, val_path, columns)
+    if not load:  # a cluster reads them (Ray Data): the driver never holds the rows
+        return [], None, train_path, val_path
+    train, val = load_splits(train_path, val_path, _columns(schema))
     return train, val, train_path, val_path
 
 
@@ -359,10 +367,12 @@ def _absolute(base: Path, name: str | Path) -> Path:
     return Path(os.path.abspath(base / name))
 
 
-def load_run_file(path: str | os.PathLike[str]) -> RunFile:
+def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> RunFile:
     """Parse and validate a run file, loading its datasets; raises `ConfigError`.
 
     Every check of the file itself runs before the first dataset row is read.
+    ``load_data=False`` leaves ``train`` and ``val`` empty (their paths and
+    ``columns`` are set): a cluster run streams them instead.
     """
     p = Path(path)
     source, data = _read(p)
@@ -376,7 +386,7 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
     )
     assert model is not None  # the schema requires [model]
-    train, val, train_path, val_path = _datasets(schema, base)
+    train, val, train_path, val_path = _datasets(schema, base, load_data)
     return RunFile(
         path=p,
         prompt=prompt,
@@ -402,4 +412,6 @@ def load_run_file(path: str | os.PathLike[str]) -> RunFile:
         prompt_file=_absolute(base, prompt_file) if prompt_file else None,
         cache_table=cache.table,
         raw=data,
+        columns=_columns(schema),
+        data_loaded=load_data,
     )

@@ -30,7 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -61,6 +61,9 @@ from .stages import (
     describe_metric_messages,
     describe_task_messages,
 )
+
+if TYPE_CHECKING:
+    from .cluster import RayCluster
 
 __all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 
@@ -99,6 +102,7 @@ class _Parts:
     events: Emitter
     metric_timeout: float | None
     metric_threads: int
+    cluster: RayCluster | None = None  # runs the whole-set evaluations; batches stay local
 
 
 def _metric_source(metric: Metric) -> str:
@@ -143,6 +147,7 @@ class _Trainer:
         self, prompt: Prompt, data: Sequence[Example], *, must_beat: float | None = None
     ) -> Evaluation:
         p = self.parts
+        whole = data is p.trainset or data is p.valset
         result = await evaluate(
             prompt,
             data,
@@ -156,6 +161,7 @@ class _Trainer:
             metric_timeout=p.metric_timeout,
             metric_threads=p.metric_threads,
             validate=False,  # optimize() validated the data and the metric once
+            cluster=p.cluster if whole else None,
         )
         self.report.cache_hits += result.cache_hits
         self.report.errors += result.errors
@@ -386,6 +392,7 @@ async def optimize(
     apply: ApplyStage | None = None,
     limits: Limits | None = None,
     optimizer_limits: Limits | None = None,
+    cluster: RayCluster | None = None,
 ) -> OptimizationResult:
     """Optimize ``prompt`` on ``trainset`` with text gradients (TextGradientTrainer).
 
@@ -418,6 +425,9 @@ async def optimize(
         gradient, apply: replacement stages (plain async callables); ``None`` means
             the default LLM stage.
         limits, optimizer_limits: limits for bare chat models.
+        cluster: an `engine.cluster.RayCluster` for the whole-set evaluations (the
+            training set, and the validation set); batches and optimizer calls stay
+            here.  The decisions are the same as a local run's.
     """
     settings = TrainerSettings(
         batch_size=batch_size,
@@ -457,6 +467,7 @@ async def optimize(
         events=events,
         metric_timeout=metric_timeout,
         metric_threads=metric_threads,
+        cluster=cluster,
     )
     return await _Trainer(prompt, settings, parts).run()
 

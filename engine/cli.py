@@ -36,8 +36,9 @@ from ._preflight import Job, prepare
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
 from ._report import RunReport
-from ._runfile import EndpointSpec, RunFile, load_run_file, resolve
+from ._runfile import ClusterSpec, EndpointSpec, RunFile, load_run_file, resolve
 from ._trainer import OptimizationResult, optimize
+from .cluster import FileDataset, RayCluster
 
 __all__ = ["main"]
 
@@ -106,7 +107,7 @@ class _Progress:
                 f"tokens {data.get('tokens', 0)}  cost {cost}  errors {data.get('errors', 0)}  "
                 f"ETA {eta}"
             )
-            self._write(line)
+            self._write(line + _per_worker(data.get("workers"), rate))
         elif event.name == "endpoint.paused" and float(data.get("seconds", 0.0)) >= 1.0:
             self._write(
                 f"paused by the provider until {data.get('until')} "
@@ -125,6 +126,14 @@ class _Progress:
 
     def _write(self, line: str, *, final: bool = False) -> None:
         self.status.write(line, final=final)
+
+
+def _per_worker(workers: Any, total_rate: float) -> str:
+    """A cluster's progress: each worker's examples per second, then the total."""
+    if not isinstance(workers, list) or not workers:
+        return ""
+    each = " ".join(f"w{w.get('worker')} {float(w.get('per_s', 0.0)):.1f}/s" for w in workers)
+    return f"  workers: {each} (total {total_rate:.1f}/s)"
 
 
 def _prices(run: RunFile) -> dict[str, Price]:
@@ -207,8 +216,11 @@ def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
     sys.stdout.write(json.dumps(out, allow_nan=False) + "\n")
 
 
-async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> OptimizationResult:
+async def _optimize(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> OptimizationResult:
     assert run.optimizer is not None  # prepare() checked it
+    assert not isinstance(job.data, FileDataset)  # the trainer holds its training set
     async with AsyncExitStack() as stack:
         task = await _endpoint(stack, run.model)
         opt = await _endpoint(stack, run.optimizer)
@@ -236,6 +248,7 @@ async def _optimize(run: RunFile, args: argparse.Namespace, job: Job) -> Optimiz
             cache=cache,
             budget=run.budget,
             on_event=progress,
+            cluster=cluster,
             **run.trainer,
         )
 
@@ -269,11 +282,13 @@ def _stopped_unscored(reason: str) -> int:
     return EXIT_FAILED
 
 
-async def _run_optimize(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+async def _run_optimize(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> int:
     created = not job.out.exists()
     make_output_dir(job.out, job.out_option)
     try:
-        return _finish_optimize(job, await _optimize(run, args, job))
+        return _finish_optimize(job, await _optimize(run, args, job, cluster))
     except BudgetExceededError as exc:  # before the initial prompt had a score
         return _stopped_unscored(
             f"the run stopped before its first evaluation finished (budget: {exc.message}); "
@@ -316,7 +331,9 @@ def _load_prompt(path: str) -> Prompt:
         raise ConfigError(f"--prompt {path}: {exc}") from None
 
 
-async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: TextIO) -> Evaluation:
+async def _evaluate(
+    run: RunFile, args: argparse.Namespace, job: Job, sink: TextIO, cluster: RayCluster | None
+) -> Evaluation:
     def stream(outcome: Outcome) -> None:
         sink.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
 
@@ -326,6 +343,7 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
         if run.batch is not None:
             # Bulk first: the Batch API fills the cache at half price; whatever it
             # could not answer is paid below through the normal, limited path.
+            assert not isinstance(job.data, FileDataset)  # [batch] loads the data
             bulk = await _open(stack, run.batch)
             filled = await bulk.prefill(job.prompt, job.data, cache=cache, model=task)
             sys.stderr.write(
@@ -338,6 +356,7 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
             [(task, _prices(run).get(job.prompt.model))],
             enabled=args.log_mode == "progress",
         )
+        streamed = isinstance(job.data, FileDataset)
         return await evaluate(
             job.prompt,
             job.data,
@@ -346,19 +365,23 @@ async def _evaluate(run: RunFile, args: argparse.Namespace, job: Job, sink: Text
             global_metric=run.build_global_metric(),
             metric_timeout=run.metric_timeout,
             metric_threads=run.metric_threads or _METRIC_THREADS,
-            cache=cache,
+            # a streamed file can only use a cache every worker opens ([cache] url)
+            cache=None if streamed and run.cache_url is None else cache,
             on_event=progress,
             on_outcome=stream,
             keep_outcomes=False,
             progress_interval=0.5,
+            cluster=cluster,
         )
 
 
-async def _run_evaluate(run: RunFile, args: argparse.Namespace, job: Job) -> int:
+async def _run_evaluate(
+    run: RunFile, args: argparse.Namespace, job: Job, cluster: RayCluster | None
+) -> int:
     make_output_dir(job.out.parent, job.out_option)
     # The old file stays whole until this run has written every outcome.
     with replacing(job.out) as sink:
-        result = await _evaluate(run, args, job, sink)
+        result = await _evaluate(run, args, job, sink, cluster)
     summary = result.to_dict()
     summary["output"] = str(job.out)
     _print_json(
@@ -389,6 +412,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("run_file", help="the TOML run file")
         p.add_argument("--out", help="output folder (optimize) or JSONL file (evaluate)")
         p.add_argument("--dry-run", action="store_true", help="validate and plan; call nothing")
+        p.add_argument(
+            "--cluster",
+            metavar="ADDRESS",
+            help="run on a Ray cluster: local, auto or ray://host:port (overrides [cluster])",
+        )
+        p.add_argument(
+            "--workers", type=_positive, metavar="N", help="cluster workers (overrides [cluster])"
+        )
         _log_options(p)
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
@@ -402,6 +433,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_ray_data() -> None:
+    """Ray Data logs every dataset it runs at INFO on the console; the CLI has its own
+    progress line.  (An application's choice: the library leaves logging alone.)"""
+    from .cluster._ray import ray_data_module
+
+    ray_data_module()  # its logging is configured on import: set the level after it
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # "progress bars disabled": the engine turns them off on purpose
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _cluster_spec(run: RunFile, args: argparse.Namespace) -> ClusterSpec | None:
+    """``[cluster]``, with ``--cluster`` and ``--workers`` over it; None: run here."""
+    address, workers = getattr(args, "cluster", None), getattr(args, "workers", None)
+    if address is None and workers is None and run.cluster is None:
+        return None
+    spec = run.cluster or ClusterSpec()
+    return ClusterSpec(address=address or spec.address, workers=workers or spec.workers)
+
+
 async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
     if args.command == "bench":
         return await run_bench(run, args, _open)
@@ -409,31 +470,35 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
     if args.dry_run:
         sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
         return EXIT_OK
-    if args.command == "optimize":
-        return await _run_optimize(run, args, job)
-    return await _run_evaluate(run, args, job)
-
-
-def _unapplied(run: RunFile) -> list[str]:
-    """Keys the run file validates that this build does not apply yet (they are wired
-    into evaluate/optimize separately): announced, never silently ignored."""
-    given = [("[cluster] (this run is local)", run.cluster is not None)]
-    return [name for name, present in given if present]
+    spec = _cluster_spec(run, args)
+    async with AsyncExitStack() as stack:
+        cluster = None
+        if spec is not None:
+            pool = RayCluster(spec.address, workers=spec.workers)
+            cluster = await stack.enter_async_context(pool)
+            _quiet_ray_data()
+        if args.command == "optimize":
+            return await _run_optimize(run, args, job, cluster)
+        return await _run_evaluate(run, args, job, cluster)
 
 
 def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
     """Read and check everything before the event loop starts: run file, datasets,
     prompt file, metric, outputs (bench checks its own)."""
-    run = load_run_file(args.run_file)
+    run = load_run_file(args.run_file, load_data=False)
     if args.command == "bench":
-        return run, None
-    unapplied = _unapplied(run)
-    if unapplied:
-        sys.stderr.write(
-            f"warning: {run.path}: validated but not applied by this version: "
-            + "; ".join(unapplied)
-            + "\n"
-        )
+        return load_run_file(args.run_file), None
+    # A cluster evaluation streams its file past the driver, unless the cache is an
+    # SQLite file (only the driver writes it: then the driver holds the rows, as here).
+    streamed = (
+        args.command == "evaluate"
+        and not args.dry_run
+        and _cluster_spec(run, args) is not None
+        and run.batch is None
+        and run.cache_path is None
+    )
+    if not streamed:
+        run = load_run_file(args.run_file)
     prompt_path = getattr(args, "prompt", None)
     job = prepare(
         run,

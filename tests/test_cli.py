@@ -278,19 +278,3 @@ def test_a_budget_that_stops_optimize_before_any_score_exits_1(demo: Path) -> No
     assert summary["score"] is None and summary["initial_score"] is None
     assert "budget" in summary["score_note"] and summary["output"] is None
     assert not (demo / "out").exists()
-
-
-def test_keys_not_applied_yet_are_announced(demo: Path) -> None:
-    """A validated key that this version does not act on is a warning, never silence."""
-    toml = demo / "demo.toml"
-    toml.write_text(
-        toml.read_text().replace(
-            'use = "engine.metrics:ExactMatch"',
-            'use = "engine.metrics:ExactMatch"\nglobal = "engine.metrics:mean"\nthreads = 2',
-        )
-        + "\n[cluster]\naddress = 'local'\n"
-    )
-    done = run_cli("optimize", str(toml), "--dry-run")
-    assert done.returncode == 0, done.stderr
-    assert "validated but not applied by this version: [cluster]" in done.stderr
-    assert "[metric]" not in done.stderr  # global and threads are applied

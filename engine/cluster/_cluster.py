@@ -1,0 +1,305 @@
+"""`RayCluster`: the engine's evaluation, spread over the workers of a Ray cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+
+from .._budget import BudgetMeter
+from .._cache import Cache
+from .._endpoint import Endpoint
+from .._errors import ConfigError, EngineError
+from .._events import Emitter, EventCallback
+from .._limits import Limits
+from .._outcome import Evaluation, GlobalMetric
+from .._prompt import Prompt
+from .._protocols import ChatModel, Metric
+from .._types import Example
+from ._racing import RacingTally
+from ._rates import RateBudget
+from ._ray import ActorDied, ray_module, unwrap_task_error
+from ._run import OutcomeCallback, evaluate_on
+from ._worker import ClusterWorker
+
+__all__ = ["RayCluster"]
+
+_ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
+_FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
+
+
+class RayCluster:
+    """A pool of evaluation workers on Ray: pass it as ``evaluate(..., cluster=...)``
+    or ``optimize(..., cluster=...)``.
+
+    Usage::
+
+        async with RayCluster("local", workers=4) as cluster:
+            result = await evaluate(prompt, data, model=chat, metric=metric, cluster=cluster)
+
+    Each worker is an async actor (its own process) running the engine's `evaluate` on
+    the batches it is sent; limits given to the adapter hold for the whole cluster (one
+    rate budget actor per endpoint; concurrency is split over the workers), racing
+    stays exact (one tally actor), a worker that dies has its batches run again.
+
+    Parameters:
+        address: ``"local"`` starts Ray on this machine (or uses the Ray this process
+            already started); ``"auto"`` joins the cluster this machine belongs to;
+            ``"ray://host:port"`` connects through Ray Client.
+        workers: worker actors; default one per ``worker_cpus`` of the cluster's CPUs.
+        worker_cpus: CPUs Ray reserves for each worker (spreads them over nodes).
+        batch_size: examples per batch sent to a worker; default a few batches per
+            worker (between twice a worker's concurrency and 512).
+        num_cpus: CPUs of a ``"local"`` cluster; default this machine's.
+        runtime_env: Ray's runtime environment for the workers (code, packages, env
+            variables); a local cluster shares this machine's files.
+        max_restarts: worker replacements (after deaths) allowed over the cluster's
+            life before an evaluation fails; default four per worker.
+        start_timeout: seconds to wait for a worker to start.
+    """
+
+    def __init__(
+        self,
+        address: str = "local",
+        *,
+        workers: int | None = None,
+        worker_cpus: float = 1.0,
+        batch_size: int | None = None,
+        num_cpus: int | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        max_restarts: int | None = None,
+        start_timeout: float = 120.0,
+    ) -> None:
+        if address not in ("local", "auto") and not _ADDRESS.match(address):
+            raise ConfigError(
+                f"a cluster address is 'local', 'auto' or 'ray://host:port', not {address!r}"
+            )
+        for name, value in (("workers", workers), ("batch_size", batch_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"RayCluster {name} must be a positive integer, got {value!r}")
+        if not worker_cpus >= 0:
+            raise ConfigError(f"worker_cpus must not be negative, got {worker_cpus!r}")
+        self.address = address
+        self._wanted = workers
+        self.worker_cpus = worker_cpus
+        self.batch_size = batch_size
+        self.num_cpus = num_cpus
+        self.runtime_env = dict(runtime_env) if runtime_env is not None else None
+        self.max_restarts = max_restarts
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self._ray: Any = None
+        self._owns_ray = False
+        self._actor: Any = None  # the remote worker class
+        self._handles: list[Any] = []
+        self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
+        self._tally: Any = None  # the RacingTally actor, once a raced evaluation runs
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> Self:
+        """Connect to (or start) Ray and start the workers; idempotent."""
+        if self._handles:
+            return self
+        ray = self._ray = ray_module()
+        if not ray.is_initialized():
+            self._init_ray(ray)
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        count = self._wanted or max(1, int(cpus // self.worker_cpus) if self.worker_cpus else 1)
+        self._actor = ray.remote(ClusterWorker).options(
+            num_cpus=self.worker_cpus, max_concurrency=1000, max_restarts=0, max_task_retries=0
+        )
+        self._handles = [self._actor.remote(slot) for slot in range(count)]
+        try:
+            with anyio.fail_after(self.start_timeout):
+                for handle in self._handles:
+                    await handle.ping.remote()
+        except TimeoutError:
+            await self.close()
+            raise EngineError(
+                f"cluster workers did not start within {self.start_timeout:g}s "
+                f"(are {count} x {self.worker_cpus:g} CPUs free?)"
+            ) from None
+        return self
+
+    def _init_ray(self, ray: Any) -> None:
+        # Blocking for a few seconds, once: Ray must be initialised on the main thread.
+        options: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
+        if self.runtime_env is not None:
+            options["runtime_env"] = self.runtime_env
+        if self.address == "local":
+            options["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+        else:
+            options["address"] = self.address
+            options.pop("include_dashboard")
+        ray.init(**options)
+        self._owns_ray = True
+
+    async def close(self) -> None:
+        """Commit the workers' caches, stop every actor, and Ray if this object started it."""
+        ray, handles = self._ray, self._handles
+        if ray is None:
+            return
+        self._handles = []
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
+            for handle in handles:
+                try:
+                    await handle.shutdown.remote()
+                except Exception:  # a dead worker has nothing to commit
+                    continue
+        actors = [*handles, *(actor for _, actor in self._budgets.values())]
+        for handle in [*actors, *([self._tally] if self._tally is not None else [])]:
+            ray.kill(handle)
+        self._budgets.clear()
+        self._tally = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+        self._ray = None
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- the pool ---------------------------------------------------------------------
+    @property
+    def workers(self) -> int:
+        """Worker actors in the pool (0 before `start`)."""
+        return len(self._handles)
+
+    def handle(self, slot: int) -> Any:
+        """The worker actor of ``slot`` now."""
+        if not self._handles:
+            raise ConfigError("the cluster is not started; use 'async with RayCluster(...)'")
+        return self._handles[slot]
+
+    async def replace(self, slot: int, dead: Any) -> None:
+        """Start a new worker in ``slot`` for the ``dead`` one (once per death: the
+        other batches of the dead worker find the new one in place)."""
+        if self._handles[slot] is not dead:
+            return
+        allowed = self.max_restarts if self.max_restarts is not None else 4 * self.workers
+        if self.restarts >= allowed:
+            raise EngineError(
+                f"cluster workers died {self.restarts + 1} times (max_restarts={allowed})"
+            )
+        self.restarts += 1
+        self._ray.kill(dead)
+        # In place before the first await: Ray queues calls until the actor is up.
+        handle = self._handles[slot] = self._actor.remote(slot)
+        with anyio.fail_after(self.start_timeout):
+            await handle.ping.remote()
+
+    async def pids(self) -> list[int]:
+        """The process id of each worker (tests and benchmarks kill workers by it)."""
+        return [int(await handle.ping.remote()) for handle in self._handles]
+
+    def budget_for(self, endpoint: Endpoint) -> Any:
+        """The rate budget actor of ``endpoint``: one per endpoint for the cluster's
+        life, so every evaluation on the same adapter shares one budget."""
+        known = self._budgets.get(id(endpoint))
+        if known is None or known[0] is not endpoint:
+            remote = self._ray.remote(RateBudget).options(num_cpus=0)
+            known = self._budgets[id(endpoint)] = (endpoint, remote.remote(endpoint.limits))
+        return known[1]
+
+    async def budget_statistics(self, model: ChatModel | Endpoint) -> dict[str, Any]:
+        """The counters of the rate budget of ``model``'s endpoint on this cluster."""
+        endpoint = Endpoint.of(model)
+        return dict(await self.budget_for(endpoint).statistics.remote())
+
+    def racing_tally(self) -> Any:
+        """The cluster's tally actor (one for every raced evaluation, made once)."""
+        if self._tally is None:
+            self._tally = self._ray.remote(RacingTally).options(num_cpus=0).remote()
+        return self._tally
+
+    async def finish(self, job_id: str, slots: Iterable[int], events: Emitter) -> None:
+        """Close one evaluation on its workers (permits back, caches committed)."""
+
+        async def close(slot: int) -> None:
+            try:
+                await self._handles[slot].finish.remote(job_id)
+            except Exception as exc:
+                error = unwrap_task_error(exc)
+                if not isinstance(error, ActorDied):  # a dead worker holds nothing
+                    events.emit("cluster.finish_failed", level="warning", worker=slot, error=error)
+
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+                for slot in slots:
+                    tg.start_soon(close, slot)
+
+    # -- evaluation -------------------------------------------------------------------
+    async def evaluate(
+        self,
+        prompt: Prompt,
+        examples: Iterable[Example],
+        *,
+        model: ChatModel | Endpoint,
+        metric: Metric,
+        cache: Cache | None = None,
+        limits: Limits | None = None,
+        on_error: str = "record",
+        must_beat: float | None = None,
+        on_event: EventCallback | None = None,
+        on_outcome: OutcomeCallback | None = None,
+        global_metric: GlobalMetric | None = None,
+        keep_outcomes: bool = True,
+        concurrency: int | None = None,
+        metric_concurrency: int | None = None,
+        metric_timeout: float | None = 60.0,
+        metric_threads: int = 16,
+        progress_interval: float = 0.5,
+        events: Emitter | None = None,
+        meter: BudgetMeter | None = None,
+        validate: bool = True,
+    ) -> Evaluation:
+        """`engine.evaluate` on this cluster; the same arguments and result.
+
+        ``examples`` may also be a `FileDataset`: Ray Data reads and splits it, the
+        driver never holds it (then ``cache`` must be a `PostgresStore` one, or None).
+        """
+        if not self._handles:
+            raise ConfigError("the cluster is not started; use 'async with RayCluster(...)'")
+        emitter = (events or Emitter(on_event)).bind(prompt=prompt.hash[:12])
+        return await evaluate_on(
+            self,
+            prompt,
+            examples,
+            model=model,
+            metric=metric,
+            cache=cache,
+            limits=limits,
+            on_error=on_error,
+            must_beat=must_beat,
+            on_outcome=on_outcome,
+            global_metric=global_metric,
+            keep_outcomes=keep_outcomes,
+            concurrency=concurrency,
+            metric_concurrency=metric_concurrency,
+            metric_timeout=metric_timeout,
+            metric_threads=metric_threads,
+            progress_interval=progress_interval,
+            emitter=emitter,
+            meter=meter,
+            validate=validate,
+        )
+
+    def __repr__(self) -> str:
+        return f"<RayCluster {self.address!r} workers={self.workers} restarts={self.restarts}>"

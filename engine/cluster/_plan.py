@@ -1,0 +1,150 @@
+"""Planning one cluster evaluation at the driver: every check `evaluate` makes, before
+any call, and how the work is laid out over the pool (concurrency shares, batch size,
+how the cache is shared)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._cache import Cache
+from .._endpoint import Endpoint
+from .._errors import ConfigError
+from .._evaluate import is_mean, validate_examples
+from .._events import Emitter
+from .._limits import Limits
+from .._outcome import GlobalMetric
+from .._postgres import PostgresStore
+from .._prompt import Prompt
+from .._protocols import ChatModel, Metric
+from .._scoring import MetricRunner, check_metric
+from .._types import Example
+from ._source import FileDataset
+from ._worker import CacheSpec
+
+if TYPE_CHECKING:
+    from ._cluster import RayCluster
+
+__all__ = ["Plan", "check_racing", "plan"]
+
+
+_STORE_OPTIONS = (
+    "url",
+    "table",
+    "flush_interval",
+    "max_pending",
+    "pool_size",
+    "poll_interval",
+    "connect_timeout",
+    "command_timeout",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """An evaluation, checked and laid out over the pool."""
+
+    prompt: Prompt
+    endpoint: Endpoint
+    emitter: Emitter
+    runner: MetricRunner
+    examples: Iterable[Example]
+    total: int | None
+    global_metric: GlobalMetric | None
+    slots: list[int]
+    shares: tuple[int, ...]
+    batch_size: int
+    metric_threads: int
+    cache: Cache | None
+    cache_spec: CacheSpec
+    validate: bool
+
+
+def check_racing(must_beat: float, total: int | None, global_metric: Any) -> None:
+    if not is_mean(global_metric):
+        raise ConfigError("must_beat (racing) needs the mean; a global metric turns it off")
+    if total is None:
+        raise ConfigError("must_beat (racing) needs a dataset with a known length")
+    if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
+        raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
+
+
+def _cache_spec(cache: Cache | None, examples: Iterable[Example]) -> CacheSpec:
+    if cache is None:
+        return CacheSpec(mode="none")
+    store = cache.store
+    if isinstance(store, PostgresStore):
+        options = {name: getattr(store, name) for name in _STORE_OPTIONS}
+        return CacheSpec(mode="shared", store=options, claim_ttl=cache.claim_ttl)
+    if isinstance(examples, FileDataset):
+        raise ConfigError(
+            f"a file dataset on a cluster streams past the driver, so its cache must be "
+            f"one every worker opens: Cache(PostgresStore(url)) ([cache] url), or none; "
+            f"{type(store).__name__} is the driver's alone"
+        )
+    return CacheSpec(mode="relay")
+
+
+def _shares(concurrency: int, workers: int) -> tuple[int, ...]:
+    """The endpoint's concurrency split over workers (it holds for the whole cluster)."""
+    used = max(1, min(workers, concurrency))
+    return tuple(concurrency // used + (1 if i < concurrency % used else 0) for i in range(used))
+
+
+def _batch_size(given: int | None, total: int | None, workers: int, share: int) -> int:
+    if given is not None:
+        return given
+    if total is None:
+        return 256
+    # a few batches per worker and depth (balance), each enough to keep its calls busy
+    return max(1, min(512, max(2 * share, math.ceil(total / (workers * 8)))))
+
+
+async def plan(
+    cluster: RayCluster,
+    prompt: Prompt,
+    examples: Iterable[Example],
+    *,
+    model: ChatModel | Endpoint,
+    metric: Metric,
+    cache: Cache | None,
+    limits: Limits | None,
+    must_beat: float | None,
+    global_metric: GlobalMetric | None,
+    concurrency: int | None,
+    metric_timeout: float | None,
+    metric_threads: int,
+    emitter: Emitter,
+    validate: bool,
+) -> Plan:
+    """Check everything `evaluate` checks locally, before any call is made."""
+    endpoint = Endpoint.of(model, limits=limits)
+    runner = MetricRunner(metric, timeout=metric_timeout, threads=metric_threads)
+    total = len(examples) if isinstance(examples, Sequence) else None
+    if isinstance(examples, Sequence) and validate:
+        validate_examples(prompt, examples)
+        await check_metric(runner, examples[0])
+    if must_beat is not None and not isinstance(examples, FileDataset):
+        check_racing(must_beat, total, global_metric)
+    width = concurrency if concurrency is not None else endpoint.limits.concurrency
+    if width < 1:
+        raise ConfigError("concurrency must be at least 1")
+    shares = _shares(width, cluster.workers)
+    return Plan(
+        prompt=prompt,
+        endpoint=endpoint,
+        emitter=emitter,
+        runner=runner,
+        examples=examples,
+        total=total,
+        global_metric=None if is_mean(global_metric) else global_metric,
+        slots=list(range(len(shares))),
+        shares=shares,
+        batch_size=_batch_size(cluster.batch_size, total, len(shares), max(shares)),
+        metric_threads=metric_threads,
+        cache=cache,
+        cache_spec=_cache_spec(cache, examples),
+        validate=validate,
+    )

@@ -1,0 +1,239 @@
+"""One `evaluate` on a cluster, at the driver: check, plan, feed, deliver, summarise.
+
+The driver does what needs the whole picture and nothing per call: it checks the
+arguments and the data before anything is paid (a file dataset in a validation pass on
+the workers), ships the job once, feeds batches (`Feeder`), puts the results back in
+dataset order and hands each outcome to ``on_outcome`` as a local run would, charges
+the run's budget meter, and builds the same `Evaluation` a local run returns (exact
+fractions: the score does not depend on the order outcomes arrive in).
+
+Caching follows the store of the ``cache`` given:
+
+- a `PostgresStore`: every worker opens its own on the same table (``shared``), with
+  single flight across them (`engine.Cache`);
+- any other store (memory, SQLite): the driver is its only user (``relay``).  It looks
+  up the rows of each batch's examples before sending it (the batch carries them) and
+  writes back the rows the batch produced, so the next local evaluation (the trainer's
+  batch step) and a resumed run find them;
+- none.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .._budget import BudgetMeter
+from .._endpoint import _SHARED_ATTRIBUTE
+from .._errors import ConfigError, DataError
+from .._events import Emitter
+from .._outcome import Evaluation
+from .._prompt import Prompt
+from .._redact import known_secrets
+from .._scoring import check_metric
+from .._types import Example
+from ._delivery import Delivery, OutcomeCallback, Relay, summary
+from ._dispatch import Feeder
+from ._plan import Plan, check_racing, plan
+from ._ray import ray_module
+from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file_batches
+from ._worker import BatchResult, CheckResult, Job, check_inputs
+
+if TYPE_CHECKING:
+    from ._cluster import RayCluster
+
+__all__ = ["OutcomeCallback", "evaluate_on"]
+
+
+@contextmanager
+def _detached(model: Any) -> Iterator[None]:
+    """The adapter without its driver-side `Endpoint` while it is pickled: limiters and
+    breakers are local state, and the workers build their own."""
+    shared = getattr(model, "__dict__", {}).pop(_SHARED_ATTRIBUTE, None)
+    try:
+        yield
+    finally:
+        if shared is not None:
+            model.__dict__[_SHARED_ATTRIBUTE] = shared
+
+
+def put_job(job: Job) -> Any:
+    """``ray.put`` the job once; a part that cannot be pickled is a `ConfigError`."""
+    ray = ray_module()
+    with _detached(job.model):
+        try:
+            return ray.put(job)
+        except Exception as exc:
+            raise ConfigError(
+                f"the model, metric and prompt travel to cluster workers by pickling, and "
+                f"this one cannot be pickled: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+async def check_file(cluster: RayCluster, plan: Plan, job_id: str, box: list[Any]) -> int:
+    """Read and validate the whole file on the workers before any call; its size."""
+    assert isinstance(plan.examples, FileDataset)
+    counts: dict[int, int] = {}
+    errors: dict[int, Exception] = {}
+
+    async def deliver(batch: FileBatch, result: CheckResult) -> bool:
+        if result.error is not None:
+            errors[result.seq] = result.error
+        counts[result.seq] = result.examples
+        return bool(errors)  # batches before the error still finish: the first one wins
+
+    feeder: Feeder[FileBatch, CheckResult] = Feeder(
+        cluster,
+        plan.slots,
+        file_batches(plan.examples, plan.batch_size),
+        lambda worker, batch: worker.check.remote(job_id, box, batch),
+        deliver,
+        events=plan.emitter,
+    )
+    await feeder.run()
+    if errors:
+        raise errors[min(errors)]
+    total = sum(counts.values())
+    if total == 0:
+        raise DataError("the dataset is empty", location=str(plan.examples.path))
+    return total
+
+
+def _batches(plan: Plan) -> Iterator[ExampleBatch | FileBatch]:
+    if isinstance(plan.examples, FileDataset):
+        return file_batches(plan.examples, plan.batch_size)
+    return example_batches(plan.examples, plan.batch_size)
+
+
+def _job(
+    cluster: RayCluster,
+    plan: Plan,
+    *,
+    metric_concurrency: int | None,
+    on_error: Any,
+    tally: Any,
+) -> Job:
+    endpoint = plan.endpoint
+    return Job(
+        job_id=uuid.uuid4().hex,
+        prompt=plan.prompt,
+        model=endpoint.model,
+        name=endpoint.name,
+        namespace=endpoint.cache_identity,
+        retry=endpoint.retry,
+        shares=plan.shares,
+        metric=plan.runner.metric,
+        metric_concurrency=metric_concurrency,
+        metric_timeout=plan.runner.timeout,
+        metric_threads=plan.metric_threads,
+        on_error=on_error,
+        cache=plan.cache_spec,
+        budget=cluster.budget_for(endpoint),
+        tally=tally,
+        check_metric=plan.validate,
+        secrets=known_secrets(),
+    )
+
+
+def _prepare(plan: Plan, relay: Relay | None) -> Callable[[Any], Awaitable[Any]] | None:
+    """What the driver does to a batch before it goes out: check the rows of a plain
+    iterable (a sequence was checked whole), seed a relayed cache."""
+    checked = isinstance(plan.examples, Sequence | FileDataset) or not plan.validate
+
+    async def prepare(batch: Any) -> Any:
+        if not checked and isinstance(batch, ExampleBatch):
+            for offset, example in enumerate(batch.examples):
+                if not isinstance(example, Example):
+                    where = f"example #{batch.start + offset}"
+                    raise ConfigError(f"{where} is a {type(example).__name__}, not an Example")
+                check_inputs(plan.prompt, example, f"example #{batch.start + offset}")
+            if batch.seq == 0:
+                await check_metric(plan.runner, batch.examples[0])
+        if relay is not None and isinstance(batch, ExampleBatch):
+            return await relay.seed(batch)
+        return batch
+
+    return None if checked and relay is None else prepare
+
+
+async def evaluate_on(
+    cluster: RayCluster,
+    prompt: Prompt,
+    examples: Iterable[Example],
+    *,
+    on_error: Any,
+    must_beat: float | None,
+    on_outcome: OutcomeCallback | None,
+    keep_outcomes: bool,
+    metric_concurrency: int | None,
+    progress_interval: float,
+    emitter: Emitter,
+    meter: BudgetMeter | None,
+    **checked: Any,
+) -> Evaluation:
+    """`evaluate` on ``cluster`` (the arguments as `engine.evaluate` takes them)."""
+    if on_error not in ("record", "raise"):
+        raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
+    laid = await plan(cluster, prompt, examples, must_beat=must_beat, emitter=emitter, **checked)
+    tally = cluster.racing_tally() if must_beat is not None else None
+    job = _job(cluster, laid, metric_concurrency=metric_concurrency, on_error=on_error, tally=tally)
+    box = [put_job(job)]
+    emitter.emit(
+        "evaluation.started",
+        total=laid.total,
+        workers=len(laid.slots),
+        must_beat=must_beat,
+        endpoint=laid.endpoint.name,
+        cluster=cluster.address,
+    )
+    try:
+        if isinstance(examples, FileDataset) and laid.validate:
+            laid = replace(laid, total=await check_file(cluster, laid, job.job_id, box))
+        if tally is not None:
+            assert must_beat is not None
+            check_racing(must_beat, laid.total, checked.get("global_metric"))
+            await tally.start.remote(job.job_id, laid.total, must_beat)
+        delivery = Delivery(
+            laid,
+            on_outcome=on_outcome,
+            keep_outcomes=keep_outcomes,
+            meter=meter,
+            relay=Relay(laid) if laid.cache_spec.mode == "relay" else None,
+            progress_interval=progress_interval,
+        )
+        await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter)
+        bound = await tally.finish.remote(job.job_id) if tally is not None else None
+        evaluation = replace(delivery.result(bound), must_beat=must_beat)
+    except Exception as exc:
+        emitter.emit("evaluation.failed", level="error", error=exc)
+        raise
+    finally:
+        await cluster.finish(job.job_id, laid.slots, emitter)
+        if tally is not None:
+            tally.finish.remote(job.job_id)  # forgets it (already done on success)
+    emitter.emit("evaluation.finished", **summary(evaluation))
+    return evaluation
+
+
+async def _evaluation_pass(
+    cluster: RayCluster,
+    laid: Plan,
+    job_id: str,
+    box: list[Any],
+    delivery: Delivery,
+    meter: BudgetMeter | None,
+) -> None:
+    feeder: Feeder[Any, BatchResult] = Feeder(
+        cluster,
+        laid.slots,
+        _batches(laid),
+        lambda worker, batch: worker.run.remote(job_id, box, batch),
+        delivery,
+        events=laid.emitter,
+        prepare=_prepare(laid, delivery.relay),
+        before_send=meter.check if meter is not None else None,
+    )
+    await feeder.run()
