@@ -8,7 +8,8 @@ Public API::
     from engine.testing import ScriptedModel       # test doubles
 
 Everything listed in ``__all__`` here and in the public submodules (``metrics``,
-``stages``, ``data``, ``testing``) is supported; modules starting with ``_`` are not.
+``stages``, ``data``, ``testing``, ``bench``, ``cluster``) is supported; modules starting
+with ``_`` are not.  ``engine.cluster`` imports Ray only when a cluster starts.
 """
 
 from . import data, metrics, stages, testing

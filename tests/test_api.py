@@ -19,6 +19,8 @@ PUBLIC_MODULES = [
     "engine.stages",
     "engine.testing",
     "engine.cli",
+    "engine.bench",
+    "engine.cluster",
     "adapters",
     "adapters.openai_chat",
     "adapters.openai_batch",
