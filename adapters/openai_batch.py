@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
 import httpx2
 import openai
 
 from engine import (
+    AsyncCloseable,
     Cache,
     CachedPrediction,
     ChatModel,
@@ -75,7 +75,7 @@ class BatchReport:
         return self.submitted - self.filled
 
 
-class OpenAIBatch:
+class OpenAIBatch(AsyncCloseable):
     """The Batch API of an OpenAI-compatible endpoint.
 
     Parameters:
@@ -115,17 +115,6 @@ class OpenAIBatch:
         self._client = openai.AsyncOpenAI(
             api_key=route.api_key, base_url=route.base_url, http_client=self._http, timeout=timeout
         )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -29,10 +29,17 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Protocol
 
-from engine import Completion, ConfigError, Limits, ProviderError, TransientError, register_secret
+from engine import (
+    AsyncCloseable,
+    Completion,
+    ConfigError,
+    Limits,
+    ProviderError,
+    TransientError,
+    register_secret,
+)
 
 from ._http import AiohttpTransport
 from ._route import Route, azure_route, openai_route
@@ -104,7 +111,7 @@ def _rebuild(arguments: Mapping[str, Any]) -> OpenAIChat:
     return OpenAIChat(**arguments)
 
 
-class OpenAIChat:
+class OpenAIChat(AsyncCloseable):
     """An OpenAI-compatible chat model; implements `engine.ChatModel`.
 
     Parameters:
@@ -200,17 +207,6 @@ class OpenAIChat:
         given what the endpoint has refused so far (``None``: none, plain text)."""
         sent = self._ladder.outgoing(requested)
         return sent if isinstance(sent, Mapping) else None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the pooled connections."""

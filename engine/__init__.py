@@ -16,6 +16,7 @@ from . import data, metrics, stages, testing
 from ._budget import DEFAULT_PRICES, Budget, Price
 from ._cache import Cache, CachedPrediction, CacheStatistics
 from ._cache_copy import copy_cache
+from ._closeable import AsyncCloseable
 from ._endpoint import Endpoint, EndpointStatistics
 from ._errors import (
     AuthenticationError,
@@ -61,6 +62,7 @@ __all__ = [
     "DEFAULT_PRICES",
     "ApplyContext",
     "ApplyStage",
+    "AsyncCloseable",
     "AuthenticationError",
     "BadRequestError",
     "Budget",

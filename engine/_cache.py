@@ -33,11 +33,11 @@ import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
 import anyio
 
+from ._closeable import AsyncCloseable
 from ._errors import CacheConflictError, CacheError
 from ._identity import metric_identity
 from ._json import dump_value, load_value
@@ -106,7 +106,7 @@ def request_hash(
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class Cache:
+class Cache(AsyncCloseable):
     """The engine's cache over a `CacheStore` (in memory by default).
 
     Usage::
@@ -140,20 +140,12 @@ class Cache:
         """A cache on a SQLite file; open it with ``async with``."""
         return cls(SQLiteStore(path, flush_interval=flush_interval))
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> Self:
+        """Open the store, when it has anything to open (a file, a connection pool)."""
         opener = getattr(self.store, "open", None)
         if opener is not None:
             await opener()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.store.aclose()
 
     async def aclose(self) -> None:
         await self.store.aclose()

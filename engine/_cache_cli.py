@@ -19,12 +19,10 @@ from collections.abc import Sequence
 import anyio
 
 from ._cache_copy import copy_cache, is_postgres_url
-from ._errors import ConfigError, EngineError
+from ._exits import EXIT_OK, exit_code_of
 from ._pg_schema import display_url
 
 __all__ = ["main"]
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,24 +54,24 @@ def main(argv: Sequence[str]) -> int:
         dst_table=args.dst_table,
         batch_size=args.batch_size,
     )
-    try:
-        rows = anyio.run(run)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; rows copied so far are kept, rerun to finish\n")
-        return EXIT_INTERRUPTED
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_BAD_INPUT
-    except EngineError as exc:
-        sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n")
-        return EXIT_FAILED
+    rows: list[int] = []
+
+    def copy() -> int:
+        rows.append(anyio.run(run))
+        return EXIT_OK
+
+    code = exit_code_of(
+        copy, interrupted="interrupted; rows copied so far are kept, rerun to finish"
+    )
+    if code != EXIT_OK:
+        return code
     summary: dict[str, object] = {"command": "cache copy", "src": _show(args.src)}
     if is_postgres_url(args.src):
         summary["src_table"] = args.src_table
     summary["dst"] = _show(args.dst)
     if is_postgres_url(args.dst):
         summary["dst_table"] = args.dst_table
-    summary.update(rows=rows, seconds=round(time.perf_counter() - started, 3))
+    summary.update(rows=rows[0], seconds=round(time.perf_counter() - started, 3))
     sys.stdout.write(json.dumps(summary) + "\n")
     return EXIT_OK
 

@@ -18,7 +18,6 @@ result (`_result`).
 from __future__ import annotations
 
 import inspect
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._aggregate import check_racing, evaluation_summary, global_scores, is_mean
 from ._budget import BudgetMeter
 from ._cache import Cache, CachedPrediction, metric_identity, request_hash
 from ._context import lend
@@ -86,13 +86,6 @@ def validate_examples(prompt: Prompt, examples: Sequence[Example]) -> None:
         first = seen.setdefault(example.id, index)
         if first != index:
             raise ConfigError(f"duplicate example id {example.id!r} at rows #{first} and #{index}")
-
-
-def is_mean(global_metric: GlobalMetric | None) -> bool:
-    """Whether ``global_metric`` is the mean (for which racing has an exact bound)."""
-    from . import metrics  # a cycle at import time otherwise: metrics imports the endpoint
-
-    return global_metric is None or global_metric is metrics.mean
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,19 +359,6 @@ class _EvaluationRun:
                 tg.start_soon(self._scorer, receive.clone(), tg.cancel_scope)
 
     # -- the result -------------------------------------------------------------------
-    def _global_scores(self) -> tuple[float, float]:
-        """(score over scored examples, conservative score) by the global metric."""
-        metric = self.s.global_metric
-        assert metric is not None
-        self.results.sort(key=lambda item: item[0])
-        scored = [r for _, r, _ in self.results if r is not None]
-        failed = [
-            r if r is not None else MetricResult(0.0, f"error: {m}", {"error": True})
-            for _, r, m in self.results
-        ]
-        score = _checked_global(metric, scored) if scored else math.nan
-        return score, _checked_global(metric, failed)
-
     def _result(self) -> Evaluation:
         t = self.tally
         wall = time.monotonic() - self.started
@@ -386,7 +366,7 @@ class _EvaluationRun:
             # the examples in flight when racing cut it finished anyway: a full evaluation
             t.stopped_early, t.upper_bound = False, None
         if self.s.global_metric is not None:
-            score, conservative = self._global_scores()
+            score, conservative = global_scores(self.s.global_metric, self.results)
         else:
             # with nothing scored there is no score: NaN, never a silent 0
             score, conservative = t.mean(), t.conservative_mean()
@@ -409,32 +389,8 @@ class _EvaluationRun:
             must_beat=float(t.must_beat) if t.must_beat is not None else None,
             outcomes=tuple(self.outcomes),
         )
-        self.s.emitter.emit("evaluation.finished", **_summary(evaluation))
+        self.s.emitter.emit("evaluation.finished", **evaluation_summary(evaluation))
         return evaluation
-
-
-def _checked_global(metric: GlobalMetric, results: Sequence[MetricResult]) -> float:
-    value = float(metric(results))
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise MetricError(f"the global metric returned {value!r}, not a score in [0, 1]")
-    return value
-
-
-def _summary(evaluation: Evaluation) -> dict[str, Any]:
-    return {
-        "score": evaluation.score,
-        "conservative_score": evaluation.conservative_score,
-        "done": evaluation.completed,
-        "total": evaluation.total,
-        "errors": evaluation.errors,
-        "calls": evaluation.calls,
-        "cache_hits": evaluation.cache_hits,
-        "retries": evaluation.retries,
-        "tokens": evaluation.usage.total_tokens,
-        "wall_time": round(evaluation.wall_time, 3),
-        "stopped_early": evaluation.stopped_early,
-        "upper_bound": evaluation.upper_bound,
-    }
 
 
 async def evaluate(
@@ -559,7 +515,7 @@ async def _settle(
     endpoint = Endpoint.of(model, limits=limits)
     total = len(examples) if isinstance(examples, Sized) else None
     if must_beat is not None:
-        _check_racing(must_beat, total, global_metric)
+        check_racing(must_beat, total, global_metric)
     runner = MetricRunner(metric, timeout=metric_timeout, threads=metric_threads)
     prevalidated = isinstance(examples, Sequence)
     if prevalidated and validate:
@@ -587,12 +543,3 @@ async def _settle(
         **rest,
     )
     return settings, total
-
-
-def _check_racing(must_beat: float, total: int | None, global_metric: GlobalMetric | None) -> None:
-    if not is_mean(global_metric):
-        raise ConfigError("must_beat (racing) needs the mean; a global metric turns it off")
-    if total is None:
-        raise ConfigError("must_beat (racing) needs a dataset with a known length")
-    if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
-        raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")

@@ -56,11 +56,11 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterable
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
 
+from ._closeable import AsyncCloseable
 from ._errors import CacheError, ConfigError
 from ._pg_schema import (
     Statements,
@@ -91,7 +91,7 @@ def _settle(reads: dict[str, list[asyncio.Future[str | None]]], *, error: str) -
                 future.set_exception(CacheError(error))
 
 
-class PostgresStore:
+class PostgresStore(AsyncCloseable):
     """A PostgreSQL table of JSON values, shared by every process that opens it.
 
     Open it with ``async with PostgresStore(url) as store`` (or ``await store.open()``
@@ -220,18 +220,6 @@ class PostgresStore:
             with contextlib.suppress(*db_errors()):
                 await pool.close()
         self._raise_writer_error()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.aclose()
 
     # -- the store protocol -----------------------------------------------------------
     async def get(self, key: str) -> str | None:

@@ -17,11 +17,11 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Self, cast
 
 import anyio
 
+from ._closeable import AsyncCloseable
 from ._errors import CacheError
 
 __all__ = ["MemoryStore", "SQLiteStore"]
@@ -54,7 +54,7 @@ class MemoryStore:
         return f"<MemoryStore entries={len(self._data)}>"
 
 
-class SQLiteStore:
+class SQLiteStore(AsyncCloseable):
     """A SQLite file of JSON values, written in batches off the event loop.
 
     Open it with ``async with SQLiteStore(path) as store`` (or ``await store.open()``
@@ -145,18 +145,6 @@ class SQLiteStore:
             raise CacheError(
                 f"writing {self.path} failed: {self._writer_error}"
             ) from self._writer_error
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.aclose()
 
     # -- the writer thread ------------------------------------------------------------
     def _writer_loop(self, conn: sqlite3.Connection) -> None:

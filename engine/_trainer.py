@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
+from ._aggregate import is_mean
 from ._budget import Budget, BudgetMeter
 from ._cache import Cache
 from ._concurrency import run_all
 from ._endpoint import Endpoint
 from ._errors import BudgetExceededError, ConfigError, ProviderError, TooManyErrorsError
-from ._evaluate import evaluate, is_mean, validate_examples
+from ._evaluate import evaluate, validate_examples
 from ._events import Emitter, EventCallback
 from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome

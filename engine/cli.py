@@ -27,9 +27,10 @@ from ._budget import Budget, BudgetMeter, Price
 from ._cache import Cache
 from ._console import StatusLine
 from ._endpoint import Endpoint, estimate_tokens
-from ._errors import BudgetExceededError, ConfigError, EngineError, TooManyErrorsError
+from ._errors import BudgetExceededError, ConfigError, TooManyErrorsError
 from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
+from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
 from ._postgres import PostgresStore
 from ._preflight import Job, prepare
@@ -42,7 +43,6 @@ from .cluster import FileDataset, RayCluster
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 _METRIC_THREADS = 16  # evaluate()'s default, when [metric] threads is not given
 
 
@@ -134,6 +134,16 @@ def _per_worker(workers: Any, total_rate: float) -> str:
         return ""
     each = " ".join(f"w{w.get('worker')} {float(w.get('per_s', 0.0)):.1f}/s" for w in workers)
     return f"  workers: {each} (total {total_rate:.1f}/s)"
+
+
+def _metric_options(run: RunFile) -> dict[str, Any]:
+    """What the run file says about scoring, as `evaluate` and `optimize` take it."""
+    return {
+        "metric": run.build_metric(),
+        "global_metric": run.build_global_metric(),
+        "metric_timeout": run.metric_timeout,
+        "metric_threads": run.metric_threads or _METRIC_THREADS,
+    }
 
 
 def _prices(run: RunFile) -> dict[str, Price]:
@@ -238,10 +248,7 @@ async def _optimize(
             job.prompt,
             job.data,
             valset=run.val,
-            metric=run.build_metric(),
-            global_metric=run.build_global_metric(),
-            metric_timeout=run.metric_timeout,
-            metric_threads=run.metric_threads or _METRIC_THREADS,
+            **_metric_options(run),
             model=task,
             optimizer_model=opt,
             optimizer_model_name=run.optimizer.model_name,
@@ -361,10 +368,7 @@ async def _evaluate(
             job.prompt,
             job.data,
             model=task,
-            metric=run.build_metric(),
-            global_metric=run.build_global_metric(),
-            metric_timeout=run.metric_timeout,
-            metric_threads=run.metric_threads or _METRIC_THREADS,
+            **_metric_options(run),
             # a streamed file can only use a cache every worker opens ([cache] url)
             cache=None if streamed and run.cache_url is None else cache,
             on_event=progress,
@@ -544,21 +548,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
-    try:
-        run, job = _prepare(args)
-        return anyio.run(_main, args, run, job)
-    except KeyboardInterrupt:
-        resume = (
-            "" if args.command == "bench" else "; rerun the same command to resume from the cache"
-        )
-        sys.stderr.write(f"interrupted{resume}\n")
-        return EXIT_INTERRUPTED
-    except ConfigError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_BAD_INPUT
-    except EngineError as exc:
-        sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n")
-        return EXIT_FAILED
-    except OSError as exc:  # a disk that fills up or goes away mid-run
-        sys.stderr.write(f"failed: {redact_text(str(exc))}\n")
-        return EXIT_FAILED
+
+    def run() -> int:
+        run_file, job = _prepare(args)
+        return int(anyio.run(_main, args, run_file, job))
+
+    resume = "" if args.command == "bench" else "; rerun the same command to resume from the cache"
+    return exit_code_of(run, interrupted=f"interrupted{resume}")

@@ -23,7 +23,15 @@ from typing import Any
 from ._errors import ConfigError, DataError
 from ._types import Example
 
-__all__ = ["ColumnMap", "load_csv", "load_dataset", "load_jsonl", "load_splits", "row_location"]
+__all__ = [
+    "ColumnMap",
+    "load_csv",
+    "load_dataset",
+    "load_jsonl",
+    "load_splits",
+    "parse_jsonl_row",
+    "row_location",
+]
 
 _Rows = Iterator[tuple[str, Mapping[str, Any]]]
 
@@ -121,17 +129,23 @@ def _iter_jsonl(path: Path) -> _Rows:
     with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, 1):
             where = f"{path}:{number}"
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"not valid JSON ({exc.args[0]})", location=where) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"a row must be a JSON object, got {type(row).__name__}", location=where
-                )
-            yield where, row
+            row = parse_jsonl_row(line, where)
+            if row is not None:
+                yield where, row
+
+
+def parse_jsonl_row(line: str, where: str) -> Mapping[str, Any] | None:
+    """One JSONL line as a row (``None`` for a blank line); `DataError` naming
+    ``where`` when it is not a JSON object."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise DataError(f"not valid JSON ({exc.args[0]})", location=where) from None
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be a JSON object, got {type(row).__name__}", location=where)
+    return row
 
 
 def _iter_csv(path: Path, delimiter: str = ",") -> _Rows:

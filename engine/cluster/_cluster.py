@@ -6,13 +6,13 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from types import TracebackType
 from typing import Any, Self
 
 import anyio
 
 from .._budget import BudgetMeter
 from .._cache import Cache
+from .._closeable import AsyncCloseable
 from .._endpoint import Endpoint
 from .._errors import ConfigError, EngineError
 from .._events import Emitter, EventCallback
@@ -33,7 +33,7 @@ _ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 _FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
 
 
-class RayCluster:
+class RayCluster(AsyncCloseable):
     """A pool of evaluation workers on Ray: pass it as ``evaluate(..., cluster=...)``
     or ``optimize(..., cluster=...)``.
 
@@ -143,6 +143,14 @@ class RayCluster:
         ray.init(**options)
         self._owns_ray = True
 
+    async def open(self) -> Self:
+        """`start` (what ``async with`` calls)."""
+        return await self.start()
+
+    async def aclose(self) -> None:
+        """`close` (what ``async with`` calls, shielded from cancellation)."""
+        await self.close()
+
     async def close(self) -> None:
         """Commit the workers' caches, stop every actor, and Ray if this object started it."""
         ray, handles = self._ray, self._handles
@@ -164,17 +172,6 @@ class RayCluster:
             ray.shutdown()
             self._owns_ray = False
         self._ray = None
-
-    async def __aenter__(self) -> Self:
-        return await self.start()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- the pool ---------------------------------------------------------------------
     @property

@@ -10,24 +10,23 @@ the driver's side of a cache only the driver can open (memory, SQLite).
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
+from .._aggregate import global_scores
 from .._budget import BudgetMeter
 from .._cache import Cache
-from .._errors import ConfigError, MetricError
+from .._errors import ConfigError
 from .._identity import metric_identity
-from .._outcome import Evaluation, GlobalMetric, Outcome
+from .._outcome import Evaluation, Outcome
 from .._tally import Tally
 from .._types import MetricResult
 from ._plan import Plan
 from ._source import ExampleBatch, FileBatch
 from ._worker import BatchResult
 
-__all__ = ["Delivery", "OutcomeCallback", "Relay", "summary"]
+__all__ = ["Delivery", "OutcomeCallback", "Relay"]
 
 
 OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
@@ -179,7 +178,7 @@ class Delivery:
         if t.completed == 0 and stopped_at is None:
             raise ConfigError("the dataset is empty")
         if plan.global_metric is not None:
-            score, conservative = _global_scores(plan.global_metric, self.results)
+            score, conservative = global_scores(plan.global_metric, self.results)
         else:
             score, conservative = t.mean(), t.conservative_mean()
         self.outcomes.sort(key=lambda o: o.index)
@@ -202,41 +201,3 @@ class Delivery:
             must_beat=None,
             outcomes=tuple(self.outcomes),
         )
-
-
-def _global_scores(
-    metric: GlobalMetric, results: list[tuple[int, MetricResult | None, str]]
-) -> tuple[float, float]:
-    """(score over scored examples, conservative score), as `evaluate` computes them."""
-    results.sort(key=lambda item: item[0])
-    scored = [r for _, r, _ in results if r is not None]
-    failed = [
-        r if r is not None else MetricResult(0.0, f"error: {m}", {"error": True})
-        for _, r, m in results
-    ]
-    score = _checked(metric, scored) if scored else math.nan
-    return score, _checked(metric, failed)
-
-
-def _checked(metric: GlobalMetric, results: list[MetricResult]) -> float:
-    value = float(metric(results))
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise MetricError(f"the global metric returned {value!r}, not a score in [0, 1]")
-    return value
-
-
-def summary(evaluation: Evaluation) -> dict[str, Any]:
-    return {
-        "score": evaluation.score,
-        "conservative_score": evaluation.conservative_score,
-        "done": evaluation.completed,
-        "total": evaluation.total,
-        "errors": evaluation.errors,
-        "calls": evaluation.calls,
-        "cache_hits": evaluation.cache_hits,
-        "retries": evaluation.retries,
-        "tokens": evaluation.usage.total_tokens,
-        "wall_time": round(evaluation.wall_time, 3),
-        "stopped_early": evaluation.stopped_early,
-        "upper_bound": evaluation.upper_bound,
-    }

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._aggregate import check_racing, is_mean
 from .._cache import Cache
 from .._endpoint import Endpoint
 from .._errors import ConfigError
-from .._evaluate import is_mean, validate_examples
+from .._evaluate import validate_examples
 from .._events import Emitter
 from .._limits import Limits
 from .._outcome import GlobalMetric
@@ -27,7 +28,7 @@ from ._worker import CacheSpec
 if TYPE_CHECKING:
     from ._cluster import RayCluster
 
-__all__ = ["Plan", "check_racing", "plan"]
+__all__ = ["Plan", "plan"]
 
 
 _STORE_OPTIONS = (
@@ -60,15 +61,6 @@ class Plan:
     cache: Cache | None
     cache_spec: CacheSpec
     validate: bool
-
-
-def check_racing(must_beat: float, total: int | None, global_metric: Any) -> None:
-    if not is_mean(global_metric):
-        raise ConfigError("must_beat (racing) needs the mean; a global metric turns it off")
-    if total is None:
-        raise ConfigError("must_beat (racing) needs a dataset with a known length")
-    if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
-        raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
 
 
 def _cache_spec(cache: Cache | None, examples: Iterable[Example]) -> CacheSpec:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from .._aggregate import check_racing, evaluation_summary
 from .._budget import BudgetMeter
 from .._endpoint import _SHARED_ATTRIBUTE
 from .._errors import ConfigError, DataError
@@ -35,9 +36,9 @@ from .._prompt import Prompt
 from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example
-from ._delivery import Delivery, OutcomeCallback, Relay, summary
+from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
-from ._plan import Plan, check_racing, plan
+from ._plan import Plan, plan
 from ._ray import ray_module
 from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file_batches
 from ._worker import BatchResult, CheckResult, Job, check_inputs
@@ -214,7 +215,7 @@ async def evaluate_on(
         await cluster.finish(job.job_id, laid.slots, emitter)
         if tally is not None:
             tally.finish.remote(job.job_id)  # forgets it (already done on success)
-    emitter.emit("evaluation.finished", **summary(evaluation))
+    emitter.emit("evaluation.finished", **evaluation_summary(evaluation))
     return evaluation
 
 

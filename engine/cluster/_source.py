@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import importlib
-import json
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -130,18 +129,10 @@ class FileBatch:
             number = self.row + offset + 1
             if number == 1:
                 line = line.removeprefix("\ufeff")  # a byte-order mark is not data
-            if not line.strip():
-                continue
             where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"not valid JSON ({exc.args[0]})", location=where) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"a row must be a JSON object, got {type(row).__name__}", location=where
-                )
-            examples.append((where, _data._row_to_example(row, self.dataset.columns, where)))
+            row = _data.parse_jsonl_row(line, where)
+            if row is not None:
+                examples.append((where, _data._row_to_example(row, self.dataset.columns, where)))
         return examples
 
     def _csv(self, rows: list[dict[str, Any]]) -> list[tuple[str, Example]]:

@@ -1,0 +1,78 @@
+"""One place for how per-example outcomes become an evaluation's scores.
+
+Used by `evaluate` and by a cluster's driver alike, so a cluster evaluation scores
+exactly as a local one: the global metric over the scored examples, its conservative
+form (every errored example a failure), the checks on what it returns, the rule for
+when racing has an exact bound, and the event summary of an evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import ConfigError, MetricError
+from ._outcome import Evaluation, GlobalMetric
+from ._types import MetricResult
+
+__all__ = ["check_racing", "checked_global", "evaluation_summary", "global_scores", "is_mean"]
+
+IndexedResult = tuple[int, MetricResult | None, str]
+"""(example index, its result or None when it errored, the error's message)."""
+
+
+def is_mean(global_metric: GlobalMetric | None) -> bool:
+    """Whether ``global_metric`` is the mean (for which racing has an exact bound)."""
+    from . import metrics  # a cycle at import time otherwise: metrics imports the endpoint
+
+    return global_metric is None or global_metric is metrics.mean
+
+
+def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetric | None) -> None:
+    """Raise `ConfigError` unless racing against ``must_beat`` can be exact."""
+    if not is_mean(global_metric):
+        raise ConfigError("must_beat (racing) needs the mean; a global metric turns it off")
+    if total is None:
+        raise ConfigError("must_beat (racing) needs a dataset with a known length")
+    if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
+        raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
+
+
+def checked_global(metric: GlobalMetric, results: Sequence[MetricResult]) -> float:
+    """The global metric's value, which must be a score in [0, 1]."""
+    value = float(metric(results))
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise MetricError(f"the global metric returned {value!r}, not a score in [0, 1]")
+    return value
+
+
+def global_scores(metric: GlobalMetric, results: list[IndexedResult]) -> tuple[float, float]:
+    """(score over the scored examples, conservative score), in dataset order; an
+    errored example enters the conservative one as ``MetricResult(0.0, "error: ...")``."""
+    results.sort(key=lambda item: item[0])
+    scored = [r for _, r, _ in results if r is not None]
+    failed = [
+        r if r is not None else MetricResult(0.0, f"error: {m}", {"error": True})
+        for _, r, m in results
+    ]
+    score = checked_global(metric, scored) if scored else math.nan
+    return score, checked_global(metric, failed)
+
+
+def evaluation_summary(evaluation: Evaluation) -> dict[str, Any]:
+    """The fields of the ``evaluation.finished`` event."""
+    return {
+        "score": evaluation.score,
+        "conservative_score": evaluation.conservative_score,
+        "done": evaluation.completed,
+        "total": evaluation.total,
+        "errors": evaluation.errors,
+        "calls": evaluation.calls,
+        "cache_hits": evaluation.cache_hits,
+        "retries": evaluation.retries,
+        "tokens": evaluation.usage.total_tokens,
+        "wall_time": round(evaluation.wall_time, 3),
+        "stopped_early": evaluation.stopped_early,
+        "upper_bound": evaluation.upper_bound,
+    }
