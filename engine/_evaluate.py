@@ -263,18 +263,11 @@ class _EvaluationRun:
         if now - self.last_progress < self.s.progress_interval:
             return
         self.last_progress = now
-        t = self.tally
         self.s.emitter.emit(
             "evaluation.progress",
             level="debug",
-            done=t.completed,
-            total=t.total,
-            calls=t.calls,
-            cache_hits=t.cache_hits,
-            errors=t.errors,
-            retries=t.retries,
-            tokens=t.usage.total_tokens,
             elapsed=round(now - self.started, 3),
+            **self.tally.progress(),
         )
 
     def _fail(self, exc: Exception, scope: anyio.CancelScope) -> None:
@@ -375,14 +368,7 @@ class _EvaluationRun:
             prompt_hash=self.s.prompt.hash,
             score=score,
             conservative_score=conservative,
-            total=t.total if t.total is not None else t.completed,
-            completed=t.completed,
-            scored=t.scored,
-            errors=t.errors,
-            calls=t.calls,
-            cache_hits=t.cache_hits,
-            retries=t.retries,
-            usage=t.usage,
+            **t.counts(),
             wall_time=wall,
             stopped_early=t.stopped_early,
             upper_bound=float(t.upper_bound) if t.upper_bound is not None else None,

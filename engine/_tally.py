@@ -9,6 +9,7 @@ sum ``s`` the best the evaluation can still reach is ``(s + (N - k)) / N``.
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 from ._outcome import Outcome
 from ._types import Usage
@@ -93,6 +94,32 @@ class Tally:
             return False
         self.upper_bound = Fraction(reachable) / total
         return True
+
+    def counts(self) -> dict[str, Any]:
+        """The counts an `Evaluation` reports (``total``: the examples seen when the
+        dataset had no length)."""
+        return {
+            "total": self.total if self.total is not None else self.completed,
+            "completed": self.completed,
+            "scored": self.scored,
+            "errors": self.errors,
+            "calls": self.calls,
+            "cache_hits": self.cache_hits,
+            "retries": self.retries,
+            "usage": self.usage,
+        }
+
+    def progress(self) -> dict[str, Any]:
+        """The counts an ``evaluation.progress`` event carries."""
+        return {
+            "done": self.completed,
+            "total": self.total,
+            "calls": self.calls,
+            "cache_hits": self.cache_hits,
+            "errors": self.errors,
+            "retries": self.retries,
+            "tokens": self.usage.total_tokens,
+        }
 
     def mean(self) -> float:
         """Mean over scored examples (NaN when none): what reports show."""

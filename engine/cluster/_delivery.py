@@ -154,17 +154,10 @@ class Delivery:
             return
         self.last_progress = now
         elapsed = max(now - self.started, 1e-9)
-        t = self.tally
         self.plan.emitter.emit(
             "evaluation.progress",
             level="debug",
-            done=t.completed,
-            total=t.total,
-            calls=t.calls,
-            cache_hits=t.cache_hits,
-            errors=t.errors,
-            retries=t.retries,
-            tokens=t.usage.total_tokens,
+            **self.tally.progress(),
             elapsed=round(elapsed, 3),
             workers=[
                 {"worker": slot, "done": n, "calls": calls, "per_s": round(n / elapsed, 1)}
@@ -182,19 +175,11 @@ class Delivery:
         else:
             score, conservative = t.mean(), t.conservative_mean()
         self.outcomes.sort(key=lambda o: o.index)
-        total = t.total if t.total is not None else t.completed
         return Evaluation(
             prompt_hash=plan.prompt.hash,
             score=score,
             conservative_score=conservative,
-            total=total,
-            completed=t.completed,
-            scored=t.scored,
-            errors=t.errors,
-            calls=t.calls,
-            cache_hits=t.cache_hits,
-            retries=t.retries,
-            usage=t.usage,
+            **t.counts(),
             wall_time=time.monotonic() - self.started,
             stopped_early=stopped_at is not None,
             upper_bound=stopped_at,
