@@ -213,6 +213,8 @@ def _evaluate_child(kind: str, n: int, url: str) -> dict[str, Any]:
     def metric(example: Example, prediction: str) -> float:
         return 1.0 if prediction == example.expected else 0.0
 
+    metric.inline = True  # type: ignore[attr-defined]  # scored on the loop, as built-ins are
+
     def cache() -> Cache | None:
         if kind == "postgres":
             return Cache(PostgresStore(url, table=table))
