@@ -136,8 +136,9 @@ def test_best_level_reaches_the_announced_rpm_as_the_server_counts_it(tmp_path: 
 
 
 def test_latency_percentiles_match_the_seeded_provider(tmp_path: Path) -> None:
-    """p50/p95/p99 and the max, as measured, are within 5% of the latencies the seeded
-    provider drew (computed here from the same generator)."""
+    """p50/p95/p99 and the max, as measured, match the latencies the seeded provider drew
+    (computed here from the same generator): never below them, and above them only by
+    the client's own share of a round trip."""
     config = ServerConfig(latency_median=0.2, latency_sigma=0.5, seed=11)
     with SimulatedServer(config) as server:
         run = write_run(tmp_path, server.base_url)
@@ -146,9 +147,16 @@ def test_latency_percentiles_match_the_seeded_provider(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     drawn = seeded_latencies(300, median=0.2, sigma=0.5, seed=11)
     level = report["levels"][0]
-    for key, q in (("p50_s", 0.5), ("p95_s", 0.95), ("p99_s", 0.99)):
-        assert level[key] == pytest.approx(percentile(drawn, q), rel=0.05), key
-    assert level["max_s"] == pytest.approx(max(drawn), rel=0.05)
+    # Each reply arrives after its drawn latency, so each measured order statistic is at
+    # least the drawn one: a wrong percentile (p95 reported as p99, say) falls below it.
+    # Above it, 5% plus the client's own time: a loaded 2-core CI machine delayed one
+    # reply of the tail by 54 ms once, which moves p99 of 300 by as much (it is the
+    # third-largest value), so the tail gets a larger allowance than the body.
+    for key, q, lag in (("p50_s", 0.5, 0.03), ("p95_s", 0.95, 0.03), ("p99_s", 0.99, 0.1)):
+        expected = percentile(drawn, q)
+        assert expected is not None
+        assert expected * 0.999 <= level[key] <= expected * 1.05 + lag, key
+    assert max(drawn) * 0.999 <= level["max_s"] <= max(drawn) * 1.05 + 0.1
 
 
 @pytest.mark.parametrize(
