@@ -212,14 +212,15 @@ async def test_racing_cuts_calls_and_cancels_in_flight() -> None:
 
 
 async def test_cancellation_is_prompt_and_leaves_no_task() -> None:
-    """Cancelling evaluate() returns within a second and leaves no task behind."""
+    """Cancelling evaluate() returns at once (not after the 30 s calls) and leaves no task
+    behind.  The bound leaves a loaded CI machine room; a second is typical."""
     model = echo_model(latency=30.0)
     before = len(asyncio.all_tasks())
     started = time.monotonic()
     with anyio.move_on_after(0.2):
         await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
     elapsed = time.monotonic() - started
-    assert elapsed < 1.2
+    assert elapsed < 3
     gc.collect()
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == before

@@ -107,7 +107,7 @@ async def test_401_fails_fast_naming_the_endpoint_and_not_the_key(transport: str
             started = time.monotonic()
             with pytest.raises(AuthenticationError) as info:
                 await evaluate(qa_prompt(), echo_examples(200), model=chat, metric=ExactMatch())
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 5  # retrying would take minutes
     message = str(info.value)
     assert f"127.0.0.1:{server.port}/v1" in message and "credentials" in message
     assert key not in message and "canary" not in message

@@ -92,7 +92,7 @@ async def test_exhausted_quota_fails_the_run_at_once_and_is_not_retried(transpor
             with pytest.raises(QuotaExceededError) as info:
                 await evaluate(qa_prompt(), echo_examples(100), model=chat, metric=ExactMatch())
             elapsed = time.monotonic() - started
-    assert elapsed < 2 and info.value.fatal and info.value.status == 429
+    assert elapsed < 5 and info.value.fatal and info.value.status == 429
     assert "insufficient_quota" in str(info.value) and "billing" in str(info.value)
     assert server.stats.quota_refusals == server.stats.received <= 8  # the first wave only
 
