@@ -45,8 +45,8 @@ MUTATIONS = (
     Mutation(
         "metric-key-identity",
         "engine/_cache.py",
-        'key = f"m:{metric_id}:{answer}"',
-        'key = f"m:{answer}"',
+        'return f"m:{metric_id}:{answer}"',
+        'return f"m:{answer}"',
         ("tests/test_mutations.py", "tests/test_trust.py", "tests/test_cache.py"),
         "the metric-result key drops the metric's identity",
     ),

@@ -189,3 +189,28 @@ async def test_two_metrics_on_one_cache_keep_their_own_results() -> None:
 
 def _scores(results: Sequence[object]) -> list[float]:
     return [r.score for r in results]  # type: ignore[attr-defined]
+
+
+def test_every_mutation_of_the_run_still_applies() -> None:
+    """Each mutation's line stands exactly once in its file, and the tests it names exist:
+    a refactor that moves a guarded line must move the mutation with it, or the mutation
+    run reports it as a survivor instead of testing it."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("mutations", root / "scripts/mutations.py")
+    assert spec is not None and spec.loader is not None
+    mutations = importlib.util.module_from_spec(spec)
+    sys.modules["mutations"] = mutations  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mutations)
+    finally:
+        del sys.modules["mutations"]
+    assert len(mutations.MUTATIONS) >= 23
+    for mutation in mutations.MUTATIONS:
+        source = (root / mutation.path).read_text()
+        assert source.count(mutation.old) == 1, mutation.name
+        assert mutation.old != mutation.new, mutation.name
+        assert all((root / test).is_file() for test in mutation.tests), mutation.name
