@@ -331,7 +331,10 @@ def postgres(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from benchmarks.pg_cache import _start_server
+    try:
+        from benchmarks.pg_cache import _start_server
+    except ModuleNotFoundError:  # `python benchmarks/cluster.py`: its folder is on the path
+        from pg_cache import _start_server  # type: ignore[import-not-found,no-redef]
 
     started, env = _start_server()
     try:

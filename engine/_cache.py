@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
@@ -117,12 +118,25 @@ class Cache(AsyncCloseable):
     """
 
     def __init__(
-        self, store: CacheStore | None = None, *, claim_ttl: float = DEFAULT_CLAIM_TTL
+        self,
+        store: CacheStore | None = None,
+        *,
+        claim_ttl: float = DEFAULT_CLAIM_TTL,
+        max_unsaved: int | None = None,
     ) -> None:
+        """``max_unsaved``: at most this many paid calls between their start and the
+        store's `put` returning (unbounded when ``None``).  With a store that returns
+        from `put` once the row is committed (``PostgresStore(wait_for_commit=True)``),
+        a process killed at any moment has cost at most this many calls that nobody
+        can reuse; cluster workers set it to their share of the concurrency."""
         if not claim_ttl > 0:
             raise CacheError(f"claim_ttl must be positive, got {claim_ttl!r}")
+        if max_unsaved is not None and max_unsaved < 1:
+            raise CacheError(f"max_unsaved must be at least 1, got {max_unsaved!r}")
         self.store: CacheStore = store if store is not None else MemoryStore()
         self.claim_ttl = claim_ttl
+        self.max_unsaved = max_unsaved
+        self._unsaved: anyio.CapacityLimiter | None = None  # made in the loop that uses it
         self._flights: dict[str, _Flight[Any]] = {}
         self._hits = self._misses = self._coalesced = self._writes = 0
         self._uncacheable: set[int] = set()  # ids of metrics already reported uncacheable
@@ -334,7 +348,7 @@ class Cache(AsyncCloseable):
             if claiming:
                 value, cached = await self._lead_claimed(key, load, compute)
             else:
-                value, cached = await self._compute(compute), False
+                value, cached = await self._compute(compute, paid=shared), False
             lead.value = value
             return value, cached
         except Exception as exc:
@@ -345,12 +359,23 @@ class Cache(AsyncCloseable):
             if lead.done is not None:
                 lead.done.set()
 
-    async def _compute(self, compute: Callable[[], Awaitable[tuple[T, str, str]]]) -> T:
+    async def _compute(
+        self, compute: Callable[[], Awaitable[tuple[T, str, str]]], *, paid: bool
+    ) -> T:
         self._misses += 1
-        value, raw, store_key = await compute()
-        await self.store.put(store_key, raw)
+        async with self._unsaved_slot(paid):
+            value, raw, store_key = await compute()
+            await self.store.put(store_key, raw)
         self._writes += 1
         return value
+
+    def _unsaved_slot(self, paid: bool) -> AbstractAsyncContextManager[Any]:
+        """A slot of ``max_unsaved``, held by a paid call until its value is stored."""
+        if not paid or self.max_unsaved is None:
+            return contextlib.nullcontext()
+        if self._unsaved is None:
+            self._unsaved = anyio.CapacityLimiter(self.max_unsaved)
+        return self._unsaved
 
     async def _lead_claimed(
         self,
@@ -394,7 +419,7 @@ class Cache(AsyncCloseable):
         async with anyio.create_task_group() as tg:
             tg.start_soon(renew)
             try:
-                value = await self._compute(compute)
+                value = await self._compute(compute, paid=True)
             except Exception as exc:  # re-raised as itself below, not as an ExceptionGroup
                 failure = exc
             finally:

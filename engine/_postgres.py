@@ -10,7 +10,8 @@ unless ``table=`` says otherwise)::
 Writes: `put` keeps the row in memory (reads see it at once) and a writer task
 upserts everything queued in one statement per batch, committed at most
 ``flush_interval`` after the first row of the batch, so a crash loses at most that
-interval.  Once ``max_pending`` rows wait, `put` waits for the writer (back-pressure).
+interval (with ``wait_for_commit``, nothing: `put` returns after the commit, which
+cluster workers use).  Once ``max_pending`` rows wait, `put` waits for the writer (back-pressure).
 A statement that lost its connection or was rolled back (a deadlock victim) is
 retried twice on a fresh connection; after that a read raises `CacheError`, and a
 failed batch makes every later `put` and `aclose` raise it: never a silent miss.
@@ -100,6 +101,14 @@ class PostgresStore(AsyncCloseable):
     PUBLIC (they hold prompts, inputs and predictions).
 
     ``flush_interval``: the longest a written row waits before its commit.
+    ``wait_for_commit``: `put` returns only once its row is committed, so a process
+    killed at any moment has lost only the calls it had in flight, never an answer it
+    had.  The writer then commits as soon as it is free, without ``flush_interval``:
+    the rows put during one commit go in the next (a group commit, so batches grow
+    with the load and a put waits one or two commits).  ``None`` (the default):
+    off in one process (a crash loses at most ``flush_interval`` of rows), on in the
+    workers of an `engine.cluster.RayCluster`, whose killed worker must cost no more
+    than its concurrency in repeated calls.
     ``max_pending``: uncommitted rows before `put` waits for the writer.
     ``table``: the rows' table (a lowercase identifier); two more are named after it.
     ``pool_size``: connections for reads, claims and the writer (one more for LISTEN).
@@ -114,6 +123,7 @@ class PostgresStore(AsyncCloseable):
         url: str,
         *,
         flush_interval: float = 0.2,
+        wait_for_commit: bool | None = None,
         max_pending: int = 20_000,
         table: str = "engine_cache",
         pool_size: int = 4,
@@ -129,6 +139,7 @@ class PostgresStore(AsyncCloseable):
         self.url = check_url(url)
         self.table = check_table(table)
         self.flush_interval = flush_interval
+        self.wait_for_commit = wait_for_commit
         self.max_pending = max_pending
         self.pool_size = pool_size
         self.poll_interval = poll_interval
@@ -257,6 +268,14 @@ class PostgresStore(AsyncCloseable):
         self._work.set()
         if self._waiters:
             self._wake_waiters(key)  # a wait_for in this process
+        if self.wait_for_commit:
+            # The row is in the queue, so the writer's next batch holds it (it takes the
+            # queue and counts the batch without awaiting in between).
+            target = self._taken + 1
+            while self._written < target and self._writer_alive():
+                await self._progress.wait()
+            self._raise_writer_error()
+            return
         if len(self._pending) >= self.max_pending:
             # The writer is behind: wait until it has drained half the backlog, so
             # memory stays bounded on huge runs.
@@ -386,7 +405,9 @@ class PostgresStore(AsyncCloseable):
         try:
             while True:
                 await self._work.wait()
-                if not self._urgent.is_set():
+                if not self._urgent.is_set() and not self.wait_for_commit:
+                    # (a put that waits for its commit is not kept waiting for the
+                    # interval too: rows queued during one commit go in the next)
                     with anyio.move_on_after(self.flush_interval):
                         await self._urgent.wait()
                 self._work.clear()

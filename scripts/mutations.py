@@ -224,6 +224,24 @@ MUTATIONS = (
         ("tests/test_bounded.py",),
         "a slow synchronous metric blocks the event loop",
     ),
+    Mutation(
+        "unsaved-slot-released-before-put",
+        "engine/_cache.py",
+        "            value, raw, store_key = await compute()\n"
+        "            await self.store.put(store_key, raw)\n",
+        "            value, raw, store_key = await compute()\n"
+        "        await self.store.put(store_key, raw)\n",
+        ("tests/test_cache.py",),
+        "a paid call frees its max_unsaved slot before its answer is stored",
+    ),
+    Mutation(
+        "put-returns-before-commit",
+        "engine/_postgres.py",
+        "        if self.wait_for_commit:\n",
+        "        if False:\n",
+        ("tests/test_postgres.py",),
+        "wait_for_commit is ignored: a killed worker loses the answers in its queue",
+    ),
 )
 
 

@@ -14,8 +14,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from engine import Cache, CacheConflictError, CacheError, Example, SQLiteStore, evaluate
+from engine import (
+    Cache,
+    CacheConflictError,
+    CacheError,
+    Example,
+    MemoryStore,
+    SQLiteStore,
+    evaluate,
+)
 from engine.metrics import ExactMatch
+from engine.testing import ScriptedModel
 
 from .conftest import echo_examples, echo_model, qa_prompt
 
@@ -193,3 +202,32 @@ async def test_metric_results_are_cached_by_metric_identity() -> None:
     assert len(counting.calls) == 5 + 2  # one preflight check per evaluation; the cached run adds 0
     other = await evaluate(qa_prompt(), data, model=echo_model(), metric=ExactMatch(), cache=cache)
     assert other.score == 1.0 and other.calls == 0
+
+
+async def test_max_unsaved_holds_a_paid_call_until_its_put_returns() -> None:
+    """max_unsaved=2 over 8 workers: never more than 2 answers between their call's start
+    and the end of their (slow, as a commit is) put; metric rows are not held back."""
+    state = {"unsaved": 0, "peak": 0}
+
+    def answer(request: object) -> str:
+        state["unsaved"] += 1
+        state["peak"] = max(state["peak"], state["unsaved"])
+        return getattr(request, "messages")[-1]["content"]  # noqa: B009
+
+    class SlowStore(MemoryStore):
+        async def put(self, key: str, value: str) -> None:
+            if key.startswith("p:"):  # longer than a call: the slot must outlast it
+                await anyio.sleep(0.03)
+            await super().put(key, value)
+            if key.startswith("p:"):
+                state["unsaved"] -= 1
+
+    cache = Cache(SlowStore(), max_unsaved=2)
+    result = await evaluate(
+        qa_prompt(), echo_examples(40), model=ScriptedModel(answer, latency=0.01),
+        metric=ExactMatch(), cache=cache, concurrency=8,
+    )  # fmt: skip
+    assert result.completed == 40 and result.score == 1.0 and result.calls == 40
+    assert state == {"unsaved": 0, "peak": 2}
+    with pytest.raises(CacheError, match="max_unsaved"):
+        Cache(max_unsaved=0)

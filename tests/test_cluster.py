@@ -507,17 +507,17 @@ async def test_a_killed_worker_loses_nothing(
     ray_session: None, server: SimulatedServer, pg_url: str, table: str
 ) -> None:
     """SIGKILL one worker process half-way: every example ends with exactly one outcome,
-    and with the shared cache the provider is paid again only for what the dead worker
-    had not committed: its calls in flight and answers still in its store's queue."""
+    and with the shared cache the provider is paid again at most for the dead worker's
+    share of the concurrency: nothing it had answered is lost with it."""
     server.config.latency_median = 0.05
     data = echo_examples(300)
     model = chat(server, concurrency=8)  # 4 per worker
     killed: list[int] = []
-    uncommitted: list[int] = []
     async with (
         RayCluster("local", workers=2, worker_cpus=0.25) as fresh,
-        # a short claim ttl: the dead worker's claims delay its batch's re-run by it
-        Cache(PostgresStore(pg_url, table=table, flush_interval=0.02), claim_ttl=2.0) as cache,
+        # a short claim ttl: the dead worker's claims delay its batch's re-run by it;
+        # the store's other settings are the defaults a user gets
+        Cache(PostgresStore(pg_url, table=table), claim_ttl=2.0) as cache,
     ):
 
         async def kill_one() -> None:
@@ -526,14 +526,6 @@ async def test_a_killed_worker_loses_nothing(
             pid = (await fresh.pids())[0]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-            # Answered but not committed, read after the death (the dead process commits
-            # nothing more; a commit still in transit only makes this larger). The live
-            # worker's own queue is counted too, so this is an upper bound, and a small
-            # one: it does not depend on how fast the loaded machine commits.
-            rows = await test_postgres._sql(
-                pg_url, f'SELECT count(*) FROM "{table}" WHERE key LIKE $1', "p:%"
-            )
-            uncommitted.append(server.stats.paid - rows[0][0])
 
         try:
             async with anyio.create_task_group() as tg:
@@ -547,12 +539,11 @@ async def test_a_killed_worker_loses_nothing(
     assert killed and result.completed == 300 and result.errors == 0
     assert sorted(o.index for o in result.outcomes) == list(range(300))
     assert [o.example_id for o in result.outcomes] == [e.id for e in data]
-    # Nothing committed is paid again: a repeat is one of the killed worker's calls in
-    # flight (4 per worker) or an answer it had not committed yet. (A fixed allowance for
-    # the latter, "flush_interval at 80 answers/s", failed on a loaded CI machine: the
-    # commit itself took longer than the interval.)
-    assert uncommitted[0] <= 40, "the store fell far behind: the test measures nothing"
-    assert server.stats.repeats <= 4 + uncommitted[0]
+    # A worker's call holds its slot until its answer is committed, so what the dead
+    # worker cost without a reusable answer is at most its share of the concurrency
+    # (4), however slowly the loaded machine commits. (Without that, an allowance of
+    # "4 in flight + 2 answers in the store's queue" failed on CI with 8.)
+    assert server.stats.repeats <= 4
 
 
 async def test_an_actor_killed_by_ray_has_its_batches_run_again(cluster: RayCluster) -> None:

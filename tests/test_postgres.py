@@ -779,3 +779,22 @@ def test_run_file_cache_url_is_checked_before_any_call(
         cwd=ROOT,
     )
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+async def test_wait_for_commit_returns_from_put_once_another_client_sees_the_row(
+    pg_url: str, table: str
+) -> None:
+    """wait_for_commit: a put returns after its row's commit (batched: puts of one
+    interval share it), so a process killed right after has lost no answer."""
+    async with PostgresStore(
+        pg_url, table=table, flush_interval=0.2, wait_for_commit=True
+    ) as store:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(store.put, f"k{i}", f'"{i}"')
+        rows = await _sql(pg_url, f'SELECT count(*) FROM "{table}"')
+        assert rows[0][0] == 20
+        assert store.statistics()["pending"] == 0 and store.statistics()["batches"] <= 2
+        await store.put("last", '"x"')
+        rows = await _sql(pg_url, f'SELECT value FROM "{table}" WHERE key = $1', "last")
+        assert [row[0] for row in rows] == ['"x"']

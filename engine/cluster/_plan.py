@@ -35,6 +35,7 @@ _STORE_OPTIONS = (
     "url",
     "table",
     "flush_interval",
+    "wait_for_commit",
     "max_pending",
     "pool_size",
     "poll_interval",

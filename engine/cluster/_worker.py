@@ -176,7 +176,13 @@ class _Opened:
             name=job.name,
             namespace=job.namespace,
         )
-        self.cache = Cache(store, claim_ttl=job.cache.claim_ttl) if store is not None else None
+        # Its calls hold their concurrency slot until their answer is committed: a
+        # killed worker has cost at most its share in calls nobody can reuse.
+        self.cache = (
+            Cache(store, claim_ttl=job.cache.claim_ttl, max_unsaved=self.share)
+            if store is not None
+            else None
+        )
         self.runner = MetricRunner(
             job.metric, timeout=job.metric_timeout, threads=job.metric_threads
         )
@@ -232,7 +238,12 @@ class ClusterWorker:
         key = tuple(sorted(spec.store.items()))
         store = self.stores.get(key)
         if store is None:
-            store = self.stores[key] = await PostgresStore(**spec.store).open()
+            # A worker's answers are committed before it takes more work: when it is
+            # killed, only its calls in flight are paid again (wait_for_commit).
+            options = dict(spec.store)
+            if options.get("wait_for_commit") is None:
+                options["wait_for_commit"] = True
+            store = self.stores[key] = await PostgresStore(**options).open()
         return store
 
     async def run(self, job_id: str, box: list[Any], batch: Batch) -> BatchResult:
