@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
 
@@ -369,7 +368,7 @@ class Cache(AsyncCloseable):
         self._writes += 1
         return value
 
-    def _unsaved_slot(self, paid: bool) -> AbstractAsyncContextManager[Any]:
+    def _unsaved_slot(self, paid: bool) -> contextlib.AbstractAsyncContextManager[Any]:
         """A slot of ``max_unsaved``, held by a paid call until its value is stored."""
         if not paid or self.max_unsaved is None:
             return contextlib.nullcontext()

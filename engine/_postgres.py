@@ -10,8 +10,9 @@ unless ``table=`` says otherwise)::
 Writes: `put` keeps the row in memory (reads see it at once) and a writer task
 upserts everything queued in one statement per batch, committed at most
 ``flush_interval`` after the first row of the batch, so a crash loses at most that
-interval (with ``wait_for_commit``, nothing: `put` returns after the commit, which
-cluster workers use).  Once ``max_pending`` rows wait, `put` waits for the writer (back-pressure).
+interval (with ``wait_for_commit``, as in cluster workers, nothing: `put` returns
+after the commit).  Once ``max_pending`` rows wait, `put` waits for the writer
+(back-pressure).
 A statement that lost its connection or was rolled back (a deadlock victim) is
 retried twice on a fresh connection; after that a read raises `CacheError`, and a
 failed batch makes every later `put` and `aclose` raise it: never a silent miss.

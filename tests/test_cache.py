@@ -24,7 +24,7 @@ from engine import (
     evaluate,
 )
 from engine.metrics import ExactMatch
-from engine.testing import ScriptedModel
+from engine.testing import ScriptedModel, ScriptedRequest
 
 from .conftest import echo_examples, echo_model, qa_prompt
 
@@ -206,13 +206,13 @@ async def test_metric_results_are_cached_by_metric_identity() -> None:
 
 async def test_max_unsaved_holds_a_paid_call_until_its_put_returns() -> None:
     """max_unsaved=2 over 8 workers: never more than 2 answers between their call's start
-    and the end of their (slow, as a commit is) put; metric rows are not held back."""
+    and the end of their (slow, as a commit is) put."""
     state = {"unsaved": 0, "peak": 0}
 
-    def answer(request: object) -> str:
+    def answer(request: ScriptedRequest) -> str:
         state["unsaved"] += 1
         state["peak"] = max(state["peak"], state["unsaved"])
-        return getattr(request, "messages")[-1]["content"]  # noqa: B009
+        return request.messages[-1]["content"]
 
     class SlowStore(MemoryStore):
         async def put(self, key: str, value: str) -> None:

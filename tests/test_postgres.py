@@ -796,5 +796,8 @@ async def test_wait_for_commit_returns_from_put_once_another_client_sees_the_row
         assert rows[0][0] == 20
         assert store.statistics()["pending"] == 0 and store.statistics()["batches"] <= 2
         await store.put("last", '"x"')
+        # checked before anything else awaits: the writer commits as soon as it is free,
+        # so a later look could not tell a put that waited from one that did not
+        assert store.statistics()["pending"] == 0
         rows = await _sql(pg_url, f'SELECT value FROM "{table}" WHERE key = $1', "last")
         assert [row[0] for row in rows] == ['"x"']
