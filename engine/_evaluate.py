@@ -17,7 +17,9 @@ result (`_result`).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
@@ -55,6 +57,39 @@ __all__ = [
 
 ErrorPolicy = Literal["record", "raise"]
 OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
+
+
+class StrayCancellationError(EngineError):
+    """A model or metric raised ``CancelledError`` while this evaluation was not being
+    cancelled (an inner task of theirs, cancelled elsewhere): an error of that example."""
+
+
+def being_cancelled() -> bool:
+    """Whether the current task is really being cancelled: a cancel scope around it was
+    cancelled (the effective deadline is then -inf), or, on asyncio, someone called
+    ``cancel()`` on it.  A ``CancelledError`` raised while neither holds is not ours."""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # not asyncio (trio): its Cancelled cannot be raised by hand
+        return True
+    return task is None or task.cancelling() > 0
+
+
+async def _uncancelled(call: Awaitable[Any], who: str) -> Any:
+    """Await ``call``; a stray ``CancelledError`` from it becomes `StrayCancellationError`,
+    so it can only end its example, never silently its worker (anyio's task group takes
+    a task ending in CancelledError for a cancellation and drops it without a word)."""
+    try:
+        return await call
+    except anyio.get_cancelled_exc_class() as exc:
+        if being_cancelled():
+            raise
+        raise StrayCancellationError(
+            f"{who} raised CancelledError ({exc or 'no message'}) while the evaluation "
+            "was not being cancelled"
+        ) from exc
 
 
 def _check_example(prompt: Prompt, example: object, index: int) -> Example:
@@ -129,6 +164,7 @@ class _EvaluationRun:
         self.outcomes: list[Outcome] = []
         self.results: list[tuple[int, MetricResult | None, str]] = []  # for a global metric
         self.failure: BaseException | None = None
+        self.pulled = 0  # examples taken from the iterator: each must end with one outcome
         self.preflighted = settings.preflighted
         self.params = settings.prompt.request_params()
         self.metric_id = self._metric_id()
@@ -173,8 +209,9 @@ class _EvaluationRun:
             # rendered only on a miss: most of a training run's evaluations are hits
             messages = s.prompt.render(example.inputs)
             try:
-                result = await s.endpoint.complete(
-                    messages, self.params, events=s.emitter, meter=s.meter
+                result = await _uncancelled(
+                    s.endpoint.complete(messages, self.params, events=s.emitter, meter=s.meter),
+                    "the model",
                 )
             except ProviderError as exc:
                 tally.paid(exc.attempts)
@@ -198,16 +235,25 @@ class _EvaluationRun:
                 raise
             error = OutcomeError.from_exception("predict", exc, exc.attempts)
             return Outcome(index, example.id, None, None, error, False)
+        except StrayCancellationError as exc:
+            if self.s.on_error == "raise":
+                raise
+            return Outcome(
+                index, example.id, None, None, OutcomeError.from_exception("predict", exc), False
+            )
         return _Predicted(index, example, prediction, cached)
 
     # -- the metric -------------------------------------------------------------------
     async def _score(self, example: Example, prediction: str) -> MetricResult:
         s = self.s
+
+        async def score() -> MetricResult:
+            result: MetricResult = await _uncancelled(s.scorer(example, prediction), "the metric")
+            return result
+
         if s.cache is None or self.metric_id is None:
-            return await s.scorer(example, prediction)
-        result, _ = await s.cache.metric_result(
-            self.metric_id, example, prediction, lambda: s.scorer(example, prediction)
-        )
+            return await score()
+        result, _ = await s.cache.metric_result(self.metric_id, example, prediction, score)
         return result
 
     async def _scored(self, item: _Predicted) -> Outcome:
@@ -283,6 +329,7 @@ class _EvaluationRun:
         s = self.s
         try:
             for index, item in self.iterator:
+                self.pulled += 1
                 # A checkpoint per example: a model that answers without waiting (an
                 # in-process one) would otherwise keep this worker from ever yielding,
                 # starving the others, cancellation and the loop's timer upkeep.
@@ -335,9 +382,25 @@ class _EvaluationRun:
                 "evaluation.failed", level="error", error=self.failure, done=self.tally.completed
             )
             raise self.failure
-        if self.tally.completed == 0:
+        if self.pulled == 0:
             raise ConfigError("the dataset is empty")
+        self._check_complete()
         return self._result()
+
+    def _check_complete(self) -> None:
+        """Raise unless every example taken ended with exactly one outcome (racing's cut
+        excepted): a short result would be read as a score over fewer examples."""
+        t = self.tally
+        if t.stopped_early:
+            return  # cut by racing: what is missing is reported as `lost`
+        expected = t.total if t.total is not None else self.pulled
+        kept = len(self.outcomes) if self.s.keep_outcomes else t.completed
+        if t.completed != expected or self.pulled != expected or kept != expected:
+            raise EngineError(
+                f"internal error: {t.completed} outcomes for {expected} examples "
+                f"({self.pulled} taken, {kept} kept); every example must end with exactly "
+                "one outcome, so this evaluation is not returned short"
+            )
 
     def _start_pools(self, tg: anyio.abc.TaskGroup) -> None:
         # Two pools joined by an unbuffered stream: a prediction goes to a free metric

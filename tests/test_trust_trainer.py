@@ -1,0 +1,148 @@
+"""Results you can trust, round two (issue #18): the evaluation and the trainer.
+
+No example vanishes, no number belongs to another prompt, and a stage, a proposal or a
+global metric that misbehaves is a recorded failure or a named error, never a crash or a
+run that quietly did nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from engine import (
+    ApplyContext,
+    EngineError,
+    Example,
+    GradientContext,
+    MetricResult,
+    Outcome,
+    Prompt,
+    evaluate,
+    optimize,
+)
+from engine.metrics import ExactMatch
+from engine.testing import ScriptedModel, ScriptedRequest
+
+DESCRIPTIONS = {"task_description": "Say ok.", "metric_description": "ok scores 1."}
+
+
+def _prompt(level: str) -> Prompt:
+    return Prompt(
+        [{"role": "system", "content": f"level {level}"}, {"role": "user", "content": "{q}"}],
+        model="m",
+    )
+
+
+def _data(n: int) -> list[Example]:
+    return [Example({"q": f"x{i}"}, "ok", id=f"x{i}") for i in range(n)]
+
+
+def _number(request: ScriptedRequest) -> int:
+    return int(request.messages[-1]["content"][1:])
+
+
+def _level(request: ScriptedRequest) -> str:
+    return request.messages[0]["content"].split()[-1]
+
+
+async def _feedback(ctx: GradientContext) -> str:
+    return "do better"
+
+
+# -- 1. a CancelledError that is not a cancellation ------------------------------------
+
+
+def _cancelled_on(bad: int) -> ScriptedModel:
+    """A model whose answer to example ``bad`` raises CancelledError on its own (an inner
+    task cancelled elsewhere), while nobody cancels the evaluation."""
+
+    def answer(request: ScriptedRequest) -> str:
+        if _number(request) == bad:
+            raise asyncio.CancelledError("an inner task was cancelled elsewhere")
+        return "ok"
+
+    return ScriptedModel(answer)
+
+
+async def _judge_cancelled_on_x2(example: Example, prediction: str) -> MetricResult:
+    await anyio.lowlevel.checkpoint()
+    if example.id == "x2":
+        raise asyncio.CancelledError("the judge's inner task was cancelled elsewhere")
+    return MetricResult(1.0 if prediction == "ok" else 0.0)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_stray_cancelled_error_from_the_model_is_an_error_outcome(concurrency: int) -> None:
+    evaluation = await evaluate(
+        _prompt("A"), _data(6), model=_cancelled_on(2), metric=ExactMatch(),
+        concurrency=concurrency,
+    )  # fmt: skip
+    assert evaluation.completed == 6 and len(evaluation.outcomes) == 6
+    assert evaluation.errors == 1 and evaluation.conservative_score == 5 / 6
+    error = evaluation.outcomes[2].error
+    assert error is not None and error.stage == "predict"
+    assert "CancelledError" in error.message and "not being cancelled" in error.message
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_a_stray_cancelled_error_from_an_async_metric_is_an_error_outcome(
+    concurrency: int,
+) -> None:
+    evaluation = await evaluate(
+        _prompt("A"), _data(6), model=ScriptedModel(lambda r: "ok"),
+        metric=_judge_cancelled_on_x2, concurrency=concurrency,
+    )  # fmt: skip
+    assert evaluation.completed == 6 and evaluation.errors == 1
+    assert evaluation.conservative_score == 5 / 6
+    error = evaluation.outcomes[2].error
+    assert error is not None and error.stage == "metric" and "CancelledError" in error.message
+
+
+async def test_a_stray_cancelled_error_inside_optimize_loses_no_example() -> None:
+    result = await optimize(
+        _prompt("A"),
+        _data(6),
+        metric=_judge_cancelled_on_x2,
+        model=ScriptedModel(lambda r: "ok" if _number(r) % 2 else "bad"),
+        optimizer_model=ScriptedModel(lambda r: "unused"),
+        gradient=_feedback,
+        apply=lambda ctx: _never(ctx),
+        max_error_rate=0.5,
+        max_proposals_per_step=1,
+        **DESCRIPTIONS,
+    )
+    assert result.report.initial_errors == 1 and result.report.steps
+
+
+async def _never(ctx: ApplyContext) -> Prompt:
+    return ctx.prompt
+
+
+async def test_a_real_cancellation_still_ends_the_evaluation_promptly() -> None:
+    """The caller's own cancellation is not turned into error outcomes."""
+    model = ScriptedModel(lambda r: "ok", latency=30.0)
+    with anyio.move_on_after(0.2) as scope:
+        await evaluate(_prompt("A"), _data(8), model=model, metric=ExactMatch())
+    assert scope.cancelled_caught and model.stats.in_flight == 0
+
+
+async def test_an_evaluation_that_would_return_short_raises_instead(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The backstop: whatever loses an outcome (here a tally that drops one), evaluate
+    raises an internal error naming the counts, never returns a short result."""
+    from engine._tally import Tally
+
+    add = Tally.add
+
+    def dropping_x3(self: Tally, outcome: Outcome) -> None:
+        if outcome.example_id != "x3":
+            add(self, outcome)
+
+    monkeypatch.setattr(Tally, "add", dropping_x3)
+    with pytest.raises(EngineError, match=r"internal error: 4 outcomes for 5 examples"):
+        await evaluate(_prompt("A"), _data(5), model=ScriptedModel(lambda r: "ok"),
+                       metric=ExactMatch(), keep_outcomes=False)  # fmt: skip
