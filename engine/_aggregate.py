@@ -13,10 +13,18 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._errors import ConfigError, MetricError
-from ._outcome import Evaluation, GlobalMetric
+from ._outcome import Evaluation, GlobalMetric, Outcome
+from ._tally import Tally
 from ._types import MetricResult
 
-__all__ = ["check_racing", "checked_global", "evaluation_summary", "global_scores", "is_mean"]
+__all__ = [
+    "check_racing",
+    "checked_global",
+    "conservative_score",
+    "evaluation_summary",
+    "global_scores",
+    "is_mean",
+]
 
 IndexedResult = tuple[int, MetricResult | None, str]
 """(example index, its result or None when it errored, the error's message)."""
@@ -58,6 +66,22 @@ def global_scores(metric: GlobalMetric, results: list[IndexedResult]) -> tuple[f
     ]
     score = checked_global(metric, scored) if scored else math.nan
     return score, checked_global(metric, failed)
+
+
+def conservative_score(outcomes: Sequence[Outcome], global_metric: GlobalMetric | None) -> float:
+    """The conservative score of a full set of outcomes (dataset order), computed exactly
+    as `evaluate` computes it, so a number built from merged outcomes compares with an
+    evaluation's bit for bit."""
+    if is_mean(global_metric):
+        tally = Tally(len(outcomes), None)
+        for outcome in outcomes:
+            tally.add(outcome)
+        return tally.conservative_mean()
+    assert global_metric is not None
+    results = [
+        (o.index, o.result, o.error.message if o.error is not None else "") for o in outcomes
+    ]
+    return global_scores(global_metric, results)[1]
 
 
 def evaluation_summary(evaluation: Evaluation) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from ._concurrency import run_all
 from ._errors import ProviderError
+from ._outcome import Outcome
 from ._prompt import Prompt
 from ._report import ProposalRecord
 from ._types import Example
@@ -57,6 +58,8 @@ class Proposer:
         self.batch = batch
         self.batch_score = batch_score  # the best prompt's conservative score on the batch
         self.history = history
+        # the full-set outcomes of this attempt's accepted proposals, by variant
+        self.full_outcomes: dict[int, tuple[Outcome, ...]] = {}
 
     async def attempt(
         self, step: int, attempt: int, feedback: tuple[str, ...]
@@ -117,6 +120,7 @@ class Proposer:
         if not on_batch.conservative_score > self.batch_score:
             record.reason = NO_BATCH_IMPROVEMENT
             return
+        await trainer.refresh_best()  # compare with today's number, not a stale error
         bar = trainer.best_score
         must_beat = bar if trainer.racing else None
         full = await trainer.evaluate(candidate, trainer.parts.trainset, must_beat=must_beat)
@@ -140,6 +144,7 @@ class Proposer:
             trainer.check_error_rate(full, "the accepted candidate on the training set")
             record.accepted = True
             record.reason = "accepted"
+            self.full_outcomes[record.variant] = full.outcomes
         else:
             record.reason = f"no full-set improvement: {full.conservative_score:.4f} <= {bar:.4f}"
 

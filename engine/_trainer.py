@@ -23,6 +23,7 @@ How proposals are made and judged lives in `engine._proposals`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import random
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ._aggregate import is_mean
+from ._aggregate import conservative_score, is_mean
 from ._budget import Budget, BudgetMeter
 from ._cache import Cache
 from ._concurrency import run_all
@@ -141,6 +142,10 @@ class _Trainer:
             )
         self.best = prompt
         self.best_score = math.nan
+        # the best prompt's outcomes on the whole training set, in dataset order: its
+        # errored examples are re-run before a candidate is compared with it
+        self.best_outcomes: tuple[Outcome, ...] = ()
+        self.refresh_lock = anyio.Lock()
         self.task_description = settings.task_description
         self.metric_description = settings.metric_description
 
@@ -183,6 +188,35 @@ class _Trainer:
         self.report.stopped_reason = f"error rate: {reason}"
         self.finish_report()
         raise TooManyErrorsError(reason, report=self.report)
+
+    async def refresh_best(self) -> None:
+        """Re-run the examples the best prompt errored on and refresh ``best_score``.
+
+        Errors are not cached and count as failures, so the best score would otherwise
+        keep a transient error for good and a candidate that merely ties could beat a
+        number the best prompt would not get today.  Only the errored examples run
+        again (a subset: the cache or not, the other rows are not paid twice); with no
+        error there is nothing to do and the run is exactly what it was.
+        """
+        async with self.refresh_lock:  # parallel proposals judge concurrently
+            merged = sorted(self.best_outcomes, key=lambda o: o.index)
+            errored = [i for i, o in enumerate(merged) if o.error is not None]
+            if not errored:
+                return
+            train = self.parts.trainset
+            again = await self.evaluate(self.best, [train[i] for i in errored])
+            for i, outcome in zip(errored, again.outcomes, strict=True):
+                merged[i] = dataclasses.replace(outcome, index=i)
+            before = self.best_score
+            self.best_outcomes = tuple(merged)
+            self.best_score = conservative_score(merged, self.parts.global_metric)
+            self.parts.events.emit(
+                "optimize.best_refreshed",
+                rerun=len(errored),
+                errors=again.errors,
+                before=before,
+                score=self.best_score,
+            )
 
     # -- the run ----------------------------------------------------------------------
     async def run(self) -> OptimizationResult:
@@ -238,6 +272,7 @@ class _Trainer:
         full = await self.evaluate(self.best, self.parts.trainset)
         self.check_error_rate(full, "the initial prompt on the training set")
         self.best_score = full.conservative_score
+        self.best_outcomes = full.outcomes
         report = self.report
         report.initial_score = report.best_score = full.conservative_score
         report.initial_mean, report.initial_errors = full.score, full.errors
@@ -315,6 +350,7 @@ class _Trainer:
                 assert winner.prompt is not None and winner.full_score is not None
                 self.best = Prompt.from_dict(winner.prompt)
                 self.best_score = winner.full_score
+                self.best_outcomes = proposer.full_outcomes[winner.variant]
                 record.gradients = list(feedback)
                 self.parts.events.emit(
                     "optimize.accepted", step=step, attempt=attempt, score=self.best_score

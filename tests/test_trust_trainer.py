@@ -18,13 +18,14 @@ from engine import (
     Example,
     GradientContext,
     MetricResult,
+    NoContentError,
     Outcome,
     Prompt,
     evaluate,
     optimize,
 )
 from engine.metrics import ExactMatch
-from engine.testing import ScriptedModel, ScriptedRequest
+from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
 DESCRIPTIONS = {"task_description": "Say ok.", "metric_description": "ok scores 1."}
 
@@ -146,3 +147,54 @@ async def test_an_evaluation_that_would_return_short_raises_instead(
     with pytest.raises(EngineError, match=r"internal error: 4 outcomes for 5 examples"):
         await evaluate(_prompt("A"), _data(5), model=ScriptedModel(lambda r: "ok"),
                        metric=ExactMatch(), keep_outcomes=False)  # fmt: skip
+
+
+# -- 2. the best score is never a stale number ---------------------------------------
+
+
+class _FlakyOnce:
+    """V0 is right on x0..x4, V1 on x3..x7: a tie at 5/8.  The very first request of
+    V0 on x0 is refused (a permanent error, so not retried and not cached) once."""
+
+    def __init__(self) -> None:
+        self.right = {"0": {0, 1, 2, 3, 4}, "1": {3, 4, 5, 6, 7}}
+        self.refused = False
+        self.model = ScriptedModel(self._answer, name="flaky-once")
+
+    def _answer(self, request: ScriptedRequest) -> str:
+        level, number = _level(request), _number(request)
+        if level == "0" and number == 0 and not self.refused:
+            self.refused = True
+            raise NoContentError("filtered once", finish_reason="content_filter")
+        return "ok" if number in self.right[level] else "wrong"
+
+
+async def _propose_v1(ctx: ApplyContext) -> Prompt:
+    return _prompt("1")
+
+
+async def test_a_tie_cannot_win_through_the_best_prompts_stale_error() -> None:
+    task = _FlakyOnce()
+    events = EventRecorder()
+    result = await optimize(
+        _prompt("0"),
+        _data(8),
+        metric=ExactMatch(),
+        model=task.model,
+        optimizer_model=ScriptedModel(lambda r: "unused"),
+        gradient=_feedback,
+        apply=_propose_v1,
+        max_error_rate=0.2,
+        max_proposals_per_step=1,
+        on_event=events,
+        **DESCRIPTIONS,
+    )
+    report = result.report
+    assert report.initial_score == 0.5 and report.initial_errors == 1  # the stale number
+    full = [p for p in report.proposals if p.full_score is not None or p.raced]
+    assert full, "V1 must reach the full-set comparison for this test to mean anything"
+    assert not any(p.accepted for p in report.proposals)
+    assert result.prompt == _prompt("0") and result.score == 0.625  # refreshed, not 0.5
+    assert report.best_score == 0.625
+    refreshed = events.named("optimize.best_refreshed")
+    assert [(e.data["before"], e.data["score"]) for e in refreshed] == [(0.5, 0.625)]
