@@ -25,7 +25,7 @@ from .stages import ApplyContext, HistoryEntry, ProposalError, validate_proposal
 if TYPE_CHECKING:
     from ._trainer import _Trainer
 
-__all__ = ["Proposer", "best_accepted"]
+__all__ = ["Proposer", "best_accepted", "undecided"]
 
 NO_BATCH_IMPROVEMENT = "no batch improvement"
 
@@ -42,6 +42,20 @@ def best_accepted(proposals: Sequence[ProposalRecord]) -> ProposalRecord | None:
             p.accepted = False
             p.reason = "beaten by a parallel proposal"
     return winner
+
+
+def undecided(proposals: Sequence[ProposalRecord], attempt: int, why: str) -> None:
+    """Mark the proposals of an attempt the budget cut short: paid for, so reported,
+    but none of them decided (an accepted one had not yet been compared with the others
+    and did not become the best prompt)."""
+    for p in proposals:
+        if p.attempt != attempt:
+            continue
+        if p.accepted:
+            p.accepted = False
+            p.reason = f"not decided: the budget ran out ({why}) before the attempt's decision"
+        elif not p.reason:
+            p.reason = f"not judged: the budget ran out ({why})"
 
 
 class Proposer:
@@ -62,10 +76,17 @@ class Proposer:
         self.full_outcomes: dict[int, tuple[Outcome, ...]] = {}
 
     async def attempt(
-        self, step: int, attempt: int, feedback: tuple[str, ...]
+        self,
+        step: int,
+        attempt: int,
+        feedback: tuple[str, ...],
+        into: list[ProposalRecord],
     ) -> list[ProposalRecord]:
+        """Make and judge one attempt's proposals; they join ``into`` (the step's record)
+        before anything is paid, so a budget stop midway still reports them."""
         parallel = self.trainer.settings.parallel_proposals
         records = [ProposalRecord(step, attempt, variant, None) for variant in range(parallel)]
+        into.extend(records)
         snapshot = tuple(self.history)
         candidates = await run_all(
             [lambda r=r: self._propose(r, feedback, snapshot) for r in records]  # type: ignore[misc]

@@ -124,7 +124,7 @@ def score_series(report: RunReport) -> list[tuple[str, list[float | None]]]:
     series: list[tuple[str, list[float | None]]] = [
         ("train (best)", [report.initial_score, *[s.best_score for s in report.steps]])
     ]
-    if report.val_score is not None:
+    if report.initial_val_score is not None:
         series.append(("val", [report.initial_val_score, *[s.val_score for s in report.steps]]))
     return series
 

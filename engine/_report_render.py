@@ -46,16 +46,23 @@ def _proposal_scores(p: ProposalRecord) -> str:
     return text + (f", {errors} errored" if errors else "")
 
 
+def _val_score(report: RunReport) -> str:
+    """The best prompt's val score; with a validation set but none for the best prompt
+    (the run stopped before its validation run), say so rather than show another's."""
+    if report.val_score is None and report.initial_val_score is not None:
+        return "not measured"
+    return fmt_score(report.val_score)
+
+
 def render_markdown(report: RunReport) -> str:
     lines = [
         "# Optimization report",
         "",
         f"- train score: {_initial(report)} -> **{fmt_score(report.best_score)}**",
     ]
-    if report.val_score is not None:
+    if report.initial_val_score is not None:
         lines.append(
-            f"- val score: {fmt_score(report.initial_val_score)} -> "
-            f"**{fmt_score(report.val_score)}**"
+            f"- val score: {fmt_score(report.initial_val_score)} -> **{_val_score(report)}**"
         )
     lines += [
         f"- stopped: {report.stopped_reason}",
@@ -158,7 +165,7 @@ def _summary(report: RunReport) -> str:
         f"<div>train<b>{fmt_score(report.initial_score)} &rarr; "
         f"{fmt_score(report.best_score)}</b></div>"
         f"<div>val<b>{fmt_score(report.initial_val_score)} &rarr; "
-        f"{fmt_score(report.val_score)}</b></div>"
+        f"{_val_score(report)}</b></div>"
         f"<div>steps<b>{len(report.steps)}</b></div>"
         f"<div>proposals<b>{len(report.proposals)}</b></div>"
         f"<div>est. cost<b>{esc(_cost(report))}</b></div></div>"

@@ -46,7 +46,7 @@ from ._events import Emitter, EventCallback
 from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
-from ._proposals import Proposer, best_accepted
+from ._proposals import Proposer, best_accepted, undecided
 from ._protocols import ChatModel, Metric
 from ._report import RunReport, StepRecord
 from ._scoring import check_metric
@@ -146,6 +146,7 @@ class _Trainer:
         # errored examples are re-run before a candidate is compared with it
         self.best_outcomes: tuple[Outcome, ...] = ()
         self.refresh_lock = anyio.Lock()
+        self.val_measured: str | None = None  # hash of the prompt report.val_score measured
         self.task_description = settings.task_description
         self.metric_description = settings.metric_description
 
@@ -244,6 +245,13 @@ class _Trainer:
 
     def finish_report(self) -> None:
         meter = self.parts.meter
+        if self.parts.valset is not None and self.val_measured != self.best.hash:
+            # the run stopped before the best prompt's validation run finished: a val
+            # score is shown only for the prompt it measured
+            self.report.val_score = None
+            note = "val score not measured for the best prompt: the run stopped first"
+            if note not in self.report.notes:
+                self.report.notes.append(note)
         self.report.best_prompt = self.best.to_dict()
         self.report.best_score = self.best_score
         self.report.calls = dict(meter.calls)
@@ -279,6 +287,7 @@ class _Trainer:
         if self.parts.valset is not None:
             val = await self.evaluate(self.best, self.parts.valset)
             report.initial_val_score = report.val_score = val.conservative_score
+            self.val_measured = self.best.hash
         self.parts.events.emit("optimize.started", score=self.best_score, train=full.total)
         if self.best_score >= MAX_SCORE:
             report.stopped_reason = "initial prompt already at the maximum score"
@@ -286,12 +295,13 @@ class _Trainer:
         return False
 
     async def _close_step(self, record: StepRecord) -> None:
+        # the record is in the report since the step began: a budget stop in the
+        # validation run below leaves it there, its val score marked as not measured
+        record.best_score = self.report.best_score = self.best_score
         if self.parts.valset is not None:
             val = await self.evaluate(self.best, self.parts.valset)
             record.val_score = self.report.val_score = val.conservative_score
-        record.best_score = self.best_score
-        self.report.steps.append(record)
-        self.report.best_score = self.best_score
+            self.val_measured = self.best.hash
         self.parts.events.emit(
             "optimize.step",
             step=record.step,
@@ -325,6 +335,7 @@ class _Trainer:
             step, [e.id for e in batch], current.conservative_score, self.best_score
         )
         record.batch_errors = current.errors
+        self.report.steps.append(record)  # from now on: whatever stops the run, it is kept
         failed = [
             (example, outcome)
             for example, outcome in zip(batch, current.outcomes, strict=True)
@@ -343,13 +354,16 @@ class _Trainer:
             for example_id, text in gradients:
                 feedback_history.setdefault(example_id, []).append(text)
             feedback = tuple(text for _, text in gradients)
-            proposals = await proposer.attempt(step, attempt, feedback)
-            record.proposals.extend(proposals)
+            try:
+                proposals = await proposer.attempt(step, attempt, feedback, record.proposals)
+            except BudgetExceededError as exc:
+                undecided(record.proposals, attempt, exc.message)
+                raise
             winner = best_accepted(proposals)
             if winner is not None:
                 assert winner.prompt is not None and winner.full_score is not None
                 self.best = Prompt.from_dict(winner.prompt)
-                self.best_score = winner.full_score
+                self.best_score = record.best_score = winner.full_score
                 self.best_outcomes = proposer.full_outcomes[winner.variant]
                 record.gradients = list(feedback)
                 self.parts.events.emit(

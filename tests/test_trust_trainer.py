@@ -14,11 +14,13 @@ import pytest
 
 from engine import (
     ApplyContext,
+    Budget,
     EngineError,
     Example,
     GradientContext,
     MetricResult,
     NoContentError,
+    OptimizationResult,
     Outcome,
     Prompt,
     evaluate,
@@ -198,3 +200,66 @@ async def test_a_tie_cannot_win_through_the_best_prompts_stale_error() -> None:
     assert report.best_score == 0.625
     refreshed = events.named("optimize.best_refreshed")
     assert [(e.data["before"], e.data["score"]) for e in refreshed] == [(0.5, 0.625)]
+
+
+# -- 3. a budget stop: every paid proposal reported, no borrowed val score --------------
+
+
+def _levels_model() -> ScriptedModel:
+    """V0 is right on x0 and x1 only; V1 on everything (train and val ids alike)."""
+
+    def answer(request: ScriptedRequest) -> str:
+        return "ok" if _level(request) == "1" or _number(request) < 2 else "wrong"
+
+    return ScriptedModel(answer, name="levels")
+
+
+def _val(n: int) -> list[Example]:
+    return [Example({"q": f"v{i}"}, "ok", id=f"v{i}") for i in range(n)]
+
+
+async def _budget_run(train: int, max_calls: int) -> OptimizationResult:
+    return await optimize(
+        _prompt("0"),
+        _data(train),
+        valset=_val(4),
+        metric=ExactMatch(),
+        model=_levels_model(),
+        optimizer_model=ScriptedModel(lambda r: "unused"),
+        gradient=_feedback,
+        apply=_propose_v1,
+        batch_size=4,
+        max_proposals_per_step=1,
+        budget=Budget(max_calls=max_calls),
+        **DESCRIPTIONS,
+    )
+
+
+async def test_a_budget_stop_in_the_validation_run_keeps_the_step_and_borrows_no_score() -> None:
+    """Calls: train 4 + val 4 + the candidate on the batch 4 (its full-set run is all
+    cache hits), then the validation run of the accepted prompt, which the cap cuts."""
+    result = await _budget_run(train=4, max_calls=13)
+    report = result.report
+    assert report.stopped_reason.startswith("budget")
+    assert result.prompt == _prompt("1") and result.score == 1.0
+    assert report.initial_val_score == 0.5
+    assert result.val_score is None and report.val_score is None  # never V0's 0.5
+    assert len(report.steps) == 1 and report.steps[0].val_score is None
+    assert [p.accepted for p in report.proposals] == [True]
+    markdown = report.to_markdown()
+    assert "steps: 1, proposals: 1, accepted: 1" in markdown
+    assert "val score: 0.500 -> **not measured**" in markdown
+
+
+async def test_a_budget_stop_while_judging_keeps_the_paid_proposal_in_the_report() -> None:
+    """Calls: train 8 + val 4 + the best on batch 0 (hits) + the candidate on it 4,
+    then its full-set run (4 more), which the cap cuts: the proposal was paid for."""
+    result = await _budget_run(train=8, max_calls=18)
+    report = result.report
+    assert report.stopped_reason.startswith("budget")
+    assert result.prompt == _prompt("0") and result.val_score == report.val_score == 0.5
+    assert len(report.steps) == 1 and len(report.proposals) == 1
+    proposal = report.proposals[0]
+    assert not proposal.accepted and proposal.batch_score == 1.0
+    assert proposal.reason.startswith("not judged: the budget ran out")
+    assert "steps: 1, proposals: 1, accepted: 0" in report.to_markdown()
