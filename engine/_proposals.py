@@ -162,7 +162,7 @@ class Proposer:
             return
         record.full_score, record.full_mean = full.conservative_score, full.score
         if full.conservative_score > bar:
-            trainer.check_error_rate(full, "the accepted candidate on the training set")
+            # no error-rate stop here: this decision already counts errors as failures
             record.accepted = True
             record.reason = "accepted"
             self.full_outcomes[record.variant] = full.outcomes

@@ -12,9 +12,13 @@ The loop follows DESIGN.md section 2 step by step:
 4. record each step (train, and val when given) and stop at the maximum score.
 
 Every decision compares like with like: the *conservative* score, an errored example
-counted as a failure, so a candidate cannot win by erroring.  The best prompt's
+counted as a failure, so a candidate cannot win by erroring.  The initial prompt's
 training score may rest on at most ``max_error_rate`` errored examples; past that the
-run stops with `TooManyErrorsError` rather than optimize on noise.
+run stops with `TooManyErrorsError` rather than optimize on noise.  A candidate that
+beats the best with its errors counted as failures is better whatever they would have
+scored: it is accepted above the rate (the report notes it) and the run goes on.  Before
+a candidate is compared, the best prompt's errored examples are re-run, so the bar is
+never a number lowered by a stale error.
 
 With ``parallel_proposals=1`` this is exactly the sequential method; with ``k > 1``,
 each attempt makes ``k`` proposals at once and keeps the best one that is accepted.
@@ -48,7 +52,7 @@ from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._proposals import Proposer, best_accepted, undecided
 from ._protocols import ChatModel, Metric
-from ._report import RunReport, StepRecord
+from ._report import ProposalRecord, RunReport, StepRecord
 from ._scoring import check_metric
 from ._settings import TrainerSettings
 from ._types import Example
@@ -175,7 +179,7 @@ class _Trainer:
         return result
 
     def check_error_rate(self, evaluation: Evaluation, what: str) -> None:
-        """Stop the run when the best prompt's training score rests on too many errors."""
+        """Stop the run when the initial prompt's training score rests on too many errors."""
         limit = self.settings.max_error_rate
         if evaluation.error_rate <= limit:
             return
@@ -218,6 +222,27 @@ class _Trainer:
                 before=before,
                 score=self.best_score,
             )
+
+    def _note_errors(self, winner: ProposalRecord) -> None:
+        """An accepted candidate above ``max_error_rate`` is kept (its score already
+        counts its errors as failures, and it still beat the best), and said so."""
+        total = len(self.parts.trainset)
+        rate, limit = winner.full_errors / total, self.settings.max_error_rate
+        if rate <= limit:
+            return
+        self.report.notes.append(
+            f"step {winner.step}: accepted a candidate with {winner.full_errors} of {total} "
+            f"examples errored ({rate:.0%}, above max_error_rate={limit:g}); its score "
+            f"{winner.full_score:.4f} counts them as failures"
+        )
+        self.parts.events.emit(
+            "optimize.accepted_with_errors",
+            level="warning",
+            step=winner.step,
+            errors=winner.full_errors,
+            error_rate=rate,
+            max_error_rate=limit,
+        )
 
     # -- the run ----------------------------------------------------------------------
     async def run(self) -> OptimizationResult:
@@ -369,6 +394,7 @@ class _Trainer:
                 self.parts.events.emit(
                     "optimize.accepted", step=step, attempt=attempt, score=self.best_score
                 )
+                self._note_errors(winner)
                 break
         return record
 
@@ -464,8 +490,10 @@ async def optimize(
             calls); only with the mean as global metric (the report says when it is off).
         parallel_proposals: proposals per attempt made and validated concurrently;
             1 reproduces the sequential method exactly.
-        max_error_rate: the share of errored examples (after retries) the best prompt's
-            training score may rest on; past it the run stops with `TooManyErrorsError`.
+        max_error_rate: the share of errored examples (after retries) the initial
+            prompt's training score may rest on; past it the run stops with
+            `TooManyErrorsError`.  A candidate that beats the best with its errors
+            counted as failures is accepted above it (noted in the report), never a stop.
         global_metric: aggregate of per-example results (mean by default; F1 or a
             weighted mean over ``MetricResult.trace`` are common).
         metric_timeout, metric_threads: as for `evaluate`.

@@ -263,3 +263,46 @@ async def test_a_budget_stop_while_judging_keeps_the_paid_proposal_in_the_report
     assert not proposal.accepted and proposal.batch_score == 1.0
     assert proposal.reason.startswith("not judged: the budget ran out")
     assert "steps: 1, proposals: 1, accepted: 0" in report.to_markdown()
+
+
+# -- 4. a better candidate with a few errors ---------------------------------------------
+
+
+def _filtered_model() -> ScriptedModel:
+    """V0 is right on 5 of 20; V1 on 18, and a content filter refuses it the other 2."""
+
+    def answer(request: ScriptedRequest) -> str:
+        number = _number(request)
+        if _level(request) == "0":
+            return "ok" if number < 5 else "wrong"
+        if number in (7, 11):
+            raise NoContentError("filtered", finish_reason="content_filter")
+        return "ok"
+
+    return ScriptedModel(answer, name="filtered")
+
+
+async def test_a_better_candidate_with_a_few_errors_is_accepted_and_the_run_goes_on() -> None:
+    """Its conservative 0.9 (the 2 errors counted as failures) beats 0.25 whatever the
+    errors would have scored: accepted, the run continues, the report says why."""
+    events = EventRecorder()
+    result = await optimize(
+        _prompt("0"),
+        _data(20),
+        metric=ExactMatch(),
+        model=_filtered_model(),
+        optimizer_model=ScriptedModel(lambda r: "unused"),
+        gradient=_feedback,
+        apply=_propose_v1,
+        batch_size=10,
+        max_proposals_per_step=1,
+        on_event=events,
+        **DESCRIPTIONS,
+    )
+    assert result.prompt == _prompt("1") and result.score == 0.9
+    report = result.report
+    assert len(report.steps) == 2 and report.stopped_reason == "all batches done"
+    accepted = [p for p in report.proposals if p.accepted]
+    assert len(accepted) == 1 and accepted[0].full_errors == 2
+    assert any("max_error_rate" in note for note in report.notes)
+    assert events.named("optimize.accepted_with_errors")
