@@ -115,6 +115,7 @@ class Proposer:
         )
         try:
             proposal = await trainer.parts.apply(ctx)
+            trainer.stage_worked.add("apply")
             if not isinstance(proposal, Prompt):
                 raise ProposalError(
                     f"the apply stage returned a {type(proposal).__name__}, not a Prompt",
@@ -130,6 +131,7 @@ class Proposer:
             if exc.fatal:
                 raise
             record.reason = f"invalid: apply call failed: {exc.message}"
+            trainer.stage_failed("apply", exc)
             return None
         return proposal
 

@@ -69,6 +69,7 @@ class RunReport:
     tokens: dict[str, list[int]] = field(default_factory=dict)
     cost: float | None = None
     cache_hits: int = 0
+    stage_errors: dict[str, int] = field(default_factory=dict)  # failed stage calls, by stage
     examples_skipped_by_racing: int = 0
     full_evaluations: int = 0
     raced_evaluations: int = 0

@@ -44,7 +44,13 @@ from ._budget import Budget, BudgetMeter
 from ._cache import Cache
 from ._concurrency import run_all
 from ._endpoint import Endpoint
-from ._errors import BudgetExceededError, ConfigError, ProviderError, TooManyErrorsError
+from ._errors import (
+    BadRequestError,
+    BudgetExceededError,
+    ConfigError,
+    ProviderError,
+    TooManyErrorsError,
+)
 from ._evaluate import evaluate, validate_examples
 from ._events import Emitter, EventCallback
 from ._limits import Limits
@@ -64,6 +70,7 @@ from .stages import (
     LLMApply,
     LLMGradient,
     OptimizerCaller,
+    StageError,
     describe_metric_messages,
     describe_task_messages,
 )
@@ -150,6 +157,7 @@ class _Trainer:
         # errored examples are re-run before a candidate is compared with it
         self.best_outcomes: tuple[Outcome, ...] = ()
         self.refresh_lock = anyio.Lock()
+        self.stage_worked: set[str] = set()  # stages with at least one good call
         self.val_measured: str | None = None  # hash of the prompt report.val_score measured
         self.task_description = settings.task_description
         self.metric_description = settings.metric_description
@@ -193,6 +201,33 @@ class _Trainer:
         self.report.stopped_reason = f"error rate: {reason}"
         self.finish_report()
         raise TooManyErrorsError(reason, report=self.report)
+
+    def stage_failed(self, stage: str, exc: ProviderError) -> None:
+        """Count and announce one failed stage call; raise `StageError` (`check_stage`)
+        when it can only repeat: a bad request (not found, invalid) from a stage that never
+        worked in this run (a misspelled optimizer model fails every call alike)."""
+        self.count_stage_error(stage, exc)
+        self.check_stage(stage, exc)
+
+    def count_stage_error(self, stage: str, exc: ProviderError) -> None:
+        self.report.stage_errors[stage] = self.report.stage_errors.get(stage, 0) + 1
+        self.parts.events.emit(
+            "optimize.stage_error", level="warning", stage=stage, error=exc.message
+        )
+
+    def check_stage(self, stage: str, exc: ProviderError) -> None:
+        if isinstance(exc, BadRequestError) and stage not in self.stage_worked:
+            raise self.fatal_stage(stage, exc)
+
+    def fatal_stage(self, stage: str, exc: ProviderError) -> StageError:
+        """The named error that ends the run, with the report up to here attached."""
+        reason = (
+            f"the {stage} stage failed with a permanent error and never worked in this run: "
+            f"{type(exc).__name__}: {exc.message}"
+        )
+        self.report.stopped_reason = f"stage error: {reason}"
+        self.finish_report()
+        return StageError(reason, stage=stage, report=self.report)
 
     async def refresh_best(self) -> None:
         """Re-run the examples the best prompt errored on and refresh ``best_score``.
@@ -338,16 +373,23 @@ class _Trainer:
 
     async def _describe(self) -> None:
         p = self.parts
-        if self.task_description is None:
-            sample_rng = random.Random(f"{self.settings.seed}:describe")  # apart from the shuffle
-            sample = sample_rng.sample(p.trainset, min(3, len(p.trainset)))
-            messages = describe_task_messages(self.initial, sample)
-            self.task_description = await p.optimizer.ask_text(messages)
-            self.report.generated_descriptions.append("task")
-        if self.metric_description is None:
-            messages = describe_metric_messages(_metric_source(p.metric))
-            self.metric_description = await p.optimizer.ask_text(messages)
-            self.report.generated_descriptions.append("metric")
+        try:
+            if self.task_description is None:
+                sample_rng = random.Random(
+                    f"{self.settings.seed}:describe"
+                )  # apart from the shuffle
+                sample = sample_rng.sample(p.trainset, min(3, len(p.trainset)))
+                messages = describe_task_messages(self.initial, sample)
+                self.task_description = await p.optimizer.ask_text(messages)
+                self.report.generated_descriptions.append("task")
+            if self.metric_description is None:
+                messages = describe_metric_messages(_metric_source(p.metric))
+                self.metric_description = await p.optimizer.ask_text(messages)
+                self.report.generated_descriptions.append("metric")
+        except ProviderError as exc:
+            if exc.fatal:
+                raise
+            raise self.fatal_stage("describe", exc) from exc
         self.report.task_description = self.task_description
         self.report.metric_description = self.metric_description
 
@@ -418,16 +460,25 @@ class _Trainer:
             for example, outcome in failed
         ]
 
+        failures: list[ProviderError] = []
+
         async def feedback_on(ctx: GradientContext) -> str:
             try:
-                return await self.parts.gradient(ctx)
+                text = await self.parts.gradient(ctx)
             except ProviderError as exc:
                 if exc.fatal:
                     raise
                 record.gradient_errors.append(f"{ctx.example.id}: {exc.message}")
+                failures.append(exc)
                 return ""
+            self.stage_worked.add("gradient")
+            return text
 
         texts = await run_all([lambda ctx=ctx: feedback_on(ctx) for ctx in contexts])  # type: ignore[misc]
+        for exc in failures:  # all counted first: one call of them may have worked
+            self.count_stage_error("gradient", exc)
+        if failures:
+            self.check_stage("gradient", failures[0])
         return [
             (ctx.example.id, text.strip())
             for ctx, text in zip(contexts, texts, strict=True)

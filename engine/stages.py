@@ -40,6 +40,7 @@ __all__ = [
     "LLMGradient",
     "OptimizerCaller",
     "ProposalError",
+    "StageError",
     "describe_metric_messages",
     "describe_task_messages",
     "optimizer_text",
@@ -54,6 +55,17 @@ class ProposalError(EngineError):
 
     def __init__(self, message: str, *, raw: str | None = None) -> None:
         self.raw = raw
+        super().__init__(message)
+
+
+class StageError(EngineError):
+    """A stage (describe, gradient or apply) that cannot work: a permanent error (bad
+    request, model not found) on every call it made.  ``stage`` names it; ``report``
+    holds the run's report up to the stop (a `RunReport`)."""
+
+    def __init__(self, message: str, *, stage: str, report: object = None) -> None:
+        self.stage = stage
+        self.report = report
         super().__init__(message)
 
 

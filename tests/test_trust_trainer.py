@@ -14,6 +14,7 @@ import pytest
 
 from engine import (
     ApplyContext,
+    BadRequestError,
     Budget,
     EngineError,
     Example,
@@ -23,10 +24,13 @@ from engine import (
     OptimizationResult,
     Outcome,
     Prompt,
+    RunReport,
+    TransientError,
     evaluate,
     optimize,
 )
 from engine.metrics import ExactMatch
+from engine.stages import StageError
 from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
 DESCRIPTIONS = {"task_description": "Say ok.", "metric_description": "ok scores 1."}
@@ -306,3 +310,66 @@ async def test_a_better_candidate_with_a_few_errors_is_accepted_and_the_run_goes
     assert len(accepted) == 1 and accepted[0].full_errors == 2
     assert any("max_error_rate" in note for note in report.notes)
     assert events.named("optimize.accepted_with_errors")
+
+
+# -- 5. an optimizer that fails on every call --------------------------------------------
+
+
+def _not_found(request: ScriptedRequest) -> str:
+    raise BadRequestError("model 'gpt-4o-mnii' not found", status=404)
+
+
+async def test_an_optimizer_that_fails_on_every_call_is_a_named_fatal_error() -> None:
+    """A misspelled optimizer model: every gradient call is a 404.  Not a normal end."""
+    with pytest.raises(StageError, match=r"gradient stage.*BadRequestError.*not found") as info:
+        await optimize(
+            _prompt("0"),
+            _data(8),
+            metric=ExactMatch(),
+            model=_levels_model(),
+            optimizer_model=ScriptedModel(_not_found, name="optimizer"),
+            **DESCRIPTIONS,
+        )
+    assert info.value.stage == "gradient"
+    report = info.value.report
+    assert isinstance(report, RunReport) and report.stopped_reason.startswith("stage error")
+    errors = report.steps[0].gradient_errors
+    assert len(errors) >= 2 and report.stage_errors == {"gradient": len(errors)}
+
+
+async def test_a_description_call_that_fails_is_named_with_the_report() -> None:
+    with pytest.raises(StageError, match=r"describe stage") as info:
+        await optimize(
+            _prompt("0"),
+            _data(8),
+            metric=ExactMatch(),
+            model=_levels_model(),
+            optimizer_model=ScriptedModel(_not_found, name="optimizer"),
+        )
+    assert info.value.report is not None
+
+
+async def test_a_transient_stage_error_is_counted_and_announced() -> None:
+    failures = iter([True])
+
+    async def flaky_gradient(ctx: GradientContext) -> str:
+        if next(failures, False):
+            raise TransientError("gateway timeout", status=504)
+        return "do better"
+
+    events = EventRecorder()
+    result = await optimize(
+        _prompt("0"),
+        _data(8),
+        metric=ExactMatch(),
+        model=_levels_model(),
+        optimizer_model=ScriptedModel(lambda r: "unused"),
+        gradient=flaky_gradient,
+        apply=_propose_v1,
+        on_event=events,
+        **DESCRIPTIONS,
+    )
+    assert result.prompt == _prompt("1")
+    assert result.report.stage_errors == {"gradient": 1}
+    [event] = events.named("optimize.stage_error")
+    assert event.data["stage"] == "gradient" and "gateway timeout" in event.data["error"]
