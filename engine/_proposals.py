@@ -15,12 +15,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._concurrency import run_all
-from ._errors import ProviderError
+from ._errors import ConfigError, ProviderError
 from ._outcome import Outcome
 from ._prompt import Prompt
 from ._report import ProposalRecord
 from ._types import Example
-from .stages import ApplyContext, HistoryEntry, ProposalError, validate_proposal
+from .stages import (
+    ApplyContext,
+    HistoryEntry,
+    ProposalError,
+    escape_surrogates,
+    validate_proposal,
+)
 
 if TYPE_CHECKING:
     from ._trainer import _Trainer
@@ -126,6 +132,13 @@ class Proposer:
         except ProposalError as exc:
             record.reason = f"invalid: {exc.message}"
             record.raw = exc.raw
+            return None
+        except (ConfigError, UnicodeError) as exc:
+            # a stage of the caller's building a Prompt from LLM text (braces, half an
+            # emoji): an unusable proposal, a failed attempt like any other
+            message = escape_surrogates(str(exc))
+            record.prompt = None
+            record.reason = f"invalid: the apply stage raised {type(exc).__name__}: {message}"
             return None
         except ProviderError as exc:
             if exc.fatal:

@@ -73,6 +73,7 @@ from .stages import (
     StageError,
     describe_metric_messages,
     describe_task_messages,
+    escape_surrogates,
 )
 
 if TYPE_CHECKING:
@@ -206,14 +207,12 @@ class _Trainer:
         """Count and announce one failed stage call; raise `StageError` (`check_stage`)
         when it can only repeat: a bad request (not found, invalid) from a stage that never
         worked in this run (a misspelled optimizer model fails every call alike)."""
-        self.count_stage_error(stage, exc)
+        self.count_stage_error(stage, exc.message)
         self.check_stage(stage, exc)
 
-    def count_stage_error(self, stage: str, exc: ProviderError) -> None:
+    def count_stage_error(self, stage: str, error: str) -> None:
         self.report.stage_errors[stage] = self.report.stage_errors.get(stage, 0) + 1
-        self.parts.events.emit(
-            "optimize.stage_error", level="warning", stage=stage, error=exc.message
-        )
+        self.parts.events.emit("optimize.stage_error", level="warning", stage=stage, error=error)
 
     def check_stage(self, stage: str, exc: ProviderError) -> None:
         if isinstance(exc, BadRequestError) and stage not in self.stage_worked:
@@ -471,12 +470,17 @@ class _Trainer:
                 record.gradient_errors.append(f"{ctx.example.id}: {exc.message}")
                 failures.append(exc)
                 return ""
+            if not isinstance(text, str):
+                why = f"the gradient stage returned a {type(text).__name__}, not a str"
+                record.gradient_errors.append(f"{ctx.example.id}: {why}")
+                self.count_stage_error("gradient", why)
+                return ""
             self.stage_worked.add("gradient")
-            return text
+            return escape_surrogates(text)
 
         texts = await run_all([lambda ctx=ctx: feedback_on(ctx) for ctx in contexts])  # type: ignore[misc]
         for exc in failures:  # all counted first: one call of them may have worked
-            self.count_stage_error("gradient", exc)
+            self.count_stage_error("gradient", exc.message)
         if failures:
             self.check_stage("gradient", failures[0])
         return [

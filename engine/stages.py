@@ -43,6 +43,7 @@ __all__ = [
     "StageError",
     "describe_metric_messages",
     "describe_task_messages",
+    "escape_surrogates",
     "optimizer_text",
     "parse_json_object",
     "parse_proposal",
@@ -50,11 +51,21 @@ __all__ = [
 ]
 
 
+def escape_surrogates(text: str) -> str:
+    """``text`` with any lone surrogate (half an emoji from a JSON ``\\ud83d``) written
+    as its escape, so it can be encoded, hashed and stored: escaped, never dropped."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class ProposalError(EngineError):
     """A proposed prompt is unusable; ``raw`` keeps what the stage returned."""
 
     def __init__(self, message: str, *, raw: str | None = None) -> None:
-        self.raw = raw
+        self.raw = escape_surrogates(raw) if raw is not None else None
         super().__init__(message)
 
 
@@ -344,6 +355,11 @@ def parse_proposal(text: str, current: Prompt) -> Prompt:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise ProposalError("a proposed message lacks string content", raw=text)
+        if escape_surrogates(m["content"]) != m["content"]:
+            raise ProposalError(
+                "the proposal holds a lone surrogate (half of an emoji), not valid Unicode",
+                raw=text,
+            )
         cleaned.append({"role": str(m.get("role", "system")), "content": m["content"]})
     try:
         return current.replace(messages=cleaned)

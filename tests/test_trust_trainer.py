@@ -373,3 +373,59 @@ async def test_a_transient_stage_error_is_counted_and_announced() -> None:
     assert result.report.stage_errors == {"gradient": 1}
     [event] = events.named("optimize.stage_error")
     assert event.data["stage"] == "gradient" and "gateway timeout" in event.data["error"]
+
+
+# -- 6. an invalid proposal is a failed attempt, never a crash ---------------------------
+
+
+def _half_emoji(request: ScriptedRequest) -> str:
+    if request.params.get("response_format") is None:
+        return "do better"  # the gradient call
+    return '{"messages": [{"role": "system", "content": "level 1 \\ud83d"}, ' \
+        '{"role": "user", "content": "{q}"}]}'  # fmt: skip
+
+
+async def _apply_with_braces(ctx: ApplyContext) -> Prompt:
+    # LLM text with braces passed to Prompt: a ConfigError (an unknown placeholder)
+    return Prompt(
+        [{"role": "system", "content": "level 1 {like this}"}, {"role": "user", "content": "{q"}],
+        model="m",
+    )
+
+
+async def _gradient_dict(ctx: GradientContext) -> str:
+    return {"feedback": "do better"}  # type: ignore[return-value]
+
+
+async def _optimize_with(**stages: object) -> OptimizationResult:
+    return await optimize(
+        _prompt("0"),
+        _data(8),
+        metric=ExactMatch(),
+        model=_levels_model(),
+        max_proposals_per_step=1,
+        **{"optimizer_model": ScriptedModel(lambda r: "unused"), **DESCRIPTIONS, **stages},  # type: ignore[arg-type]
+    )
+
+
+async def test_a_proposal_with_half_an_emoji_is_a_rejected_proposal() -> None:
+    result = await _optimize_with(optimizer_model=ScriptedModel(_half_emoji, name="opt"))
+    proposals = result.report.proposals
+    assert proposals and all(p.reason.startswith("invalid") for p in proposals)
+    assert "surrogate" in proposals[0].reason
+    assert result.prompt == _prompt("0")
+    result.report.to_json().encode()  # the report itself stays writable
+
+
+async def test_an_apply_stage_raising_config_error_is_a_failed_attempt() -> None:
+    result = await _optimize_with(gradient=_feedback, apply=_apply_with_braces)
+    proposals = result.report.proposals
+    assert proposals and all(p.reason.startswith("invalid") for p in proposals)
+    assert result.prompt == _prompt("0")
+
+
+async def test_a_gradient_that_returns_a_dict_is_a_failed_call() -> None:
+    result = await _optimize_with(gradient=_gradient_dict, apply=_propose_v1)
+    assert result.prompt == _prompt("0") and not result.report.proposals
+    errors = [e for s in result.report.steps for e in s.gradient_errors]
+    assert errors and "dict" in errors[0]
