@@ -18,6 +18,8 @@ from ._tally import Tally
 from ._types import MetricResult
 
 __all__ = [
+    "GlobalMetricError",
+    "check_global_metric",
     "check_racing",
     "checked_global",
     "conservative_score",
@@ -47,12 +49,60 @@ def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetri
         raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
 
 
-def checked_global(metric: GlobalMetric, results: Sequence[MetricResult]) -> float:
-    """The global metric's value, which must be a score in [0, 1]."""
-    value = float(metric(results))
+class GlobalMetricError(MetricError):
+    """The global metric raised, or returned something that is not a score in [0, 1].
+
+    ``report`` holds the run's report up to the stop when `optimize` raised it."""
+
+    def __init__(self, message: str, *, report: object = None) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+def _name(metric: GlobalMetric) -> str:
+    return str(getattr(metric, "__qualname__", type(metric).__qualname__))
+
+
+def checked_global(
+    metric: GlobalMetric, results: Sequence[MetricResult], what: str = "the results"
+) -> float:
+    """The global metric's value, which must be a score in [0, 1]; anything it raises
+    is a `GlobalMetricError` naming the metric, the cause and ``what`` it was given."""
+    try:
+        value = float(metric(results))
+    except Exception as exc:
+        raise GlobalMetricError(
+            f"the global metric {_name(metric)} raised {type(exc).__name__} on {what} "
+            f"({len(results)} results): {exc}"
+        ) from exc
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise MetricError(f"the global metric returned {value!r}, not a score in [0, 1]")
+        raise GlobalMetricError(
+            f"the global metric {_name(metric)} returned {value!r} on {what}, not a score in [0, 1]"
+        )
     return value
+
+
+def check_global_metric(metric: GlobalMetric | None, results: Sequence[MetricResult]) -> None:
+    """Run the global metric on the batches a run will give it, built from ``results``
+    (say the per-example metric on a few expected answers), before anything is paid:
+    all of them, the first alone, each side alone (only right, only wrong), and every
+    one errored (what the conservative score passes when a whole batch fails).  Raise
+    `GlobalMetricError` naming the case it failed on.  (Never on an empty list: the
+    engine does not call the global metric with nothing to score.)"""
+    if is_mean(metric) or not results:
+        return
+    assert metric is not None
+    errored = [MetricResult(0.0, "error: check", {"error": True}) for _ in results]
+    cases = {
+        "the first results": list(results),
+        "a one-example batch": list(results[:1]),
+        "a batch with only right answers": [r for r in results if r.score >= 1.0],
+        "a batch with only wrong answers": [r for r in results if r.score < 1.0],
+        "a batch where every example errored": errored,
+    }
+    for what, batch in cases.items():
+        if batch:
+            checked_global(metric, batch, f"{what} (checked before the first call)")
 
 
 def global_scores(metric: GlobalMetric, results: list[IndexedResult]) -> tuple[float, float]:
@@ -64,8 +114,8 @@ def global_scores(metric: GlobalMetric, results: list[IndexedResult]) -> tuple[f
         r if r is not None else MetricResult(0.0, f"error: {m}", {"error": True})
         for _, r, m in results
     ]
-    score = checked_global(metric, scored) if scored else math.nan
-    return score, checked_global(metric, failed)
+    score = checked_global(metric, scored, "the scored results") if scored else math.nan
+    return score, checked_global(metric, failed, "the results with errors as failures")
 
 
 def conservative_score(outcomes: Sequence[Outcome], global_metric: GlobalMetric | None) -> float:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ._aggregate import conservative_score, is_mean
+from ._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
 from ._budget import Budget, BudgetMeter
 from ._cache import Cache
 from ._concurrency import run_all
@@ -55,11 +55,11 @@ from ._evaluate import evaluate, validate_examples
 from ._events import Emitter, EventCallback
 from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
-from ._prompt import Prompt
+from ._prompt import Prompt, render_value
 from ._proposals import Proposer, best_accepted, undecided
 from ._protocols import ChatModel, Metric
 from ._report import ProposalRecord, RunReport, StepRecord
-from ._scoring import check_metric
+from ._scoring import MetricRunner, check_metric
 from ._settings import TrainerSettings
 from ._types import Example
 from .stages import (
@@ -285,6 +285,13 @@ class _Trainer:
             await self._run()
             if not self.report.stopped_reason:
                 self.report.stopped_reason = "all batches done"
+        except GlobalMetricError as exc:
+            # the paid work is in the report: attach it, as TooManyErrorsError does
+            self.report.stopped_reason = f"global metric: {exc.message}"
+            self.report.wall_time = anyio.current_time() - started
+            self.finish_report()
+            exc.report = self.report
+            raise
         except BudgetExceededError as exc:
             if math.isnan(self.best_score):
                 raise  # no score at all: nothing to return
@@ -582,6 +589,7 @@ async def optimize(
     opt_name = optimizer_model_name or prompt.model
     meter = BudgetMeter(budget, models=[prompt.model, opt_name])
     await check_metric(metric, train[0])  # a broken metric fails before the first paid call
+    await preflight_global_metric(metric, global_metric, train)
     run_cache = None if cache is False else (cache if cache is not None else Cache())
     events = Emitter(on_event).bind(run=uuid.uuid4().hex[:8])
     caller = OptimizerCaller(
@@ -604,6 +612,24 @@ async def optimize(
         cluster=cluster,
     )
     return await _Trainer(prompt, settings, parts).run()
+
+
+async def preflight_global_metric(
+    metric: Metric, global_metric: GlobalMetric | None, examples: Sequence[Example]
+) -> None:
+    """Check the global metric before anything is paid, on the per-example metric's
+    results for the first few examples' expected answers (see `check_global_metric`):
+    a naive F1 that divides by zero on a batch with no positives fails here, not after
+    the whole training set was paid.  Skipped for metrics that opt out of the preflight
+    (``preflight = False``: they cost calls)."""
+    if is_mean(global_metric) or getattr(metric, "preflight", True) is False:
+        return
+    runner = MetricRunner(metric)
+    results = []
+    for example in examples[:4]:
+        expected = "" if example.expected is None else render_value(example.expected)
+        results.append(await runner(example, expected))
+    check_global_metric(global_metric, results)
 
 
 def _checked_data(

@@ -8,6 +8,7 @@ run that quietly did nothing.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -19,6 +20,7 @@ from engine import (
     EngineError,
     Example,
     GradientContext,
+    MetricError,
     MetricResult,
     NoContentError,
     OptimizationResult,
@@ -29,6 +31,7 @@ from engine import (
     evaluate,
     optimize,
 )
+from engine._aggregate import GlobalMetricError
 from engine.metrics import ExactMatch
 from engine.stages import StageError
 from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
@@ -429,3 +432,53 @@ async def test_a_gradient_that_returns_a_dict_is_a_failed_call() -> None:
     assert result.prompt == _prompt("0") and not result.report.proposals
     errors = [e for s in result.report.steps for e in s.gradient_errors]
     assert errors and "dict" in errors[0]
+
+
+# -- 7. a global metric that raises --------------------------------------------------------
+
+
+def _yes_no_data(n: int) -> list[Example]:
+    """x0..x3 are negatives ("no"), the rest positives ("yes")."""
+    return [Example({"q": f"x{i}"}, "no" if i < 4 else "yes", id=f"x{i}") for i in range(n)]
+
+
+def _match_with_trace(example: Example, prediction: str) -> MetricResult:
+    positive, said = example.expected == "yes", prediction == "yes"
+    trace = {"tp": int(positive and said), "fp": int(said and not positive),
+             "fn": int(positive and not said)}  # fmt: skip
+    return MetricResult(float(said == positive), trace=trace)
+
+
+def _naive_f1(results: Sequence[MetricResult]) -> float:
+    tp = sum(r.trace.get("tp", 0) for r in results)
+    fp = sum(r.trace.get("fp", 0) for r in results)
+    fn = sum(r.trace.get("fn", 0) for r in results)
+    return 2 * tp / (2 * tp + fp + fn)  # ZeroDivisionError with no positive anywhere
+
+
+async def test_a_global_metric_that_fails_on_a_one_sided_batch_fails_before_any_call() -> None:
+    model = ScriptedModel(lambda r: "yes", name="yes")
+    with pytest.raises(MetricError, match=r"global metric.*ZeroDivisionError") as info:
+        await optimize(
+            _prompt("0"), _yes_no_data(8), metric=_match_with_trace, global_metric=_naive_f1,
+            model=model, optimizer_model=ScriptedModel(lambda r: "unused"), **DESCRIPTIONS,
+        )  # fmt: skip
+    assert model.calls == 0
+    assert isinstance(info.value, GlobalMetricError)
+
+
+async def test_a_global_metric_that_raises_later_ends_with_the_report_attached() -> None:
+    def broken_on_batches(results: Sequence[MetricResult]) -> float:
+        if len(results) == 2:  # a bug showing only on a batch of 2
+            raise ZeroDivisionError("division by zero")
+        return sum(r.score for r in results) / len(results)
+
+    with pytest.raises(GlobalMetricError, match="ZeroDivisionError") as info:
+        await optimize(
+            _prompt("0"), _data(8), metric=ExactMatch(), global_metric=broken_on_batches,
+            model=_levels_model(), optimizer_model=ScriptedModel(lambda r: "unused"),
+            gradient=_feedback, apply=_propose_v1, batch_size=2, **DESCRIPTIONS,
+        )  # fmt: skip
+    report = info.value.report
+    assert isinstance(report, RunReport) and report.stopped_reason.startswith("global metric")
+    assert report.initial_score == 0.25
