@@ -10,7 +10,8 @@ runs is decided by the metric, not guessed:
 - an async metric is awaited.
 
 Every call has a timeout (``metric_timeout``); a metric that never returns becomes a
-`MetricError` outcome for that example instead of hanging the run.
+`MetricError` outcome for that example instead of hanging the run, and so does one that
+returns after its timeout on the loop clock (an async metric blocking the loop).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class MetricRunner:
         where = f"metric on example {example.id!r}"
         if self.inline:
             return as_result(self.metric(example, prediction), where)
+        started = anyio.current_time()
         with anyio.move_on_after(self.timeout) as scope:
             if self.threads is not None:
                 value = await anyio.to_thread.run_sync(
@@ -97,7 +99,10 @@ class MetricRunner:
                 value = self.metric(example, prediction)
                 if inspect.isawaitable(value):
                     value = await value
-        if scope.cancelled_caught:
+        # An async metric that blocks the loop (no await) cannot be interrupted; past
+        # its timeout on the loop clock when it returns, its result is not accepted.
+        late = self.timeout is not None and anyio.current_time() - started > self.timeout
+        if scope.cancelled_caught or late:
             raise MetricTimeoutError(f"{where}: no result within {self.timeout:g}s")
         return as_result(value, where)
 

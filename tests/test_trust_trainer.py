@@ -8,6 +8,7 @@ run that quietly did nothing.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -482,3 +483,25 @@ async def test_a_global_metric_that_raises_later_ends_with_the_report_attached()
     report = info.value.report
     assert isinstance(report, RunReport) and report.stopped_reason.startswith("global metric")
     assert report.initial_score == 0.25
+
+
+# -- 8. a metric that overruns its timeout without awaiting --------------------------------
+
+
+async def _blocking_judge(example: Example, prediction: str) -> MetricResult:
+    if example.id == "x1":
+        time.sleep(0.4)  # noqa: ASYNC251 - blocks the loop on purpose: no timeout can cut it
+    return MetricResult(1.0)
+
+
+async def test_an_async_metric_that_blocks_past_its_timeout_is_timed_out() -> None:
+    """Bounded from one side: it blocks 0.4 s against a 0.1 s timeout, so it overran
+    whatever the machine's load."""
+    evaluation = await evaluate(
+        _prompt("A"), _data(3), model=ScriptedModel(lambda r: "ok"), metric=_blocking_judge,
+        metric_timeout=0.1,
+    )  # fmt: skip
+    assert evaluation.errors == 1 and evaluation.scored == 2
+    error = evaluation.outcomes[1].error
+    assert error is not None and error.type == "MetricTimeoutError"
+    assert "0.1s" in error.message
