@@ -13,6 +13,9 @@ A cache hit must be the same question.  Keys are fixed-shape strings of hashes:
     e:<example id>                    -> {"inputs": hash} (a reused id with changed
                                          inputs is an error, not a stale hit)
 
+An example id that no store can hold as is (a lone surrogate, a NUL) is written as
+ASCII JSON after ``!`` instead of ``:`` (``e!"bad \\udcff"``): escaped, never dropped.
+
 Identical keys requested concurrently are coalesced (single flight): one call is made,
 every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
 racing), a waiter takes over; if the leader failed, waiters share the failure rather
@@ -40,7 +43,7 @@ import anyio
 from ._closeable import AsyncCloseable
 from ._errors import CacheConflictError, CacheError
 from ._identity import metric_identity
-from ._json import dump_value, load_value
+from ._json import dump_value, escape_key_part, load_value
 from ._prompt import canonical_json, normalise_numbers
 from ._protocols import CacheStore
 from ._stores import MemoryStore, SQLiteStore
@@ -199,7 +202,7 @@ class Cache(AsyncCloseable):
     @staticmethod
     def prediction_key(request: str, example: Example) -> str:
         """The store key of a prediction (bulk paths use it as a request id)."""
-        return f"p:{request}:{example.id}"
+        return _id_key(f"p:{request}", example.id)
 
     async def has_prediction(self, request: str, example: Example) -> bool:
         """Whether a prediction for (request, example) is stored (checks the inputs)."""
@@ -238,7 +241,7 @@ class Cache(AsyncCloseable):
     @staticmethod
     def example_key(example: Example) -> str:
         """The store key of an example's fingerprint (its id's inputs hash)."""
-        return f"e:{example.id}"
+        return _id_key("e", example.id)
 
     async def _check_example(self, example: Example) -> None:
         if example.id == example.inputs_hash[:24]:
@@ -286,7 +289,10 @@ class Cache(AsyncCloseable):
         content = example.content_hash
         if content is None:
             return None
-        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
+        # surrogatepass: a prediction with a lone surrogate still has a key, and text
+        # without one hashes as before
+        text = f"{content}:{prediction}".encode("utf-8", "surrogatepass")
+        answer = hashlib.sha256(text).hexdigest()
         return f"m:{metric_id}:{answer}"
 
     # -- optimizer calls --------------------------------------------------------------
@@ -443,6 +449,14 @@ class Cache(AsyncCloseable):
     def __repr__(self) -> str:
         s = self.statistics()
         return f"<Cache {self.store!r} hits={s.hits} misses={s.misses} coalesced={s.coalesced}>"
+
+
+def _id_key(prefix: str, example_id: str) -> str:
+    """``prefix:id``; an id no store can hold as is (a lone surrogate, a NUL) is
+    written ``prefix!"<ASCII JSON>"`` instead: escaped, never dropped, and distinct from
+    every other id's key (no plain key has ``!`` there)."""
+    escaped = escape_key_part(example_id)
+    return f"{prefix}:{example_id}" if escaped is None else f"{prefix}!{escaped}"
 
 
 def _conflict(example: Example) -> CacheConflictError:

@@ -46,7 +46,7 @@ def metric_identity(metric: Callable[..., Any]) -> str | None:
         text = canonical_json(normalise_numbers(description))
     except ValueError:  # NaN or infinity in the state
         return None
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _describe(value: Any, depth: int, *, strict: bool) -> Any:

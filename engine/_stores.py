@@ -23,11 +23,16 @@ import anyio
 
 from ._closeable import AsyncCloseable
 from ._errors import CacheError
+from ._json import unstorable
 
 __all__ = ["MemoryStore", "SQLiteStore"]
 
 _FORMAT = "textgrad-engine-cache/1"
 _STOP = object()
+_UPSERT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
+# Errors of one row (a constraint or trigger, text SQLite cannot take, a value too
+# big), as opposed to errors of the file (locked, full, read-only: OperationalError).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError)
 
 
 class MemoryStore:
@@ -79,6 +84,7 @@ class SQLiteStore(AsyncCloseable):
         self._pending: dict[str, str] = {}  # written but not yet committed: read-your-writes
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None  # first failure of the writer
+        self._failed_rows: dict[str, str] = {}  # rows the writer could not write -> why
         self._committed = 0  # rows committed so far
 
     # -- lifecycle --------------------------------------------------------------------
@@ -141,10 +147,7 @@ class SQLiteStore(AsyncCloseable):
         if self._read is not None:
             self._read.close()
             self._read = None
-        if self._writer_error is not None:
-            raise CacheError(
-                f"writing {self.path} failed: {self._writer_error}"
-            ) from self._writer_error
+        self._raise_write_failure()
 
     # -- the writer thread ------------------------------------------------------------
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
@@ -180,16 +183,36 @@ class SQLiteStore(AsyncCloseable):
         return batch, True
 
     def _commit(self, conn: sqlite3.Connection, batch: dict[str, str]) -> None:
-        with conn:
-            conn.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", batch.items())
-        self._committed += len(batch)
+        failed: dict[str, str] = {}
+        try:
+            with conn:
+                conn.executemany(_UPSERT, batch.items())
+        except _ROW_ERRORS:
+            # One row the file refuses must not cost the batch's other (paid) rows:
+            # write them one by one in one transaction and name the ones refused.
+            failed = self._commit_rows(conn, batch)
+        self._committed += len(batch) - len(failed)
         with self._lock:
+            self._failed_rows.update(failed)
             for key, value in batch.items():
                 if self._pending.get(key) is value:
                     del self._pending[key]
 
+    @staticmethod
+    def _commit_rows(conn: sqlite3.Connection, batch: dict[str, str]) -> dict[str, str]:
+        """Write ``batch`` row by row in one transaction; the rows refused, and why."""
+        failed: dict[str, str] = {}
+        with conn:
+            for key, value in batch.items():
+                try:
+                    conn.execute(_UPSERT, (key, value))
+                except _ROW_ERRORS as exc:
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+        return failed
+
     # -- the store protocol -----------------------------------------------------------
     async def get(self, key: str) -> str | None:
+        self._raise_write_failure()
         with self._lock:
             value = self._pending.get(key)
         if value is not None:
@@ -203,10 +226,11 @@ class SQLiteStore(AsyncCloseable):
         return None if row is None else str(row[0])
 
     async def put(self, key: str, value: str) -> None:
-        if self._writer_error is not None:
-            raise CacheError(
-                f"writing {self.path} failed: {self._writer_error}"
-            ) from self._writer_error
+        self._raise_write_failure()
+        for part, text in (("key", key), ("value", value)):
+            why = unstorable(text)
+            if why is not None:  # refused here, so the writer's batch is not at risk
+                raise CacheError(f"cannot store the row {key!r} in {self.path}: its {part} {why}")
         if self._writer is None:
             raise CacheError(f"{self.path} is not open; use 'async with SQLiteStore(...)'")
         with self._lock:
@@ -224,7 +248,22 @@ class SQLiteStore(AsyncCloseable):
     def statistics(self) -> dict[str, int]:
         with self._lock:
             pending = len(self._pending)
-        return {"committed": self._committed, "pending": pending}
+            failed = len(self._failed_rows)
+        return {"committed": self._committed, "pending": pending, "failed": failed}
+
+    def _raise_write_failure(self) -> None:
+        """Raise `CacheError` once the writer has failed or refused a row: every later
+        operation says so, naming the rows, rather than the loss showing at close."""
+        if self._writer_error is not None:
+            raise CacheError(
+                f"writing {self.path} failed: {self._writer_error}"
+            ) from self._writer_error
+        if self._failed_rows:
+            with self._lock:
+                rows = list(self._failed_rows.items())
+            named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            raise CacheError(f"{len(rows)} rows could not be written to {self.path}: {named}{more}")
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} committed={self._committed}>"

@@ -20,6 +20,7 @@ from engine import (
     CacheError,
     Example,
     MemoryStore,
+    MetricResult,
     SQLiteStore,
     evaluate,
 )
@@ -231,3 +232,92 @@ async def test_max_unsaved_holds_a_paid_call_until_its_put_returns() -> None:
     assert state == {"unsaved": 0, "peak": 2}
     with pytest.raises(CacheError, match="max_unsaved"):
         Cache(max_unsaved=0)
+
+
+# -- issue 18: text no store can hold, and a writer that fails ---------------------------
+
+_STDERR = b"Traceback: \xff\xfe invalid".decode("utf-8", "surrogateescape")  # lone surrogates
+
+
+def _stderr_metric(ex: Example, pred: str) -> MetricResult:
+    """A code-running metric: its feedback is a subprocess's stderr, read with
+    surrogateescape, for one example in a hundred."""
+    return MetricResult(1.0, _STDERR if ex.id.endswith("7") else "ok")
+
+
+def _paid_rows(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute("SELECT count(*) FROM kv WHERE key LIKE 'p%'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_lone_surrogates_in_feedback_and_ids_are_stored_escaped(tmp_path: Path) -> None:
+    """Issue 18: one surrogate used to kill the writer (86 of 300 paid rows on disk, the
+    error only at aclose).  Every paid row is written, and read back exactly."""
+    path = tmp_path / "c.sqlite"
+    bad_id = "row-\udcff"
+    data = [*echo_examples(299), Example({"question": "odd"}, "odd", id=bad_id)]
+    store = SQLiteStore(path, flush_interval=0.05)
+    await store.open()
+    first = await evaluate(
+        qa_prompt(), data, model=echo_model(), metric=_stderr_metric, cache=Cache(store),
+        keep_outcomes=True,
+    )  # fmt: skip
+    with anyio.fail_after(30):  # without closing: what a crash would leave
+        while store.statistics()["pending"]:
+            await anyio.sleep(0.05)
+    assert first.completed == 300 and first.errors == 0
+    assert _paid_rows(path) == 300
+    await store.aclose()
+    model = echo_model()
+    async with Cache.sqlite(str(path)) as cache:
+        again = await evaluate(
+            qa_prompt(), data, model=model, metric=_stderr_metric, cache=cache, keep_outcomes=True
+        )
+    assert model.calls == 0 and again.cache_hits == 300
+    feedback = {o.example_id: o.result.feedback for o in again.outcomes if o.result}
+    assert feedback["e7"] == _STDERR and feedback[bad_id] == "ok"
+    assert feedback == {o.example_id: o.result.feedback for o in first.outcomes if o.result}
+
+
+async def test_a_row_the_writer_cannot_write_is_named_at_once_and_spares_its_batch(
+    tmp_path: Path,
+) -> None:
+    """A row SQLite refuses (here a trigger; in the field, text it cannot encode) loses
+    only itself: the batch's other rows are committed, and the next get or put raises
+    `CacheError` naming the row, rather than aclose alone, after the run."""
+    path = tmp_path / "c.sqlite"
+    async with SQLiteStore(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON kv WHEN NEW.key = 'p:bad'"
+        " BEGIN SELECT RAISE(ABORT, 'refused by trigger'); END"
+    )
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path, flush_interval=0.5)
+    await store.open()
+    for i in range(300):
+        await store.put("p:bad" if i == 150 else f"p:{i}", '{"text": "x"}')
+    with anyio.fail_after(30):
+        while store.statistics()["pending"]:
+            await anyio.sleep(0.02)
+    assert _paid_rows(path) == 299
+    for operation in (store.get("p:1"), store.put("p:next", "{}")):
+        with pytest.raises(CacheError, match=r"1 rows could not be written.*'p:bad'.*refused"):
+            await operation
+    with pytest.raises(CacheError, match="p:bad"):
+        await store.aclose()
+
+
+async def test_text_no_store_can_hold_is_refused_by_put_itself(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "c.sqlite") as store:
+        with pytest.raises(CacheError, match="lone surrogate"):
+            await store.put("p:x", '{"text": "\udcff"}')
+        with pytest.raises(CacheError, match="NUL"):
+            await store.put("p:\x00", "{}")
+        await store.put("p:ok", "{}")  # the store goes on
+        assert await store.get("p:ok") == "{}"
