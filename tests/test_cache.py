@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -24,6 +25,7 @@ from engine import (
     SQLiteStore,
     evaluate,
 )
+from engine._identity import metric_identity
 from engine.metrics import ExactMatch
 from engine.testing import ScriptedModel, ScriptedRequest
 
@@ -321,3 +323,75 @@ async def test_text_no_store_can_hold_is_refused_by_put_itself(tmp_path: Path) -
             await store.put("p:\x00", "{}")
         await store.put("p:ok", "{}")  # the store goes on
         assert await store.get("p:ok") == "{}"
+
+
+# -- issue 18: metric identity covers code and class state -------------------------------
+
+
+async def _scores(metric: Any, cache: Cache) -> list[float]:
+    result = await evaluate(
+        qa_prompt(), echo_examples(3), model=echo_model(), metric=metric, cache=cache,
+        keep_outcomes=True,
+    )  # fmt: skip
+    return [o.result.score for o in result.outcomes if o.result is not None]
+
+
+async def test_functions_without_source_are_told_apart_by_their_code() -> None:
+    """Two exec'd functions named `score` (a metric fixed and re-run from a REPL) and two
+    lambdas on one line used to share one identity, so the second served the first's
+    cached scores."""
+    cache, namespace = Cache(), {}  # type: dict[str, Any]
+    exec("def score(example, prediction):\n    return 1.0", namespace)
+    first = namespace["score"]
+    exec("def score(example, prediction):\n    return 0.0", namespace)
+    fixed = namespace["score"]
+    assert await _scores(first, cache) == [1.0] * 3
+    assert await _scores(fixed, cache) == [0.0] * 3
+    right, wrong = (lambda e, p: 1.0), (lambda e, p: 0.0)
+    assert await _scores(right, cache) == [1.0] * 3
+    assert await _scores(wrong, cache) == [0.0] * 3
+    assert metric_identity(right) == metric_identity(right) is not None
+
+
+class _Thresh:
+    """A metric whose threshold is a class attribute."""
+
+    level = 3
+
+    def __call__(self, example: Example, prediction: str) -> float:
+        return float(len(prediction) > self.level)
+
+
+async def test_a_class_attribute_changed_at_run_time_is_another_metric() -> None:
+    cache, metric = Cache(), _Thresh()
+    try:
+        assert await _scores(metric, cache) == [1.0] * 3  # "item 0" has 6 characters
+        _Thresh.level = 10
+        assert await _scores(metric, cache) == [0.0] * 3
+    finally:
+        _Thresh.level = 3
+
+
+_IDENTITY_CHILD = """
+from engine._identity import metric_identity
+class Judge:
+    threshold = 0.5
+    def __call__(self, example, prediction):
+        return float(sum(len(w) for w in prediction.split()) > self.threshold)
+print(metric_identity(Judge()), metric_identity(lambda e, p: {1.0, 2.5} and 1.0))
+"""
+
+
+def test_code_identity_is_the_same_in_every_process() -> None:
+    """Bytecode, constants and class state hash alike whatever the hash seed (a cache
+    file is shared across runs); nothing here has source to read."""
+    root = Path(__file__).resolve().parents[1]
+    seen = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        out = subprocess.run(
+            [sys.executable, "-c", _IDENTITY_CHILD], capture_output=True, text=True,
+            timeout=60, check=True, env=env,
+        )  # fmt: skip
+        seen.add(out.stdout.strip())
+    assert len(seen) == 1 and "None" not in seen.pop()
