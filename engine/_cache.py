@@ -43,7 +43,7 @@ import anyio
 from ._closeable import AsyncCloseable
 from ._errors import CacheConflictError, CacheError
 from ._identity import metric_identity
-from ._json import dump_value, escape_key_part, load_value
+from ._json import dump_value, escape_key_part, exact_value, load_value
 from ._prompt import canonical_json, normalise_numbers
 from ._protocols import CacheStore
 from ._stores import MemoryStore, SQLiteStore
@@ -260,12 +260,18 @@ class Cache(AsyncCloseable):
         example: Example,
         prediction: str,
         compute: Callable[[], Awaitable[MetricResult]],
+        *,
+        on_uncacheable: Callable[[str], None] | None = None,
     ) -> tuple[MetricResult, bool]:
         """The cached result of metric ``metric_id`` (a `metric_identity`) on this
         example's full content and this prediction, computing it once.
 
         An example whose content is not JSON (an arbitrary object as ``expected``) has
-        no key: its result is computed and not stored.
+        no key: its result is computed and not stored.  Nor is a result whose trace
+        would not read back as itself (a set, a tuple, an object; see `exact_value`):
+        it is returned, and ``on_uncacheable`` is called with the reason.  A stored
+        trace holds NumPy scalars as Python numbers; the result returned is the one
+        stored, so a first run and a cached one see the same values.
         """
         key = self.metric_key(metric_id, example, prediction)
         if key is None:
@@ -275,10 +281,16 @@ class Cache(AsyncCloseable):
             data = self._decode(key, raw)
             return MetricResult(float(data["score"]), data.get("feedback"), data.get("trace"))
 
-        async def compute_and_dump() -> tuple[MetricResult, str, str]:
+        async def compute_and_dump() -> tuple[MetricResult, str | None, str]:
             value = await compute()
-            raw = dump_value(value.to_dict())
-            return value, raw, key
+            try:
+                trace = exact_value(value.trace, "trace") if value.trace is not None else None
+            except ValueError as exc:
+                if on_uncacheable is not None:
+                    on_uncacheable(f"a trace is not cached: {exc}")
+                return value, None, key
+            value = MetricResult(value.score, value.feedback, trace)
+            return value, dump_value(value.to_dict()), key
 
         return await self._single_flight(key, load, compute_and_dump)
 
@@ -320,14 +332,15 @@ class Cache(AsyncCloseable):
         self,
         key: str,
         load: Callable[[str], T],
-        compute: Callable[[], Awaitable[tuple[T, str, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
         *,
         shared: bool = False,
     ) -> tuple[T, bool]:
         """The value under ``key``: stored, being computed by another caller (wait for
-        it), or computed here.  ``compute`` returns the value, its JSON text and the key
-        to store it under (normally ``key`` itself).  ``shared``: a paid value, single
-        flight across processes too when the store can claim keys."""
+        it), or computed here.  ``compute`` returns the value, its JSON text (``None``:
+        not to be stored) and the key to store it under (normally ``key`` itself).
+        ``shared``: a paid value, single flight across processes too when the store
+        can claim keys."""
         while True:
             raw = await self.store.get(key)
             if raw is not None:
@@ -365,11 +378,13 @@ class Cache(AsyncCloseable):
                 lead.done.set()
 
     async def _compute(
-        self, compute: Callable[[], Awaitable[tuple[T, str, str]]], *, paid: bool
+        self, compute: Callable[[], Awaitable[tuple[T, str | None, str]]], *, paid: bool
     ) -> T:
         self._misses += 1
         async with self._unsaved_slot(paid):
             value, raw, store_key = await compute()
+            if raw is None:  # not storable: computed, returned, and computed again next time
+                return value
             await self.store.put(store_key, raw)
         self._writes += 1
         return value
@@ -386,7 +401,7 @@ class Cache(AsyncCloseable):
         self,
         key: str,
         load: Callable[[str], T],
-        compute: Callable[[], Awaitable[tuple[T, str, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
     ) -> tuple[T, bool]:
         """Compute ``key`` once among every process sharing the store: claim it, or
         wait for the value of whoever holds the claim (and claim it if they give up)."""
@@ -410,7 +425,7 @@ class Cache(AsyncCloseable):
         store: _ClaimingStore,
         key: str,
         owner: str,
-        compute: Callable[[], Awaitable[tuple[T, str, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
     ) -> T:
         """`_compute`, renewing the claim on ``key`` until the value is stored."""
 

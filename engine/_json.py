@@ -17,7 +17,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["dump_value", "escape_key_part", "load_value", "unstorable"]
+__all__ = ["dump_value", "escape_key_part", "exact_value", "load_value", "unstorable"]
+
+_INT_RANGE = range(-(2**63), 2**64)  # what orjson reads back as an int (not a float)
 
 
 def dump_value(value: Any) -> str:
@@ -64,3 +66,38 @@ def escape_key_part(text: str) -> str | None:
     if unstorable(text) is None:
         return None
     return json.dumps(text, ensure_ascii=True)
+
+
+def exact_value(value: Any, where: str = "") -> Any:
+    """``value`` as JSON data that `load_value` reads back equal and of the same types:
+    None, bool, int (64-bit), finite float, str, lists, and dicts with str keys; a NumPy
+    scalar (anything with ``shape == ()`` whose ``item()`` is one of those) becomes the
+    Python number.  Raises `ValueError` naming the first part that would come back as
+    something else (a set or an object as its string, a tuple as a list, an int key as
+    a str, NaN as null)."""
+    kind = type(value)
+    if value is None or kind in (bool, str):
+        return value
+    if kind is int and value in _INT_RANGE:
+        return value
+    if kind is float and value - value == 0.0:  # finite
+        return value
+    if kind is list:
+        return [exact_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                raise ValueError(f"{where or 'it'} has the key {key!r}, not a str")
+        return {k: exact_value(v, f"{where}[{k!r}]") for k, v in value.items()}
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == () and kind.__module__ != "builtins":
+        inner = item()
+        if type(inner) in (bool, int, float, str):
+            return exact_value(inner, where)
+    raise ValueError(f"{where or 'it'} is {_shown(value)}, which would not come back as itself")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"a {type(value).__qualname__} ({text})"

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from engine import (
 )
 from engine._identity import metric_identity
 from engine.metrics import ExactMatch
-from engine.testing import ScriptedModel, ScriptedRequest
+from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
 from .conftest import echo_examples, echo_model, qa_prompt
 
@@ -395,3 +396,65 @@ def test_code_identity_is_the_same_in_every_process() -> None:
         )  # fmt: skip
         seen.add(out.stdout.strip())
     assert len(seen) == 1 and "None" not in seen.pop()
+
+
+# -- issue 18: a cached trace comes back as it was ---------------------------------------
+
+
+def _f1(results: Sequence[MetricResult]) -> float:
+    """A micro-F1 over the traces' counts (the global metric of the issue)."""
+    tp = sum(r.trace["tp"] for r in results if r.trace)
+    fp = sum(r.trace["fp"] for r in results if r.trace)
+    fn = sum(r.trace["fn"] for r in results if r.trace)
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+async def test_numpy_counts_in_a_trace_come_back_as_numbers(tmp_path: Path) -> None:
+    """`np.int64(1)` used to be stored as "1": the cached run's F1 raised TypeError."""
+    np = pytest.importorskip("numpy")
+
+    def counted(example: Example, prediction: str) -> MetricResult:
+        hit = example.id != "e0"
+        trace = {"tp": np.int64(hit), "fp": np.int64(0), "fn": np.int64(not hit)}
+        return MetricResult(np.float64(hit), None, {**trace, "p": [np.float32(0.5), "x"]})
+
+    scores, traces = [], []
+    for _ in range(2):  # the second run reads every result from the file
+        async with Cache.sqlite(str(tmp_path / "c.sqlite")) as cache:
+            result = await evaluate(
+                qa_prompt(), echo_examples(4), model=echo_model(), metric=counted,
+                cache=cache, global_metric=_f1, keep_outcomes=True,
+            )  # fmt: skip
+        scores.append(result.score)
+        traces.append([o.result.trace for o in result.outcomes if o.result is not None])
+    assert scores == [6 / 7, 6 / 7]
+    assert traces[0] == traces[1]
+    assert {type(v) for t in traces[1] for v in t.values()} == {int, list}
+
+
+async def test_a_trace_that_would_come_back_changed_is_not_cached_and_says_so() -> None:
+    """A set (or a tuple, an int key, an object) used to come back as something else;
+    now the example is scored afresh each time and the run says so once per metric."""
+    calls: list[str] = []
+
+    def labelled(example: Example, prediction: str) -> MetricResult:
+        calls.append(example.id)
+        return MetricResult(1.0, None, {"labels": {"a", "b"}, "n": 2})
+
+    def plain(example: Example, prediction: str) -> MetricResult:
+        return MetricResult(1.0, None, {"labels": ["a", "b"], "n": 2, "deep": {"x": [None]}})
+
+    cache, recorder = Cache(), EventRecorder()
+    for _ in range(2):
+        result = await evaluate(
+            qa_prompt(), echo_examples(3), model=echo_model(), metric=labelled, cache=cache,
+            on_event=recorder, keep_outcomes=True, validate=False,
+        )  # fmt: skip
+        assert [o.result.trace for o in result.outcomes if o.result] == [
+            {"labels": {"a", "b"}, "n": 2}
+        ] * 3
+    assert len(calls) == 6  # scored both times: nothing stale was served
+    (notice,) = recorder.named("metric.uncacheable")
+    assert "trace['labels'] is a set" in notice.data["reason"]
+    await evaluate(qa_prompt(), echo_examples(3), model=echo_model(), metric=plain, cache=cache)
+    assert len([k for k in cache.store._data if k.startswith("m:")]) == 3  # type: ignore[attr-defined]
