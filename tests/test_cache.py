@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -9,7 +10,8 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -458,3 +460,122 @@ async def test_a_trace_that_would_come_back_changed_is_not_cached_and_says_so() 
     assert "trace['labels'] is a set" in notice.data["reason"]
     await evaluate(qa_prompt(), echo_examples(3), model=echo_model(), metric=plain, cache=cache)
     assert len([k for k in cache.store._data if k.startswith("m:")]) == 3  # type: ignore[attr-defined]
+
+
+# -- issue 18: opening a cache file, and saying what is wrong ----------------------------
+
+_OPENER = """
+import sys, time, anyio
+from engine import SQLiteStore
+
+folder, start, me, files = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+async def main():
+    for i in range(files):  # every process opens fresh file i at the same moment
+        while time.time() < start + 0.3 * i:
+            await anyio.sleep(0.001)
+        async with SQLiteStore(f"{folder}/c{i}.sqlite") as store:
+            await store.put(f"row-{me}", "{}")
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_one_fresh_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """4 processes open each of 20 fresh files at the same instant: every open succeeds
+    and every row is there (it used to fail with 'database is locked' or a UNIQUE error
+    on the format marker, worded as a corrupted file)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    start, files = time.time() + 3.0, 20  # after every interpreter has started
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPENER, str(tmp_path), str(start), str(me), str(files)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for me in range(4)
+    ]
+    errors = [child.communicate(timeout=120)[1] for child in children]
+    assert [child.returncode for child in children] == [0] * 4, errors
+    for i in range(files):
+        conn = sqlite3.connect(tmp_path / f"c{i}.sqlite")
+        assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 4
+        conn.close()
+
+
+_HOLDER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def _hold_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+async def test_a_lock_held_by_another_process_is_waited_for_then_named(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    async with SQLiteStore(path):
+        pass
+    holder = _hold_lock(path, 60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(CacheError, match=r"c\.sqlite is locked by another process: still"):
+            await SQLiteStore(path, lock_timeout=1.0).open()
+        assert time.monotonic() - started >= 1.0  # it waited before saying so
+    finally:
+        holder.kill()
+        holder.communicate()
+    holder = _hold_lock(path, 1.0)  # released while the open waits: the open succeeds
+    try:
+        async with SQLiteStore(path) as store:
+            await store.put("k", "{}")
+    finally:
+        holder.communicate()
+
+
+@contextlib.contextmanager
+def _not_writable(path: Path) -> Iterator[None]:
+    """``path`` unwritable for real: chmod, or for root (whom modes do not stop) the
+    immutable attribute; skips where neither is possible."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o500 if path.is_dir() else 0o400)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr +i: cannot make a path unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+async def test_unwritable_places_are_named_not_called_corrupted(tmp_path: Path) -> None:
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    with _not_writable(folder):
+        for fresh in (folder / "c.sqlite", folder / "sub" / "c.sqlite"):
+            with pytest.raises(CacheError, match=f"folder {folder}.* not writable|create the fold"):
+                await SQLiteStore(fresh).open()
+    existing = tmp_path / "ro.sqlite"
+    async with SQLiteStore(existing) as store:
+        await store.put("k", "{}")
+    with _not_writable(existing), pytest.raises(CacheError) as caught:
+        await SQLiteStore(existing).open()
+    assert "ro.sqlite is read-only" in str(caught.value)
+    assert "corrupted" not in str(caught.value)
