@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
@@ -88,6 +89,14 @@ class CacheStatistics:
     misses: int
     coalesced: int
     writes: int
+
+
+class _Unstored(Exception):
+    """A computed result that is not to be stored (it would not read back as itself)."""
+
+    def __init__(self, result: MetricResult) -> None:
+        super().__init__("not stored")
+        self.result = result
 
 
 class _Flight(Generic[T]):
@@ -281,18 +290,21 @@ class Cache(AsyncCloseable):
             data = self._decode(key, raw)
             return MetricResult(float(data["score"]), data.get("feedback"), data.get("trace"))
 
-        async def compute_and_dump() -> tuple[MetricResult, str | None, str]:
+        async def compute_and_dump() -> tuple[MetricResult, str, str]:
             value = await compute()
             try:
                 trace = exact_value(value.trace, "trace") if value.trace is not None else None
             except ValueError as exc:
                 if on_uncacheable is not None:
                     on_uncacheable(f"a trace is not cached: {exc}")
-                return value, None, key
+                raise _Unstored(value) from None  # to this caller and any coalesced one
             value = MetricResult(value.score, value.feedback, trace)
             return value, dump_value(value.to_dict()), key
 
-        return await self._single_flight(key, load, compute_and_dump)
+        try:
+            return await self._single_flight(key, load, compute_and_dump)
+        except _Unstored as unstored:  # scored, not stored: computed again next time
+            return unstored.result, False
 
     @staticmethod
     def metric_key(metric_id: str, example: Example, prediction: str) -> str | None:
@@ -301,10 +313,11 @@ class Cache(AsyncCloseable):
         content = example.content_hash
         if content is None:
             return None
-        # surrogatepass: a prediction with a lone surrogate still has a key, and text
-        # without one hashes as before
-        text = f"{content}:{prediction}".encode("utf-8", "surrogatepass")
-        answer = hashlib.sha256(text).hexdigest()
+        if not _encodable(prediction):
+            # a lone surrogate cannot be encoded: hash the escaped text, marked so that
+            # no other (content, prediction) pair hashes the same text
+            content, prediction = f"{content}!", json.dumps(prediction)
+        answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
         return f"m:{metric_id}:{answer}"
 
     # -- optimizer calls --------------------------------------------------------------
@@ -332,15 +345,14 @@ class Cache(AsyncCloseable):
         self,
         key: str,
         load: Callable[[str], T],
-        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
         *,
         shared: bool = False,
     ) -> tuple[T, bool]:
         """The value under ``key``: stored, being computed by another caller (wait for
-        it), or computed here.  ``compute`` returns the value, its JSON text (``None``:
-        not to be stored) and the key to store it under (normally ``key`` itself).
-        ``shared``: a paid value, single flight across processes too when the store
-        can claim keys."""
+        it), or computed here.  ``compute`` returns the value, its JSON text and the key
+        to store it under (normally ``key`` itself).  ``shared``: a paid value, single
+        flight across processes too when the store can claim keys."""
         while True:
             raw = await self.store.get(key)
             if raw is not None:
@@ -378,13 +390,11 @@ class Cache(AsyncCloseable):
                 lead.done.set()
 
     async def _compute(
-        self, compute: Callable[[], Awaitable[tuple[T, str | None, str]]], *, paid: bool
+        self, compute: Callable[[], Awaitable[tuple[T, str, str]]], *, paid: bool
     ) -> T:
         self._misses += 1
         async with self._unsaved_slot(paid):
             value, raw, store_key = await compute()
-            if raw is None:  # not storable: computed, returned, and computed again next time
-                return value
             await self.store.put(store_key, raw)
         self._writes += 1
         return value
@@ -401,7 +411,7 @@ class Cache(AsyncCloseable):
         self,
         key: str,
         load: Callable[[str], T],
-        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
     ) -> tuple[T, bool]:
         """Compute ``key`` once among every process sharing the store: claim it, or
         wait for the value of whoever holds the claim (and claim it if they give up)."""
@@ -425,7 +435,7 @@ class Cache(AsyncCloseable):
         store: _ClaimingStore,
         key: str,
         owner: str,
-        compute: Callable[[], Awaitable[tuple[T, str | None, str]]],
+        compute: Callable[[], Awaitable[tuple[T, str, str]]],
     ) -> T:
         """`_compute`, renewing the claim on ``key`` until the value is stored."""
 
@@ -464,6 +474,17 @@ class Cache(AsyncCloseable):
     def __repr__(self) -> str:
         s = self.statistics()
         return f"<Cache {self.store!r} hits={s.hits} misses={s.misses} coalesced={s.coalesced}>"
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 once encoded (no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _id_key(prefix: str, example_id: str) -> str:
