@@ -13,6 +13,9 @@ A cache hit must be the same question.  Keys are fixed-shape strings of hashes:
     e:<example id>                    -> {"inputs": hash} (a reused id with changed
                                          inputs is an error, not a stale hit)
 
+An example id that no store can hold as is (a lone surrogate, a NUL) is written as
+ASCII JSON after ``!`` instead of ``:`` (``e!"bad \\udcff"``): escaped, never dropped.
+
 Identical keys requested concurrently are coalesced (single flight): one call is made,
 every waiter gets its result.  If the leader is cancelled (its evaluation was cut by
 racing), a waiter takes over; if the leader failed, waiters share the failure rather
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, Self, TypeVar, cast
@@ -40,7 +44,7 @@ import anyio
 from ._closeable import AsyncCloseable
 from ._errors import CacheConflictError, CacheError
 from ._identity import metric_identity
-from ._json import dump_value, load_value
+from ._json import dump_value, escape_key_part, exact_value, load_value
 from ._prompt import canonical_json, normalise_numbers
 from ._protocols import CacheStore
 from ._stores import MemoryStore, SQLiteStore
@@ -85,6 +89,14 @@ class CacheStatistics:
     misses: int
     coalesced: int
     writes: int
+
+
+class _Unstored(Exception):
+    """A computed result that is not to be stored (it would not read back as itself)."""
+
+    def __init__(self, result: MetricResult) -> None:
+        super().__init__("not stored")
+        self.result = result
 
 
 class _Flight(Generic[T]):
@@ -199,7 +211,7 @@ class Cache(AsyncCloseable):
     @staticmethod
     def prediction_key(request: str, example: Example) -> str:
         """The store key of a prediction (bulk paths use it as a request id)."""
-        return f"p:{request}:{example.id}"
+        return _id_key(f"p:{request}", example.id)
 
     async def has_prediction(self, request: str, example: Example) -> bool:
         """Whether a prediction for (request, example) is stored (checks the inputs)."""
@@ -238,7 +250,7 @@ class Cache(AsyncCloseable):
     @staticmethod
     def example_key(example: Example) -> str:
         """The store key of an example's fingerprint (its id's inputs hash)."""
-        return f"e:{example.id}"
+        return _id_key("e", example.id)
 
     async def _check_example(self, example: Example) -> None:
         if example.id == example.inputs_hash[:24]:
@@ -257,12 +269,18 @@ class Cache(AsyncCloseable):
         example: Example,
         prediction: str,
         compute: Callable[[], Awaitable[MetricResult]],
+        *,
+        on_uncacheable: Callable[[str], None] | None = None,
     ) -> tuple[MetricResult, bool]:
         """The cached result of metric ``metric_id`` (a `metric_identity`) on this
         example's full content and this prediction, computing it once.
 
         An example whose content is not JSON (an arbitrary object as ``expected``) has
-        no key: its result is computed and not stored.
+        no key: its result is computed and not stored.  Nor is a result whose trace
+        would not read back as itself (a set, a tuple, an object; see `exact_value`):
+        it is returned, and ``on_uncacheable`` is called with the reason.  A stored
+        trace holds NumPy scalars as Python numbers; the result returned is the one
+        stored, so a first run and a cached one see the same values.
         """
         key = self.metric_key(metric_id, example, prediction)
         if key is None:
@@ -274,10 +292,19 @@ class Cache(AsyncCloseable):
 
         async def compute_and_dump() -> tuple[MetricResult, str, str]:
             value = await compute()
-            raw = dump_value(value.to_dict())
-            return value, raw, key
+            try:
+                trace = exact_value(value.trace, "trace") if value.trace is not None else None
+            except ValueError as exc:
+                if on_uncacheable is not None:
+                    on_uncacheable(f"a trace is not cached: {exc}")
+                raise _Unstored(value) from None  # to this caller and any coalesced one
+            value = MetricResult(value.score, value.feedback, trace)
+            return value, dump_value(value.to_dict()), key
 
-        return await self._single_flight(key, load, compute_and_dump)
+        try:
+            return await self._single_flight(key, load, compute_and_dump)
+        except _Unstored as unstored:  # scored, not stored: computed again next time
+            return unstored.result, False
 
     @staticmethod
     def metric_key(metric_id: str, example: Example, prediction: str) -> str | None:
@@ -286,6 +313,10 @@ class Cache(AsyncCloseable):
         content = example.content_hash
         if content is None:
             return None
+        if not _encodable(prediction):
+            # a lone surrogate cannot be encoded: hash the escaped text, marked so that
+            # no other (content, prediction) pair hashes the same text
+            content, prediction = f"{content}!", json.dumps(prediction)
         answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()
         return f"m:{metric_id}:{answer}"
 
@@ -443,6 +474,25 @@ class Cache(AsyncCloseable):
     def __repr__(self) -> str:
         s = self.statistics()
         return f"<Cache {self.store!r} hits={s.hits} misses={s.misses} coalesced={s.coalesced}>"
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 once encoded (no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _id_key(prefix: str, example_id: str) -> str:
+    """``prefix:id``; an id no store can hold as is (a lone surrogate, a NUL) is
+    written ``prefix!"<ASCII JSON>"`` instead: escaped, never dropped, and distinct from
+    every other id's key (no plain key has ``!`` there)."""
+    escaped = escape_key_part(example_id)
+    return f"{prefix}:{example_id}" if escaped is None else f"{prefix}!{escaped}"
 
 
 def _conflict(example: Example) -> CacheConflictError:

@@ -253,8 +253,21 @@ class _EvaluationRun:
 
         if s.cache is None or self.metric_id is None:
             return await score()
-        result, _ = await s.cache.metric_result(self.metric_id, example, prediction, score)
+        result, _ = await s.cache.metric_result(
+            self.metric_id, example, prediction, score, on_uncacheable=self._uncacheable_result
+        )
         return result
+
+    def _uncacheable_result(self, reason: str) -> None:
+        """Say once per metric that some of its results are scored but not cached."""
+        metric = self.s.scorer.metric
+        if self.s.cache is not None and self.s.cache.first_uncacheable(metric):
+            self.s.emitter.emit(
+                "metric.uncacheable",
+                level="warning",
+                metric=getattr(metric, "__qualname__", type(metric).__qualname__),
+                reason=f"{reason}; such results are scored afresh every time",
+            )
 
     async def _scored(self, item: _Predicted) -> Outcome:
         """Stage 2: the metric on a prediction, or the error it ended with."""

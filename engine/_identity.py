@@ -1,12 +1,17 @@
 """What a metric *is*, for cache keys: its code and every piece of state it captured.
 
 Two metrics share cached results only if they would score alike: same code, same
-arguments.  A metric's identity covers its source, its qualified name, and the state it
-carries: a closure's cells, a function's defaults and the plain globals it reads, a
-`functools.partial`'s arguments, an instance's attributes.  State that has no canonical
-form (an open file, an object whose repr is its address) makes the metric uncacheable:
-`metric_identity` returns ``None`` and the engine scores it afresh every time rather than
-risk returning another metric's results.  A ``cache_key`` attribute overrides all this.
+arguments.  A metric's identity covers its source, its qualified name, its compiled
+code (bytecode, constants and names, nested code objects included: two ``exec``'d
+functions named alike, a function redefined in a REPL, two lambdas on one line all
+differ), and the state it carries: a closure's cells, a function's defaults and the
+plain globals it reads, a `functools.partial`'s arguments, an instance's attributes,
+and its class's attributes along the MRO (``Thresh.level = 5`` at run time is another
+metric).  Bytecode differs between Python versions, so a new interpreter scores afresh.
+State that has no canonical form (an open file, an object whose repr is its address)
+makes the metric uncacheable: `metric_identity` returns ``None`` and the engine scores
+it afresh every time rather than risk returning another metric's results (a class
+attribute of that kind is recorded by its type only).  A ``cache_key`` attribute overrides all this.
 """
 
 from __future__ import annotations
@@ -25,6 +30,12 @@ __all__ = ["metric_identity"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _MAX_DEPTH = 4  # how far nested callables are followed
+# Class attributes that are Python's bookkeeping, not the class's state.
+_SKIPPED_ATTRIBUTES = frozenset(
+    {"__dict__", "__doc__", "__module__", "__qualname__", "__weakref__", "__slots__",
+     "__annotations__", "__firstlineno__", "__static_attributes__", "__parameters__",
+     "__orig_bases__", "__abstractmethods__", "_abc_impl", "cache_key"}
+)  # fmt: skip
 
 
 class _NoIdentity(Exception):
@@ -46,7 +57,7 @@ def metric_identity(metric: Callable[..., Any]) -> str | None:
         text = canonical_json(normalise_numbers(description))
     except ValueError:  # NaN or infinity in the state
         return None
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _describe(value: Any, depth: int, *, strict: bool) -> Any:
@@ -81,7 +92,9 @@ def _walk(value: Any, depth: int) -> Any:
         return ["method", _walk(method, depth + 1), _walk(value.__self__, depth + 1)]
     if isinstance(value, types.FunctionType):
         return _function(value, depth)
-    if isinstance(value, type | types.BuiltinFunctionType):
+    if isinstance(value, type):
+        return _class(value, depth)
+    if isinstance(value, types.BuiltinFunctionType):
         return ["name", f"{value.__module__}.{value.__qualname__}"]
     if callable(value) or hasattr(value, "__dict__") or hasattr(type(value), "__slots__"):
         return _instance(value, depth)
@@ -98,6 +111,7 @@ def _function(fn: types.FunctionType, depth: int) -> Any:
         "function",
         f"{fn.__module__}.{fn.__qualname__}",
         _source(fn),
+        _code(code),
         _walk(cells, depth + 1),
         _walk(list(fn.__defaults__ or ()), depth + 1),
         _walk(dict(fn.__kwdefaults__ or {}), depth + 1),
@@ -117,7 +131,69 @@ def _instance(obj: Any, depth: int) -> Any:
         f"{kind.__module__}.{kind.__qualname__}",
         _source(kind),
         _walk(state, depth + 1),
+        _class_attributes(kind, depth + 1),
     ]
+
+
+def _class(kind: type, depth: int) -> Any:
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if kind.__module__ == "builtins":
+        return ["name", name]
+    return ["class", name, _class_attributes(kind, depth + 1)]
+
+
+def _class_attributes(kind: type, depth: int) -> Any:
+    """What the class itself holds, along the MRO: its functions by their code, its
+    plain data by value (what has no canonical form by its type: not followed)."""
+    described = []
+    for klass in kind.__mro__:
+        if klass.__module__ == "builtins":
+            continue  # object, int, dict...: nothing a run changes
+        attributes = {}
+        for name, value in sorted(vars(klass).items(), key=_key):
+            if name in _SKIPPED_ATTRIBUTES or name.startswith("_engine_"):
+                continue
+            function = _function_of(value)
+            if function is not None:
+                attributes[name] = _code(function.__code__)
+            elif not isinstance(value, type):  # nested classes: named by the source
+                attributes[name] = _describe(value, depth, strict=False)
+        described.append([f"{klass.__module__}.{klass.__qualname__}", attributes])
+    return described
+
+
+def _function_of(value: Any) -> types.FunctionType | None:
+    """The function behind a class attribute (a method, static or class method, or a
+    property's getter), or ``None``."""
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return value if isinstance(value, types.FunctionType) else None
+
+
+def _code(code: types.CodeType) -> Any:
+    """A code object in canonical form: what it does, not where it was written."""
+    return [
+        "code",
+        code.co_code.hex(),
+        [_constant(c) for c in code.co_consts],
+        list(code.co_names),
+        list(code.co_varnames),
+        list(code.co_freevars),
+        [code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags],
+    ]
+
+
+def _constant(value: Any) -> Any:
+    """A code constant, typed (``1`` and ``1.0`` are different constants here)."""
+    if isinstance(value, types.CodeType):
+        return _code(value)
+    if isinstance(value, tuple):
+        return ["tuple", [_constant(v) for v in value]]
+    if isinstance(value, frozenset):
+        return ["frozenset", sorted(repr(v) for v in value)]
+    return [type(value).__name__, repr(value)]
 
 
 def _plain(value: Any) -> Any:

@@ -64,6 +64,7 @@ import anyio
 
 from ._closeable import AsyncCloseable
 from ._errors import CacheError, ConfigError
+from ._json import unstorable
 from ._pg_schema import (
     Statements,
     asyncpg_module,
@@ -264,6 +265,12 @@ class PostgresStore(AsyncCloseable):
 
     async def put(self, key: str, value: str) -> None:
         self._check_writable()
+        for part, text in (("key", key), ("value", value)):
+            why = unstorable(text)
+            if why is not None:  # refused here: in the writer it would fail a whole batch
+                raise CacheError(
+                    f"cannot store the row {key!r} in {self._where()}: its {part} {why}"
+                )
         self._pending[key] = value
         self._queue[key] = value
         self._work.set()

@@ -11,9 +11,11 @@ takes microseconds, less than a hop to a worker thread would.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import sqlite3
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,11 +25,22 @@ import anyio
 
 from ._closeable import AsyncCloseable
 from ._errors import CacheError
+from ._json import unstorable
 
 __all__ = ["MemoryStore", "SQLiteStore"]
 
 _FORMAT = "textgrad-engine-cache/1"
 _STOP = object()
+# How long a statement waits on another process's lock before SQLITE_BUSY.
+_BUSY_TIMEOUT = 5.0
+# SQLite's primary result codes (the low byte of an extended code).
+_SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_READONLY = 11, 26, 8
+_SQLITE_CANTOPEN, _SQLITE_IOERR = 14, 10
+_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+_UPSERT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
+# Errors of one row (a constraint or trigger, text SQLite cannot take, a value too
+# big), as opposed to errors of the file (locked, full, read-only: OperationalError).
+_ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError)
 
 
 class MemoryStore:
@@ -69,8 +82,12 @@ class SQLiteStore(AsyncCloseable):
         *,
         flush_interval: float = 0.2,
         max_pending: int = 20_000,
+        lock_timeout: float = 30.0,
     ) -> None:
+        """``lock_timeout``: how long `open` waits while another process holds the
+        file's lock (creating the same fresh file, say) before it raises."""
         self.path = Path(path)
+        self.lock_timeout = lock_timeout
         self.flush_interval = flush_interval
         self.max_pending = max_pending  # uncommitted rows before put() waits for the writer
         self._read: sqlite3.Connection | None = None  # loop-thread connection for reads
@@ -79,6 +96,7 @@ class SQLiteStore(AsyncCloseable):
         self._pending: dict[str, str] = {}  # written but not yet committed: read-your-writes
         self._writer: threading.Thread | None = None
         self._writer_error: BaseException | None = None  # first failure of the writer
+        self._failed_rows: dict[str, str] = {}  # rows the writer could not write -> why
         self._committed = 0  # rows committed so far
 
     # -- lifecycle --------------------------------------------------------------------
@@ -87,39 +105,29 @@ class SQLiteStore(AsyncCloseable):
         return self
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        try:
-            write = self._connect()
-            write.execute("PRAGMA journal_mode=WAL")
-            write.execute("PRAGMA synchronous=NORMAL")
-            write.execute(
-                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-            )
-            write.execute(
-                "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-                " WITHOUT ROWID"
-            )
-            row = write.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-            if row is None:
-                has_rows = write.execute("SELECT 1 FROM kv LIMIT 1").fetchone()
-                if has_rows:
-                    raise CacheError(f"{self.path} holds cache rows but no format marker")
-                write.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
-            elif row[0] != _FORMAT:
-                raise CacheError(
-                    f"{self.path} is a cache of format {row[0]!r}, expected {_FORMAT!r}"
-                )
-            check = write.execute("PRAGMA quick_check(1)").fetchone()
-            if check is None or check[0] != "ok":
-                raise CacheError(f"{self.path} failed SQLite's integrity check: {check}")
-            write.commit()
-            self._read = self._connect()
-        except sqlite3.DatabaseError as exc:
-            raise CacheError(
-                f"{self.path} is not a readable cache database (corrupted or truncated?): {exc}"
-            ) from exc
+        self._prepare_location()
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            write: sqlite3.Connection | None = None
+            try:
+                write = self._connect(timeout=min(1.0, self.lock_timeout))
+                self._prepare_schema(write)
+                write.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
+                self._read = self._connect()
+                break
+            except sqlite3.DatabaseError as exc:
+                if write is not None:
+                    write.close()
+                # Another process creating the same fresh file holds the lock for a
+                # moment (4 opens in 30 used to fail): wait for it, within lock_timeout.
+                if _primary_code(exc) in _BUSY_CODES and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise self._open_error(exc) from exc
+            except BaseException:
+                if write is not None:
+                    write.close()
+                raise
         self._writer = threading.Thread(
             target=self._writer_loop,
             args=(write,),
@@ -128,8 +136,75 @@ class SQLiteStore(AsyncCloseable):
         )
         self._writer.start()
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, check_same_thread=False)
+    def _prepare_location(self) -> None:
+        """Make the folder and the owner-only file, saying which one cannot be written."""
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"cannot create the folder {folder} for the cache {self.path}: {exc.strerror}"
+            ) from exc
+        if self.path.exists():
+            # SQLite opens a read-only file read-only without a word; the loss would
+            # show only at the first write
+            unwritable = _unwritable(self.path)
+            if unwritable is not None:
+                raise CacheError(f"{unwritable}; a cache needs to write there")
+            return
+        try:
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass  # another process created it first
+        except OSError as exc:
+            raise CacheError(
+                f"the folder {folder} is not writable: cannot create the cache {self.path} "
+                f"({exc.strerror})"
+            ) from exc
+
+    def _prepare_schema(self, write: sqlite3.Connection) -> None:
+        """WAL mode, the tables and the format marker, in one write transaction (two
+        processes creating one fresh file cannot both insert the marker)."""
+        write.execute("PRAGMA journal_mode=WAL")
+        write.execute("PRAGMA synchronous=NORMAL")
+        write.execute("BEGIN IMMEDIATE")
+        write.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        write.execute(
+            "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            " WITHOUT ROWID"
+        )
+        row = write.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        if row is None:
+            if write.execute("SELECT 1 FROM kv LIMIT 1").fetchone():
+                raise CacheError(f"{self.path} holds cache rows but no format marker")
+            write.execute("INSERT INTO meta VALUES ('format', ?)", (_FORMAT,))
+        elif row[0] != _FORMAT:
+            raise CacheError(f"{self.path} is a cache of format {row[0]!r}, expected {_FORMAT!r}")
+        check = write.execute("PRAGMA quick_check(1)").fetchone()
+        if check is None or check[0] != "ok":
+            raise CacheError(f"{self.path} failed SQLite's integrity check: {check}")
+        write.commit()
+
+    def _open_error(self, exc: sqlite3.DatabaseError) -> CacheError:
+        """What is actually wrong, from SQLite's error code and a look at the disk."""
+        code = _primary_code(exc)
+        if code in _BUSY_CODES:
+            return CacheError(
+                f"{self.path} is locked by another process: still locked after "
+                f"{self.lock_timeout:g} s ({exc})"
+            )
+        if code in (_SQLITE_READONLY, _SQLITE_CANTOPEN, _SQLITE_IOERR):
+            unwritable = _unwritable(self.path)
+            if unwritable is not None:
+                return CacheError(f"{unwritable}; a cache needs to write there ({exc})")
+        if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
+            return CacheError(
+                f"{self.path} is not a readable cache database (corrupted or truncated?): {exc}"
+            )
+        return CacheError(f"opening the cache {self.path} failed: {exc}")
+
+    def _connect(self, timeout: float = _BUSY_TIMEOUT) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=timeout, check_same_thread=False)
 
     async def aclose(self) -> None:
         """Commit everything written so far and close the file."""
@@ -141,10 +216,7 @@ class SQLiteStore(AsyncCloseable):
         if self._read is not None:
             self._read.close()
             self._read = None
-        if self._writer_error is not None:
-            raise CacheError(
-                f"writing {self.path} failed: {self._writer_error}"
-            ) from self._writer_error
+        self._raise_write_failure()
 
     # -- the writer thread ------------------------------------------------------------
     def _writer_loop(self, conn: sqlite3.Connection) -> None:
@@ -180,16 +252,36 @@ class SQLiteStore(AsyncCloseable):
         return batch, True
 
     def _commit(self, conn: sqlite3.Connection, batch: dict[str, str]) -> None:
-        with conn:
-            conn.executemany("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", batch.items())
-        self._committed += len(batch)
+        failed: dict[str, str] = {}
+        try:
+            with conn:
+                conn.executemany(_UPSERT, batch.items())
+        except _ROW_ERRORS:
+            # One row the file refuses must not cost the batch's other (paid) rows:
+            # write them one by one in one transaction and name the ones refused.
+            failed = self._commit_rows(conn, batch)
+        self._committed += len(batch) - len(failed)
         with self._lock:
+            self._failed_rows.update(failed)
             for key, value in batch.items():
                 if self._pending.get(key) is value:
                     del self._pending[key]
 
+    @staticmethod
+    def _commit_rows(conn: sqlite3.Connection, batch: dict[str, str]) -> dict[str, str]:
+        """Write ``batch`` row by row in one transaction; the rows refused, and why."""
+        failed: dict[str, str] = {}
+        with conn:
+            for key, value in batch.items():
+                try:
+                    conn.execute(_UPSERT, (key, value))
+                except _ROW_ERRORS as exc:
+                    failed[key] = f"{type(exc).__name__}: {exc}"
+        return failed
+
     # -- the store protocol -----------------------------------------------------------
     async def get(self, key: str) -> str | None:
+        self._raise_write_failure()
         with self._lock:
             value = self._pending.get(key)
         if value is not None:
@@ -203,10 +295,11 @@ class SQLiteStore(AsyncCloseable):
         return None if row is None else str(row[0])
 
     async def put(self, key: str, value: str) -> None:
-        if self._writer_error is not None:
-            raise CacheError(
-                f"writing {self.path} failed: {self._writer_error}"
-            ) from self._writer_error
+        self._raise_write_failure()
+        for part, text in (("key", key), ("value", value)):
+            why = unstorable(text)
+            if why is not None:  # refused here, so the writer's batch is not at risk
+                raise CacheError(f"cannot store the row {key!r} in {self.path}: its {part} {why}")
         if self._writer is None:
             raise CacheError(f"{self.path} is not open; use 'async with SQLiteStore(...)'")
         with self._lock:
@@ -224,7 +317,43 @@ class SQLiteStore(AsyncCloseable):
     def statistics(self) -> dict[str, int]:
         with self._lock:
             pending = len(self._pending)
-        return {"committed": self._committed, "pending": pending}
+            failed = len(self._failed_rows)
+        return {"committed": self._committed, "pending": pending, "failed": failed}
+
+    def _raise_write_failure(self) -> None:
+        """Raise `CacheError` once the writer has failed or refused a row: every later
+        operation says so, naming the rows, rather than the loss showing at close."""
+        if self._writer_error is not None:
+            raise CacheError(
+                f"writing {self.path} failed: {self._writer_error}"
+            ) from self._writer_error
+        if self._failed_rows:
+            with self._lock:
+                rows = list(self._failed_rows.items())
+            named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            raise CacheError(f"{len(rows)} rows could not be written to {self.path}: {named}{more}")
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} committed={self._committed}>"
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _unwritable(path: Path) -> str | None:
+    """Which of the cache file and its folder cannot be written, by trying: SQLite
+    keeps its -wal and -shm files beside the cache, so both must be writable."""
+    try:
+        os.close(os.open(path, os.O_WRONLY))
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{path} is read-only ({exc.strerror})"
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"the folder {path.parent} of the cache {path.name} is not writable ({exc.strerror})"
+    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,11 +183,28 @@ def _load(
 
 def _open_checked(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError("no such file", location=str(p))
+    if not p.is_file():
+        # a FIFO would block the run forever on its first read; name what it is
+        raise DataError(f"not a regular file (it is {_file_kind(p)})", location=str(p))
     if not os.access(p, os.R_OK):
         raise DataError("the file is not readable", location=str(p))
     return p
+
+
+def _file_kind(p: Path) -> str:
+    mode = p.stat().st_mode
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _read(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +175,19 @@ def test_row_location_maps_an_index_to_its_line(tmp_path: Path) -> None:
     csv.write_text("id,q,expected\n1,a,b\n2,c,d\n")
     assert row_location(csv, 1) == f"{csv}:3"
     assert row_location(csv, 9) is None and row_location(tmp_path / "nope.csv", 0) is None
+
+
+@pytest.mark.parametrize("loader", [load_dataset, load_jsonl, load_csv])
+def test_a_fifo_or_a_folder_is_named_for_what_it_is(tmp_path: Path, loader: Any) -> None:
+    """Issue 18: a FIFO path said "no such file" (and reading one would block forever)."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match=r"not a regular file \(it is a FIFO") as caught:
+        loader(fifo)
+    assert "no such file" not in str(caught.value) and str(fifo) in str(caught.value)
+    folder = tmp_path / "dir.csv"
+    folder.mkdir()
+    with pytest.raises(DataError, match=r"not a regular file \(it is a directory\)"):
+        loader(folder)
+    with pytest.raises(DataError, match="no such file"):
+        loader(tmp_path / "absent.jsonl")

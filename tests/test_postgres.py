@@ -801,3 +801,30 @@ async def test_wait_for_commit_returns_from_put_once_another_client_sees_the_row
         assert store.statistics()["pending"] == 0
         rows = await _sql(pg_url, f'SELECT value FROM "{table}" WHERE key = $1', "last")
         assert [row[0] for row in rows] == ['"x"']
+
+
+async def test_text_postgres_cannot_hold_is_refused_by_put_and_escaped_by_the_cache(
+    pg_url: str, table: str
+) -> None:
+    """Issue 18: a lone surrogate or a NUL in one row used to fail the writer's whole
+    batch.  `put` refuses such a row at once; the cache escapes them and reads back."""
+    from engine import Example, MetricResult
+
+    stderr = b"exit \xff".decode("utf-8", "surrogateescape")
+    data = [*echo_examples(20), Example({"question": "q"}, "q", id="id-\udcff\x00")]
+
+    def metric(ex: Example, pred: str) -> MetricResult:
+        return MetricResult(1.0, stderr)
+
+    async with PostgresStore(pg_url, table=table) as store:
+        for key, value in (("p:x", '"\udcff"'), ("p:\x00", "{}")):
+            with pytest.raises(CacheError, match="cannot store the row"):
+                await store.put(key, value)
+        await evaluate(qa_prompt(), data, model=echo_model(), metric=metric, cache=Cache(store))
+    model = echo_model()
+    async with Cache(PostgresStore(pg_url, table=table)) as cache:
+        again = await evaluate(
+            qa_prompt(), data, model=model, metric=metric, cache=cache, keep_outcomes=True
+        )
+    assert model.calls == 0 and again.cache_hits == 21
+    assert {o.result.feedback for o in again.outcomes if o.result} == {stderr}
