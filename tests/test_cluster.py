@@ -252,6 +252,63 @@ async def test_the_run_budget_is_charged_and_stops_the_cluster(cluster: RayClust
         )  # fmt: skip
 
 
+async def test_a_call_cap_holds_on_the_workers(cluster: RayCluster, server: SimulatedServer) -> None:
+    """Budget(max_calls=30) on a 200-example cluster evaluation: the provider is sent
+    at most 30 calls (workers lease call permits; before, each batch ran unmetered and
+    the driver checked between batches: 4 batches of 13 in flight), and every call it
+    was sent is charged to the run's meter."""
+    from engine import Budget, BudgetExceededError
+    from engine._budget import BudgetMeter
+
+    model = chat(server, concurrency=8)
+    meter = BudgetMeter(Budget(max_calls=30), ["demo"])
+    try:
+        with pytest.raises(BudgetExceededError, match="call budget"):
+            await evaluate(
+                qa_prompt(), echo_examples(200), model=model, metric=ExactMatch(),
+                meter=meter, cluster=cluster,
+            )  # fmt: skip
+    finally:
+        await model.aclose()
+    assert 0 < server.stats.received <= 30
+    assert server.stats.received <= meter.total_calls <= 30
+
+
+async def test_a_dead_workers_calls_are_charged(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """ray.kill of a worker mid-run (no cache: its batches are paid again): the run's
+    meter is charged every call the provider was sent, the dead worker's included
+    (before, only the delivered batches' calls were: 200 of 200 + the dead ones)."""
+    from engine._budget import BudgetMeter
+
+    server.config.latency_median = 0.03
+    model = chat(server, concurrency=8)
+    meter = BudgetMeter(None, ["demo"])
+    before = cluster.restarts
+
+    async def kill_soon() -> None:
+        while server.stats.paid < 60:
+            await anyio.sleep(0.01)
+        ray.kill(cluster.handle(1))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_soon)
+            result = await evaluate(
+                qa_prompt(), echo_examples(200), model=model, metric=ExactMatch(),
+                meter=meter, cluster=cluster,
+            )  # fmt: skip
+    finally:
+        await model.aclose()
+    assert cluster.restarts == before + 1 and result.completed == 200
+    received = server.stats.received
+    assert received > 200  # the dead worker's calls were paid, and paid again
+    # charged: every call sent; at most the dead worker's share of permits more
+    # (granted, possibly not sent when it died)
+    assert received <= meter.total_calls <= received + 4
+
+
 CANARY = "canary-3f9a7c1e55d2"  # a key of no known shape, registered at the driver
 
 

@@ -25,6 +25,7 @@ from ._racing import RacingTally
 from ._rates import RateBudget
 from ._ray import ActorDied, ray_module, unwrap_task_error
 from ._run import OutcomeCallback, evaluate_on
+from ._spend import SpendLedger
 from ._worker import ClusterWorker
 
 __all__ = ["RayCluster"]
@@ -99,6 +100,7 @@ class RayCluster(AsyncCloseable):
         self._handles: list[Any] = []
         self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
         self._tally: Any = None  # the RacingTally actor, once a raced evaluation runs
+        self._ledger: Any = None  # the SpendLedger actor, once a metered evaluation runs
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> Self:
@@ -164,10 +166,11 @@ class RayCluster(AsyncCloseable):
                 except Exception:  # a dead worker has nothing to commit
                     continue
         actors = [*handles, *(actor for _, actor in self._budgets.values())]
-        for handle in [*actors, *([self._tally] if self._tally is not None else [])]:
+        singles = [actor for actor in (self._tally, self._ledger) if actor is not None]
+        for handle in [*actors, *singles]:
             ray.kill(handle)
         self._budgets.clear()
-        self._tally = None
+        self._tally = self._ledger = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -225,6 +228,12 @@ class RayCluster(AsyncCloseable):
         if self._tally is None:
             self._tally = self._ray.remote(RacingTally).options(num_cpus=0).remote()
         return self._tally
+
+    def spend_ledger(self) -> Any:
+        """The cluster's budget ledger actor (one for every metered evaluation, made once)."""
+        if self._ledger is None:
+            self._ledger = self._ray.remote(SpendLedger).options(num_cpus=0).remote()
+        return self._ledger
 
     async def finish(self, job_id: str, slots: Iterable[int], events: Emitter) -> None:
         """Close one evaluation on its workers (permits back, caches committed)."""

@@ -21,7 +21,7 @@ from .._errors import ConfigError
 from .._identity import metric_identity
 from .._outcome import Evaluation, Outcome
 from .._tally import Tally
-from .._types import MetricResult
+from .._types import MetricResult, Usage
 from ._plan import Plan
 from ._source import ExampleBatch, FileBatch
 from ._worker import BatchResult
@@ -80,6 +80,7 @@ class Delivery:
         self,
         plan: Plan,
         *,
+        model: str,
         on_outcome: OutcomeCallback | None,
         keep_outcomes: bool,
         meter: BudgetMeter | None,
@@ -99,6 +100,9 @@ class Delivery:
         self.outcomes: list[Outcome] = []
         self.results: list[tuple[int, MetricResult | None, str]] = []  # for a global metric
         self.per_worker: dict[int, list[int]] = {}  # slot -> [examples, calls]
+        self.model = model  # the evaluated prompt's model: its calls are the ledger's
+        self.model_calls = 0  # ... as the delivered batches charged them
+        self.model_usage = Usage()
         self.started = self.last_progress = time.monotonic()
 
     async def __call__(self, batch: ExampleBatch | FileBatch, result: BatchResult) -> bool:
@@ -124,6 +128,8 @@ class Delivery:
         counts = self.per_worker.setdefault(result.slot, [0, 0])
         counts[0] += len(result.outcomes)
         counts[1] += result.calls
+        self.model_calls += result.charged_calls.get(self.model, 0)
+        self.model_usage = self.model_usage + result.charged_usage.get(self.model, Usage())
         if self.meter is not None:
             for model, calls in result.charged_calls.items():
                 for _ in range(calls):
