@@ -252,7 +252,9 @@ async def test_the_run_budget_is_charged_and_stops_the_cluster(cluster: RayClust
         )  # fmt: skip
 
 
-async def test_a_call_cap_holds_on_the_workers(cluster: RayCluster, server: SimulatedServer) -> None:
+async def test_a_call_cap_holds_on_the_workers(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
     """Budget(max_calls=30) on a 200-example cluster evaluation: the provider is sent
     at most 30 calls (workers lease call permits; before, each batch ran unmetered and
     the driver checked between batches: 4 batches of 13 in flight), and every call it
