@@ -415,6 +415,40 @@ async def test_the_adapters_rpm_holds_for_the_whole_cluster(
     assert elapsed > (150 - 20) / 50  # at most the rate, not one rate per worker
 
 
+async def test_a_local_evaluation_beside_a_cluster_one_shares_its_rate(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """One adapter with Limits(rpm=6000), a cluster evaluation and a local one at
+    once (as parallel proposals' batch checks run beside a full-set one): the
+    provider sees one rate in total, not the driver's limiter's on top of the
+    cluster's (before: two buckets, about twice the rate)."""
+    server.config.latency_median = 0.02
+    model = chat(server, rpm=6000, concurrency=16)
+    try:
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+
+            async def remote() -> None:
+                await evaluate(
+                    qa_prompt(), echo_examples(150, "c"), model=model, metric=ExactMatch(),
+                    cluster=cluster,
+                )  # fmt: skip
+
+            tg.start_soon(remote)
+            await anyio.sleep(0.3)  # the cluster's workers are busy by then
+            local = await evaluate(
+                qa_prompt(), echo_examples(150, "l"), model=model, metric=ExactMatch()
+            )
+        elapsed = time.monotonic() - started
+    finally:
+        await model.aclose()
+    stats = server.stats
+    assert local.completed == 150 and stats.paid == 300 and stats.rate_limited == 0
+    # the rate, its burst and three lease holders (two workers, the driver)
+    assert stats.max_in_window(1.0) <= 100 + 10 + 3 * 10
+    assert elapsed > (300 - 40) / 100  # one rate for the endpoint, not one per bucket
+
+
 def rate_limited_once(request: ScriptedRequest) -> str:
     if request.attempt == 1:
         raise RateLimitedError(retry_after=1.0, endpoint="scripted")

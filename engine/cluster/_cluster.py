@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import anyio
@@ -21,6 +22,7 @@ from .._outcome import Evaluation, GlobalMetric
 from .._prompt import Prompt
 from .._protocols import ChatModel, Metric
 from .._types import Example
+from ._leased import LeasedModel
 from ._racing import RacingTally
 from ._rates import RateBudget
 from ._ray import ActorDied, ray_module, unwrap_task_error
@@ -99,6 +101,9 @@ class RayCluster(AsyncCloseable):
         self._actor: Any = None  # the remote worker class
         self._handles: list[Any] = []
         self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
+        # driver-side endpoints leasing from their budget actor: the wrapper, and the
+        # cluster evaluations on it now (by id(endpoint))
+        self._attached: dict[int, list[Any]] = {}
         self._tally: Any = None  # the RacingTally actor, once a raced evaluation runs
         self._ledger: Any = None  # the SpendLedger actor, once a metered evaluation runs
 
@@ -217,6 +222,35 @@ class RayCluster(AsyncCloseable):
             remote = self._ray.remote(RateBudget).options(num_cpus=0)
             known = self._budgets[id(endpoint)] = (endpoint, remote.remote(endpoint.limits))
         return known[1]
+
+    @asynccontextmanager
+    async def attached(self, endpoint: Endpoint) -> AsyncIterator[Any]:
+        """While a cluster evaluation runs on ``endpoint``, the driver's own calls on it
+        (a trainer's batch step, an `evaluate` run beside) lease from the same budget
+        actor as the workers: one endpoint, one rate.  Yields the budget actor."""
+        budget = self.budget_for(endpoint)
+        entry = self._attached.get(id(endpoint))
+        if entry is None:
+            leased = None
+            if not isinstance(endpoint.model, LeasedModel):  # (another cluster's already)
+                leased = LeasedModel(
+                    endpoint.model, budget, name=endpoint.name,
+                    max_wait=endpoint.retry.max_retry_after,
+                )  # fmt: skip
+                endpoint.model = leased
+            entry = self._attached[id(endpoint)] = [leased, 0]
+        entry[1] += 1
+        try:
+            yield budget
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._attached[id(endpoint)]
+                leased = entry[0]
+                if leased is not None:
+                    endpoint.model = leased.model
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
+                        await leased.release()
 
     async def budget_statistics(self, model: ChatModel | Endpoint) -> dict[str, Any]:
         """The counters of the rate budget of ``model``'s endpoint on this cluster."""

@@ -22,7 +22,7 @@ from .._types import Completion, RateLimitSnapshot, Usage
 from ._rates import FREE_RECHECK, LEASE_LIFE, LEASE_SECONDS, Ask, Grant
 from ._spend import SpendLease
 
-__all__ = ["LeasedModel"]
+__all__ = ["LeasedModel", "unleased"]
 
 _DEFAULT_COMPLETION_TOKENS = 256
 
@@ -174,3 +174,8 @@ def _completion_cap(params: Mapping[str, Any]) -> int:
     cap = params.get("max_tokens") or params.get("max_completion_tokens")
     default = _DEFAULT_COMPLETION_TOKENS
     return min(cap, default) if isinstance(cap, int) else default
+
+
+def unleased(model: Any) -> Any:
+    """The adapter itself (a driver's endpoint wraps it while a cluster runs on it)."""
+    return model.model if isinstance(model, LeasedModel) else model

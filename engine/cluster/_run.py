@@ -40,6 +40,7 @@ from .._scoring import check_metric
 from .._types import Example, Usage
 from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
+from ._leased import unleased
 from ._plan import Plan, plan
 from ._ray import ray_module
 from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file_batches
@@ -125,7 +126,7 @@ def _job(
     return Job(
         job_id=uuid.uuid4().hex,
         prompt=plan.prompt,
-        model=endpoint.model,
+        model=unleased(endpoint.model),
         name=endpoint.name,
         namespace=endpoint.cache_identity,
         retry=endpoint.retry,
@@ -184,6 +185,36 @@ async def evaluate_on(
     if on_error not in ("record", "raise"):
         raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
     laid = await plan(cluster, prompt, examples, must_beat=must_beat, emitter=emitter, **checked)
+    async with cluster.attached(laid.endpoint):
+        return await _evaluate_planned(
+            cluster,
+            laid,
+            on_error=on_error,
+            must_beat=must_beat,
+            on_outcome=on_outcome,
+            keep_outcomes=keep_outcomes,
+            metric_concurrency=metric_concurrency,
+            progress_interval=progress_interval,
+            meter=meter,
+            global_metric=checked.get("global_metric"),
+        )
+
+
+async def _evaluate_planned(
+    cluster: RayCluster,
+    laid: Plan,
+    *,
+    on_error: Any,
+    must_beat: float | None,
+    on_outcome: OutcomeCallback | None,
+    keep_outcomes: bool,
+    metric_concurrency: int | None,
+    progress_interval: float,
+    meter: BudgetMeter | None,
+    global_metric: Any,
+) -> Evaluation:
+    """The evaluation of ``laid`` on the pool: ship the job, feed, deliver, settle."""
+    prompt, examples, emitter = laid.prompt, laid.examples, laid.emitter
     tally = cluster.racing_tally() if must_beat is not None else None
     ledger = cluster.spend_ledger() if meter is not None else None
     options = {"metric_concurrency": metric_concurrency, "on_error": on_error}
@@ -205,7 +236,7 @@ async def evaluate_on(
             laid = replace(laid, total=await check_file(cluster, laid, job.job_id, box))
         if tally is not None:
             assert must_beat is not None
-            check_racing(must_beat, laid.total, checked.get("global_metric"))
+            check_racing(must_beat, laid.total, global_metric)
             await tally.start.remote(job.job_id, laid.total, must_beat)
         delivery = Delivery(
             laid,
