@@ -392,6 +392,97 @@ async def test_racing_across_shards_decides_as_a_local_run(cluster: RayCluster) 
     assert winning.conservative_score == full.conservative_score > 0.2
 
 
+def half_credit(example: Example, prediction: str) -> MetricResult:
+    return MetricResult(0.5)
+
+
+def agreeable(request: ScriptedRequest) -> str:
+    return "fine"
+
+
+async def test_a_full_set_loser_is_not_reported_as_cut(cluster: RayCluster) -> None:
+    """A candidate whose bound reaches the bar only with its last outcome ran in full:
+    not "cut by racing after 20/20" (the tally used to set its bound at the end too)."""
+    data = echo_examples(20)
+    model = ScriptedModel(agreeable, limits=Limits(concurrency=4))
+    local = await evaluate(qa_prompt(), data, model=model, metric=half_credit, must_beat=0.5)
+    remote = await evaluate(
+        qa_prompt(), data, model=model, metric=half_credit, must_beat=0.5, cluster=cluster
+    )
+    assert not local.stopped_early and local.upper_bound is None
+    assert (remote.stopped_early, remote.upper_bound, remote.completed) == (False, None, 20)
+
+
+def test_the_tally_forgets_a_dead_runs_scores() -> None:
+    """A batch run again after its worker died counts its new scores, not the dead
+    run's: the tally's bound (and its stop) follows the run that is delivered."""
+    from engine.cluster._racing import RacingTally
+
+    tally = RacingTally()
+    tally.start("job", 4, 0.5)
+    assert tally.add("job", 0, [(0, 0.0), (1, None)])  # (0 + 2) / 4 <= 0.5: stop
+    tally.forget("job", 0)  # its worker died: the batch runs again
+    assert not tally.stopped("job")
+    assert not tally.add("job", 0, [(0, 1.0), (1, 1.0)])  # the re-run's scores count
+    assert not tally.add("job", 0, [(0, 0.0)])  # the dead run's position, once only
+    assert not tally.add("job", 1, [(0, 0.0)])  # (2 + 1) / 4 > 0.5
+    assert tally.finish("job") is None
+
+
+async def test_a_batch_run_again_after_a_death_forgets_its_dead_run() -> None:
+    """The feeder has the dead run undone (racing's tally) before it sends the batch
+    to the replacement worker."""
+    from engine._events import Emitter
+    from engine.cluster._dispatch import Feeder
+    from engine.cluster._ray import ActorDied
+    from engine.cluster._source import example_batches
+
+    log: list[str] = []
+
+    class Pool:
+        def handle(self, slot: int) -> str:
+            return f"worker-{len([x for x in log if x.startswith('replace')])}"
+
+        async def replace(self, slot: int, dead: object) -> None:
+            log.append(f"replace {dead}")
+
+    async def call(worker: str, seq: int) -> int:
+        log.append(f"send {seq} to {worker}")
+        if worker == "worker-0":
+            raise ActorDied("killed")
+        return seq
+
+    async def forget(batch: object) -> None:
+        log.append(f"forget {batch.seq}")
+
+    async def deliver(batch: object, result: int) -> bool:
+        return False
+
+    feeder: Feeder[object, int] = Feeder(
+        Pool(), [0], example_batches(echo_examples(2), 2),
+        lambda worker, batch: call(worker, batch.seq), deliver,
+        events=Emitter(None), depth=1, rerun=forget,
+    )  # fmt: skip
+    await feeder.run()
+    assert log == ["send 0 to worker-0", "replace worker-0", "forget 0", "send 0 to worker-1"]
+
+
+async def test_a_lease_cancelled_while_waiting_is_handed_back(ray_session: None) -> None:
+    """A call cancelled while its lease waits for the rate hands the reserved permit
+    back (it used to stay reserved, and the rate lost it)."""
+    budget = ray.remote(RateBudget).options(num_cpus=0).remote(Limits(rpm=60))  # 1/s
+    leased = LeasedModel(ScriptedModel(lambda r: "fine"), budget, name="l", max_wait=60)
+    try:
+        await leased.complete([{"role": "user", "content": "a"}])  # the burst: at once
+        with anyio.move_on_after(0.2):  # the next permit is a second away
+            await leased.complete([{"role": "user", "content": "b"}])
+        await leased.release()
+        stats = await budget.statistics.remote()
+        assert stats["requests"] == 2 and stats["returned"] == 1
+    finally:
+        ray.kill(budget)
+
+
 # -- one rate budget for the whole cluster --------------------------------------------------
 async def test_the_adapters_rpm_holds_for_the_whole_cluster(
     cluster: RayCluster, server: SimulatedServer

@@ -174,6 +174,8 @@ class Delivery:
     def result(self, stopped_at: float | None) -> Evaluation:
         """The `Evaluation` a local run would return (``stopped_at``: racing's bound)."""
         t, plan = self.tally, self.plan
+        if t.total is not None and t.completed == t.total:
+            stopped_at = None  # every outcome is in: nothing was cut (as a local run says)
         if t.completed == 0 and stopped_at is None:
             raise ConfigError("the dataset is empty")
         if plan.global_metric is not None:

@@ -140,12 +140,18 @@ class LeasedModel:
             snapshot=self._snapshot,
         )
         self._returned, self._debt, self._sent_freely, self._snapshot = 0, 0.0, 0, None
-        grant: Grant = await self.budget.lease.remote(ask)
+        # shielded (the actor answers at once): a grant it made must reach this side
+        with anyio.CancelScope(shield=True):
+            grant: Grant = await self.budget.lease.remote(ask)
         self._rate = grant.rate
         if grant.unlimited:
             self._unlimited_until = anyio.current_time() + FREE_RECHECK
         elif grant.permits:
-            await anyio.sleep(grant.wait)  # reserved: they may be spent from then on
+            try:
+                await anyio.sleep(grant.wait)  # reserved: they may be spent from then on
+            except BaseException:  # cancelled while waiting: reserved, never used
+                self._returned += grant.permits  # back with the next lease or release
+                raise
             self._permits, self._leased_at = grant.permits, anyio.current_time()
             self._lease_each = self._tokens_each
         elif grant.wait > self.max_wait:

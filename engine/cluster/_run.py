@@ -247,7 +247,7 @@ async def _evaluate_planned(
             relay=Relay(laid) if laid.cache_spec.mode == "relay" else None,
             progress_interval=progress_interval,
         )
-        await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter)
+        await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter, tally)
         bound = await tally.finish.remote(job.job_id) if tally is not None else None
         evaluation = replace(delivery.result(bound), must_beat=must_beat)
     except Exception as exc:
@@ -290,7 +290,12 @@ async def _evaluation_pass(
     box: list[Any],
     delivery: Delivery,
     meter: BudgetMeter | None,
+    tally: Any,
 ) -> None:
+    async def forget(batch: Any) -> None:  # racing counts the run that is delivered
+        await tally.forget.remote(job_id, batch.seq)
+
+    rerun = forget if tally is not None else None
     feeder: Feeder[Any, BatchResult] = Feeder(
         cluster,
         laid.slots,
@@ -300,5 +305,6 @@ async def _evaluation_pass(
         events=laid.emitter,
         prepare=_prepare(laid, delivery.relay),
         before_send=meter.check if meter is not None else None,
+        rerun=rerun,
     )
     await feeder.run()
