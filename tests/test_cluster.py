@@ -140,6 +140,27 @@ async def test_a_cluster_that_is_not_started_is_refused() -> None:
         RayCluster("ray://nowhere")
 
 
+async def test_a_local_cluster_that_cannot_fit_fails_at_once(ray_session: None) -> None:
+    """4 workers x 1 CPU asked of a 2-CPU local Ray: the arithmetic and the fix at
+    once (it used to wait start_timeout, 120 s by default, then guess)."""
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"4 workers x 1 CPU > 2 CPUs; use worker_cpus=0\.5"):
+        await RayCluster("local", workers=4, worker_cpus=1, start_timeout=15).start()
+    assert time.monotonic() - started < 5  # against 15 s (120 s by default) before
+
+
+async def test_a_local_cluster_fits_workers_to_its_cpus(ray_session: None) -> None:
+    """``RayCluster("local", workers=4)`` (the README's line) on 2 CPUs, worker_cpus
+    not given: the workers' share is sized to fit what is free, and an event says so."""
+    events: list[object] = []
+    async with RayCluster("local", workers=4, start_timeout=60, on_event=events.append) as pool:
+        assert pool.workers == 4 and len(set(await pool.pids())) == 4
+    fitted = [e for e in events if getattr(e, "name", "") == "cluster.workers_fitted"]
+    assert len(fitted) == 1
+    data = fitted[0].data  # type: ignore[attr-defined]
+    assert data["workers"] == 4 and 0 < 4 * data["worker_cpus"] <= 2
+
+
 async def test_openai_chat_pickles_as_its_arguments() -> None:
     """No client crosses processes: the copy has its own, with the same settings."""
     original = OpenAIChat(base_url="http://127.0.0.1:9/v1", limits=Limits(rpm=60), name="x")

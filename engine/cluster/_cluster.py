@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -56,6 +57,12 @@ class RayCluster(AsyncCloseable):
             ``"ray://host:port"`` connects through Ray Client.
         workers: worker actors; default one per ``worker_cpus`` of the cluster's CPUs.
         worker_cpus: CPUs Ray reserves for each worker (spreads them over nodes).
+            Default 1, except on a ``"local"`` cluster asked for more workers than it
+            has CPUs free: then the share that fits (``cluster.workers_fitted``
+            event).  Given explicitly, a ``"local"`` cluster that cannot hold
+            ``workers x worker_cpus`` fails at once with the arithmetic.  A fraction
+            is right when the evaluation is I/O-bound (a worker mostly waits on the
+            provider: several fit on a core); a CPU-heavy metric wants 1 per worker.
         batch_size: examples per batch sent to a worker; default a few batches per
             worker (between twice a worker's concurrency and 512).
         num_cpus: CPUs of a ``"local"`` cluster; default this machine's.
@@ -64,6 +71,7 @@ class RayCluster(AsyncCloseable):
         max_restarts: worker replacements (after deaths) allowed over the cluster's
             life before an evaluation fails; default four per worker.
         start_timeout: seconds to wait for a worker to start.
+        on_event: receives the cluster's own events (``cluster.workers_fitted``).
     """
 
     def __init__(
@@ -71,12 +79,13 @@ class RayCluster(AsyncCloseable):
         address: str = "local",
         *,
         workers: int | None = None,
-        worker_cpus: float = 1.0,
+        worker_cpus: float | None = None,
         batch_size: int | None = None,
         num_cpus: int | None = None,
         runtime_env: Mapping[str, Any] | None = None,
         max_restarts: int | None = None,
         start_timeout: float = 120.0,
+        on_event: EventCallback | None = None,
     ) -> None:
         if address not in ("local", "auto") and not _ADDRESS.match(address):
             raise ConfigError(
@@ -85,7 +94,7 @@ class RayCluster(AsyncCloseable):
         for name, value in (("workers", workers), ("batch_size", batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"RayCluster {name} must be a positive integer, got {value!r}")
-        if not worker_cpus >= 0:
+        if worker_cpus is not None and not worker_cpus >= 0:
             raise ConfigError(f"worker_cpus must not be negative, got {worker_cpus!r}")
         self.address = address
         self._wanted = workers
@@ -95,6 +104,7 @@ class RayCluster(AsyncCloseable):
         self.runtime_env = dict(runtime_env) if runtime_env is not None else None
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
+        self.events = Emitter(on_event).bind(cluster=address)
         self.restarts = 0
         self._ray: Any = None
         self._owns_ray = False
@@ -115,10 +125,13 @@ class RayCluster(AsyncCloseable):
         ray = self._ray = ray_module()
         if not ray.is_initialized():
             self._init_ray(ray)
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        count = self._wanted or max(1, int(cpus // self.worker_cpus) if self.worker_cpus else 1)
+        try:
+            count, share = self._placement(ray)
+        except ConfigError:
+            await self.close()  # and Ray, if this object started it
+            raise
         self._actor = ray.remote(ClusterWorker).options(
-            num_cpus=self.worker_cpus, max_concurrency=1000, max_restarts=0, max_task_retries=0
+            num_cpus=share, max_concurrency=1000, max_restarts=0, max_task_retries=0
         )
         self._handles = [self._actor.remote(slot) for slot in range(count)]
         try:
@@ -129,9 +142,45 @@ class RayCluster(AsyncCloseable):
             await self.close()
             raise EngineError(
                 f"cluster workers did not start within {self.start_timeout:g}s "
-                f"(are {count} x {self.worker_cpus:g} CPUs free?)"
+                f"(are {count} x {share:g} CPUs free?)"
             ) from None
         return self
+
+    def _placement(self, ray: Any) -> tuple[int, float]:
+        """Workers and the CPUs of each.  A ``"local"`` cluster knows its CPUs at once:
+        an explicit ``worker_cpus`` that cannot fit fails now (not after
+        ``start_timeout``), an unset one is shrunk to fit what is free."""
+        total = float(ray.cluster_resources().get("CPU", 1.0))
+        given = self.worker_cpus
+        count = self._wanted or max(1, int(total // given) if given else int(total) or 1)
+        if self.address != "local":
+            return count, 1.0 if given is None else given  # it may grow: Ray waits
+        if given is not None:
+            if count * given > total + 1e-9:
+                fit = math.floor(total / count * 100) / 100
+                raise ConfigError(
+                    f"{count} workers x {given:g} CPU > {total:g} CPUs; use "
+                    f"worker_cpus={fit:g} (right for an I/O-bound evaluation) or fewer workers"
+                )
+            return count, given
+        free = min(total, float(ray.available_resources().get("CPU", total)))
+        if count <= free:
+            return count, 1.0
+        share = math.floor(free / count * 100) / 100
+        if share <= 0:
+            raise ConfigError(
+                f"{count} workers need CPUs and this Ray has {free:g} of {total:g} free; "
+                "close another cluster or pass worker_cpus=0"
+            )
+        self.events.emit(
+            "cluster.workers_fitted",
+            level="warning",
+            workers=count,
+            worker_cpus=share,
+            cpus_free=free,
+            detail=f"{count} workers x 1 CPU > {free:g} CPUs free: {share:g} CPU each",
+        )
+        return count, share
 
     def _init_ray(self, ray: Any) -> None:
         # Blocking for a few seconds, once: Ray must be initialised on the main thread.
