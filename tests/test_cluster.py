@@ -240,6 +240,21 @@ async def test_cluster_evaluation_equals_the_local_one(cluster: RayCluster) -> N
     assert remote.errors == 12 and remote.calls == 90
 
 
+async def test_progress_shows_every_worker_working(cluster: RayCluster) -> None:
+    """A small set on 2 workers (12 examples, concurrency 16): both workers get a
+    batch, and every progress event lists both (before: one batch of 16 held the whole
+    set, and the progress line showed only w0)."""
+    events: list[object] = []
+    result = await evaluate(
+        qa_prompt(), echo_examples(12), model=mixed_model(limits=Limits(concurrency=16)),
+        metric=ExactMatch(), cluster=cluster, progress_interval=0.0, on_event=events.append,
+    )  # fmt: skip
+    assert result.completed == 12
+    progress = [e.data for e in events if getattr(e, "name", "") == "evaluation.progress"]  # type: ignore[attr-defined]
+    assert progress and all([w["worker"] for w in p["workers"]] == [0, 1] for p in progress)
+    assert all(w["done"] > 0 for w in progress[-1]["workers"])  # both did work
+
+
 async def test_errors_raise_as_they_do_locally(cluster: RayCluster) -> None:
     """on_error="raise": the worker's first failure is the evaluation's, as itself."""
     with pytest.raises(PermanentError) as local:

@@ -99,7 +99,9 @@ class Delivery:
         self.before = 0  # examples in the batches emitted so far
         self.outcomes: list[Outcome] = []
         self.results: list[tuple[int, MetricResult | None, str]] = []  # for a global metric
-        self.per_worker: dict[int, list[int]] = {}  # slot -> [examples, calls]
+        # slot -> [examples, calls]: every worker of the pass, from the start
+        self.per_worker: dict[int, list[int]] = {slot: [0, 0] for slot in plan.slots}
+        self.running: dict[int, int] = {}  # slot -> examples sent, not back (the feeder's)
         self.model = model  # the evaluated prompt's model: its calls are the ledger's
         self.model_calls = 0  # ... as the delivered batches charged them
         self.model_usage = Usage()
@@ -166,7 +168,13 @@ class Delivery:
             **self.tally.progress(),
             elapsed=round(elapsed, 3),
             workers=[
-                {"worker": slot, "done": n, "calls": calls, "per_s": round(n / elapsed, 1)}
+                {
+                    "worker": slot,
+                    "done": n,
+                    "running": self.running.get(slot, 0),
+                    "calls": calls,
+                    "per_s": round(n / elapsed, 1),
+                }
                 for slot, (n, calls) in sorted(self.per_worker.items())
             ],
         )

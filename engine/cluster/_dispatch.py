@@ -82,6 +82,7 @@ class Feeder(Generic[B, R]):
         self.exhausted = False
         self.failure: BaseException | None = None
         self.inflight: set[Any] = set()
+        self.running = {slot: 0 for slot in slots}  # examples sent to each slot, not back
         self.moved = anyio.Event()  # set (and replaced) whenever ``oldest`` moves
         self.reading = anyio.Lock()
 
@@ -144,6 +145,14 @@ class Feeder(Generic[B, R]):
 
     async def _send(self, slot: int, batch: B) -> R:
         """Run ``batch`` on the slot's worker, on its replacement if it dies."""
+        size = len(batch) if hasattr(batch, "__len__") else 0
+        self.running[slot] += size
+        try:
+            return await self._send_to(slot, batch)
+        finally:
+            self.running[slot] -= size
+
+    async def _send_to(self, slot: int, batch: B) -> R:
         while True:
             handle = self.pool.handle(slot)
             ref = self.call(handle, batch)

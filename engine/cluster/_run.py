@@ -307,4 +307,5 @@ async def _evaluation_pass(
         before_send=meter.check if meter is not None else None,
         rerun=rerun,
     )
+    delivery.running = feeder.running  # the progress events show what each worker holds
     await feeder.run()
