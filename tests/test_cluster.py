@@ -161,6 +161,28 @@ async def test_a_local_cluster_fits_workers_to_its_cpus(ray_session: None) -> No
     assert data["workers"] == 4 and 0 < 4 * data["worker_cpus"] <= 2
 
 
+@pytest.mark.slow
+def test_a_local_cluster_starts_without_rays_token_warning() -> None:
+    """The engine starts the local Ray: no "Token authentication is enabled" warning
+    on every run (token authentication stays on, asked for explicitly)."""
+    code = (
+        "import sys, anyio\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from engine.cluster import RayCluster\n"
+        "async def main():\n"
+        "    async with RayCluster('local', workers=1, worker_cpus=0, num_cpus=1) as c:\n"
+        "        print(len(await c.pids()))\n"
+        "anyio.run(main)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+    assert "Token authentication" not in out.stderr
+
+
 async def test_openai_chat_pickles_as_its_arguments() -> None:
     """No client crosses processes: the copy has its own, with the same settings."""
     original = OpenAIChat(base_url="http://127.0.0.1:9/v1", limits=Limits(rpm=60), name="x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -35,6 +36,26 @@ __all__ = ["RayCluster"]
 
 _ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 _FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
+_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication
+
+
+def _ask_for_token_auth() -> None:
+    """Before the engine starts a local Ray: token authentication, asked for.
+
+    A new local Ray turns token authentication on by itself and warns that it did, on
+    every run.  Asked for explicitly it is the same setting without the warning: this
+    is Ray's own switch-on (the variable, inherited by the cluster's processes, and
+    the process's cached config refreshed), minus the warning.  A user's own
+    ``RAY_AUTH_MODE`` wins; a Ray without this helper keeps its default.
+    """
+    if _AUTH_MODE in os.environ:
+        return
+    try:
+        setup = importlib.import_module("ray._private.authentication.authentication_token_setup")
+        switch_on = setup._enable_token_auth
+    except (ImportError, AttributeError):
+        return
+    switch_on()
 
 
 class RayCluster(AsyncCloseable):
@@ -193,6 +214,7 @@ class RayCluster(AsyncCloseable):
             options["runtime_env"] = self.runtime_env
         if self.address == "local":
             options["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+            _ask_for_token_auth()
         else:
             options["address"] = self.address
             options.pop("include_dashboard")
@@ -228,6 +250,7 @@ class RayCluster(AsyncCloseable):
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+
         self._ray = None
 
     # -- the pool ---------------------------------------------------------------------
