@@ -334,6 +334,34 @@ async def test_a_call_cap_holds_on_the_workers(
     assert server.stats.received <= meter.total_calls <= 30
 
 
+async def test_a_token_cap_holds_on_the_workers(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """Budget(max_tokens=...) worth about 30 calls on a 200-example cluster evaluation:
+    the workers stop once the tokens they reported reach the cap, overshooting by at
+    most the permits they hold at once (2 workers x a share of 4), as a local run
+    overshoots by its calls in flight."""
+    from engine import Budget, BudgetExceededError, Usage
+    from engine._budget import BudgetMeter
+
+    model = chat(server, concurrency=8)
+    probe = await evaluate(qa_prompt(), echo_examples(1, "p"), model=model, metric=ExactMatch())
+    per_call = probe.usage.total_tokens
+    assert per_call > 0
+    meter = BudgetMeter(Budget(max_tokens=30 * per_call), ["demo"])
+    try:
+        with pytest.raises(BudgetExceededError, match="token budget"):
+            await evaluate(
+                qa_prompt(), echo_examples(200), model=model, metric=ExactMatch(),
+                meter=meter, cluster=cluster,
+            )  # fmt: skip
+    finally:
+        await model.aclose()
+    sent = server.stats.received - 1  # the probe
+    assert 30 <= sent <= 30 + 2 * 4 + 2  # (+2: the probe's tokens may differ by a little)
+    assert meter.usage.get("demo", Usage()).total_tokens >= 30 * per_call
+
+
 async def test_a_dead_workers_calls_are_charged(
     cluster: RayCluster, server: SimulatedServer
 ) -> None:
