@@ -85,7 +85,8 @@ class RayCluster(AsyncCloseable):
             is right when the evaluation is I/O-bound (a worker mostly waits on the
             provider: several fit on a core); a CPU-heavy metric wants 1 per worker.
         batch_size: examples per batch sent to a worker; default a few batches per
-            worker (between twice a worker's concurrency and 512).
+            worker (between twice a worker's concurrency and 512, and never more than
+            a worker's part of the set, so that every worker gets work).
         num_cpus: CPUs of a ``"local"`` cluster; default this machine's.
         runtime_env: Ray's runtime environment for the workers (code, packages, env
             variables); a local cluster shares this machine's files.
@@ -250,7 +251,6 @@ class RayCluster(AsyncCloseable):
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
-
         self._ray = None
 
     # -- the pool ---------------------------------------------------------------------
