@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, Self
 
 import anyio
@@ -21,16 +24,38 @@ from .._outcome import Evaluation, GlobalMetric
 from .._prompt import Prompt
 from .._protocols import ChatModel, Metric
 from .._types import Example
+from ._leased import LeasedModel
 from ._racing import RacingTally
 from ._rates import RateBudget
 from ._ray import ActorDied, ray_module, unwrap_task_error
 from ._run import OutcomeCallback, evaluate_on
+from ._spend import SpendLedger
 from ._worker import ClusterWorker
 
 __all__ = ["RayCluster"]
 
 _ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 _FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
+_AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication
+
+
+def _ask_for_token_auth() -> None:
+    """Before the engine starts a local Ray: token authentication, asked for.
+
+    A new local Ray turns token authentication on by itself and warns that it did, on
+    every run.  Asked for explicitly it is the same setting without the warning: this
+    is Ray's own switch-on (the variable, inherited by the cluster's processes, and
+    the process's cached config refreshed), minus the warning.  A user's own
+    ``RAY_AUTH_MODE`` wins; a Ray without this helper keeps its default.
+    """
+    if _AUTH_MODE in os.environ:
+        return
+    try:
+        setup = importlib.import_module("ray._private.authentication.authentication_token_setup")
+        switch_on = setup._enable_token_auth
+    except (ImportError, AttributeError):
+        return
+    switch_on()
 
 
 class RayCluster(AsyncCloseable):
@@ -53,14 +78,22 @@ class RayCluster(AsyncCloseable):
             ``"ray://host:port"`` connects through Ray Client.
         workers: worker actors; default one per ``worker_cpus`` of the cluster's CPUs.
         worker_cpus: CPUs Ray reserves for each worker (spreads them over nodes).
+            Default 1, except on a ``"local"`` cluster asked for more workers than it
+            has CPUs free: then the share that fits (``cluster.workers_fitted``
+            event).  Given explicitly, a ``"local"`` cluster that cannot hold
+            ``workers x worker_cpus`` fails at once with the arithmetic.  A fraction
+            is right when the evaluation is I/O-bound (a worker mostly waits on the
+            provider: several fit on a core); a CPU-heavy metric wants 1 per worker.
         batch_size: examples per batch sent to a worker; default a few batches per
-            worker (between twice a worker's concurrency and 512).
+            worker (between twice a worker's concurrency and 512, and never more than
+            a worker's part of the set, so that every worker gets work).
         num_cpus: CPUs of a ``"local"`` cluster; default this machine's.
         runtime_env: Ray's runtime environment for the workers (code, packages, env
             variables); a local cluster shares this machine's files.
         max_restarts: worker replacements (after deaths) allowed over the cluster's
             life before an evaluation fails; default four per worker.
         start_timeout: seconds to wait for a worker to start.
+        on_event: receives the cluster's own events (``cluster.workers_fitted``).
     """
 
     def __init__(
@@ -68,12 +101,13 @@ class RayCluster(AsyncCloseable):
         address: str = "local",
         *,
         workers: int | None = None,
-        worker_cpus: float = 1.0,
+        worker_cpus: float | None = None,
         batch_size: int | None = None,
         num_cpus: int | None = None,
         runtime_env: Mapping[str, Any] | None = None,
         max_restarts: int | None = None,
         start_timeout: float = 120.0,
+        on_event: EventCallback | None = None,
     ) -> None:
         if address not in ("local", "auto") and not _ADDRESS.match(address):
             raise ConfigError(
@@ -82,7 +116,7 @@ class RayCluster(AsyncCloseable):
         for name, value in (("workers", workers), ("batch_size", batch_size)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"RayCluster {name} must be a positive integer, got {value!r}")
-        if not worker_cpus >= 0:
+        if worker_cpus is not None and not worker_cpus >= 0:
             raise ConfigError(f"worker_cpus must not be negative, got {worker_cpus!r}")
         self.address = address
         self._wanted = workers
@@ -92,13 +126,18 @@ class RayCluster(AsyncCloseable):
         self.runtime_env = dict(runtime_env) if runtime_env is not None else None
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
+        self.events = Emitter(on_event).bind(cluster=address)
         self.restarts = 0
         self._ray: Any = None
         self._owns_ray = False
         self._actor: Any = None  # the remote worker class
         self._handles: list[Any] = []
         self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
+        # driver-side endpoints leasing from their budget actor: the wrapper, and the
+        # cluster evaluations on it now (by id(endpoint))
+        self._attached: dict[int, list[Any]] = {}
         self._tally: Any = None  # the RacingTally actor, once a raced evaluation runs
+        self._ledger: Any = None  # the SpendLedger actor, once a metered evaluation runs
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> Self:
@@ -108,10 +147,13 @@ class RayCluster(AsyncCloseable):
         ray = self._ray = ray_module()
         if not ray.is_initialized():
             self._init_ray(ray)
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        count = self._wanted or max(1, int(cpus // self.worker_cpus) if self.worker_cpus else 1)
+        try:
+            count, share = self._placement(ray)
+        except ConfigError:
+            await self.close()  # and Ray, if this object started it
+            raise
         self._actor = ray.remote(ClusterWorker).options(
-            num_cpus=self.worker_cpus, max_concurrency=1000, max_restarts=0, max_task_retries=0
+            num_cpus=share, max_concurrency=1000, max_restarts=0, max_task_retries=0
         )
         self._handles = [self._actor.remote(slot) for slot in range(count)]
         try:
@@ -122,9 +164,45 @@ class RayCluster(AsyncCloseable):
             await self.close()
             raise EngineError(
                 f"cluster workers did not start within {self.start_timeout:g}s "
-                f"(are {count} x {self.worker_cpus:g} CPUs free?)"
+                f"(are {count} x {share:g} CPUs free?)"
             ) from None
         return self
+
+    def _placement(self, ray: Any) -> tuple[int, float]:
+        """Workers and the CPUs of each.  A ``"local"`` cluster knows its CPUs at once:
+        an explicit ``worker_cpus`` that cannot fit fails now (not after
+        ``start_timeout``), an unset one is shrunk to fit what is free."""
+        total = float(ray.cluster_resources().get("CPU", 1.0))
+        given = self.worker_cpus
+        count = self._wanted or max(1, int(total // given) if given else int(total) or 1)
+        if self.address != "local":
+            return count, 1.0 if given is None else given  # it may grow: Ray waits
+        if given is not None:
+            if count * given > total + 1e-9:
+                fit = math.floor(total / count * 100) / 100
+                raise ConfigError(
+                    f"{count} workers x {given:g} CPU > {total:g} CPUs; use "
+                    f"worker_cpus={fit:g} (right for an I/O-bound evaluation) or fewer workers"
+                )
+            return count, given
+        free = min(total, float(ray.available_resources().get("CPU", total)))
+        if count <= free:
+            return count, 1.0
+        share = math.floor(free / count * 100) / 100
+        if share <= 0:
+            raise ConfigError(
+                f"{count} workers need CPUs and this Ray has {free:g} of {total:g} free; "
+                "close another cluster or pass worker_cpus=0"
+            )
+        self.events.emit(
+            "cluster.workers_fitted",
+            level="warning",
+            workers=count,
+            worker_cpus=share,
+            cpus_free=free,
+            detail=f"{count} workers x 1 CPU > {free:g} CPUs free: {share:g} CPU each",
+        )
+        return count, share
 
     def _init_ray(self, ray: Any) -> None:
         # Blocking for a few seconds, once: Ray must be initialised on the main thread.
@@ -137,6 +215,7 @@ class RayCluster(AsyncCloseable):
             options["runtime_env"] = self.runtime_env
         if self.address == "local":
             options["num_cpus"] = self.num_cpus or os.cpu_count() or 1
+            _ask_for_token_auth()
         else:
             options["address"] = self.address
             options.pop("include_dashboard")
@@ -164,10 +243,11 @@ class RayCluster(AsyncCloseable):
                 except Exception:  # a dead worker has nothing to commit
                     continue
         actors = [*handles, *(actor for _, actor in self._budgets.values())]
-        for handle in [*actors, *([self._tally] if self._tally is not None else [])]:
+        singles = [actor for actor in (self._tally, self._ledger) if actor is not None]
+        for handle in [*actors, *singles]:
             ray.kill(handle)
         self._budgets.clear()
-        self._tally = None
+        self._tally = self._ledger = None
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -215,6 +295,35 @@ class RayCluster(AsyncCloseable):
             known = self._budgets[id(endpoint)] = (endpoint, remote.remote(endpoint.limits))
         return known[1]
 
+    @asynccontextmanager
+    async def attached(self, endpoint: Endpoint) -> AsyncIterator[Any]:
+        """While a cluster evaluation runs on ``endpoint``, the driver's own calls on it
+        (a trainer's batch step, an `evaluate` run beside) lease from the same budget
+        actor as the workers: one endpoint, one rate.  Yields the budget actor."""
+        budget = self.budget_for(endpoint)
+        entry = self._attached.get(id(endpoint))
+        if entry is None:
+            leased = None
+            if not isinstance(endpoint.model, LeasedModel):  # (another cluster's already)
+                leased = LeasedModel(
+                    endpoint.model, budget, name=endpoint.name,
+                    max_wait=endpoint.retry.max_retry_after,
+                )  # fmt: skip
+                endpoint.model = leased
+            entry = self._attached[id(endpoint)] = [leased, 0]
+        entry[1] += 1
+        try:
+            yield budget
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._attached[id(endpoint)]
+                leased = entry[0]
+                if leased is not None:
+                    endpoint.model = leased.model
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(_FINISH_TIMEOUT):
+                        await leased.release()
+
     async def budget_statistics(self, model: ChatModel | Endpoint) -> dict[str, Any]:
         """The counters of the rate budget of ``model``'s endpoint on this cluster."""
         endpoint = Endpoint.of(model)
@@ -225,6 +334,12 @@ class RayCluster(AsyncCloseable):
         if self._tally is None:
             self._tally = self._ray.remote(RacingTally).options(num_cpus=0).remote()
         return self._tally
+
+    def spend_ledger(self) -> Any:
+        """The cluster's budget ledger actor (one for every metered evaluation, made once)."""
+        if self._ledger is None:
+            self._ledger = self._ray.remote(SpendLedger).options(num_cpus=0).remote()
+        return self._ledger
 
     async def finish(self, job_id: str, slots: Iterable[int], events: Emitter) -> None:
         """Close one evaluation on its workers (permits back, caches committed)."""

@@ -21,7 +21,7 @@ from .._errors import ConfigError
 from .._identity import metric_identity
 from .._outcome import Evaluation, Outcome
 from .._tally import Tally
-from .._types import MetricResult
+from .._types import MetricResult, Usage
 from ._plan import Plan
 from ._source import ExampleBatch, FileBatch
 from ._worker import BatchResult
@@ -80,6 +80,7 @@ class Delivery:
         self,
         plan: Plan,
         *,
+        model: str,
         on_outcome: OutcomeCallback | None,
         keep_outcomes: bool,
         meter: BudgetMeter | None,
@@ -98,7 +99,12 @@ class Delivery:
         self.before = 0  # examples in the batches emitted so far
         self.outcomes: list[Outcome] = []
         self.results: list[tuple[int, MetricResult | None, str]] = []  # for a global metric
-        self.per_worker: dict[int, list[int]] = {}  # slot -> [examples, calls]
+        # slot -> [examples, calls]: every worker of the pass, from the start
+        self.per_worker: dict[int, list[int]] = {slot: [0, 0] for slot in plan.slots}
+        self.running: dict[int, int] = {}  # slot -> examples sent, not back (the feeder's)
+        self.model = model  # the evaluated prompt's model: its calls are the ledger's
+        self.model_calls = 0  # ... as the delivered batches charged them
+        self.model_usage = Usage()
         self.started = self.last_progress = time.monotonic()
 
     async def __call__(self, batch: ExampleBatch | FileBatch, result: BatchResult) -> bool:
@@ -124,6 +130,8 @@ class Delivery:
         counts = self.per_worker.setdefault(result.slot, [0, 0])
         counts[0] += len(result.outcomes)
         counts[1] += result.calls
+        self.model_calls += result.charged_calls.get(self.model, 0)
+        self.model_usage = self.model_usage + result.charged_usage.get(self.model, Usage())
         if self.meter is not None:
             for model, calls in result.charged_calls.items():
                 for _ in range(calls):
@@ -160,7 +168,13 @@ class Delivery:
             **self.tally.progress(),
             elapsed=round(elapsed, 3),
             workers=[
-                {"worker": slot, "done": n, "calls": calls, "per_s": round(n / elapsed, 1)}
+                {
+                    "worker": slot,
+                    "done": n,
+                    "running": self.running.get(slot, 0),
+                    "calls": calls,
+                    "per_s": round(n / elapsed, 1),
+                }
                 for slot, (n, calls) in sorted(self.per_worker.items())
             ],
         )
@@ -168,6 +182,8 @@ class Delivery:
     def result(self, stopped_at: float | None) -> Evaluation:
         """The `Evaluation` a local run would return (``stopped_at``: racing's bound)."""
         t, plan = self.tally, self.plan
+        if t.total is not None and t.completed == t.total:
+            stopped_at = None  # every outcome is in: nothing was cut (as a local run says)
         if t.completed == 0 and stopped_at is None:
             raise ConfigError("the dataset is empty")
         if plan.global_metric is not None:

@@ -9,9 +9,10 @@ holds a bounded number of batches whatever the dataset's size.
 
 A worker that dies (its actor killed, its process SIGKILLed, its node lost) fails
 every batch it was running with `ActorDied`; the feeder has the slot's worker
-replaced (once, however many of its batches saw the death) and sends the same batch
-to the new process.  Nothing of a dead batch was delivered, so nothing is counted
-twice; with a shared cache, what it had paid for is served, not paid again.
+replaced (once, however many of its batches saw the death), lets ``rerun`` undo what
+the dead run reported (racing's tally) and sends the same batch to the new process.
+Nothing of a dead batch was delivered, so nothing is counted twice; with a shared
+cache, what it had paid for is served, not paid again.
 
 Any other failure stops the pass: every batch in flight is cancelled (``ray.cancel``,
 which cancels its calls in the worker) and the failure is re-raised as itself.
@@ -45,6 +46,7 @@ class Feeder(Generic[B, R]):
         deliver: takes each result; returns True to stop the pass (racing).
         prepare: turns a batch into what is sent (e.g. seeds its cache rows).
         before_send: raises to stop the pass before one more batch goes out (budget).
+        rerun: before a batch whose worker died is sent again (forget its dead run).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Feeder(Generic[B, R]):
         window: int | None = None,
         prepare: Callable[[B], Awaitable[B]] | None = None,
         before_send: Callable[[], None] | None = None,
+        rerun: Callable[[B], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
         self.slots = slots
@@ -71,6 +74,7 @@ class Feeder(Generic[B, R]):
         self.window = window if window is not None else 4 * depth * len(slots)
         self.prepare = prepare
         self.before_send = before_send
+        self.rerun = rerun
         self.taken = 0  # batches read from the source
         self.delivered: set[int] = set()  # sequence numbers delivered, not yet contiguous
         self.oldest = 0  # every batch before this one is delivered
@@ -78,6 +82,7 @@ class Feeder(Generic[B, R]):
         self.exhausted = False
         self.failure: BaseException | None = None
         self.inflight: set[Any] = set()
+        self.running = {slot: 0 for slot in slots}  # examples sent to each slot, not back
         self.moved = anyio.Event()  # set (and replaced) whenever ``oldest`` moves
         self.reading = anyio.Lock()
 
@@ -140,6 +145,14 @@ class Feeder(Generic[B, R]):
 
     async def _send(self, slot: int, batch: B) -> R:
         """Run ``batch`` on the slot's worker, on its replacement if it dies."""
+        size = len(batch) if hasattr(batch, "__len__") else 0
+        self.running[slot] += size
+        try:
+            return await self._send_to(slot, batch)
+        finally:
+            self.running[slot] -= size
+
+    async def _send_to(self, slot: int, batch: B) -> R:
         while True:
             handle = self.pool.handle(slot)
             ref = self.call(handle, batch)
@@ -159,6 +172,8 @@ class Feeder(Generic[B, R]):
                     detail=str(error)[:300],
                 )
                 await self.pool.replace(slot, handle)
+                if self.rerun is not None:
+                    await self.rerun(batch)
             finally:
                 self.inflight.discard(ref)
 

@@ -18,10 +18,11 @@ import anyio
 
 from .._errors import RateLimitedError
 from .._tokens import estimate_request_tokens
-from .._types import Completion, RateLimitSnapshot
+from .._types import Completion, RateLimitSnapshot, Usage
 from ._rates import FREE_RECHECK, LEASE_LIFE, LEASE_SECONDS, Ask, Grant
+from ._spend import SpendLease
 
-__all__ = ["LeasedModel"]
+__all__ = ["LeasedModel", "unleased"]
 
 _DEFAULT_COMPLETION_TOKENS = 256
 
@@ -36,11 +37,21 @@ class LeasedModel:
 
     ``max_wait``: the longest cluster-wide pause a call waits for (the retry policy's
     ``max_retry_after``); a longer one fails the attempt with `RateLimitedError`.
+    ``spend``: the run's budget permits (a worker's calls); a call waits for one first.
     """
 
-    def __init__(self, model: Any, budget: Any, *, name: str, max_wait: float) -> None:
+    def __init__(
+        self,
+        model: Any,
+        budget: Any,
+        *,
+        name: str,
+        max_wait: float,
+        spend: SpendLease | None = None,
+    ) -> None:
         self.model = model
         self.budget = budget  # the RateBudget actor's handle
+        self.spend = spend
         self.name = name
         self.max_wait = max_wait
         self._permits = 0  # request permits held
@@ -62,10 +73,20 @@ class LeasedModel:
     async def complete(self, messages: Sequence[Mapping[str, str]], /, **params: Any) -> Completion:
         if not self._tokens_each:
             self._tokens_each = float(estimate_request_tokens(messages, _completion_cap(params)))
-        await self._take()
+        spend = self.spend
+        if spend is not None:  # the run's budget first: a refused call takes no rate
+            await spend.take()
+        try:
+            await self._take()
+        except BaseException:
+            if spend is not None:
+                spend.unspend()  # never sent: not paid
+            raise
         charged = self._lease_each
+        usage: Usage | None = None
         try:
             completion: Completion = await self.model.complete(messages, **params)
+            usage = completion.usage
         except RateLimitedError as exc:
             # every worker pauses, not just this one; the permits held here are stale
             self.budget.rate_limited.remote(exc.retry_after)
@@ -73,6 +94,9 @@ class LeasedModel:
             self._permits = 0
             self._unlimited_until = -math.inf
             raise
+        finally:
+            if spend is not None:
+                spend.record(usage)
         used = completion.usage.total_tokens
         if used:
             self._debt += used - charged
@@ -116,12 +140,18 @@ class LeasedModel:
             snapshot=self._snapshot,
         )
         self._returned, self._debt, self._sent_freely, self._snapshot = 0, 0.0, 0, None
-        grant: Grant = await self.budget.lease.remote(ask)
+        # shielded (the actor answers at once): a grant it made must reach this side
+        with anyio.CancelScope(shield=True):
+            grant: Grant = await self.budget.lease.remote(ask)
         self._rate = grant.rate
         if grant.unlimited:
             self._unlimited_until = anyio.current_time() + FREE_RECHECK
         elif grant.permits:
-            await anyio.sleep(grant.wait)  # reserved: they may be spent from then on
+            try:
+                await anyio.sleep(grant.wait)  # reserved: they may be spent from then on
+            except BaseException:  # cancelled while waiting: reserved, never used
+                self._returned += grant.permits  # back with the next lease or release
+                raise
             self._permits, self._leased_at = grant.permits, anyio.current_time()
             self._lease_each = self._tokens_each
         elif grant.wait > self.max_wait:
@@ -135,7 +165,9 @@ class LeasedModel:
             await anyio.sleep(grant.wait)
 
     async def release(self) -> None:
-        """Give back the permits held (the evaluation ended)."""
+        """Give back the permits held (the evaluation ended), the run's budget's too."""
+        if self.spend is not None:
+            await self.spend.release()
         async with self._lock:
             returned, debt = self._returned + self._permits, self._debt
             self._returned = self._permits = 0
@@ -148,3 +180,8 @@ def _completion_cap(params: Mapping[str, Any]) -> int:
     cap = params.get("max_tokens") or params.get("max_completion_tokens")
     default = _DEFAULT_COMPLETION_TOKENS
     return min(cap, default) if isinstance(cap, int) else default
+
+
+def unleased(model: Any) -> Any:
+    """The adapter itself (a driver's endpoint wraps it while a cluster runs on it)."""
+    return model.model if isinstance(model, LeasedModel) else model

@@ -91,8 +91,10 @@ def _batch_size(given: int | None, total: int | None, workers: int, share: int) 
         return given
     if total is None:
         return 256
-    # a few batches per worker and depth (balance), each enough to keep its calls busy
-    return max(1, min(512, max(2 * share, math.ceil(total / (workers * 8)))))
+    # a few batches per worker and depth (balance), each enough to keep its calls busy;
+    # but never so big that a small set leaves a worker without a batch
+    busy = max(2 * share, math.ceil(total / (workers * 8)))
+    return max(1, min(512, busy, math.ceil(total / workers)))
 
 
 async def plan(

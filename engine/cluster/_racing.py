@@ -6,7 +6,8 @@ workers, so one `RacingTally` actor holds the sums: workers report their outcome
 small batches (`RaceReporter`) and learn from each answer whether to stop.  The bound
 only falls as outcomes arrive, so whatever subset proves "cannot win" proves it for the
 whole run: the decision is the local one.  An outcome is counted once per (batch,
-position), however many times a batch is run after a worker died.
+position); when a batch is run again after its worker died, what the dead run reported
+is forgotten first (`RacingTally.forget`): the tally counts the run the driver delivers.
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ class _Race:
         self.must_beat = Fraction(must_beat)
         self.score_sum = Fraction(0)
         self.completed = 0
-        self.seen: dict[int, set[int]] = {}  # batch sequence number -> positions counted
+        # batch sequence number -> position -> the score counted (None: an error)
+        self.seen: dict[int, dict[int, Fraction | None]] = {}
         self.upper_bound: Fraction | None = None  # set when the bound says stop
+
+    def check(self) -> None:
+        """Set (or clear) the bound that stops the race.  Not when every outcome is in:
+        a full run is not cut, whatever its score (as a local run reports it)."""
+        bound = (self.score_sum + (self.total - self.completed)) / self.total
+        cut = self.completed < self.total and bound <= self.must_beat
+        self.upper_bound = bound if cut else None
 
 
 class RacingTally:
@@ -53,19 +62,30 @@ class RacingTally:
         race = self.races.get(job)
         if race is None:
             return True  # the evaluation is over: nothing more is wanted
-        seen = race.seen.setdefault(seq, set())
+        seen = race.seen.setdefault(seq, {})
         for position, score in items:
             if position in seen:
                 continue
-            seen.add(position)
+            exact = Fraction(score) if score is not None else None
+            seen[position] = exact
             race.completed += 1
-            if score is not None:
-                race.score_sum += Fraction(score)
+            if exact is not None:
+                race.score_sum += exact
         if race.upper_bound is None:
-            bound = (race.score_sum + (race.total - race.completed)) / race.total
-            if bound <= race.must_beat:
-                race.upper_bound = bound
+            race.check()
         return race.upper_bound is not None
+
+    def forget(self, job: str, seq: int) -> None:
+        """Batch ``seq`` runs again (its worker died): drop what its dead run reported,
+        so the tally holds the scores the driver will deliver, not the dead run's."""
+        race = self.races.get(job)
+        if race is None:
+            return
+        for score in race.seen.pop(seq, {}).values():
+            race.completed -= 1
+            if score is not None:
+                race.score_sum -= score
+        race.check()
 
     def stopped(self, job: str) -> bool:
         race = self.races.get(job)

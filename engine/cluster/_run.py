@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from .._aggregate import check_racing, evaluation_summary
 from .._budget import BudgetMeter
 from .._endpoint import _SHARED_ATTRIBUTE
@@ -35,12 +37,14 @@ from .._outcome import Evaluation
 from .._prompt import Prompt
 from .._redact import known_secrets
 from .._scoring import check_metric
-from .._types import Example
+from .._types import Example, Usage
 from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
+from ._leased import unleased
 from ._plan import Plan, plan
 from ._ray import ray_module
 from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file_batches
+from ._spend import Allowance, Spent
 from ._worker import BatchResult, CheckResult, Job, check_inputs
 
 if TYPE_CHECKING:
@@ -116,12 +120,13 @@ def _job(
     metric_concurrency: int | None,
     on_error: Any,
     tally: Any,
+    ledger: Any,
 ) -> Job:
     endpoint = plan.endpoint
     return Job(
         job_id=uuid.uuid4().hex,
         prompt=plan.prompt,
-        model=endpoint.model,
+        model=unleased(endpoint.model),
         name=endpoint.name,
         namespace=endpoint.cache_identity,
         retry=endpoint.retry,
@@ -134,6 +139,7 @@ def _job(
         cache=plan.cache_spec,
         budget=cluster.budget_for(endpoint),
         tally=tally,
+        ledger=ledger,
         check_metric=plan.validate,
         secrets=known_secrets(),
     )
@@ -179,9 +185,44 @@ async def evaluate_on(
     if on_error not in ("record", "raise"):
         raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
     laid = await plan(cluster, prompt, examples, must_beat=must_beat, emitter=emitter, **checked)
+    async with cluster.attached(laid.endpoint):
+        return await _evaluate_planned(
+            cluster,
+            laid,
+            on_error=on_error,
+            must_beat=must_beat,
+            on_outcome=on_outcome,
+            keep_outcomes=keep_outcomes,
+            metric_concurrency=metric_concurrency,
+            progress_interval=progress_interval,
+            meter=meter,
+            global_metric=checked.get("global_metric"),
+        )
+
+
+async def _evaluate_planned(
+    cluster: RayCluster,
+    laid: Plan,
+    *,
+    on_error: Any,
+    must_beat: float | None,
+    on_outcome: OutcomeCallback | None,
+    keep_outcomes: bool,
+    metric_concurrency: int | None,
+    progress_interval: float,
+    meter: BudgetMeter | None,
+    global_metric: Any,
+) -> Evaluation:
+    """The evaluation of ``laid`` on the pool: ship the job, feed, deliver, settle."""
+    prompt, examples, emitter = laid.prompt, laid.examples, laid.emitter
     tally = cluster.racing_tally() if must_beat is not None else None
-    job = _job(cluster, laid, metric_concurrency=metric_concurrency, on_error=on_error, tally=tally)
+    ledger = cluster.spend_ledger() if meter is not None else None
+    options = {"metric_concurrency": metric_concurrency, "on_error": on_error}
+    job = _job(cluster, laid, tally=tally, ledger=ledger, **options)
     box = [put_job(job)]
+    if ledger is not None and meter is not None:  # no call without the run's permit
+        await ledger.open.remote(job.job_id, Allowance.of(meter, prompt.model))
+    delivery: Delivery | None = None
     emitter.emit(
         "evaluation.started",
         total=laid.total,
@@ -195,17 +236,18 @@ async def evaluate_on(
             laid = replace(laid, total=await check_file(cluster, laid, job.job_id, box))
         if tally is not None:
             assert must_beat is not None
-            check_racing(must_beat, laid.total, checked.get("global_metric"))
+            check_racing(must_beat, laid.total, global_metric)
             await tally.start.remote(job.job_id, laid.total, must_beat)
         delivery = Delivery(
             laid,
+            model=prompt.model,
             on_outcome=on_outcome,
             keep_outcomes=keep_outcomes,
             meter=meter,
             relay=Relay(laid) if laid.cache_spec.mode == "relay" else None,
             progress_interval=progress_interval,
         )
-        await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter)
+        await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter, tally)
         bound = await tally.finish.remote(job.job_id) if tally is not None else None
         evaluation = replace(delivery.result(bound), must_beat=must_beat)
     except Exception as exc:
@@ -215,8 +257,30 @@ async def evaluate_on(
         await cluster.finish(job.job_id, laid.slots, emitter)
         if tally is not None:
             tally.finish.remote(job.job_id)  # forgets it (already done on success)
+        if ledger is not None and meter is not None:
+            await _settle(ledger, job.job_id, meter, prompt.model, delivery)
     emitter.emit("evaluation.finished", **evaluation_summary(evaluation))
     return evaluation
+
+
+async def _settle(
+    ledger: Any, job_id: str, meter: BudgetMeter, model: str, delivery: Delivery | None
+) -> None:
+    """Charge ``meter`` what the ledger knows was paid beyond the delivered batches (the
+    calls of workers that died, of batches a failure stopped)."""
+    with anyio.CancelScope(shield=True):
+        spent: Spent | None = await ledger.settle.remote(job_id)
+    if spent is None:
+        return
+    calls, usage = (delivery.model_calls, delivery.model_usage) if delivery else (0, Usage())
+    for _ in range(spent.calls - calls):
+        meter.charge_call(model)
+    extra = Usage(
+        max(0, spent.usage.prompt_tokens - usage.prompt_tokens),
+        max(0, spent.usage.completion_tokens - usage.completion_tokens),
+    )
+    if extra.total_tokens:
+        meter.charge_usage(model, extra)
 
 
 async def _evaluation_pass(
@@ -226,7 +290,12 @@ async def _evaluation_pass(
     box: list[Any],
     delivery: Delivery,
     meter: BudgetMeter | None,
+    tally: Any,
 ) -> None:
+    async def forget(batch: Any) -> None:  # racing counts the run that is delivered
+        await tally.forget.remote(job_id, batch.seq)
+
+    rerun = forget if tally is not None else None
     feeder: Feeder[Any, BatchResult] = Feeder(
         cluster,
         laid.slots,
@@ -236,5 +305,7 @@ async def _evaluation_pass(
         events=laid.emitter,
         prepare=_prepare(laid, delivery.relay),
         before_send=meter.check if meter is not None else None,
+        rerun=rerun,
     )
+    delivery.running = feeder.running  # the progress events show what each worker holds
     await feeder.run()

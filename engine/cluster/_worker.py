@@ -35,6 +35,7 @@ from .._types import Example, Usage
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch
+from ._spend import SpendLease
 
 __all__ = ["BatchResult", "CacheSpec", "CheckResult", "ClusterWorker", "Job", "check_inputs"]
 
@@ -71,6 +72,7 @@ class Job:
     cache: CacheSpec
     budget: Any  # the endpoint's RateBudget actor handle
     tally: Any = None  # the RacingTally actor handle, when racing
+    ledger: Any = None  # the SpendLedger actor handle, when the run has a budget meter
     check_metric: bool = True
     secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
 
@@ -166,8 +168,12 @@ class _Opened:
             register_secret(secret)
         self.job = job
         self.share = job.shares[slot % len(job.shares)]
+        # No call without a permit of the run's budget (leased a share at a time).
+        spend = (
+            SpendLease(job.ledger, job.job_id, want=self.share) if job.ledger is not None else None
+        )
         self.leased = LeasedModel(
-            job.model, job.budget, name=job.name, max_wait=job.retry.max_retry_after
+            job.model, job.budget, name=job.name, max_wait=job.retry.max_retry_after, spend=spend
         )
         self.endpoint = Endpoint(
             self.leased,
