@@ -23,15 +23,16 @@ import anyio
 import structlog
 
 from ._bench_cli import add_bench_arguments, run_bench
-from ._budget import Budget, BudgetMeter, Price
+from ._budget import Budget, Price
 from ._cache import Cache
 from ._console import StatusLine
-from ._endpoint import Endpoint, estimate_tokens
+from ._endpoint import Endpoint
 from ._errors import BudgetExceededError, ConfigError, TooManyErrorsError
 from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
+from ._plan import plan, plan_table
 from ._postgres import PostgresStore
 from ._preflight import Job, prepare
 from ._prompt import Prompt
@@ -180,37 +181,6 @@ async def _cache(run: RunFile) -> AsyncIterator[Cache]:
         yield cache
 
 
-def _plan(run: RunFile, command: str) -> dict[str, Any]:
-    """Upper bounds of the calls a run can make, and what they may cost."""
-    n, v = len(run.train), len(run.val or [])
-    if command == "evaluate":
-        calls = n
-    else:
-        t = run.trainer
-        b = int(t.get("batch_size", 4))
-        k = int(t.get("max_proposals_per_step", 5)) * int(t.get("parallel_proposals", 1))
-        steps = math.ceil(n / b)
-        # per attempt: b gradients + 1 apply (optimizer) + b batch + n full (task)
-        calls = n + v + 2 + steps * (k * (2 * b + 1 + n) + v)
-    sample = run.prompt.render(run.train[0].inputs)
-    per_call = estimate_tokens(sample, int(run.prompt.params.get("max_tokens", 256)))
-    names = [run.prompt.model]
-    if run.optimizer is not None and run.optimizer.model_name:
-        names.append(run.optimizer.model_name)
-    BudgetMeter(run.budget, names)  # a money budget without prices fails here, as in a run
-    price = _prices(run).get(run.prompt.model)
-    cost = calls * per_call * price.input_per_million / 1e6 if price is not None else None
-    return {
-        "command": command,
-        "train_examples": n,
-        "val_examples": v,
-        "max_calls": calls,
-        "tokens_per_call_estimate": per_call,
-        "max_cost_usd_estimate": cost,
-        "note": "upper bound before cache hits and racing; a resumed run pays only for misses",
-    }
-
-
 # [trainer] keys the run file validates but optimize() does not take yet on this branch;
 # they reach it once the trainer grows them (filtered here, never silently dropped there).
 def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
@@ -317,6 +287,7 @@ def _finish_optimize(job: Job, result: OptimizationResult) -> int:
         "initial_score": report.initial_score,
         "stopped_reason": report.stopped_reason,
         "calls": report.calls,
+        "cost_usd": report.cost,
         "output": str(job.out),
     }
     if math.isnan(result.score):
@@ -472,7 +443,9 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         return await run_bench(run, args, _open)
     assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
-        sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
+        summary = plan(run, args.command)
+        sys.stderr.write(plan_table(summary))
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return EXIT_OK
     spec = _cluster_spec(run, args)
     async with AsyncExitStack() as stack:

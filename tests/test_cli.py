@@ -90,8 +90,41 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
     done = run_cli("optimize", str(demo / "demo.toml"), "--dry-run")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    assert plan["max_calls"] > 40 and plan["max_cost_usd_estimate"] > 0
+    assert plan["max_calls"] > 40 and plan["max_cost_usd"] > 0
     assert not (demo / "cache.sqlite").exists() and not (demo / "out").exists()
+
+
+def test_dry_run_cost_bound_holds_for_the_run_that_follows(demo: Path) -> None:
+    """The plan prices every kind of call on its own model, prompt and completion cap:
+    the run that follows never costs more (the old plan priced only the task model's
+    input, 116x too low), and every kind of call is in the printed table."""
+    dry = run_cli("optimize", str(demo / "demo.toml"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    kinds = {(row["kind"], row["model"]) for row in plan["calls"]}
+    assert {("gradient", "coach"), ("apply", "coach"), ("description", "coach")} <= kinds
+    assert {("initial", "demo"), ("batch", "demo"), ("full set", "demo")} <= kinds
+    assert "gradient" in dry.stderr and "at most" in dry.stderr  # the table, for people
+    done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert 0 < summary["cost_usd"] <= plan["max_cost_usd"]
+    for model, calls in summary["calls"].items():  # and per model, the calls
+        planned = sum(row["calls"] for row in plan["calls"] if row["model"] == model)
+        assert calls <= planned, (model, calls, planned)
+    coach = sum(r["max_cost_usd"] for r in plan["calls"] if r["model"] == "coach")
+    report = json.loads((demo / "out" / "report.json").read_text())
+    assert report["cost"] <= plan["max_cost_usd"] and coach > 0
+
+
+def test_dry_run_says_unbounded_without_a_completion_cap(demo: Path) -> None:
+    run = demo / "demo.toml"
+    run.write_text(run.read_text().replace("params = { max_tokens = 64 }", ""))
+    dry = run_cli("optimize", str(run), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["max_cost_usd"] is None
+    assert "unbounded: set max_tokens" in plan["max_cost_usd_note"]
 
 
 @pytest.mark.parametrize(
@@ -118,7 +151,7 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("batch_size = 4", 'batch_size = "four"')
             ),
-            'demo.toml:29: [trainer] batch_size must be an integer, got "four"',
+            'demo.toml:31: [trainer] batch_size must be an integer, got "four"',
         ),
         (
             lambda d: (d / "demo.toml").write_text(
@@ -180,7 +213,8 @@ model_name = "gpt-4o"
         for command in ("optimize", "evaluate"):
             done = run_cli(command, str(tmp_path / "run.toml"), "--dry-run")
             assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["max_cost_usd_estimate"] > 0
+            plan = json.loads(done.stdout)  # no max_tokens: no false number
+            assert plan["max_cost_usd"] is None and "unbounded" in plan["max_cost_usd_note"]
         assert server.stats.received == 0
 
 
