@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ._budget import Budget, Price
-from ._errors import ConfigError
+from ._errors import ConfigError, DataError
 from ._limits import Limits
 from ._pg_schema import check_table, check_url
 from ._prompt import Prompt
@@ -190,7 +190,8 @@ class RunFile:
 def _read(path: Path) -> tuple[TomlSource, dict[str, Any]]:
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML's business
+        text = path.read_text(encoding="utf-8-sig")
         return TomlSource(path, text), tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such run file") from None
@@ -214,6 +215,8 @@ def _messages(section: PromptSection, base: Path, source: TomlSource) -> tuple[A
             raise _fail(source, ["prompt"], "[prompt] needs messages (inline or in a JSON file)")
         return section.messages, None
     prompt_path = base / section.file
+    if not prompt_path.is_file():
+        raise _fail(source, ["prompt", "file"], f"[prompt] file: {_no_such(prompt_path, base)}")
     try:
         data = json.loads(prompt_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -350,15 +353,31 @@ def _columns(schema: RunFileSchema) -> ColumnMap:
     )
 
 
+def _no_such(path: Path, base: Path) -> str:
+    """A missing input, with the rule a copied run file trips over and the fix."""
+    folder = os.path.abspath(base) + os.sep
+    return (
+        f"no such file {path} (paths are relative to the run file's folder: {folder}); "
+        "copy the run file together with its folder, or give the path from that folder"
+    )
+
+
 def _datasets(
-    schema: RunFileSchema, base: Path, load: bool
+    schema: RunFileSchema, base: Path, load: bool, source: TomlSource
 ) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
     section = schema.data
     train_path = _absolute(base, section.train)
     val_path = _absolute(base, section.val) if section.val else None
+    for key, path in (("train", train_path), ("val", val_path)):
+        if path is not None and not path.exists():
+            raise _fail(source, ["data", key], f"[data] {key}: {_no_such(path, base)}")
     if not load:  # a cluster reads them (Ray Data): the driver never holds the rows
         return [], None, train_path, val_path
-    train, val = load_splits(train_path, val_path, _columns(schema))
+    try:
+        train, val = load_splits(train_path, val_path, _columns(schema))
+    except DataError as exc:  # where the run file names the data, then the row
+        key = "val" if val_path is not None and str(val_path) in exc.message else "train"
+        raise _fail(source, ["data", key], f"[data] {key}: {exc.message}") from None
     return train, val, train_path, val_path
 
 
@@ -386,7 +405,7 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
         _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
     )
     assert model is not None  # the schema requires [model]
-    train, val, train_path, val_path = _datasets(schema, base, load_data)
+    train, val, train_path, val_path = _datasets(schema, base, load_data, source)
     return RunFile(
         path=p,
         prompt=prompt,
