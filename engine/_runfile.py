@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,7 +45,15 @@ from ._schema_check import TomlSource, decode_run_file
 from ._types import Example
 from .data import ColumnMap, load_splits
 
-__all__ = ["ClusterSpec", "EndpointSpec", "RunFile", "load_run_file", "resolve"]
+__all__ = [
+    "ClusterSpec",
+    "EndpointSpec",
+    "RunFile",
+    "endpoint_url",
+    "inherit_endpoint",
+    "load_run_file",
+    "resolve",
+]
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _RAY_ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
@@ -287,6 +295,33 @@ def _endpoint(
     )
 
 
+_ENDPOINT_OPTIONS = ("base_url", "azure_endpoint")
+
+
+def inherit_endpoint(spec: EndpointSpec | None, model: EndpointSpec) -> EndpointSpec | None:
+    """An ``[optimizer]`` on ``[model]``'s adapter that names no endpoint of its own
+    talks to ``[model]``'s (its options and key under its own), never to the adapter's
+    default host behind the user's back."""
+    if spec is None or spec.adapter != model.adapter:
+        return spec
+    if any(key in spec.options for key in _ENDPOINT_OPTIONS):
+        return spec
+    return replace(
+        spec,
+        options={**model.options, **spec.options},
+        api_key_env=spec.api_key_env or model.api_key_env,
+    )
+
+
+def endpoint_url(spec: EndpointSpec) -> str | None:
+    """Where an endpoint sends its calls, as configured (None: in-process adapter)."""
+    for key in _ENDPOINT_OPTIONS:
+        value = spec.options.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def _budget(section: BudgetSection | None) -> Budget | None:
     if section is None:
         return None
@@ -405,6 +440,7 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
         _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
     )
     assert model is not None  # the schema requires [model]
+    optimizer = inherit_endpoint(optimizer, model)
     train, val, train_path, val_path = _datasets(schema, base, load_data, source)
     return RunFile(
         path=p,

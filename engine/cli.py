@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,18 +27,24 @@ from ._budget import Budget, Price
 from ._cache import Cache
 from ._console import StatusLine
 from ._endpoint import Endpoint
-from ._errors import BudgetExceededError, ConfigError, TooManyErrorsError
+from ._errors import (
+    BudgetExceededError,
+    ConfigError,
+    ConnectionFailedError,
+    EndpointUnreachableError,
+    TooManyErrorsError,
+)
 from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
 from ._plan import plan, plan_table
 from ._postgres import PostgresStore
-from ._preflight import Job, prepare
+from ._preflight import Job, dry_run_endpoints, prepare, source_line
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
 from ._report import RunReport
-from ._runfile import ClusterSpec, EndpointSpec, RunFile, load_run_file, resolve
+from ._runfile import ClusterSpec, EndpointSpec, RunFile, endpoint_url, load_run_file, resolve
 from ._trainer import OptimizationResult, optimize
 from .cluster import FileDataset, RayCluster
 
@@ -61,12 +67,22 @@ def _configure_logging(mode: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
             redact_event,
+            *([] if mode == "json" else [_drop_reported_failures]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _drop_reported_failures(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The CLI prints a failed evaluation's error itself (``failed: ...``): once."""
+    if event.get("event") == "evaluation.failed":
+        raise structlog.DropEvent
+    return event
 
 
 class _Progress:
@@ -443,7 +459,9 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         return await run_bench(run, args, _open)
     assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
-        summary = plan(run, args.command)
+        summary = {**plan(run, args.command), "endpoints": dry_run_endpoints(run)}
+        for name, url in summary["endpoints"].items():
+            sys.stderr.write(f"[{name}] calls {url}\n")
         sys.stderr.write(plan_table(summary))
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return EXIT_OK
@@ -484,9 +502,25 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
         split=getattr(args, "split", "train"),
         prompt=_load_prompt(prompt_path) if prompt_path else None,
         prompt_path=prompt_path,
-        check_keys=not args.dry_run,
+        check_keys=True,  # a dry run that passes must not fail at the first call
     )
     return run, job
+
+
+def _unreachable(run: RunFile) -> str:
+    """Where the URLs a run calls are configured, and the fix, for a refused connection."""
+    lines = []
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        url = endpoint_url(spec) if spec is not None else None
+        if url is None:
+            continue
+        own = "base_url" in (run.raw.get(name, {}).get("options") or {})
+        section = name if own else "model"
+        where = source_line(run, [section, "options"])
+        lines.append(f"  [{name}] calls {url}, set at {where} [{section}] options.base_url")
+    if not lines:
+        return ""
+    return "\n".join([*lines, "  fix: start the server, or correct the host and port there"]) + "\n"
 
 
 def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throughput:main") -> int:
@@ -524,7 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         run_file, job = _prepare(args)
-        return int(anyio.run(_main, args, run_file, job))
+        try:
+            return int(anyio.run(_main, args, run_file, job))
+        except (ConnectionFailedError, EndpointUnreachableError) as exc:
+            sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n{_unreachable(run_file)}")
+            return EXIT_FAILED
 
     resume = "" if args.command == "bench" else "; rerun the same command to resume from the cache"
     return exit_code_of(run, interrupted=f"interrupted{resume}")

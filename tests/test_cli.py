@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,110 @@ def test_a_budget_that_stops_optimize_before_any_score_exits_1(demo: Path) -> No
     assert summary["score"] is None and summary["initial_score"] is None
     assert "budget" in summary["score_note"] and summary["output"] is None
     assert not (demo / "out").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_optimize_reports_a_refused_connection_as_fast_as_evaluate_and_once(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: optimize's first call (a description, alone) backed off ~35 s before
+    failing with a message unlike evaluate's, printed twice.  Now the breaker of an
+    endpoint that never answered opens after a few refusals: one message, naming the
+    URL and where the run file sets it ([optimizer] inherits [model]'s)."""
+    (tmp_path / "train.jsonl").write_text(_rows("t", 4))
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "gpt-4o-mini"
+params = {{ max_tokens = 16 }}
+[data]
+train = "train.jsonl"
+expected = "answer"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{url}" }}
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+model_name = "gpt-4o"
+[output]
+dir = "out"
+""")
+    messages = []
+    for command in ("evaluate", "optimize"):
+        started = time.monotonic()
+        done = run_cli(command, str(tmp_path / "run.toml"))
+        took = time.monotonic() - started
+        assert done.returncode == 1, done.stderr
+        assert took < 25, took  # one-sided: the old optimize slept 35 s of backoff
+        assert done.stderr.count("connection refused") == 1, done.stderr  # once
+        assert "run.toml:11 [model] options.base_url" in done.stderr
+        messages.append(done.stderr.splitlines()[0])
+    assert messages[0] == messages[1]  # same breaker, same message
+    assert messages[0].startswith("failed: EndpointUnreachableError")
+
+
+def _endpoint_run(folder: Path, base_url: str, extra: str = "") -> Path:
+    (folder / "train.jsonl").write_text(_rows("t", 4))
+    path = folder / "run.toml"
+    path.write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "gpt-4o-mini"
+params = {{ max_tokens = 16 }}
+[data]
+train = "train.jsonl"
+expected = "answer"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+api_key_env = "NEWCOMER_TEST_KEY"
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+model_name = "gpt-4o"
+{extra}""")
+    return path
+
+
+def test_dry_run_shows_both_endpoints_and_checks_the_key(tmp_path: Path) -> None:
+    """Issue 19: the dry run passed with an unset key and hid where [optimizer] went."""
+    path = _endpoint_run(tmp_path, "http://127.0.0.1:8000/v1")
+    env = {k: v for k, v in os.environ.items() if k != "NEWCOMER_TEST_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "optimize", str(path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "[model] api_key_env: environment variable NEWCOMER_TEST_KEY is not set" in done.stderr
+    secret = "sk-newcomer-0123456789"
+    done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": secret})
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout + done.stderr
+    shown = json.loads(done.stdout)["endpoints"]
+    assert shown == {
+        "model": "http://127.0.0.1:8000/v1",
+        "optimizer": "http://127.0.0.1:8000/v1 (inherited from [model])",
+    }
+    assert "[optimizer] calls http://127.0.0.1:8000/v1 (inherited from [model])" in done.stderr
+
+
+def test_dry_run_fails_on_a_host_that_does_not_resolve(tmp_path: Path) -> None:
+    path = _endpoint_run(
+        tmp_path,
+        "http://127.0.0.1:8000/v1",
+        'options = { base_url = "http://no-such-host.invalid/v1" }',
+    )
+    done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": "k"})
+    assert done.returncode == 2, done.stderr
+    assert "run.toml:16: [optimizer] options.base_url: host 'no-such-host.invalid'" in done.stderr
