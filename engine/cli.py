@@ -1,6 +1,7 @@
 """The command line: ``textgrad optimize | evaluate | bench RUN.toml``.
 
-Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted.
+Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted
+(Ctrl-C or SIGTERM: the run is cancelled, the cache flushed, a rerun resumes).
 Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
 ``--json-logs`` prints structured events as JSON lines instead, ``--quiet`` only errors.
 """
@@ -12,7 +13,9 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -542,6 +545,19 @@ def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throu
     return int(harness(arguments) or 0)
 
 
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (docker stop, systemd, ``timeout``) ends a run the way Ctrl-C does: the
+    run is cancelled, the cache flushed, "interrupted" printed, exit 130.  Re-raised as
+    SIGINT so asyncio's own Ctrl-C handling cancels the run's task, whatever it awaits."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread (main() called from a test)
+
+    def on_term(_signum: int, _frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["cache"]:
@@ -555,6 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
+    _sigterm_as_ctrl_c()
 
     def run() -> int:
         run_file, job = _prepare(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -420,3 +421,59 @@ def test_dry_run_fails_on_a_host_that_does_not_resolve(tmp_path: Path) -> None:
     done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": "k"})
     assert done.returncode == 2, done.stderr
     assert "run.toml:16: [optimizer] options.base_url: host 'no-such-host.invalid'" in done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_is_ctrl_c_the_cache_is_flushed_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """Issue 18: SIGTERM (docker stop, systemd, timeout) acted like kill -9: exit 143, no
+    "interrupted" line.  Now it cancels the run like Ctrl-C: exit 130, the line, and every
+    answer already paid for is in the cache (counted by the provider)."""
+    n, concurrency = 600, 8
+    rows = "".join(
+        json.dumps({"id": f"r{i}", "q": f"row {i}", "a": f"row {i}"}) + "\n" for i in range(n)
+    )
+    (tmp_path / "data.jsonl").write_text(rows)
+    with SimulatedServer(ServerConfig(latency_median=0.02, latency_sigma=0.3)) as server:
+        (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{q}}" }}]
+model = "sim"
+[data]
+train = "data.jsonl"
+expected = "a"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{server.base_url}" }}
+limits = {{ rpm = 6000, concurrency = {concurrency} }}
+[cache]
+path = "cache.sqlite"
+[output]
+dir = "out"
+""")
+        command = [
+            sys.executable,
+            "-m",
+            "engine",
+            "evaluate",
+            str(tmp_path / "run.toml"),
+            "--quiet",
+        ]
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while server.stats.paid < n // 3:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "interrupted; rerun the same command to resume" in stderr
+        paid_before = server.stats.paid
+        rerun = run_cli(*command[3:])
+        assert rerun.returncode == 0, rerun.stderr
+        summary = json.loads(rerun.stdout)
+        assert summary["completed"] == n and summary["errors"] == 0
+        # what was answered before the signal came back from the cache, not paid again
+        assert server.stats.paid <= n + concurrency, (paid_before, server.stats.paid)
+        assert summary["cache_hits"] >= paid_before - concurrency
