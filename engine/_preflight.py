@@ -55,7 +55,22 @@ def _check_rows(prompt: Prompt, examples: list[Example], path: Path | None, spli
     except ConfigError as exc:
         row = _ROW.search(exc.message)
         where = row_location(path, int(row.group(1))) if row and path else None
-        raise ConfigError(f"{where or path}: [data] {split}: {exc.message}") from None
+        raise ConfigError(
+            f"{where or path}: [data] {split}: {exc.message}{_columns_hint(exc.message, examples)}"
+        ) from None
+
+
+def _columns_hint(message: str, examples: list[Example]) -> str:
+    """What the rows do have, and the fix, when a placeholder finds no column."""
+    if "placeholder" not in message or not examples:
+        return ""
+    row = _ROW.search(message)
+    example = examples[int(row.group(1))] if row else examples[0]
+    have = ", ".join(sorted(example.inputs))
+    return (
+        f"; the rows have: {have}; rename the column or the {{placeholder}}, or map the "
+        "columns with [data] inputs"
+    )
 
 
 def _check_endpoints(run: RunFile, command: str) -> None:
@@ -63,7 +78,7 @@ def _check_endpoints(run: RunFile, command: str) -> None:
         raise ConfigError(f"{run.path}: [optimizer] is required for optimize")
     for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
         if spec is not None:
-            resolve(spec.adapter, f"{run.path}: [{name}] adapter")
+            resolve(spec.adapter, f"{source_line(run, [name, 'adapter'])}: [{name}] adapter")
     models = [run.prompt.model]
     if run.optimizer is not None and run.optimizer.model_name:
         models.append(run.optimizer.model_name)

@@ -10,10 +10,12 @@ variable that holds its key (``api_key_env``).  Paths are relative to the run fi
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 import tomllib
 from collections.abc import Mapping
@@ -67,7 +69,8 @@ def resolve(spec: str, where: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from exc
+        hint = _did_you_mean(module_name)
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}{hint}") from exc
     try:
         value = module
         for part in attr.split("."):
@@ -75,6 +78,36 @@ def resolve(spec: str, where: str) -> Any:
     except AttributeError:
         raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}") from None
     return value
+
+
+def _did_you_mean(module_name: str) -> str:
+    """``; did you mean 'pkg.close_module:Class'?`` for a module that does not exist
+    beside ones that do (the package's modules, their public classes)."""
+    package, _, leaf = module_name.rpartition(".")
+    try:
+        found = importlib.import_module(package) if package else None
+    except ImportError:
+        return ""
+    paths = getattr(found, "__path__", None)
+    if not paths:
+        return ""
+    names = [m.name for m in pkgutil.iter_modules(paths) if not m.name.startswith("_")]
+    close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.4)
+    close += [n for n in names if n.startswith(leaf) and n not in close]
+    offers = []
+    for name in close[:3]:
+        full = f"{package}.{name}"
+        try:
+            candidate = importlib.import_module(full)
+        except ImportError:
+            continue
+        classes = [
+            attr
+            for attr, value in vars(candidate).items()
+            if inspect.isclass(value) and value.__module__ == full and not attr.startswith("_")
+        ]
+        offers += [f"{full}:{attr}" for attr in classes[:2]] or [full]
+    return f"; did you mean {' or '.join(repr(o) for o in offers)}?" if offers else ""
 
 
 @dataclass(frozen=True)
