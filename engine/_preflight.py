@@ -92,9 +92,14 @@ def _check_keys(run: RunFile) -> None:
     # before anything is created or opened: EndpointSpec.build() would fail later anyway
     for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
         if spec is not None and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            # an [optimizer] that names no key of its own uses [model]'s: point there
+            own = "api_key_env" in (run.raw.get(name) or {})
+            section = name if own else "model"
             raise ConfigError(
-                f"{run.path}: [{name}] api_key_env: environment variable {spec.api_key_env} "
-                "is not set"
+                f"{source_line(run, [section, 'api_key_env'])}: [{section}] api_key_env: "
+                f"environment variable {spec.api_key_env} is not set; fix: "
+                f"export {spec.api_key_env}=<your key> in the shell that runs this "
+                "(the key never goes in the run file)"
             )
 
 

@@ -399,7 +399,10 @@ def test_dry_run_shows_both_endpoints_and_checks_the_key(tmp_path: Path) -> None
         env=env,
     )
     assert done.returncode == 2, done.stderr
-    assert "[model] api_key_env: environment variable NEWCOMER_TEST_KEY is not set" in done.stderr
+    assert (
+        "run.toml:12: [model] api_key_env: environment variable NEWCOMER_TEST_KEY is not set; "
+        "fix: export NEWCOMER_TEST_KEY=<your key>"
+    ) in done.stderr
     secret = "sk-newcomer-0123456789"
     done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": secret})
     assert done.returncode == 0, done.stderr
