@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,7 +24,13 @@ from ._limits import Limits
 from ._runfile import EndpointSpec, RunFile, resolve
 from .bench import BenchProgress, BenchReport, BenchSettings, bench_endpoint, plan_bench
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = [
+    "LimitsInFile",
+    "add_bench_arguments",
+    "limits_in_file",
+    "recommendation_text",
+    "run_bench",
+]
 
 OpenAdapter = Callable[[AsyncExitStack, EndpointSpec], Awaitable[Any]]
 
@@ -140,10 +148,76 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+_HEADER = re.compile(r"^\[\s*([^\]]+?)\s*\]\s*(?:#.*)?$")
+_LIMITS_KEY = re.compile(r"^[\"']?limits[\"']?\s*[=.]")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsInFile:
+    """How a run file sets ``[model]``'s limits now: ``"inline"`` (``limits = {...}``
+    or ``limits.rpm = ...`` under ``[model]``), ``"table"`` (a ``[model.limits]``
+    table) or ``"none"``; ``lines`` are the 1-based lines a recommendation replaces."""
+
+    style: str
+    lines: tuple[int, ...]
+
+
+def limits_in_file(text: str) -> LimitsInFile:
+    """Find ``[model]``'s limits in a run file's text (tomllib keeps no positions)."""
+    header: tuple[str, ...] = ()
+    inline: list[int] = []
+    table: list[int] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        match = _HEADER.match(line)
+        if match:
+            header = tuple(p.strip().strip("\"'") for p in match.group(1).split("."))
+            if header == ("model", "limits"):
+                table.append(number)
+            continue
+        if not line or line.startswith("#"):
+            continue
+        if header == ("model",) and _LIMITS_KEY.match(line):
+            inline.append(number)
+        elif header == ("model", "limits"):
+            table.append(number)
+    if inline:
+        return LimitsInFile("inline", tuple(inline))
+    if table:
+        # the whole table, header to its last key, comments and blank lines between
+        return LimitsInFile("table", tuple(range(table[0], table[-1] + 1)))
+    return LimitsInFile("none", ())
+
+
+def _span(lines: tuple[int, ...]) -> str:
+    if lines == tuple(range(lines[0], lines[-1] + 1)):
+        return f"{lines[0]}" if len(lines) == 1 else f"{lines[0]}-{lines[-1]}"
+    return ",".join(map(str, lines))
+
+
+def recommendation_text(report: BenchReport, run: RunFile) -> str:
+    """The recommendation in the form the run file already uses, with where it goes:
+    pasted as told, the file loads (an inline ``limits`` and a ``[model.limits]`` table
+    side by side would be a TOML error)."""
+    try:
+        found = limits_in_file(run.path.read_text(encoding="utf-8-sig"))
+    except OSError:
+        found = LimitsInFile("none", ())
+    burst = run.model.limits.burst if run.model.limits is not None else None
+    rec = report.recommendation
+    if rec.concurrency is None:
+        return "recommendation: none\n" + rec.to_toml() + "\n"
+    if found.style == "none":
+        head = "recommendation (add to the run file, e.g. at its end):"
+        return f"{head}\n{rec.to_toml('table', burst=burst)}\n"
+    what = "the limits under [model]" if found.style == "inline" else "the [model.limits] table"
+    head = f"recommendation: replace {run.path}:{_span(found.lines)} ({what}) with:"
+    return f"{head}\n{rec.to_toml(found.style, burst=burst)}\n"
+
+
 def _outputs(report: BenchReport, run: RunFile, args: argparse.Namespace) -> None:
     sys.stdout.write(report.to_table() + "\n\n")
-    sys.stdout.write("recommendation (paste into the run file):\n")
-    sys.stdout.write(report.recommendation.to_toml() + "\n")
+    sys.stdout.write(recommendation_text(report, run))
     json_path = Path(args.json) if args.json else None
     if json_path is not None:
         _write(json_path, report.to_json(indent=2) + "\n")

@@ -52,15 +52,25 @@ class Recommendation:
     limit_found: bool
     notes: tuple[str, ...]
 
-    def to_toml(self) -> str:
-        """TOML lines to paste into the run file (the notes as comments)."""
+    def to_toml(self, style: str = "table", *, burst: float | None = None) -> str:
+        """TOML lines to paste into the run file (the notes as comments).
+
+        ``style="table"``: a ``[model.limits]`` table; ``style="inline"``: the one line
+        ``limits = { ... }`` that goes under ``[model]``, for a run file that already
+        writes its limits inline (TOML refuses a table defined twice).  ``burst``, when
+        the run file sets one, is kept: the sweep does not measure it.
+        """
+        if style not in ("table", "inline"):
+            raise ValueError(f"style must be 'table' or 'inline', got {style!r}")
         lines = [f"# {note}" for note in self.notes]
         if self.concurrency is None:
             return "\n".join(lines)
-        lines += ["[model.limits]", f"concurrency = {self.concurrency}"]
-        lines += [
-            f"{key} = {_toml_number(v)}" for key, v in (("rpm", self.rpm), ("tpm", self.tpm)) if v
-        ]
+        given = (("concurrency", self.concurrency), ("rpm", self.rpm), ("tpm", self.tpm))
+        keys = [f"{key} = {_toml_number(v)}" for key, v in (*given, ("burst", burst)) if v]
+        if style == "inline":
+            lines.append(f"limits = {{ {', '.join(keys)} }}")
+        else:
+            lines += ["[model.limits]", *keys]
         return "\n".join(lines)
 
 

@@ -6,6 +6,11 @@ that tripped it and every call that would start, or is sleeping before a retry, 
 once with `EndpointUnreachableError`, which is fatal for the run.  After ``cooldown``
 seconds it lets calls through again, one failure away from opening, so a service that
 shares the endpoint recovers when the server comes back.
+
+An endpoint that has never answered opens after at most ``FIRST_CONTACT`` failures: a
+wrong port or host is known after a few refusals, and one call retrying alone (the
+optimizer's first description call) would otherwise back off for half a minute before
+the run says what is wrong.
 """
 
 from __future__ import annotations
@@ -18,13 +23,16 @@ import anyio
 
 from ._errors import ConnectionFailedError, EndpointUnreachableError
 
-__all__ = ["CircuitBreaker"]
+__all__ = ["FIRST_CONTACT", "CircuitBreaker"]
+
+FIRST_CONTACT = 3  # connection failures that open the breaker of a never-answered endpoint
 
 
 class CircuitBreaker:
     """Counts connection failures in a row for one endpoint; opens at ``threshold``."""
 
     __slots__ = (
+        "_answered",
         "_clock",
         "_cooldown",
         "_failures",
@@ -45,6 +53,7 @@ class CircuitBreaker:
         self._cooldown = cooldown  # seconds open before calls may try again
         self._clock = clock
         self._failures = 0  # connection failures since the last success
+        self._answered = False  # any success yet: then only ``threshold`` opens it
         self._open_until = -math.inf  # clock time before which every call fails
         self._last: ConnectionFailedError | None = None  # the failure that tripped it
         self._opened: anyio.Event | None = None  # set when the breaker opens (sleepers wake)
@@ -66,6 +75,13 @@ class CircuitBreaker:
 
     def on_success(self) -> None:
         self._failures = 0
+        self._answered = True
+
+    @property
+    def _limit(self) -> int | None:
+        if self._threshold is None or self._answered:
+            return self._threshold
+        return min(self._threshold, FIRST_CONTACT)
 
     def on_failure(self, exc: BaseException, endpoint: str) -> None:
         """Count a failed attempt; a connection failure may open the breaker (and raise)."""
@@ -73,10 +89,11 @@ class CircuitBreaker:
             return
         self._failures += 1
         self._last = exc
-        if self._threshold is None or self._failures < self._threshold:
+        limit = self._limit
+        if limit is None or self._failures < limit:
             return
         # one failure away from opening again once the cool-down is over
-        self._failures = self._threshold - 1
+        self._failures = limit - 1
         self._open_until = self._clock() + self._cooldown
         if self._opened is not None:
             self._opened.set()
@@ -98,7 +115,7 @@ class CircuitBreaker:
     def _error(self, endpoint: str) -> EndpointUnreachableError:
         cause = self._last.detail if self._last is not None else "connection failures"
         return EndpointUnreachableError(
-            f"{cause}; {self._threshold} connection failures in a row and no success since, "
+            f"{cause}; {self._limit} connection failures in a row and no success since, "
             f"so every call to this endpoint now fails at once (retried after "
             f"{self._cooldown:g}s)",
             endpoint=endpoint,

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from ._budget import BudgetMeter
 from ._errors import ConfigError
 from ._evaluate import validate_examples
 from ._outputs import check_output_dir, check_output_file
 from ._prompt import Prompt
-from ._runfile import RunFile, resolve
+from ._runfile import RunFile, endpoint_url, resolve
+from ._schema_check import TomlSource
 from ._types import Example
 from .cluster import FileDataset
 from .data import row_location
 
-__all__ = ["OPTIMIZE_FILES", "Job", "prepare"]
+__all__ = ["OPTIMIZE_FILES", "Job", "dry_run_endpoints", "prepare", "source_line"]
 
 OPTIMIZE_FILES = ("best_prompt.json", "report.json", "report.md", "report.html", "scores.png")
 _ROW = re.compile(r"example #(\d+)")
@@ -52,7 +55,22 @@ def _check_rows(prompt: Prompt, examples: list[Example], path: Path | None, spli
     except ConfigError as exc:
         row = _ROW.search(exc.message)
         where = row_location(path, int(row.group(1))) if row and path else None
-        raise ConfigError(f"{where or path}: [data] {split}: {exc.message}") from None
+        raise ConfigError(
+            f"{where or path}: [data] {split}: {exc.message}{_columns_hint(exc.message, examples)}"
+        ) from None
+
+
+def _columns_hint(message: str, examples: list[Example]) -> str:
+    """What the rows do have, and the fix, when a placeholder finds no column."""
+    if "placeholder" not in message or not examples:
+        return ""
+    row = _ROW.search(message)
+    example = examples[int(row.group(1))] if row else examples[0]
+    have = ", ".join(sorted(example.inputs))
+    return (
+        f"; the rows have: {have}; rename the column or the {{placeholder}}, or map the "
+        "columns with [data] inputs"
+    )
 
 
 def _check_endpoints(run: RunFile, command: str) -> None:
@@ -60,7 +78,7 @@ def _check_endpoints(run: RunFile, command: str) -> None:
         raise ConfigError(f"{run.path}: [optimizer] is required for optimize")
     for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
         if spec is not None:
-            resolve(spec.adapter, f"{run.path}: [{name}] adapter")
+            resolve(spec.adapter, f"{source_line(run, [name, 'adapter'])}: [{name}] adapter")
     models = [run.prompt.model]
     if run.optimizer is not None and run.optimizer.model_name:
         models.append(run.optimizer.model_name)
@@ -74,9 +92,14 @@ def _check_keys(run: RunFile) -> None:
     # before anything is created or opened: EndpointSpec.build() would fail later anyway
     for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
         if spec is not None and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            # an [optimizer] that names no key of its own uses [model]'s: point there
+            own = "api_key_env" in (run.raw.get(name) or {})
+            section = name if own else "model"
             raise ConfigError(
-                f"{run.path}: [{name}] api_key_env: environment variable {spec.api_key_env} "
-                "is not set"
+                f"{source_line(run, [section, 'api_key_env'])}: [{section}] api_key_env: "
+                f"environment variable {spec.api_key_env} is not set; fix: "
+                f"export {spec.api_key_env}=<your key> in the shell that runs this "
+                "(the key never goes in the run file)"
             )
 
 
@@ -155,3 +178,39 @@ def _streamed(
     target, option = _outputs(run, command, out, split, inputs)
     data = FileDataset(path, run.columns)
     return Job(command=command, prompt=prompt, data=data, out=target, out_option=option)
+
+
+def source_line(run: RunFile, keys: list[str]) -> str:
+    """``file:line`` of ``keys`` in the run file (the file alone if it cannot tell)."""
+    try:
+        text = run.path.read_text(encoding="utf-8-sig")
+    except OSError:
+        return str(run.path)
+    return TomlSource(run.path, text).where(keys)
+
+
+def dry_run_endpoints(run: RunFile) -> dict[str, str]:
+    """Where each endpoint section sends its calls, as the run will (an ``[optimizer]``
+    without an endpoint uses ``[model]``'s); a host that does not resolve is a
+    `ConfigError` naming where the URL is configured."""
+    shown: dict[str, str] = {}
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        if spec is None:
+            continue
+        url = endpoint_url(spec)
+        if url is None:
+            shown[name] = f"{spec.adapter} (no base_url: in process, or the adapter's default)"
+            continue
+        key = "base_url" if "base_url" in spec.options else "azure_endpoint"
+        own = key in (run.raw.get(name, {}).get("options") or {})
+        where = source_line(run, [name if own else "model", "options"])
+        host = urlsplit(url).hostname
+        try:
+            socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            raise ConfigError(
+                f"{where}: [{name if own else 'model'}] options.{key}: host {host!r} of {url} "
+                "does not resolve; fix the URL (or the network)"
+            ) from None
+        shown[name] = url + ("" if own else " (inherited from [model])")
+    return shown

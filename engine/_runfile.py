@@ -10,14 +10,16 @@ variable that holds its key (``api_key_env``).  Paths are relative to the run fi
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,7 +27,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ._budget import Budget, Price
-from ._errors import ConfigError
+from ._errors import ConfigError, DataError
 from ._limits import Limits
 from ._pg_schema import check_table, check_url
 from ._prompt import Prompt
@@ -45,7 +47,15 @@ from ._schema_check import TomlSource, decode_run_file
 from ._types import Example
 from .data import ColumnMap, load_splits
 
-__all__ = ["ClusterSpec", "EndpointSpec", "RunFile", "load_run_file", "resolve"]
+__all__ = [
+    "ClusterSpec",
+    "EndpointSpec",
+    "RunFile",
+    "endpoint_url",
+    "inherit_endpoint",
+    "load_run_file",
+    "resolve",
+]
 
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _RAY_ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
@@ -59,7 +69,8 @@ def resolve(spec: str, where: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from exc
+        hint = _did_you_mean(module_name)
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}{hint}") from exc
     try:
         value = module
         for part in attr.split("."):
@@ -67,6 +78,36 @@ def resolve(spec: str, where: str) -> Any:
     except AttributeError:
         raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}") from None
     return value
+
+
+def _did_you_mean(module_name: str) -> str:
+    """``; did you mean 'pkg.close_module:Class'?`` for a module that does not exist
+    beside ones that do (the package's modules, their public classes)."""
+    package, _, leaf = module_name.rpartition(".")
+    try:
+        found = importlib.import_module(package) if package else None
+    except ImportError:
+        return ""
+    paths = getattr(found, "__path__", None)
+    if not paths:
+        return ""
+    names = [m.name for m in pkgutil.iter_modules(paths) if not m.name.startswith("_")]
+    close = difflib.get_close_matches(leaf, names, n=3, cutoff=0.4)
+    close += [n for n in names if n.startswith(leaf) and n not in close]
+    offers = []
+    for name in close[:3]:
+        full = f"{package}.{name}"
+        try:
+            candidate = importlib.import_module(full)
+        except ImportError:
+            continue
+        classes = [
+            attr
+            for attr, value in vars(candidate).items()
+            if inspect.isclass(value) and value.__module__ == full and not attr.startswith("_")
+        ]
+        offers += [f"{full}:{attr}" for attr in classes[:2]] or [full]
+    return f"; did you mean {' or '.join(repr(o) for o in offers)}?" if offers else ""
 
 
 @dataclass(frozen=True)
@@ -190,7 +231,8 @@ class RunFile:
 def _read(path: Path) -> tuple[TomlSource, dict[str, Any]]:
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not TOML's business
+        text = path.read_text(encoding="utf-8-sig")
         return TomlSource(path, text), tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such run file") from None
@@ -214,6 +256,8 @@ def _messages(section: PromptSection, base: Path, source: TomlSource) -> tuple[A
             raise _fail(source, ["prompt"], "[prompt] needs messages (inline or in a JSON file)")
         return section.messages, None
     prompt_path = base / section.file
+    if not prompt_path.is_file():
+        raise _fail(source, ["prompt", "file"], f"[prompt] file: {_no_such(prompt_path, base)}")
     try:
         data = json.loads(prompt_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -284,6 +328,33 @@ def _endpoint(
     )
 
 
+_ENDPOINT_OPTIONS = ("base_url", "azure_endpoint")
+
+
+def inherit_endpoint(spec: EndpointSpec | None, model: EndpointSpec) -> EndpointSpec | None:
+    """An ``[optimizer]`` on ``[model]``'s adapter that names no endpoint of its own
+    talks to ``[model]``'s (its options and key under its own), never to the adapter's
+    default host behind the user's back."""
+    if spec is None or spec.adapter != model.adapter:
+        return spec
+    if any(key in spec.options for key in _ENDPOINT_OPTIONS):
+        return spec
+    return replace(
+        spec,
+        options={**model.options, **spec.options},
+        api_key_env=spec.api_key_env or model.api_key_env,
+    )
+
+
+def endpoint_url(spec: EndpointSpec) -> str | None:
+    """Where an endpoint sends its calls, as configured (None: in-process adapter)."""
+    for key in _ENDPOINT_OPTIONS:
+        value = spec.options.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def _budget(section: BudgetSection | None) -> Budget | None:
     if section is None:
         return None
@@ -350,15 +421,31 @@ def _columns(schema: RunFileSchema) -> ColumnMap:
     )
 
 
+def _no_such(path: Path, base: Path) -> str:
+    """A missing input, with the rule a copied run file trips over and the fix."""
+    folder = os.path.abspath(base) + os.sep
+    return (
+        f"no such file {path} (paths are relative to the run file's folder: {folder}); "
+        "copy the run file together with its folder, or give the path from that folder"
+    )
+
+
 def _datasets(
-    schema: RunFileSchema, base: Path, load: bool
+    schema: RunFileSchema, base: Path, load: bool, source: TomlSource
 ) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
     section = schema.data
     train_path = _absolute(base, section.train)
     val_path = _absolute(base, section.val) if section.val else None
+    for key, path in (("train", train_path), ("val", val_path)):
+        if path is not None and not path.exists():
+            raise _fail(source, ["data", key], f"[data] {key}: {_no_such(path, base)}")
     if not load:  # a cluster reads them (Ray Data): the driver never holds the rows
         return [], None, train_path, val_path
-    train, val = load_splits(train_path, val_path, _columns(schema))
+    try:
+        train, val = load_splits(train_path, val_path, _columns(schema))
+    except DataError as exc:  # where the run file names the data, then the row
+        key = "val" if val_path is not None and str(val_path) in exc.message else "train"
+        raise _fail(source, ["data", key], f"[data] {key}: {exc.message}") from None
     return train, val, train_path, val_path
 
 
@@ -386,7 +473,8 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
         _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
     )
     assert model is not None  # the schema requires [model]
-    train, val, train_path, val_path = _datasets(schema, base, load_data)
+    optimizer = inherit_endpoint(optimizer, model)
+    train, val, train_path, val_path = _datasets(schema, base, load_data, source)
     return RunFile(
         path=p,
         prompt=prompt,

@@ -1,6 +1,7 @@
 """The command line: ``textgrad optimize | evaluate | bench RUN.toml``.
 
-Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted.
+Exit codes: 0 done, 1 failed, 2 bad input (run file, dataset, limits), 130 interrupted
+(Ctrl-C or SIGTERM: the run is cancelled, the cache flushed, a rerun resumes).
 Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
 ``--json-logs`` prints structured events as JSON lines instead, ``--quiet`` only errors.
 """
@@ -12,9 +13,11 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,21 +26,28 @@ import anyio
 import structlog
 
 from ._bench_cli import add_bench_arguments, run_bench
-from ._budget import Budget, BudgetMeter, Price
+from ._budget import Budget, Price
 from ._cache import Cache
 from ._console import StatusLine
-from ._endpoint import Endpoint, estimate_tokens
-from ._errors import BudgetExceededError, ConfigError, TooManyErrorsError
+from ._endpoint import Endpoint
+from ._errors import (
+    BudgetExceededError,
+    ConfigError,
+    ConnectionFailedError,
+    EndpointUnreachableError,
+    TooManyErrorsError,
+)
 from ._evaluate import Evaluation, Outcome, evaluate
 from ._events import Event
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
+from ._plan import plan, plan_table
 from ._postgres import PostgresStore
-from ._preflight import Job, prepare
+from ._preflight import Job, dry_run_endpoints, prepare, source_line
 from ._prompt import Prompt
 from ._redact import redact_event, redact_text
 from ._report import RunReport
-from ._runfile import ClusterSpec, EndpointSpec, RunFile, load_run_file, resolve
+from ._runfile import ClusterSpec, EndpointSpec, RunFile, endpoint_url, load_run_file, resolve
 from ._trainer import OptimizationResult, optimize
 from .cluster import FileDataset, RayCluster
 
@@ -60,12 +70,22 @@ def _configure_logging(mode: str) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
             redact_event,
+            *([] if mode == "json" else [_drop_reported_failures]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def _drop_reported_failures(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The CLI prints a failed evaluation's error itself (``failed: ...``): once."""
+    if event.get("event") == "evaluation.failed":
+        raise structlog.DropEvent
+    return event
 
 
 class _Progress:
@@ -180,37 +200,6 @@ async def _cache(run: RunFile) -> AsyncIterator[Cache]:
         yield cache
 
 
-def _plan(run: RunFile, command: str) -> dict[str, Any]:
-    """Upper bounds of the calls a run can make, and what they may cost."""
-    n, v = len(run.train), len(run.val or [])
-    if command == "evaluate":
-        calls = n
-    else:
-        t = run.trainer
-        b = int(t.get("batch_size", 4))
-        k = int(t.get("max_proposals_per_step", 5)) * int(t.get("parallel_proposals", 1))
-        steps = math.ceil(n / b)
-        # per attempt: b gradients + 1 apply (optimizer) + b batch + n full (task)
-        calls = n + v + 2 + steps * (k * (2 * b + 1 + n) + v)
-    sample = run.prompt.render(run.train[0].inputs)
-    per_call = estimate_tokens(sample, int(run.prompt.params.get("max_tokens", 256)))
-    names = [run.prompt.model]
-    if run.optimizer is not None and run.optimizer.model_name:
-        names.append(run.optimizer.model_name)
-    BudgetMeter(run.budget, names)  # a money budget without prices fails here, as in a run
-    price = _prices(run).get(run.prompt.model)
-    cost = calls * per_call * price.input_per_million / 1e6 if price is not None else None
-    return {
-        "command": command,
-        "train_examples": n,
-        "val_examples": v,
-        "max_calls": calls,
-        "tokens_per_call_estimate": per_call,
-        "max_cost_usd_estimate": cost,
-        "note": "upper bound before cache hits and racing; a resumed run pays only for misses",
-    }
-
-
 # [trainer] keys the run file validates but optimize() does not take yet on this branch;
 # they reach it once the trainer grows them (filtered here, never silently dropped there).
 def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
@@ -317,6 +306,7 @@ def _finish_optimize(job: Job, result: OptimizationResult) -> int:
         "initial_score": report.initial_score,
         "stopped_reason": report.stopped_reason,
         "calls": report.calls,
+        "cost_usd": report.cost,
         "output": str(job.out),
     }
     if math.isnan(result.score):
@@ -472,7 +462,11 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         return await run_bench(run, args, _open)
     assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
-        sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
+        summary = {**plan(run, args.command), "endpoints": dry_run_endpoints(run)}
+        for name, url in summary["endpoints"].items():
+            sys.stderr.write(f"[{name}] calls {url}\n")
+        sys.stderr.write(plan_table(summary))
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return EXIT_OK
     spec = _cluster_spec(run, args)
     async with AsyncExitStack() as stack:
@@ -511,9 +505,25 @@ def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
         split=getattr(args, "split", "train"),
         prompt=_load_prompt(prompt_path) if prompt_path else None,
         prompt_path=prompt_path,
-        check_keys=not args.dry_run,
+        check_keys=True,  # a dry run that passes must not fail at the first call
     )
     return run, job
+
+
+def _unreachable(run: RunFile) -> str:
+    """Where the URLs a run calls are configured, and the fix, for a refused connection."""
+    lines = []
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        url = endpoint_url(spec) if spec is not None else None
+        if url is None:
+            continue
+        own = "base_url" in (run.raw.get(name, {}).get("options") or {})
+        section = name if own else "model"
+        where = source_line(run, [section, "options"])
+        lines.append(f"  [{name}] calls {url}, set at {where} [{section}] options.base_url")
+    if not lines:
+        return ""
+    return "\n".join([*lines, "  fix: start the server, or correct the host and port there"]) + "\n"
 
 
 def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throughput:main") -> int:
@@ -535,6 +545,19 @@ def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throu
     return int(harness(arguments) or 0)
 
 
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (docker stop, systemd, ``timeout``) ends a run the way Ctrl-C does: the
+    run is cancelled, the cache flushed, "interrupted" printed, exit 130.  Re-raised as
+    SIGINT so asyncio's own Ctrl-C handling cancels the run's task, whatever it awaits."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread (main() called from a test)
+
+    def on_term(_signum: int, _frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["cache"]:
@@ -548,10 +571,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
+    _sigterm_as_ctrl_c()
 
     def run() -> int:
         run_file, job = _prepare(args)
-        return int(anyio.run(_main, args, run_file, job))
+        try:
+            return int(anyio.run(_main, args, run_file, job))
+        except (ConnectionFailedError, EndpointUnreachableError) as exc:
+            sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n{_unreachable(run_file)}")
+            return EXIT_FAILED
 
     resume = "" if args.command == "bench" else "; rerun the same command to resume from the cache"
     return exit_code_of(run, interrupted=f"interrupted{resume}")

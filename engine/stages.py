@@ -31,6 +31,7 @@ from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
 from ._types import Example, MetricResult
 
 __all__ = [
+    "OPTIMIZER_MAX_TOKENS",
     "ApplyContext",
     "ApplyStage",
     "GradientContext",
@@ -124,6 +125,10 @@ class ApplyContext:
 
 
 GradientStage = Callable[[GradientContext], Awaitable[str]]
+
+# Every optimizer call the engine makes (gradient, apply, descriptions) asks for at most
+# this many completion tokens, so a dry run can bound what they cost (engine._plan).
+OPTIMIZER_MAX_TOKENS = 4096
 ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
 
 
@@ -251,11 +256,12 @@ class OptimizerCaller:
         )
 
     async def ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
-        """The answer text to ``messages`` with ``params`` (model, temperature, ...)."""
+        """The answer text to ``messages`` with ``params`` (model, temperature, ...);
+        ``max_tokens`` is `OPTIMIZER_MAX_TOKENS` unless ``params`` sets it."""
         return await optimizer_text(
             self.endpoint,
             messages,
-            params,
+            {"max_tokens": OPTIMIZER_MAX_TOKENS, **params},
             meter=self.meter,
             events=self.events,
             cache=self.cache,

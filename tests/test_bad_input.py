@@ -381,8 +381,26 @@ RUN_FILE_CASES: dict[str, RunCase] = {
         _write("train.jsonl", _rows("t", 2) + '{"id": "t9", "q": "9", "answer": "10"}\n'),
         ["optimize", "--dry-run"],
         [
-            "train.jsonl:3: [data] train: example #2 (id='t9'): inputs lack placeholder(s) ['question']"
+            "train.jsonl:3: [data] train: example #2 (id='t9'): inputs lack placeholder(s) ['question']",
+            "; the rows have: q; rename the column or the {placeholder}",
         ],
+    ),
+    "adapter module that does not exist suggests the one that does": (
+        _edit(
+            "run.toml",
+            '"adapters.openai_chat:OpenAIChat"\noptions',
+            '"adapters.openai:OpenAIChat"\noptions',
+        ),
+        ["optimize", "--dry-run"],
+        [
+            "run.toml:16: [model] adapter: cannot import 'adapters.openai'",
+            "did you mean 'adapters.openai_chat:OpenAIChat'",
+        ],
+    ),
+    "data file that does not exist names the run file's line and the rule": (
+        _edit("run.toml", '"val.jsonl"', '"vall.jsonl"'),
+        ["optimize", "--dry-run"],
+        ["run.toml:9: [data] val: no such file", "relative to the run file's folder"],
     ),
     "inputs as one string names one column": (
         lambda d: (

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 import statistics
 import subprocess
+import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,10 @@ import pytest
 from adapters import ScriptedModel, transient_faults
 from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
-from engine import Example, Prompt, RetryPolicy
+from engine import Example, Limits, Prompt, RetryPolicy
+from engine._bench_cli import LimitsInFile, limits_in_file
+from engine._bench_report import Recommendation
+from engine._runfile import load_run_file
 from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
 from tests.conftest import screenshot_in_chromium
 from tests.test_cli import run_cli
@@ -222,6 +228,64 @@ def test_endpoint_announcing_nothing(tmp_path: Path) -> None:
     assert "<svg" in html and "<script" not in html
 
 
+def paste_recommendation(run: Path, stdout: str) -> None:
+    """Do what the printed recommendation says: replace the lines it names with it,
+    else add it at the end of the file."""
+    head, _, block = stdout[stdout.index("\nrecommendation") + 1 :].partition("\n")
+    lines = run.read_text().splitlines()
+    where = re.search(r"replace \S+:(\d+)(?:-(\d+))? ", head)
+    if where is None:
+        lines += block.splitlines()
+    else:
+        first = int(where.group(1))
+        last = int(where.group(2) or first)
+        lines[first - 1 : last] = block.splitlines()
+    run.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(
+    ("inline", "table", "limits"),
+    [
+        ("{ rpm = 3000, concurrency = 64 }", "", Limits(rpm=3000)),  # the README's form
+        ("", "[model.limits]\nrpm = 3000\nburst = 2\n", Limits(rpm=3000, burst=2)),
+        ("", "", Limits(rpm=3000)),
+    ],
+    ids=["inline", "table", "none"],
+)
+def test_the_printed_recommendation_pastes_into_the_run_file(
+    tmp_path: Path, inline: str, table: str, limits: Limits
+) -> None:
+    """Pasted where it says, the recommendation loads with the run file's own loader,
+    in the form the file already uses (an inline ``limits`` and a ``[model.limits]``
+    table side by side is a TOML error), and it is the limits it recommends."""
+    with SimulatedServer(ServerConfig(rpm=3000, latency_median=0.01)) as provider:
+        run = write_run(tmp_path, provider.base_url, rows=20, limits=inline)
+        run.write_text(run.read_text().replace("[output]", f"{table}[output]"))
+        done, report = bench(run, "--concurrency", "2,4", "--requests", "20")
+    assert done.returncode == 0, done.stderr
+    paste_recommendation(run, done.stdout)
+    loaded = load_run_file(run)
+    best = report["best_concurrency"]
+    assert loaded.model.limits == replace(limits, concurrency=best), run.read_text()
+    assert ("limits = {" in done.stdout) == bool(inline)
+    assert ("[model.limits]" in done.stdout) == (not inline)
+
+
+def test_dotted_limits_are_replaced_by_an_inline_line() -> None:
+    """``limits.rpm = ...`` keys under [model] are the inline form too: their lines go."""
+    text = '[model]\nadapter = "a:B"\nlimits.rpm = 5\nlimits.concurrency = 2\nmodel_name = "m"\n'
+    found = limits_in_file(text)
+    assert found == LimitsInFile("inline", (3, 4))
+    lines = text.splitlines()
+    rec = Recommendation(8, 600.0, None, True, ("a note",))
+    lines[2:4] = rec.to_toml("inline").splitlines()
+    assert tomllib.loads("\n".join(lines))["model"] == {
+        "adapter": "a:B",
+        "limits": {"concurrency": 8, "rpm": 600},
+        "model_name": "m",
+    }
+
+
 def test_dry_run_prints_the_bounds_and_calls_nothing(tmp_path: Path) -> None:
     with SimulatedServer(ServerConfig()) as provider:
         run = write_run(tmp_path, provider.base_url, prices="{ sim = [1000.0, 2000.0] }")
@@ -293,8 +357,9 @@ def test_bad_credentials_stop_the_sweep_at_once(tmp_path: Path) -> None:
 
 
 def test_a_dead_endpoint_stops_the_sweep(tmp_path: Path) -> None:
-    """Nothing listening: the endpoint's circuit breaker opens after 10 connection
-    failures in a row and the sweep stops at once, exit 1, naming the URL and why."""
+    """Nothing listening: the endpoint's circuit breaker opens after a few connection
+    failures in a row (3 for an endpoint that never answered) and the sweep stops at
+    once, exit 1, naming the URL and why."""
     with SimulatedServer(ServerConfig()) as provider:
         url = provider.base_url
     run = write_run(tmp_path, url)
@@ -305,7 +370,7 @@ def test_a_dead_endpoint_stops_the_sweep(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "EndpointUnreachableError" in done.stderr
     assert f"cannot reach {url}: connection refused" in done.stderr
-    assert "10 connection failures in a row" in done.stderr
+    assert "3 connection failures in a row" in done.stderr
 
 
 def test_the_connection_pool_is_sized_to_the_highest_level(tmp_path: Path) -> None:

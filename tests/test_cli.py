@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,8 +92,41 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
     done = run_cli("optimize", str(demo / "demo.toml"), "--dry-run")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
-    assert plan["max_calls"] > 40 and plan["max_cost_usd_estimate"] > 0
+    assert plan["max_calls"] > 40 and plan["max_cost_usd"] > 0
     assert not (demo / "cache.sqlite").exists() and not (demo / "out").exists()
+
+
+def test_dry_run_cost_bound_holds_for_the_run_that_follows(demo: Path) -> None:
+    """The plan prices every kind of call on its own model, prompt and completion cap:
+    the run that follows never costs more (the old plan priced only the task model's
+    input, 116x too low), and every kind of call is in the printed table."""
+    dry = run_cli("optimize", str(demo / "demo.toml"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    kinds = {(row["kind"], row["model"]) for row in plan["calls"]}
+    assert {("gradient", "coach"), ("apply", "coach"), ("description", "coach")} <= kinds
+    assert {("initial", "demo"), ("batch", "demo"), ("full set", "demo")} <= kinds
+    assert "gradient" in dry.stderr and "at most" in dry.stderr  # the table, for people
+    done = run_cli("optimize", str(demo / "demo.toml"), "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert 0 < summary["cost_usd"] <= plan["max_cost_usd"]
+    for model, calls in summary["calls"].items():  # and per model, the calls
+        planned = sum(row["calls"] for row in plan["calls"] if row["model"] == model)
+        assert calls <= planned, (model, calls, planned)
+    coach = sum(r["max_cost_usd"] for r in plan["calls"] if r["model"] == "coach")
+    report = json.loads((demo / "out" / "report.json").read_text())
+    assert report["cost"] <= plan["max_cost_usd"] and coach > 0
+
+
+def test_dry_run_says_unbounded_without_a_completion_cap(demo: Path) -> None:
+    run = demo / "demo.toml"
+    run.write_text(run.read_text().replace("params = { max_tokens = 64 }", ""))
+    dry = run_cli("optimize", str(run), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["max_cost_usd"] is None
+    assert "unbounded: set max_tokens" in plan["max_cost_usd_note"]
 
 
 @pytest.mark.parametrize(
@@ -118,7 +153,7 @@ def test_dry_run_calls_nothing(demo: Path) -> None:
             lambda d: (d / "demo.toml").write_text(
                 (d / "demo.toml").read_text().replace("batch_size = 4", 'batch_size = "four"')
             ),
-            'demo.toml:29: [trainer] batch_size must be an integer, got "four"',
+            'demo.toml:31: [trainer] batch_size must be an integer, got "four"',
         ),
         (
             lambda d: (d / "demo.toml").write_text(
@@ -180,7 +215,8 @@ model_name = "gpt-4o"
         for command in ("optimize", "evaluate"):
             done = run_cli(command, str(tmp_path / "run.toml"), "--dry-run")
             assert done.returncode == 0, done.stderr
-            assert json.loads(done.stdout)["max_cost_usd_estimate"] > 0
+            plan = json.loads(done.stdout)  # no max_tokens: no false number
+            assert plan["max_cost_usd"] is None and "unbounded" in plan["max_cost_usd_note"]
         assert server.stats.received == 0
 
 
@@ -278,3 +314,203 @@ def test_a_budget_that_stops_optimize_before_any_score_exits_1(demo: Path) -> No
     assert summary["score"] is None and summary["initial_score"] is None
     assert "budget" in summary["score_note"] and summary["output"] is None
     assert not (demo / "out").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # bound, then closed: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_optimize_reports_a_refused_connection_as_fast_as_evaluate_and_once(
+    tmp_path: Path,
+) -> None:
+    """Issue 19: optimize's first call (a description, alone) backed off ~35 s before
+    failing with a message unlike evaluate's, printed twice.  Now the breaker of an
+    endpoint that never answered opens after a few refusals: one message, naming the
+    URL and where the run file sets it ([optimizer] inherits [model]'s)."""
+    (tmp_path / "train.jsonl").write_text(_rows("t", 4))
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "gpt-4o-mini"
+params = {{ max_tokens = 16 }}
+[data]
+train = "train.jsonl"
+expected = "answer"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{url}" }}
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+model_name = "gpt-4o"
+[output]
+dir = "out"
+""")
+    messages = []
+    for command in ("evaluate", "optimize"):
+        started = time.monotonic()
+        done = run_cli(command, str(tmp_path / "run.toml"))
+        took = time.monotonic() - started
+        assert done.returncode == 1, done.stderr
+        assert took < 25, took  # one-sided: the old optimize slept 35 s of backoff
+        assert done.stderr.count("connection refused") == 1, done.stderr  # once
+        assert "run.toml:11 [model] options.base_url" in done.stderr
+        messages.append(done.stderr.splitlines()[0])
+    assert messages[0] == messages[1]  # same breaker, same message
+    assert messages[0].startswith("failed: EndpointUnreachableError")
+
+
+def _endpoint_run(folder: Path, base_url: str, extra: str = "") -> Path:
+    (folder / "train.jsonl").write_text(_rows("t", 4))
+    path = folder / "run.toml"
+    path.write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "gpt-4o-mini"
+params = {{ max_tokens = 16 }}
+[data]
+train = "train.jsonl"
+expected = "answer"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{base_url}" }}
+api_key_env = "NEWCOMER_TEST_KEY"
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+model_name = "gpt-4o"
+{extra}""")
+    return path
+
+
+def test_dry_run_shows_both_endpoints_and_checks_the_key(tmp_path: Path) -> None:
+    """Issue 19: the dry run passed with an unset key and hid where [optimizer] went."""
+    path = _endpoint_run(tmp_path, "http://127.0.0.1:8000/v1")
+    env = {k: v for k, v in os.environ.items() if k != "NEWCOMER_TEST_KEY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "optimize", str(path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        "run.toml:12: [model] api_key_env: environment variable NEWCOMER_TEST_KEY is not set; "
+        "fix: export NEWCOMER_TEST_KEY=<your key>"
+    ) in done.stderr
+    secret = "sk-newcomer-0123456789"
+    done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": secret})
+    assert done.returncode == 0, done.stderr
+    assert secret not in done.stdout + done.stderr
+    shown = json.loads(done.stdout)["endpoints"]
+    assert shown == {
+        "model": "http://127.0.0.1:8000/v1",
+        "optimizer": "http://127.0.0.1:8000/v1 (inherited from [model])",
+    }
+    assert "[optimizer] calls http://127.0.0.1:8000/v1 (inherited from [model])" in done.stderr
+
+
+def test_dry_run_fails_on_a_host_that_does_not_resolve(tmp_path: Path) -> None:
+    path = _endpoint_run(
+        tmp_path,
+        "http://127.0.0.1:8000/v1",
+        'options = { base_url = "http://no-such-host.invalid/v1" }',
+    )
+    done = run_cli("optimize", str(path), "--dry-run", env={"NEWCOMER_TEST_KEY": "k"})
+    assert done.returncode == 2, done.stderr
+    assert "run.toml:16: [optimizer] options.base_url: host 'no-such-host.invalid'" in done.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_is_ctrl_c_the_cache_is_flushed_and_the_rerun_resumes(tmp_path: Path) -> None:
+    """Issue 18: SIGTERM (docker stop, systemd, timeout) acted like kill -9: exit 143, no
+    "interrupted" line.  Now it cancels the run like Ctrl-C: exit 130, the line, and every
+    answer already paid for is in the cache (counted by the provider)."""
+    n, concurrency = 600, 8
+    rows = "".join(
+        json.dumps({"id": f"r{i}", "q": f"row {i}", "a": f"row {i}"}) + "\n" for i in range(n)
+    )
+    (tmp_path / "data.jsonl").write_text(rows)
+    with SimulatedServer(ServerConfig(latency_median=0.02, latency_sigma=0.3)) as server:
+        (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{q}}" }}]
+model = "sim"
+[data]
+train = "data.jsonl"
+expected = "a"
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+options = {{ base_url = "{server.base_url}" }}
+limits = {{ rpm = 6000, concurrency = {concurrency} }}
+[cache]
+path = "cache.sqlite"
+[output]
+dir = "out"
+""")
+        command = [
+            sys.executable,
+            "-m",
+            "engine",
+            "evaluate",
+            str(tmp_path / "run.toml"),
+            "--quiet",
+        ]
+        proc = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while server.stats.paid < n // 3:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "interrupted; rerun the same command to resume" in stderr
+        paid_before = server.stats.paid
+        rerun = run_cli(*command[3:])
+        assert rerun.returncode == 0, rerun.stderr
+        summary = json.loads(rerun.stdout)
+        assert summary["completed"] == n and summary["errors"] == 0
+        # what was answered before the signal came back from the cache, not paid again
+        assert server.stats.paid <= n + concurrency, (paid_before, server.stats.paid)
+        assert summary["cache_hits"] >= paid_before - concurrency
+
+
+def test_venv_script_installs_only_when_pyproject_or_extras_change(tmp_path: Path) -> None:
+    """Issue 19: demo.sh and test.sh reinstalled (and printed setuptools' 10-line notice)
+    on every run.  A stub python records each pip call; the real hashing runs."""
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    stub = venv_bin / "python"
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = "-m" ]; then echo "$@" >> {log}; '
+        'echo "setuptools: Editable installation notice"; exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    stub.chmod(0o755)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    script = ROOT / "scripts" / "venv.sh"
+
+    def source(extras: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", f". {script} {extras}"], cwd=tmp_path, capture_output=True, text=True
+        )
+
+    first = source("dev")
+    assert first.returncode == 0, first.stderr
+    assert "Editable installation" not in first.stdout + first.stderr  # kept in the log
+    assert log.read_text().count("-e .[dev]") == 1
+    assert source("dev").returncode == 0
+    assert log.read_text().count("-e .[dev]") == 1  # current: no reinstall
+    source("plot")
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    source("dev")
+    assert log.read_text().count("-e .[dev]") == 2 and log.read_text().count("-e .[plot]") == 1

@@ -429,3 +429,61 @@ def test_global_metric_is_resolved_and_checked(tmp_path: Path) -> None:
     text = BASE + '\n[metric]\nglobal = "engine.metrics:nope"\n'
     with pytest.raises(ConfigError, match=r"\[metric\].global: 'engine.metrics' has no attribute"):
         load_run_file(_write(tmp_path, text)).build_global_metric()
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    """Issue 18: a run file saved with a UTF-8 BOM said "Invalid statement"."""
+    path = _write(tmp_path, BASE)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_run_file(path).prompt.model == "demo"
+
+
+def test_a_copied_run_file_says_paths_are_relative_to_its_folder(tmp_path: Path) -> None:
+    """Issue 19: the README's "copy examples/demo.toml" found no prompt.json and said
+    only that; the error names the line, the rule and the fix."""
+    copy = tmp_path / "demo.toml"
+    copy.write_text((ROOT / "examples" / "demo.toml").read_text())
+    with pytest.raises(ConfigError) as info:
+        load_run_file(copy)
+    message = str(info.value)
+    assert message.startswith(f"{copy}:") and "[prompt] file" in message
+    assert f"paths are relative to the run file's folder: {tmp_path}/" in message
+    assert "copy the run file together with its folder" in message
+    (tmp_path / "prompt.json").write_text((ROOT / "examples" / "prompt.json").read_text())
+    with pytest.raises(ConfigError, match=r"demo.toml:\d+: \[data\] train: no such file"):
+        load_run_file(copy)
+
+
+def test_the_bundled_folder_works_wherever_it_is_copied(tmp_path: Path) -> None:
+    """What the README says: copy the folder, and the run file finds its files."""
+    import shutil
+
+    shutil.copytree(ROOT / "examples", tmp_path / "my_run")
+    run = load_run_file(tmp_path / "my_run" / "demo.toml")
+    assert len(run.train) == 40 and run.output_dir == tmp_path / "out" / "demo"
+
+
+ENDPOINTS = """\
+[model]
+adapter = "adapters.openai_chat:OpenAIChat"
+api_key_env = "TASK_KEY"
+options = { base_url = "http://127.0.0.1:8000/v1", timeout = 5 }
+
+[optimizer]
+adapter = "adapters.openai_chat:OpenAIChat"
+model_name = "gpt-4o"
+"""
+
+
+def test_an_optimizer_without_an_endpoint_uses_the_models(tmp_path: Path) -> None:
+    """Issue 19: an [optimizer] with no base_url silently called api.openai.com."""
+    text = BASE.split("[model]")[0] + ENDPOINTS
+    run = load_run_file(_write(tmp_path, text))
+    assert run.optimizer is not None
+    assert run.optimizer.options["base_url"] == "http://127.0.0.1:8000/v1"
+    assert run.optimizer.api_key_env == "TASK_KEY" and run.optimizer.model_name == "gpt-4o"
+    own = text + 'options = { base_url = "http://127.0.0.1:9000/v1" }\napi_key_env = "OPT_KEY"\n'
+    run = load_run_file(_write(tmp_path, own))
+    assert run.optimizer is not None
+    assert run.optimizer.options == {"base_url": "http://127.0.0.1:9000/v1"}
+    assert run.optimizer.api_key_env == "OPT_KEY"
