@@ -135,7 +135,10 @@ def test_best_level_reaches_the_announced_rpm_as_the_server_counts_it(tmp_path: 
         assert level["fraction_of_request_limit"] == pytest.approx(seen, rel=0.02)
     assert "rpm = 3000" in report["recommendation"]["toml"]
     assert "concurrency = 32" in report["recommendation"]["toml"]
-    assert "1.00 of the announced 3,000 requests/min" in done.stdout
+    # the printed fraction is the measured one (">= 0.95" above is the bound; "1.00"
+    # here asked a wall-clock rate for 0.995 of the limit)
+    fraction = best["fraction_of_request_limit"]
+    assert f"{fraction:.2f} of the announced 3,000 requests/min" in done.stdout
 
 
 def test_latency_percentiles_are_never_below_what_the_seeded_provider_drew(
