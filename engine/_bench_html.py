@@ -156,8 +156,11 @@ def _kpis(report: BenchReport) -> str:
     return "".join(f"<div>{html.escape(k)}<b>{v}</b></div>" for k, v in items)
 
 
+# On a phone the charts scale down (their viewBox) and the wide levels table scrolls in
+# its own box instead of widening the page.
 _STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1140px; color: #111; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; padding: 1rem 1.25rem;
+  max-width: 1140px; color: #111; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
 table { border-collapse: collapse; font-size: 12px; }
 td, th { padding: 3px 7px; border-bottom: 1px solid #eee; text-align: right; }
@@ -166,7 +169,10 @@ th { background: #f6f8fa; }
 .kpi div { background: #f6f8fa; padding: .5rem .9rem; }
 .kpi b { font-size: 1.15rem; display: block; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
-pre { background: #f6f8fa; padding: .7rem 1rem; }
+pre { background: #f6f8fa; padding: .7rem 1rem; overflow-x: auto; }
+svg { max-width: 100%; height: auto; }
+.wide { overflow-x: auto; max-width: 100%; }
+p { overflow-wrap: break-word; }
 """
 
 
@@ -188,7 +194,9 @@ def render_bench_html(report: BenchReport) -> str:
     )
     kind = "a synthetic load" if report.synthetic else "the run's prompt over its rows"
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Endpoint benchmark</title>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Endpoint benchmark</title>
 <style>{_STYLE}</style></head><body>
 <h1>Endpoint benchmark: {html.escape(report.endpoint)}</h1>
 <p>Model {html.escape(report.model)}, {kind}; every request through the engine's
@@ -198,11 +206,11 @@ adapter saw it.</p>
 <div class="kpi">{_kpis(report)}</div>
 {stopped}
 <h2>Levels</h2>
-<table><tr><th>concurrency</th><th>answered</th><th>attempts</th><th>req/s</th>
+<div class="wide"><table><tr><th>concurrency</th><th>answered</th><th>attempts</th><th>req/s</th>
 <th>tok/s</th><th>RPM limit</th><th>of RPM</th><th>TPM limit</th><th>of TPM</th>
 <th>429s</th><th>Retry-After max</th><th>p50 s</th><th>p95 s</th><th>p99 s</th><th>max s</th>
 <th>errors (attempts)</th><th>$ / 1k examples</th></tr>
-{_rows(report)}</table>
+{_rows(report)}</table></div>
 <h2>Recommendation (paste into the run file)</h2>
 <pre>{html.escape(report.recommendation.to_toml())}</pre>
 {"".join(sections)}

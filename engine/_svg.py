@@ -74,7 +74,8 @@ def chart(
     y0 = height - bottom
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'role="img" aria-label="{html.escape(title)}">',
+        # the viewBox lets a page scale the chart down to a narrow screen
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
         f'<rect width="{width}" height="{height}" fill="#fff"/>',
         f'<text x="{left}" y="14" font-size="12" font-weight="600">{html.escape(title)}</text>',
     ]

@@ -333,7 +333,8 @@ class _Trainer:
         order = list(self.parts.trainset)  # a copy: the caller's list is never shuffled
         self.rng.shuffle(order)
         history: deque[HistoryEntry] = deque(maxlen=self.settings.history_size)
-        for step, start in enumerate(range(0, len(order), self.settings.batch_size)):
+        # steps count from 1: step 0 is the initial prompt on the full set (charts, tables)
+        for step, start in enumerate(range(0, len(order), self.settings.batch_size), start=1):
             batch = order[start : start + self.settings.batch_size]
             record = await self._step(step, batch, history)
             await self._close_step(record)

@@ -20,8 +20,11 @@ from engine.metrics import ExactMatch
 anyio.run(anyio.to_thread.run_sync, lambda: None)
 
 
-def screenshot_in_chromium(page: Path, shot: Path, profile: Path) -> bytes:
-    """Render an HTML file in headless Chromium (Debian's package); the PNG's bytes."""
+def screenshot_in_chromium(
+    page: Path, shot: Path, profile: Path, *, size: tuple[int, int] = (1200, 1600)
+) -> bytes:
+    """Render an HTML file in headless Chromium (Debian's package) in a window of
+    ``size`` (width, height) CSS pixels; the PNG's bytes."""
     subprocess.run(
         [
             "chromium",
@@ -34,7 +37,7 @@ def screenshot_in_chromium(page: Path, shot: Path, profile: Path) -> bytes:
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={profile}",
-            "--window-size=1200,1600",
+            f"--window-size={size[0]},{size[1]}",
             f"--screenshot={shot}",
             page.as_uri(),
         ],

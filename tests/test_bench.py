@@ -3,6 +3,7 @@ over real HTTP on loopback, counted at the server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -22,7 +23,9 @@ from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import Example, Limits, Prompt, RetryPolicy
 from engine._bench_cli import LimitsInFile, limits_in_file
+from engine._bench_record import Attempt
 from engine._bench_report import Recommendation
+from engine._bench_stats import summarize_level
 from engine._runfile import load_run_file
 from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
 from tests.conftest import screenshot_in_chromium
@@ -138,13 +141,22 @@ def test_best_level_reaches_the_announced_rpm_as_the_server_counts_it(tmp_path: 
         assert level["fraction_of_request_limit"] == pytest.approx(seen, rel=0.02)
     assert "rpm = 3000" in report["recommendation"]["toml"]
     assert "concurrency = 32" in report["recommendation"]["toml"]
-    assert "1.00 of the announced 3,000 requests/min" in done.stdout
+    # the printed fraction is the measured one (">= 0.95" above is the bound; "1.00"
+    # here asked a wall-clock rate for 0.995 of the limit)
+    fraction = best["fraction_of_request_limit"]
+    assert f"{fraction:.2f} of the announced 3,000 requests/min" in done.stdout
 
 
 def test_latency_percentiles_match_the_seeded_provider(tmp_path: Path) -> None:
-    """p50/p95/p99 and the max, as measured, match the latencies the seeded provider drew
-    (computed here from the same generator): never below them, and above them only by
-    the client's own share of a round trip."""
+    """Over real HTTP, p50/p95/p99 and the max are at least the latencies the seeded
+    provider drew (computed here from the same generator), and not grossly above them.
+
+    Each reply arrives after its drawn latency and a busy machine only adds to that, so
+    the bound that matters is the lower one: a wrong percentile (p99 reported as p95,
+    say) falls below it.  The upper bound is deliberately loose (3x plus half a second):
+    a loaded 2-core machine put p50 6 ms over the old 5%+30 ms allowance twice; what is
+    left catches a latency measured over the wrong span (a whole level, say).  The exact
+    values are checked on a clock the test controls, in the test below."""
     config = ServerConfig(latency_median=0.2, latency_sigma=0.5, seed=11)
     with SimulatedServer(config) as server:
         run = write_run(tmp_path, server.base_url)
@@ -153,16 +165,37 @@ def test_latency_percentiles_match_the_seeded_provider(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     drawn = seeded_latencies(300, median=0.2, sigma=0.5, seed=11)
     level = report["levels"][0]
-    # Each reply arrives after its drawn latency, so each measured order statistic is at
-    # least the drawn one: a wrong percentile (p95 reported as p99, say) falls below it.
-    # Above it, 5% plus the client's own time: a loaded 2-core CI machine delayed one
-    # reply of the tail by 54 ms once, which moves p99 of 300 by as much (it is the
-    # third-largest value), so the tail gets a larger allowance than the body.
-    for key, q, lag in (("p50_s", 0.5, 0.03), ("p95_s", 0.95, 0.03), ("p99_s", 0.99, 0.1)):
+    for key, q in (("p50_s", 0.5), ("p95_s", 0.95), ("p99_s", 0.99), ("max_s", 1.0)):
         expected = percentile(drawn, q)
         assert expected is not None
-        assert expected * 0.999 <= level[key] <= expected * 1.05 + lag, key
-    assert max(drawn) * 0.999 <= level["max_s"] <= max(drawn) * 1.05 + 0.1
+        assert expected * 0.999 <= level[key] <= expected * 3 + 0.5, key
+
+
+def _loop_now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+@pytest.mark.looptime
+async def test_latency_percentiles_are_exactly_those_the_model_took() -> None:
+    """On the loop's clock (looptime: the test owns it), every attempt's latency is the
+    one the seeded model slept, so p50/p95/p99 and the max equal the drawn ones: a wrong
+    quantile or a sample from the wrong span would not."""
+
+    def draw(rng: random.Random) -> float:
+        return min(30.0, 0.2 * math.exp(0.5 * rng.gauss(0, 1)))
+
+    model = ScriptedModel(lambda r: "ok", latency=draw, seed=11)
+    drawn = [draw(rng) for rng in [random.Random(11)] for _ in range(300)]
+    prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
+    settings = BenchSettings(concurrency=(32,), requests=300)
+    report = await bench_endpoint(
+        model, prompt, [Example({"q": "x"})], settings=settings, clock=_loop_now
+    )
+    level = report.levels[0]
+    assert level.requests == 300
+    for measured, q in ((level.p50_s, 0.5), (level.p95_s, 0.95), (level.p99_s, 0.99)):
+        assert measured == pytest.approx(percentile(drawn, q), abs=1e-3), q
+    assert level.max_s == pytest.approx(max(drawn), abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -395,19 +428,27 @@ async def test_synthetic_load_sends_the_size_asked_for() -> None:
     assert level.completion_tokens_mean == 20
 
 
+@pytest.mark.looptime
 async def test_duration_mode_runs_each_level_for_its_time() -> None:
+    """Each level starts requests for its 0.5 s and then lets the last ones finish (one
+    latency more), on the loop's clock: no wall-clock bound for a busy machine to break."""
     model = ScriptedModel(lambda r: "ok", latency=0.01)
     prompt = Prompt([{"role": "user", "content": "{q}"}], model="m")
     settings = BenchSettings(concurrency=(2, 4), duration=0.5)
-    report = await bench_endpoint(model, prompt, [Example({"q": "x"})], settings=settings)
+    report = await bench_endpoint(
+        model, prompt, [Example({"q": "x"})], settings=settings, clock=_loop_now
+    )
     assert [lv.planned for lv in report.levels] == [None, None]
-    assert all(lv.requests > 10 and 0.5 <= lv.wall_s < 1.5 for lv in report.levels)
+    assert [lv.requests for lv in report.levels] == [100, 200]  # 0.5 s / 0.01 s x level
+    assert all(0.5 <= lv.wall_s <= 0.5 + 0.01 + 1e-3 for lv in report.levels)
     assert report.attempts == len(model.requests) == sum(lv.requests for lv in report.levels)
 
 
-def test_the_run_files_own_rpm_capping_the_sweep_is_said(tmp_path: Path) -> None:
-    """The bundled demo (scripted, rpm = 6000 in the run file): the sweep reaches that
-    rpm, and the recommendation says the run file capped it, not the endpoint."""
+def test_the_bundled_demo_benches_under_its_own_rpm(tmp_path: Path) -> None:
+    """The bundled demo (scripted, rpm = 6000 in the run file) from the CLI: the sweep
+    stays under that rpm, and the recommendation keeps it and says how it compared.
+    Whether the sweep reached it is wall-clock throughput, which a busy machine can
+    lower: the test below checks it on the loop's clock."""
     out = tmp_path / "bench.json"
     done = run_cli(
         "bench", "examples/demo.toml", "--concurrency", "2,8", "--requests", "60",
@@ -415,10 +456,27 @@ def test_the_run_files_own_rpm_capping_the_sweep_is_said(tmp_path: Path) -> None
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
-    assert report["levels"][-1]["requests_per_s"] == pytest.approx(100, rel=0.05)
-    assert "the run file's rpm = 6000 (" in report["recommendation"]["toml"]
-    assert "capped the sweep, not the endpoint" in done.stdout
+    # the limit holds (loosely: the strict checks are the request-cap tests above)
+    assert 0 < report["levels"][-1]["requests_per_s"] <= 100 * 1.5
+    assert "rpm = 6000" in report["recommendation"]["toml"]
+    assert "the run file's" in done.stdout  # "... capped the sweep" or "... are kept"
     assert (tmp_path / "bench.html").exists()
+
+
+@pytest.mark.parametrize(("per_second", "said"), [(100, "capped the sweep"), (50, "are kept")])
+def test_the_run_files_own_rpm_capping_the_sweep_is_said(per_second: int, said: str) -> None:
+    """rpm = 6000 configured: a level that ran at 100 requests/s (its attempts' times
+    set here, no clock involved) was capped by the run file, not the endpoint, and the
+    recommendation says so; at 50/s it says the sweep stayed under it."""
+    attempts = [Attempt(0, i / per_second, i / per_second + 0.02) for i in range(60)]
+    level = summarize_level(
+        attempts, concurrency=8, planned=60, answered=60, failed=0, started=0.0,
+        ended=attempts[-1].end, price=None,
+    )  # fmt: skip
+    assert level.requests_per_s == pytest.approx(per_second)
+    toml = recommend([level], Limits(rpm=6000, concurrency=16)).to_toml()
+    assert "rpm = 6000" in toml and said in toml
+    assert ("the run file's rpm = 6000 (1.00 of it reached)" in toml) == (per_second == 100)
 
 
 async def test_a_broken_adapter_stops_the_sweep_with_its_own_error() -> None:
