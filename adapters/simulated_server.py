@@ -81,6 +81,13 @@ class ServerConfig:
     OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
     without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
     ``content_filter``), in chat and in batches alike.
+
+    ``announce_limit_requests`` (and ``announce_limit_tokens``) are sent verbatim as
+    ``x-ratelimit-limit-*`` on every answer, whatever the real limit: a provider or
+    gateway that announces a wrong, absurd or unparsable limit (``"1000000000"``,
+    ``"-5"``, ``"inf"``).  ``usage`` overrides the billed counts in every answer
+    (``{"prompt_tokens": -300}``); ``body`` answers every request with these raw bytes
+    (status 200): a body of a shape or encoding the client must cope with.
     """
 
     rpm: float | None = None
@@ -101,6 +108,10 @@ class ServerConfig:
     null_content_kind: str = "refusal"
     reject_json_schema: bool = False
     headers: bool = True
+    announce_limit_requests: str | None = None
+    announce_limit_tokens: str | None = None
+    usage: Mapping[str, Any] | None = None
+    body: bytes | None = None
     answer: Answer = echo_answer
     seed: int = 0
     batch_delay: float = 0.5
@@ -230,6 +241,10 @@ class _Provider:
             out["x-ratelimit-limit-tokens"] = str(int(self.config.tpm or 0))
             out["x-ratelimit-remaining-tokens"] = str(int(self.tokens.level))
             out["x-ratelimit-reset-tokens"] = f"{self.tokens.reset_in():.3f}s"
+        if self.config.announce_limit_requests is not None:
+            out["x-ratelimit-limit-requests"] = self.config.announce_limit_requests
+        if self.config.announce_limit_tokens is not None:
+            out["x-ratelimit-limit-tokens"] = self.config.announce_limit_tokens
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -375,9 +390,14 @@ class _Provider:
             stats.paid_arrivals.append(now)
             if kind is not None:
                 stats.null_contents += 1
+            if c.body is not None:
+                await _raw(send, 200, c.body, limit_headers)
+                return
             completion = _fake.completion_body(
                 f"chatcmpl-{digest[:12]}", body, answer, null_content=kind
             )
+            if c.usage is not None:
+                completion["usage"] = {**completion["usage"], **c.usage}
             await _json(send, 200, completion, limit_headers)
         finally:
             stats.in_flight -= 1

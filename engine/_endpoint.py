@@ -96,7 +96,18 @@ class _Counters:
 class _Attempts:
     """One call's progress through its attempts: count, deadline, who to tell."""
 
-    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name")
+    __slots__ = (
+        "count",
+        "epoch",
+        "estimate",
+        "events",
+        "forgiven",
+        "give_up_at",
+        "meter",
+        "model_name",
+        "pauses_seen",
+        "successes_seen",
+    )
 
     def __init__(
         self,
@@ -107,6 +118,10 @@ class _Attempts:
     ) -> None:
         self.count = 0
         self.estimate = 0  # tokens charged up front for the current attempt
+        self.epoch = 0  # the limiter's rate epoch when the current attempt was sent
+        self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
+        self.successes_seen = -1  # the endpoint's successes at this call's last 429
+        self.forgiven = 0  # 429s not counted against max_attempts (others got through)
         self.give_up_at = give_up_at  # clock time past which nothing may wait
         self.model_name = model_name
         self.meter = meter
@@ -162,7 +177,8 @@ class Endpoint:
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
-        self._consecutive_429 = 0
+        self._consecutive_429 = 0  # escalations of the 429 backoff since a success
+        self._escalations = 0  # escalations of the 429 backoff ever (never reset)
 
     @classmethod
     def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
@@ -259,6 +275,7 @@ class Endpoint:
                 call.meter.check()
                 call.meter.charge_call(call.model_name)
             self._counters.calls += 1
+            call.epoch, call.pauses_seen = limiter.epoch, self._escalations
             timeout = self.retry.timeout
             if call.give_up_at is not None:  # no attempt may outlive the deadline
                 left = max(0.001, call.give_up_at - self._clock())
@@ -338,7 +355,13 @@ class Endpoint:
                 retry_after=exc.retry_after,
                 endpoint=self.name,
             ) from exc
-        if exc.fatal or not policy.should_retry(exc, call.count):
+        if isinstance(exc, RateLimitedError):
+            if 0 <= call.successes_seen < self._counters.succeeded:
+                # other calls got answers since this one's last 429: the provider is up
+                # and the 429 is about pace, which the endpoint fixes; no attempt lost
+                call.forgiven += 1
+            call.successes_seen = self._counters.succeeded
+        if exc.fatal or not policy.should_retry(exc, call.count - call.forgiven):
             self._counters.failed += 1
             raise exc
         wait = policy.backoff(call.count, self._rng)
@@ -364,13 +387,16 @@ class Endpoint:
     def _on_failure(self, exc: ProviderError, call: _Attempts) -> None:
         if isinstance(exc, RateLimitedError):
             self._counters.rate_limited += 1
-            self._consecutive_429 += 1
-            self.limiter.on_rate_limited()
+            self.limiter.on_rate_limited(call.epoch)
             # Retry-After pauses every worker; without it, back off the whole endpoint
-            # exponentially in the number of 429s in a row.
+            # exponentially in the number of 429s in a row.  A 429 to a request sent
+            # before the last escalation (one burst answered 429 many times over) does
+            # not escalate again: the pause already answers it.
             if exc.retry_after is not None:
                 self._pause(exc.retry_after, "Retry-After", call)
-            else:
+            elif call.pauses_seen == self._escalations:
+                self._escalations += 1
+                self._consecutive_429 += 1
                 wait = self.retry.backoff(self._consecutive_429, self._rng)
                 self._pause(wait, "429 without Retry-After", call)
         elif isinstance(exc, CallTimeoutError):

@@ -11,6 +11,12 @@ Requests and tokens are two leaky buckets (aiolimiter).  aiolimiter lets a whole
 through as one burst, so the request bucket holds only ``burst`` requests and drains at
 ``rpm / 60`` per second: any one-second window then sees at most ``rpm/60 + burst``.
 A 429 with Retry-After closes the pause gate for *every* worker of the endpoint.
+
+A limit announced in ``x-ratelimit-limit-*`` headers is believed until the provider
+contradicts it: a 429 to a request sent under a learned rate lowers that rate below
+what actually got through, and announced figures above it are ignored from then on
+(Groq puts requests-per-*day* in ``limit-requests``; gateways forward upstream
+headers).  A 429 always wins over a header.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ __all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
 _LEARNED_MARGIN = 0.95
+# A 429 under a learned rate sets the rate to this share of what really got through.
+_BACK_OFF = 0.7
+# Successes within this many seconds measure the rate that got through.
+_ACHIEVED_WINDOW = 2.0
+# ... measured over at least this long (a young run's first answers come in a burst).
+_ACHIEVED_MIN_SPAN = 0.25
+# A learned rate within this factor of what got through is believed despite a 429 (the
+# provider's bucket drained by a burst); above it, the header is wrong.
+_PLAUSIBLE = 1.1
+# The lowest rate a 429 can push a learned limit to (requests per minute).
+_FLOOR_RPM = 6.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -122,7 +139,9 @@ class RateLimiter:
     __slots__ = (
         "_announced",
         "_capacity",
+        "_ceiling",
         "_clock",
+        "_epoch",
         "_learned",
         "_limits",
         "_pacer",
@@ -149,6 +168,8 @@ class RateLimiter:
         self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
         self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
         self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
+        self._ceiling: float | None = None  # a request rate a 429 proved too high, minus
+        self._epoch = 0  # bumped whenever the request rate in force changes
         if self._limits.rpm is not None:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
@@ -163,7 +184,14 @@ class RateLimiter:
         """Whether a TPM bucket is in force (configured or learned from headers)."""
         return self._tokens is not None
 
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the request rate in force does: a caller notes it when it
+        sends, and a 429 to a request sent under an older rate teaches nothing new."""
+        return self._epoch
+
     def _set_rpm(self, rpm: float) -> None:
+        self._epoch += 1
         self._rpm = rpm
         self._requests = _bucket(rpm, self._limits.request_burst(rpm))
 
@@ -246,21 +274,44 @@ class RateLimiter:
 
     # -- adapting to an endpoint that announces nothing --------------------------------
     def on_success(self) -> None:
-        """A call went through: with no known request rate, let the pacing ease."""
-        if self._rpm is None:
+        """A call went through: remember when (the rate that gets through is what a
+        429 falls back to); with no known request rate, let the pacing ease."""
+        if self._limits.rpm is None:
             self._recent.append(self._clock())
             if self._pacer is not None and not self._pacer.speed_up():
                 self._pacer = None
 
-    def on_rate_limited(self) -> None:
-        """A 429 with no known request rate: pace requests (AIMD) instead of bursting
-        every worker at the gate when it reopens."""
-        if self._rpm is not None:
-            return
+    def _achieved(self) -> float:
+        """Calls per second that got through over the last window (or since the first
+        success, when the run is younger than the window)."""
         now = self._clock()
-        while self._recent and now - self._recent[0] > 2.0:
+        while self._recent and now - self._recent[0] > _ACHIEVED_WINDOW:
             self._recent.popleft()
-        achieved = len(self._recent) / 2.0  # calls per second that got through lately
+        if not self._recent:
+            return 0.0
+        span = min(_ACHIEVED_WINDOW, max(_ACHIEVED_MIN_SPAN, now - self._recent[0]))
+        return len(self._recent) / span
+
+    def on_rate_limited(self, sent_epoch: int | None = None) -> None:
+        """A 429 to a request sent under rate epoch ``sent_epoch`` (default: now).
+
+        A configured rate stands (the pause gate handles the 429).  A rate learned
+        from headers is proven too high: it drops below what got through and stays
+        under that ceiling whatever the headers say.  With no known rate, requests are
+        paced (AIMD) instead of every worker bursting at the gate when it reopens.
+        """
+        if self._limits.rpm is not None:
+            return
+        if self._rpm is not None:
+            achieved = self._achieved() * 60.0
+            fresh = sent_epoch is None or sent_epoch == self._epoch  # not an old rate's 429
+            # a header far above what gets through is wrong; once it was, every fresh
+            # 429 means the ceiling is still too high
+            if fresh and (self._ceiling is not None or self._rpm > _PLAUSIBLE * achieved):
+                self._ceiling = max(_FLOOR_RPM, min(self._rpm, achieved) * _BACK_OFF)
+                self._set_rpm(self._ceiling)
+            return
+        achieved = self._achieved()
         if self._pacer is None:
             self._pacer = _Pacer(1.0 / max(achieved, 1.0))
         else:
@@ -284,6 +335,8 @@ class RateLimiter:
         self._announced = snapshot
         if self._limits.rpm is None and snapshot.limit_requests:
             target = snapshot.limit_requests * _LEARNED_MARGIN
+            if self._ceiling is not None:  # a 429 said the announced figure is wrong
+                target = min(target, self._ceiling)
             if self._rpm is None or abs(self._rpm - target) > 1e-9:
                 self._set_rpm(target)
                 self._learned = True

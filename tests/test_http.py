@@ -176,3 +176,27 @@ def test_header_parsing() -> None:
     assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert parse_retry_after({"retry-after": "2"}) == 2.0
     assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+
+
+@pytest.mark.slow
+async def test_a_429_wins_over_an_overstated_limit_header() -> None:
+    """A provider allowing 1200 RPM announces 10^9 (a per-day figure, or a gateway's
+    upstream header) and answers 429 without Retry-After.  The first 429 under the
+    learned rate drops it below what really got through, and the 10^9 on every later
+    answer does not raise it back; no example fails for the 429s (other calls were
+    answered meanwhile), and most requests are not refused."""
+    config = ServerConfig(
+        rpm=1200, retry_after="none", latency_median=0.01, announce_limit_requests="1000000000"
+    )
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat)  # the default policy: 8 attempts
+            result = await evaluate(
+                qa_prompt(), echo_examples(80), model=endpoint, metric=ExactMatch()
+            )
+    stats = server.stats
+    summary = (stats.summary(), endpoint.statistics())
+    assert result.completed == 80 and result.errors == 0 and result.score == 1.0, summary
+    rpm = endpoint.limiter.statistics().rpm
+    assert rpm is not None and rpm < 1200, summary  # under the real limit after 10^9 headers
+    assert stats.rate_limited < stats.paid, summary  # the unlimited storm refused most

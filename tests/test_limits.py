@@ -287,3 +287,48 @@ async def test_a_model_returning_text_is_accepted_and_garbage_is_a_clear_bug() -
     assert ok.score == 1.0
     with pytest.raises(TypeError, match=r"not an engine\.Completion"):
         await evaluate(qa_prompt(), echo_examples(1), model=BrokenModel(), metric=ExactMatch())  # type: ignore[arg-type]
+
+
+def test_a_429_under_a_learned_rate_sets_a_ceiling_headers_cannot_lift() -> None:
+    """Announced 10^9 RPM, 20 calls/s get through, then a 429: the rate in force drops
+    under what got through (1200 RPM) and a later 10^9 header leaves it there.  A 429
+    to a request sent under an older rate (``sent_epoch``) lowers nothing again."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    sent_under = limiter.epoch
+    for _ in range(40):
+        limiter.on_success()
+        clock.advance(0.05)
+    limiter.on_rate_limited(sent_under)
+    lowered = limiter.statistics().rpm
+    assert lowered is not None and lowered < 1200
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    assert limiter.statistics().rpm == lowered
+    limiter.on_rate_limited(sent_under)  # in flight before the drop: no second cut
+    assert limiter.statistics().rpm == lowered
+    honest = RateLimiter(Limits(), clock=clock)  # a header that matches what got through
+    honest.observe(RateLimitSnapshot(limit_requests=1200))
+    for _ in range(40):
+        honest.on_success()
+        clock.advance(0.05)
+    honest.on_rate_limited(honest.epoch)
+    assert honest.statistics().rpm == pytest.approx(1140)
+
+
+@pytest.mark.looptime
+async def test_429s_cost_no_attempt_while_other_calls_are_answered() -> None:
+    """One example is refused 12 times (more than max_attempts=8) while the others are
+    answered: it still completes, the provider being up."""
+
+    def faults(request: ScriptedRequest) -> BaseException | None:
+        if request.messages[-1]["content"] == "item 0" and request.attempt <= 12:
+            return RateLimitedError("slow down")
+        return None
+
+    model = echo_model(faults=faults, latency=0.05)
+    endpoint = Endpoint(model, limits=Limits(concurrency=4), retry=RetryPolicy(base_delay=0.01))
+    result = await evaluate(qa_prompt(), echo_examples(400), model=endpoint, metric=ExactMatch())
+    assert result.errors == 0 and result.completed == 400
