@@ -125,11 +125,21 @@ def parse_duration(text: str | None) -> float | None:
         return None
 
 
+# What an infinite (``inf``, ``1e999``) header count is read as: more than any limit a
+# provider means, so the engine ignores it and says so rather than failing the call.
+_BEYOND_ANY_LIMIT = 2**63 - 1
+
+
 def _int(value: str | None) -> int | None:
-    try:
-        return int(float(value)) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        number = float(value)
+        return int(number)
+    except ValueError:  # not a number (nan too)
+        return None
+    except OverflowError:  # inf, 1e999
+        return _BEYOND_ANY_LIMIT if number > 0 else -_BEYOND_ANY_LIMIT
 
 
 def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitSnapshot | None:

@@ -179,6 +179,7 @@ class Endpoint:
         self._counters = _Counters()
         self._consecutive_429 = 0  # escalations of the 429 backoff since a success
         self._escalations = 0  # escalations of the 429 backoff ever (never reset)
+        self._noticed: set[str] = set()  # kinds of provider mistake announced already
 
     @classmethod
     def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
@@ -268,7 +269,19 @@ class Endpoint:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
         limiter = self.limiter
-        await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
+        try:
+            await limiter.acquire(
+                estimated_tokens=call.estimate,
+                admit=lambda w: self._admit(w, call),
+                give_up_at=call.give_up_at,
+            )
+        except TimeoutError as exc:
+            refusal = RateLimitedError(
+                f"waited for {exc} past this call's deadline of {self.retry.deadline:g}s",
+                endpoint=self.name,
+            )
+            refusal.sent = False  # refused here, before sending
+            raise refusal from exc
         try:
             self.breaker.check(self.name)
             if call.meter is not None:
@@ -433,7 +446,19 @@ class Endpoint:
         avg = self._completion_tokens_avg
         done = float(completion.usage.completion_tokens)
         self._completion_tokens_avg = done if avg is None else 0.9 * avg + 0.1 * done
-        self.limiter.observe(completion.rate_limits)
+        if completion.rate_limits is not None:
+            for kind, text in self.limiter.observe(completion.rate_limits):
+                self._notice(kind, text, call.events)
+
+    def _notice(self, kind: str, text: str, events: Emitter | None) -> None:
+        """Announce something wrong with what the provider said, once per kind."""
+        if kind in self._noticed:
+            return
+        self._noticed.add(kind)
+        if events is not None:
+            events.emit(
+                "endpoint.notice", level="warning", endpoint=self.name, kind=kind, detail=text
+            )
 
     def _estimate(self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]) -> int:
         if not self.limiter.counts_tokens:  # only a token bucket needs it

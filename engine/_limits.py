@@ -48,6 +48,11 @@ _ACHIEVED_MIN_SPAN = 0.25
 # A learned rate within this factor of what got through is believed despite a 429 (the
 # provider's bucket drained by a burst); above it, the header is wrong.
 _PLAUSIBLE = 1.1
+# A learned request rate this many times below what got through is announced.
+_SLOW_NOTICE = 10.0
+# No provider limits anything to more than this per minute: a larger (or infinite)
+# announced limit is a mistake, ignored like zero or a negative one.
+_MAX_PLAUSIBLE_LIMIT = 10**12
 # The lowest rate a 429 can push a learned limit to (requests per minute).
 _FLOOR_RPM = 6.0
 
@@ -131,6 +136,20 @@ class _Pacer:
     def back_off(self, achieved: float) -> None:
         rate = min(1.0 / self.interval, max(achieved, 0.5)) * 0.7
         self.interval = 1.0 / max(rate, 0.1)
+
+
+Notices = list[tuple[str, str]]  # (kind, text): what `RateLimiter.observe` has to say
+
+
+def _plausible(name: str, value: int | None, notices: Notices) -> int | None:
+    """``value`` if it can be a per-minute limit, else ``None`` and a notice."""
+    if value is None or 0 < value <= _MAX_PLAUSIBLE_LIMIT:
+        return value
+    shown = "beyond 1e12" if value > _MAX_PLAUSIBLE_LIMIT else str(value)
+    notices.append(
+        (f"ignored-{name}", f"ignored x-ratelimit-{name}: {shown} is not a usable limit")
+    )
+    return None
 
 
 class RateLimiter:
@@ -230,13 +249,19 @@ class RateLimiter:
 
     # -- admission --------------------------------------------------------------------
     async def acquire(
-        self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
+        self,
+        *,
+        estimated_tokens: int = 0,
+        admit: Callable[[float], None] | None = None,
+        give_up_at: float | None = None,
     ) -> None:
         """Take one concurrency slot, one request and ``estimated_tokens`` of budget;
         give the slot back with `release` (or use `slot`).
 
         The gate is checked again after the buckets: a 429 seen by another worker while
         this one waited must still hold it back.  ``admit`` as for `wait_until_open`.
+        ``give_up_at`` (a time on this limiter's clock) bounds the wait for the request
+        and token buckets: past it, `TimeoutError`.
         """
         if self._paused_until != -math.inf:  # never paused: no clock to read
             await self.wait_until_open(admit)
@@ -245,10 +270,8 @@ class RateLimiter:
         except anyio.WouldBlock:
             await self._capacity.acquire()
         try:
-            if self._requests is not None:
-                await self._requests.acquire()
-            if self._tokens is not None and estimated_tokens > 0:
-                await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
+            if self._requests is not None or (self._tokens is not None and estimated_tokens):
+                await self._take_from_buckets(estimated_tokens, give_up_at)
             if self._paused_until != -math.inf:
                 await self.wait_until_open(admit)
             if self._pacer is not None:
@@ -256,6 +279,21 @@ class RateLimiter:
         except BaseException:
             self._capacity.release()
             raise
+
+    async def _take_from_buckets(self, estimated_tokens: int, give_up_at: float | None) -> None:
+        if give_up_at is None:  # the common case: no scope to set up
+            await self._take(estimated_tokens)
+            return
+        with anyio.move_on_after(give_up_at - self._clock()) as scope:
+            await self._take(estimated_tokens)
+        if scope.cancelled_caught:
+            raise TimeoutError(f"the endpoint's rate limits (rpm={self._rpm}, tpm={self._tpm})")
+
+    async def _take(self, estimated_tokens: int) -> None:
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None and estimated_tokens > 0:
+            await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
 
     def release(self) -> None:
         """Give back the concurrency slot taken by `acquire`."""
@@ -323,34 +361,55 @@ class RateLimiter:
         if self._tokens is not None and extra > 0:
             await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
 
-    def observe(self, snapshot: RateLimitSnapshot | None) -> None:
-        """Learn from a response's rate-limit headers.
+    def observe(self, snapshot: RateLimitSnapshot | None) -> Notices:
+        """Learn from a response's rate-limit headers; what the caller should announce.
 
         Without a configured RPM/TPM, the provider's announced limit becomes the rate in
         force (slightly under it).  An exhausted remaining count closes the gate for the
-        time one request (or the missing tokens) takes to come back.
+        time one request (or the missing tokens) takes to come back.  A limit that is no
+        rate at all (zero, negative, infinite, past any real provider's) is ignored, and
+        a learned request rate far below what has been getting through is kept but
+        announced: the returned ``(kind, text)`` notices say so, for a person.
         """
         if snapshot is None:
-            return
+            return []
         self._announced = snapshot
-        if self._limits.rpm is None and snapshot.limit_requests:
-            target = snapshot.limit_requests * _LEARNED_MARGIN
-            if self._ceiling is not None:  # a 429 said the announced figure is wrong
-                target = min(target, self._ceiling)
-            if self._rpm is None or abs(self._rpm - target) > 1e-9:
-                self._set_rpm(target)
-                self._learned = True
-                self._pacer = None  # a known rate replaces the guesswork
-        if self._limits.tpm is None and snapshot.limit_tokens:
-            target = snapshot.limit_tokens * _LEARNED_MARGIN
+        notices: Notices = []
+        limit_requests = _plausible("limit-requests", snapshot.limit_requests, notices)
+        limit_tokens = _plausible("limit-tokens", snapshot.limit_tokens, notices)
+        if self._limits.rpm is None and limit_requests:
+            self._learn_rpm(limit_requests * _LEARNED_MARGIN, notices)
+        if self._limits.tpm is None and limit_tokens:
+            target = limit_tokens * _LEARNED_MARGIN
             if self._tpm is None or abs(self._tpm - target) > 1e-9:
                 self._set_tpm(target)
                 self._learned = True
         if snapshot.remaining_requests == 0:
-            if snapshot.limit_requests:
-                self.pause(60.0 / snapshot.limit_requests)
+            if limit_requests:
+                self.pause(60.0 / limit_requests)
             elif snapshot.reset_requests:
                 self.pause(min(snapshot.reset_requests, 1.0))
+        return notices
+
+    def _learn_rpm(self, target: float, notices: Notices) -> None:
+        if self._ceiling is not None:  # a 429 said the announced figure is wrong
+            target = min(target, self._ceiling)
+        if self._rpm is not None and abs(self._rpm - target) <= 1e-9:
+            return
+        achieved = self._achieved() * 60.0
+        if target * _SLOW_NOTICE < achieved:
+            notices.append(
+                (
+                    "slow-limit",
+                    f"the provider announces a request limit of {target / _LEARNED_MARGIN:g} "
+                    f"per minute (x-ratelimit-limit-requests), {achieved / target:.0f}x slower "
+                    f"than calls have been getting through ({achieved:.0f}/min); pacing to it. "
+                    "Set Limits(rpm=...) to override",
+                )
+            )
+        self._set_rpm(target)
+        self._learned = True
+        self._pacer = None  # a known rate replaces the guesswork
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(

@@ -23,6 +23,7 @@ from engine import (
 )
 from engine.metrics import ExactMatch
 from engine.stages import ApplyContext, LLMApply
+from engine.testing import EventRecorder
 
 from .conftest import echo_examples, qa_prompt
 
@@ -200,3 +201,27 @@ async def test_a_429_wins_over_an_overstated_limit_header() -> None:
     rpm = endpoint.limiter.statistics().rpm
     assert rpm is not None and rpm < 1200, summary  # under the real limit after 10^9 headers
     assert stats.rate_limited < stats.paid, summary  # the unlimited storm refused most
+
+
+@pytest.mark.parametrize("announced", ["-5", "0", "inf", "1e999", "-inf"])
+async def test_a_nonsense_limit_header_is_ignored_with_one_notice(announced: str) -> None:
+    """``limit-requests: -5`` hung the run (rpm -4.75); ``inf`` raised OverflowError and
+    lost the answered calls.  Now the value is ignored and said so, once."""
+    config = ServerConfig(latency_median=0.005, announce_limit_requests=announced)
+    recorder = EventRecorder()
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=4)) as chat:
+            with anyio.fail_after(60):  # before: forever
+                result = await evaluate(
+                    qa_prompt(),
+                    echo_examples(12),
+                    model=chat,
+                    metric=ExactMatch(),
+                    on_event=recorder,
+                )
+            rpm = Endpoint.of(chat).limiter.statistics().rpm
+    assert result.completed == 12 and result.errors == 0 and result.score == 1.0
+    assert rpm is None
+    notices = recorder.named("endpoint.notice")
+    assert len(notices) == 1, notices
+    assert "ignored x-ratelimit-limit-requests" in notices[0].data["detail"]

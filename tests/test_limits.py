@@ -332,3 +332,41 @@ async def test_429s_cost_no_attempt_while_other_calls_are_answered() -> None:
     endpoint = Endpoint(model, limits=Limits(concurrency=4), retry=RetryPolicy(base_delay=0.01))
     result = await evaluate(qa_prompt(), echo_examples(400), model=endpoint, metric=ExactMatch())
     assert result.errors == 0 and result.completed == 400
+
+
+@pytest.mark.looptime
+async def test_a_tiny_learned_limit_is_announced_and_still_honoured() -> None:
+    """``limit-requests: 1`` paces one call a minute: kept (it may be true), but said
+    once, with how much slower it is than what got through."""
+    from engine import Completion
+    from engine.testing import EventRecorder
+
+    model = ScriptedModel(
+        lambda r: Completion(r.messages[-1]["content"], rate_limits=RateLimitSnapshot(1)),
+        latency=0.01,
+        limits=Limits(concurrency=1),
+    )
+    recorder = EventRecorder()
+    started = anyio.current_time()
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=model, metric=ExactMatch(), on_event=recorder
+    )
+    assert result.errors == 0 and result.score == 1.0
+    assert anyio.current_time() - started >= 2 * 60  # one a minute (0.95 rpm) after the first
+    notices = recorder.named("endpoint.notice")
+    assert [n.data["kind"] for n in notices] == ["slow-limit"], notices
+    assert "x slower" in notices[0].data["detail"]
+
+
+@pytest.mark.looptime
+async def test_the_deadline_bounds_the_wait_in_the_request_bucket() -> None:
+    """RPM 2 and a 3 s deadline: the calls behind the first fail within the deadline
+    (loop time), naming it; before, each waited its 30 s turn in the bucket."""
+    model = echo_model()
+    endpoint = Endpoint(model, limits=Limits(rpm=2, concurrency=4), retry=RetryPolicy(deadline=3))
+    started = anyio.current_time()
+    result = await evaluate(qa_prompt(), echo_examples(4), model=endpoint, metric=ExactMatch())
+    assert anyio.current_time() - started <= 3.5
+    assert result.errors == 3 and model.calls == 1
+    messages = [o.error.message for o in result.outcomes if o.error is not None]
+    assert all("deadline of 3s" in m for m in messages), messages
