@@ -15,6 +15,7 @@ adapter, concurrently, they share one budget.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -257,7 +258,7 @@ class Endpoint:
                 self._on_failure(exc, call)
                 await self._before_retry(exc, call)
                 continue
-            self._on_success(completion, call)
+            completion = self._on_success(completion, call)
             if call.estimate:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
@@ -398,6 +399,14 @@ class Endpoint:
 
     # -- bookkeeping ------------------------------------------------------------------
     def _on_failure(self, exc: ProviderError, call: _Attempts) -> None:
+        if exc.billed is not None and exc.billed.total_tokens:
+            usage = self._charge(exc.billed, call)
+            self._notice(
+                "billed-failure",
+                f"the provider billed {usage.total_tokens} tokens for an answer with no "
+                f"usable choice ({exc.detail}); counted in the run's usage and budget",
+                call.events,
+            )
         if isinstance(exc, RateLimitedError):
             self._counters.rate_limited += 1
             self.limiter.on_rate_limited(call.epoch)
@@ -434,21 +443,38 @@ class Endpoint:
             reason=reason,
         )
 
-    def _on_success(self, completion: Completion, call: _Attempts) -> None:
+    def _charge(self, usage: Usage, call: _Attempts) -> Usage:
+        """Count ``usage`` (negative counts clamped to 0, and announced): what is
+        charged to the run's budget and the endpoint's totals."""
+        if usage.prompt_tokens < 0 or usage.completion_tokens < 0:
+            self._notice(
+                "negative-usage",
+                f"the provider reported negative token counts ({usage.prompt_tokens} "
+                f"prompt, {usage.completion_tokens} completion); counted as 0",
+                call.events,
+            )
+            usage = Usage(max(0, usage.prompt_tokens), max(0, usage.completion_tokens))
+        self._counters.usage = self._counters.usage + usage
+        if call.meter is not None:
+            call.meter.charge_usage(call.model_name, usage)
+        return usage
+
+    def _on_success(self, completion: Completion, call: _Attempts) -> Completion:
         self._consecutive_429 = 0
         self.breaker.on_success()
         self.limiter.on_success()
         counters = self._counters
         counters.succeeded += 1
-        counters.usage = counters.usage + completion.usage
-        if call.meter is not None:
-            call.meter.charge_usage(call.model_name, completion.usage)
+        usage = self._charge(completion.usage, call)
+        if usage is not completion.usage:
+            completion = dataclasses.replace(completion, usage=usage)
         avg = self._completion_tokens_avg
         done = float(completion.usage.completion_tokens)
         self._completion_tokens_avg = done if avg is None else 0.9 * avg + 0.1 * done
         if completion.rate_limits is not None:
             for kind, text in self.limiter.observe(completion.rate_limits):
                 self._notice(kind, text, call.events)
+        return completion
 
     def _notice(self, kind: str, text: str, events: Emitter | None) -> None:
         """Announce something wrong with what the provider said, once per kind."""

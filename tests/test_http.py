@@ -15,12 +15,18 @@ from adapters.openai_chat import OpenAIChat, parse_duration, parse_rate_limits, 
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     AuthenticationError,
+    Budget,
     Endpoint,
     Limits,
+    Price,
     Prompt,
+    ProviderError,
     RetryPolicy,
+    TransientError,
     evaluate,
 )
+from engine._budget import BudgetMeter
+from engine._events import Emitter
 from engine.metrics import ExactMatch
 from engine.stages import ApplyContext, LLMApply
 from engine.testing import EventRecorder
@@ -225,3 +231,81 @@ async def test_a_nonsense_limit_header_is_ignored_with_one_notice(announced: str
     notices = recorder.named("endpoint.notice")
     assert len(notices) == 1, notices
     assert "ignored x-ratelimit-limit-requests" in notices[0].data["detail"]
+
+
+async def _call_once(
+    config: ServerConfig, recorder: EventRecorder, meter: BudgetMeter
+) -> tuple[Endpoint, BaseException | None]:
+    """One call through a fresh adapter; the endpoint and the error, if any."""
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            try:
+                await endpoint.complete(
+                    [{"role": "user", "content": "item 0"}],
+                    {"model": "m"},
+                    events=Emitter(recorder),
+                    meter=meter,
+                )
+            except ProviderError as exc:
+                return endpoint, exc
+    return endpoint, None
+
+
+async def test_negative_usage_is_clamped_counted_and_announced() -> None:
+    """Usage -15M prompt tokens made the cost -$37.50, so max_cost could never trip."""
+    recorder = EventRecorder()
+    meter = BudgetMeter(Budget(max_cost=1.0, prices={"m": Price(2.5, 10.0)}), ["m"])
+    config = ServerConfig(usage={"prompt_tokens": -15_000_000, "completion_tokens": -7})
+    endpoint, error = await _call_once(config, recorder, meter)
+    assert error is None
+    assert meter.cost is not None and meter.cost >= 0
+    usage = endpoint.statistics().usage
+    assert usage.prompt_tokens >= 0 and usage.completion_tokens >= 0
+    notices = recorder.named("endpoint.notice")
+    assert [n.data["kind"] for n in notices] == ["negative-usage"]
+
+
+async def test_an_answer_without_choices_is_retried_and_its_billed_tokens_counted() -> None:
+    """``choices: []`` with usage: every attempt's billed tokens reach the budget."""
+    recorder = EventRecorder()
+    meter = BudgetMeter(None, ["m"])
+    body = b'{"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 5}}'
+    endpoint, error = await _call_once(ServerConfig(body=body), recorder, meter)
+    assert isinstance(error, TransientError) and error.attempts == FAST.max_attempts
+    assert meter.total_tokens == 105 * FAST.max_attempts
+    assert endpoint.statistics().usage.total_tokens == 105 * FAST.max_attempts
+    assert [n.data["kind"] for n in recorder.named("endpoint.notice")] == ["billed-failure"]
+
+
+async def test_content_as_a_list_of_parts_is_read_as_its_text() -> None:
+    """Mistral answers ``content: [{"type": "text", "text": ...}, ...]``."""
+    body = (
+        b'{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",'
+        b' "content": [{"type": "text", "text": "item "}, {"type": "text", "text": "0"}]}}],'
+        b' "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    )
+    async with SimulatedServer(ServerConfig(body=body)) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            result = await evaluate(qa_prompt(), echo_examples(1), model=chat, metric=ExactMatch())
+    assert result.errors == 0 and result.score == 1.0 and server.stats.received == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": {"content": "caf\xe9"}}]}',
+        b'{"choices": [{"message": {"content": "half an emoji \\ud83d"}}]}',
+    ],
+    ids=["invalid-utf8", "lone-surrogate"],
+)
+async def test_a_body_that_cannot_be_text_is_tried_twice_not_eight_times(body: bytes) -> None:
+    async with SimulatedServer(ServerConfig(body=body)) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            result = await evaluate(
+                qa_prompt(), echo_examples(3), model=endpoint, metric=ExactMatch()
+            )
+    assert result.errors == 3 and server.stats.paid == 3 * 2
+    error = result.outcomes[0].error
+    assert error is not None and "malformed response body" in error.message
