@@ -23,7 +23,7 @@ import errno
 import socket
 import ssl
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import aiohttp
@@ -103,7 +103,17 @@ class AiohttpTransport:
         endpoint: the label errors carry.
     """
 
-    __slots__ = ("_endpoint", "_loop", "_pool", "_proxy", "_route", "_session", "_timeout", "_url")
+    __slots__ = (
+        "_closer",
+        "_endpoint",
+        "_loop",
+        "_pool",
+        "_proxy",
+        "_route",
+        "_session",
+        "_timeout",
+        "_url",
+    )
 
     def __init__(self, route: Route, *, pool: int, timeout: float, endpoint: str) -> None:
         self._route = route
@@ -116,19 +126,26 @@ class AiohttpTransport:
         self._proxy = _env_proxy(self._url)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closer: AsyncGenerator[None, None] | None = None  # closes the session
 
-    def _open(self) -> aiohttp.ClientSession:
+    async def _open(self) -> aiohttp.ClientSession:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise ConfigError(
                 "transport='aiohttp' needs an asyncio event loop; use transport='sdk' on trio"
             ) from None
-        # A session belongs to one loop: an adapter reused under a second asyncio.run()
-        # gets a fresh one (the old loop, and its sockets, are gone).
-        if self._session is not None:
+        # A session belongs to one loop.  Another loop still running owns it; one that
+        # has ended closed it on its way out (`_close_at_loop_end`), or left it behind.
+        old = self._loop
+        if self._session is not None and not self._session.closed:
+            if old is not None and old is not loop and old.is_running() and not old.is_closed():
+                raise ConfigError(
+                    f"this adapter ({self._endpoint}) is in use by another event loop "
+                    "(another thread's asyncio.run); create one adapter per loop"
+                )
             _abandon(self._session)
-        self._session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self._pool, limit_per_host=0, keepalive_timeout=_KEEPALIVE
             ),
@@ -138,14 +155,19 @@ class AiohttpTransport:
             cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies
             auto_decompress=True,
         )
-        self._loop = loop
-        return self._session
+        self._session, self._loop = session, loop
+        # Started here, the generator is one the loop finalises when it shuts down
+        # (asyncio.run does) or when it is collected with this transport: the session
+        # closes on its own loop, and an adapter nobody closed leaves no warning behind.
+        closer = self._closer = _close_at_loop_end(session)
+        await anext(closer)
+        return session
 
     async def send(self, payload: dict[str, Any]) -> RawResponse:
         """POST ``payload`` as JSON; the whole answer, whatever its status."""
         session = self._session
         if session is None or self._loop is not asyncio.get_running_loop():
-            session = self._open()
+            session = await self._open()
         body = encode_json(payload)
         try:
             # Cancellation (the engine's deadline, a cancelled run) closes the
@@ -171,12 +193,21 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         """Close the pooled connections (idempotent)."""
         session, self._session = self._session, None
+        closer, self._closer = self._closer, None
         if session is None or session.closed:
             return
-        if self._loop is asyncio.get_running_loop():
-            await session.close()
+        if self._loop is asyncio.get_running_loop() and closer is not None:
+            await closer.aclose()  # closes the session
         else:
             _abandon(session)
+
+
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Yields once, then closes ``session`` when finalised (see `AiohttpTransport._open`)."""
+    try:
+        yield
+    finally:
+        await session.close()
 
 
 def _abandon(session: aiohttp.ClientSession) -> None:

@@ -14,6 +14,7 @@ adapter, concurrently, they share one budget.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import math
@@ -181,6 +182,7 @@ class Endpoint:
         self._consecutive_429 = 0  # escalations of the 429 backoff since a success
         self._escalations = 0  # escalations of the 429 backoff ever (never reset)
         self._noticed: set[str] = set()  # kinds of provider mistake announced already
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the limiter is of
 
     @classmethod
     def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
@@ -238,6 +240,8 @@ class Endpoint:
         attempts, the deadline or the error class say to stop, `EndpointUnreachableError`
         when the circuit breaker is open, and `BudgetExceededError` at a budget cap.
         """
+        if _running_loop() is not self._loop:
+            self._move_to_running_loop()
         deadline = self.retry.deadline
         call = _Attempts(
             self._clock() + deadline if deadline is not None else None,
@@ -263,6 +267,23 @@ class Endpoint:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
             return CallResult(completion, call.count)
+
+    def _move_to_running_loop(self) -> None:
+        """Bind to the running event loop: at first use, or when the loop this endpoint
+        ran on has ended (a second ``asyncio.run``).  Its limiter and breaker are made
+        of that loop's primitives; another loop still running owns them."""
+        loop, old = _running_loop(), self._loop
+        if loop is None:  # not asyncio (trio): one loop per thread is the caller's rule
+            return
+        if old is not None and old.is_running() and not old.is_closed():
+            raise ConfigError(
+                f"this {type(self.model).__name__} ({self.name}) is in use by another "
+                "event loop (another thread's asyncio.run); create one adapter per loop"
+            )
+        if old is not None:
+            self.limiter.rebind()
+            self.breaker.rebind()
+        self._loop = loop
 
     async def _attempt_under_limits(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
@@ -512,6 +533,14 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name!r} {self.limits!r}>"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or ``None`` under another event loop (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 # Models that refuse attributes (``__slots__``) keep their endpoint here instead; weak,

@@ -218,6 +218,20 @@ class RateLimiter:
         self._tpm = tpm
         self._tokens = _bucket(tpm, max(1.0, tpm / 60.0))
 
+    def rebind(self) -> None:
+        """Rebuild what belongs to an event loop (the concurrency limiter, the buckets,
+        times on the old loop's clock) for a new one, after the old one has ended.
+        The rates in force, learned ones included, carry over."""
+        self._capacity = anyio.CapacityLimiter(self._limits.concurrency)
+        if self._rpm is not None:
+            self._set_rpm(self._rpm)
+        if self._tpm is not None:
+            self._set_tpm(self._tpm)
+        self._paused_until = -math.inf
+        self._recent.clear()
+        if self._pacer is not None:
+            self._pacer.next_start = -math.inf
+
     # -- the pause gate ---------------------------------------------------------------
     def pause(self, seconds: float) -> bool:
         """Close the gate for every worker for ``seconds`` (extends, never shortens).
