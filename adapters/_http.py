@@ -33,13 +33,19 @@ from engine import (
     CallTimeoutError,
     ConfigError,
     ConnectionFailedError,
+    PermanentError,
     TransientError,
 )
 
 from ._route import Route
 from ._wire import RawResponse, encode_json, scrub
 
-__all__ = ["AiohttpTransport", "connect_failure_reason"]
+__all__ = ["DEFAULT_MAX_BODY", "AiohttpTransport", "connect_failure_reason", "too_large"]
+
+# The largest answer read by default: a chat completion is kilobytes; a body of many
+# megabytes is a broken or hostile server, and holding it costs memory per call.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+_CHUNK = 64 * 1024
 
 # Connecting is bounded on its own so a dead host fails fast, whatever the call timeout;
 # below the whole request's timeout, so that a connect that hangs is reported as one.
@@ -83,6 +89,16 @@ def connect_failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def too_large(cap: int, endpoint: str, status: int | None) -> PermanentError:
+    """The error of an answer over ``cap`` bytes: not retried (it would come again)."""
+    return PermanentError(
+        f"the answer is larger than max_response_bytes={cap} ({cap / 2**20:g} MiB); "
+        "not read. Raise OpenAIChat(max_response_bytes=...) if such answers are expected",
+        endpoint=endpoint,
+        status=status,
+    )
+
+
 def _env_proxy(url: URL) -> str | None:
     """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``NO_PROXY``...),
     read once: the SDK's httpx honours these too, and reading them per request costs."""
@@ -101,12 +117,14 @@ class AiohttpTransport:
         timeout: seconds for one whole request; connecting alone is capped at 5 s
             (half the timeout when that is shorter).
         endpoint: the label errors carry.
+        max_body: the largest answer accepted, in bytes (`PermanentError` beyond).
     """
 
     __slots__ = (
         "_closer",
         "_endpoint",
         "_loop",
+        "_max_body",
         "_pool",
         "_proxy",
         "_route",
@@ -115,8 +133,17 @@ class AiohttpTransport:
         "_url",
     )
 
-    def __init__(self, route: Route, *, pool: int, timeout: float, endpoint: str) -> None:
+    def __init__(
+        self,
+        route: Route,
+        *,
+        pool: int,
+        timeout: float,
+        endpoint: str,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
         self._route = route
+        self._max_body = max_body
         self._url = URL(route.url, encoded=True)
         self._pool = pool
         self._timeout = aiohttp.ClientTimeout(
@@ -173,7 +200,7 @@ class AiohttpTransport:
             # Cancellation (the engine's deadline, a cancelled run) closes the
             # connection instead of returning it to the pool half-read.
             async with session.post(self._url, data=body, allow_redirects=False) as response:
-                data = await response.read()
+                data = await self._read(response)
                 return RawResponse(response.status, response.headers, data)
         except aiohttp.ClientConnectorError as exc:
             raise self._unreachable(connect_failure_reason(exc)) from exc
@@ -184,6 +211,25 @@ class AiohttpTransport:
         except (aiohttp.ClientError, OSError) as exc:
             detail = scrub(f"{type(exc).__name__}: {exc}", self._route.secrets)
             raise TransientError(f"connection failed: {detail}", endpoint=self._endpoint) from exc
+
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or `ResponseTooLarge` past ``max_body`` bytes (read no further:
+        the connection is closed rather than drained)."""
+        cap = self._max_body
+        length = response.content_length
+        if length is not None and length <= cap:
+            return await response.read()  # the fast path: size known and allowed
+        if length is None:  # chunked: count as it comes
+            chunks, size = [], 0
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+        response.close()
+        raise too_large(cap, self._endpoint, response.status)
 
     def _unreachable(self, reason: str) -> ConnectionFailedError:
         return ConnectionFailedError(

@@ -18,7 +18,7 @@ import openai
 
 from engine import CallTimeoutError, ConnectionFailedError, TransientError
 
-from ._http import connect_failure_reason
+from ._http import DEFAULT_MAX_BODY, connect_failure_reason, too_large
 from ._route import Route
 from ._wire import RawResponse
 
@@ -54,8 +54,17 @@ def _client(route: Route, http: httpx2.AsyncClient, timeout: float) -> openai.As
 class SdkTransport:
     """POSTs to one `Route` through ``openai.AsyncOpenAI`` (or ``AsyncAzureOpenAI``)."""
 
-    def __init__(self, route: Route, *, pool: int, timeout: float, endpoint: str) -> None:
+    def __init__(
+        self,
+        route: Route,
+        *,
+        pool: int,
+        timeout: float,
+        endpoint: str,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
         self._route = route
+        self._max_body = max_body
         self._endpoint = endpoint
         self._http = httpx2.AsyncClient(
             limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
@@ -72,7 +81,7 @@ class SdkTransport:
             )
         except openai.APIStatusError as exc:
             failed = exc.response
-            return RawResponse(failed.status_code, failed.headers, failed.content)
+            return self._capped(RawResponse(failed.status_code, failed.headers, failed.content))
         except openai.APITimeoutError as exc:
             if isinstance(exc.__cause__, httpx2.ConnectTimeout):
                 raise self._unreachable("connect timeout") from exc
@@ -84,7 +93,14 @@ class SdkTransport:
             raise TransientError(
                 f"connection failed: {type(cause).__name__}", endpoint=self._endpoint
             ) from exc
-        return RawResponse(response.status_code, response.headers, response.content)
+        return self._capped(RawResponse(response.status_code, response.headers, response.content))
+
+    def _capped(self, raw: RawResponse) -> RawResponse:
+        # The SDK has read the body already: the cap keeps the engine's promise (an
+        # over-size answer is an error, never parsed) though not the memory.
+        if len(raw.body) > self._max_body:
+            raise too_large(self._max_body, self._endpoint, raw.status)
+        return raw
 
     def _unreachable(self, reason: str) -> ConnectionFailedError:
         return ConnectionFailedError(

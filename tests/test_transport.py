@@ -486,3 +486,25 @@ def test_an_unclosed_adapter_serves_loops_in_turn_without_warnings(
         leaked = _collect_warnings()
     assert leaked == []
     assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+async def test_an_answer_over_the_size_cap_fails_once_naming_the_cap(transport: str) -> None:
+    """A 2 MiB answer against a 1 MiB cap: a PermanentError naming the cap, not retried
+    (before: any size was read whole, 50 MB answers included, and parsed)."""
+    body = b'{"choices": [{"message": {"content": "' + b"x" * (2 * 2**20) + b'"}}]}'
+    async with SimulatedServer(ServerConfig(body=body)) as server:
+        async with OpenAIChat(
+            base_url=server.base_url, transport=transport, max_response_bytes=2**20
+        ) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            with pytest.raises(PermanentError, match=r"max_response_bytes=1048576"):
+                await endpoint.complete(HELLO, {"model": "m"})
+            async with OpenAIChat(base_url=server.base_url, transport=transport) as plain:
+                ok = await plain.complete(HELLO, model="m")
+    assert server.stats.paid == 2 and len(ok.text) == 2 * 2**20
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, 2.5])
+def test_a_nonsense_size_cap_is_a_config_error(cap: object) -> None:
+    with pytest.raises(ConfigError, match="max_response_bytes"):
+        OpenAIChat(base_url="http://127.0.0.1:9/v1", max_response_bytes=cap)  # type: ignore[arg-type]
