@@ -470,7 +470,7 @@ def test_one_adapter_in_two_threads_refuses_the_second_loop_at_once() -> None:
 
 
 def test_an_unclosed_adapter_serves_loops_in_turn_without_warnings(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     """The README's library usage without ``async with``: two ``asyncio.run`` in turn
     (limiter rebuilt for the second loop: no aiolimiter reuse warning), and at exit no
@@ -479,7 +479,11 @@ def test_an_unclosed_adapter_serves_loops_in_turn_without_warnings(
     import logging
 
     with SimulatedServer() as server, caplog.at_level(logging.ERROR, logger="asyncio"):
-        chat = OpenAIChat(base_url=server.base_url, limits=Limits(rpm=60_000, concurrency=8))
+        chat = OpenAIChat(
+            base_url=server.base_url,
+            limits=Limits(rpm=60_000, concurrency=8),
+            transport=transport,  # type: ignore[arg-type]
+        )
         assert _evaluate_in_a_new_loop(chat, 20) == (20, 0)
         assert _evaluate_in_a_new_loop(chat, 20) == (20, 0)
         del chat
