@@ -87,7 +87,8 @@ class ServerConfig:
     gateway that announces a wrong, absurd or unparsable limit (``"1000000000"``,
     ``"-5"``, ``"inf"``).  ``usage`` overrides the billed counts in every answer
     (``{"prompt_tokens": -300}``); ``body`` answers every request with these raw bytes
-    (status 200): a body of a shape or encoding the client must cope with.
+    (status 200): a body of a shape or encoding the client must cope with; with
+    ``chunked`` it goes in 64 KiB pieces without a Content-Length.
     """
 
     rpm: float | None = None
@@ -112,6 +113,7 @@ class ServerConfig:
     announce_limit_tokens: str | None = None
     usage: Mapping[str, Any] | None = None
     body: bytes | None = None
+    chunked: bool = False
     answer: Answer = echo_answer
     seed: int = 0
     batch_delay: float = 0.5
@@ -391,7 +393,7 @@ class _Provider:
             if kind is not None:
                 stats.null_contents += 1
             if c.body is not None:
-                await _raw(send, 200, c.body, limit_headers)
+                await (_chunked if c.chunked else _raw)(send, 200, c.body, limit_headers)
                 return
             completion = _fake.completion_body(
                 f"chatcmpl-{digest[:12]}", body, answer, null_content=kind
@@ -499,6 +501,20 @@ async def _raw(
     pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": pairs})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _chunked(
+    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    """``body`` with no Content-Length, in pieces (HTTP/1.1 chunked transfer)."""
+    pairs = [(b"content-type", b"application/json")]
+    pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": pairs})
+    step = 64 * 1024
+    for start in range(0, len(body), step):
+        piece = body[start : start + step]
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _json(

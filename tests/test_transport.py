@@ -492,11 +492,14 @@ def test_an_unclosed_adapter_serves_loops_in_turn_without_warnings(
     assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
 
 
-async def test_an_answer_over_the_size_cap_fails_once_naming_the_cap(transport: str) -> None:
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_an_answer_over_the_size_cap_fails_once_naming_the_cap(
+    transport: str, chunked: bool
+) -> None:
     """A 2 MiB answer against a 1 MiB cap: a PermanentError naming the cap, not retried
     (before: any size was read whole, 50 MB answers included, and parsed)."""
     body = b'{"choices": [{"message": {"content": "' + b"x" * (2 * 2**20) + b'"}}]}'
-    async with SimulatedServer(ServerConfig(body=body)) as server:
+    async with SimulatedServer(ServerConfig(body=body, chunked=chunked)) as server:
         async with OpenAIChat(
             base_url=server.base_url, transport=transport, max_response_bytes=2**20
         ) as chat:
