@@ -57,6 +57,10 @@ estimate_tokens = estimate_request_tokens  # the name the CLI's planner imports
 _DEFAULT_COMPLETION_TOKENS = 256
 # Provider pauses at least this long are announced at info level, shorter ones at debug.
 _ANNOUNCE_PAUSE = 1.0
+# 429s that cost no attempt (others were answered meanwhile), per attempt the policy
+# allows: generous, yet a request the provider refuses on its own account forever (one
+# request over the whole TPM limit is a 429 too) still ends.
+_FORGIVEN_429S_PER_ATTEMPT = 3
 # The attribute under which an adapter object carries its shared endpoint.
 _SHARED_ATTRIBUTE = "_engine_endpoint"
 
@@ -391,7 +395,8 @@ class Endpoint:
                 endpoint=self.name,
             ) from exc
         if isinstance(exc, RateLimitedError):
-            if 0 <= call.successes_seen < self._counters.succeeded:
+            forgivable = call.forgiven < _FORGIVEN_429S_PER_ATTEMPT * policy.max_attempts
+            if forgivable and 0 <= call.successes_seen < self._counters.succeeded:
                 # other calls got answers since this one's last 429: the provider is up
                 # and the 429 is about pace, which the endpoint fixes; no attempt lost
                 call.forgiven += 1

@@ -370,3 +370,25 @@ async def test_the_deadline_bounds_the_wait_in_the_request_bucket() -> None:
     assert result.errors == 3 and model.calls == 1
     messages = [o.error.message for o in result.outcomes if o.error is not None]
     assert all("deadline of 3s" in m for m in messages), messages
+
+
+@pytest.mark.looptime
+async def test_a_call_refused_forever_still_ends_while_others_are_answered() -> None:
+    """A request the provider always refuses (one request over the whole TPM limit is
+    a 429 too) ends: forgiven 429s are capped at three per attempt the policy allows."""
+
+    def faults(request: ScriptedRequest) -> BaseException | None:
+        if request.messages[-1]["content"] == "item 0":
+            return RateLimitedError("Request too large for tokens per min")
+        return None
+
+    model = echo_model(faults=faults, latency=0.05)
+    endpoint = Endpoint(
+        model, limits=Limits(concurrency=4), retry=RetryPolicy(base_delay=0.01, max_attempts=4)
+    )
+    result = await evaluate(qa_prompt(), echo_examples(400), model=endpoint, metric=ExactMatch())
+    assert result.errors == 1 and result.completed == 400
+    error = result.outcomes[0].error
+    assert error is not None and error.type == "RateLimitedError"
+    attempts = sum(1 for r in model.requests if r.messages[-1]["content"] == "item 0")
+    assert 4 < attempts <= 4 + 3 * 4
