@@ -348,9 +348,10 @@ class RateLimiter:
         """A 429 to a request sent under rate epoch ``sent_epoch`` (default: now).
 
         A configured rate stands (the pause gate handles the 429).  A rate learned
-        from headers is proven too high: it drops below what got through and stays
-        under that ceiling whatever the headers say.  With no known rate, requests are
-        paced (AIMD) instead of every worker bursting at the gate when it reopens.
+        from headers far above what got through is proven wrong: it drops below what
+        got through and stays under that ceiling whatever the headers say.  With no
+        known rate, requests are paced (AIMD) instead of every worker bursting at the
+        gate when it reopens.
         """
         if self._limits.rpm is not None:
             return
@@ -358,8 +359,10 @@ class RateLimiter:
             achieved = self._achieved() * 60.0
             fresh = sent_epoch is None or sent_epoch == self._epoch  # not an old rate's 429
             # a header far above what gets through is wrong; once it was, every fresh
-            # 429 means the ceiling is still too high
-            if fresh and (self._ceiling is not None or self._rpm > _PLAUSIBLE * achieved):
+            # 429 means the ceiling is still too high.  With nothing got through lately
+            # there is no measure to fall back to: the pause gate answers the 429.
+            wrong = self._ceiling is not None or self._rpm > _PLAUSIBLE * achieved
+            if fresh and achieved > 0 and wrong:
                 self._ceiling = max(_FLOOR_RPM, min(self._rpm, achieved) * _BACK_OFF)
                 self._set_rpm(self._ceiling)
             return

@@ -392,3 +392,17 @@ async def test_a_call_refused_forever_still_ends_while_others_are_answered() -> 
     assert error is not None and error.type == "RateLimitedError"
     attempts = sum(1 for r in model.requests if r.messages[-1]["content"] == "item 0")
     assert 4 < attempts <= 4 + 3 * 4
+
+
+def test_a_429_with_nothing_got_through_lately_does_not_collapse_a_learned_rate() -> None:
+    """Slow calls (nothing answered in the last 2 s) and a 429: no measure of what gets
+    through, so the learned rate stands (before the guard it fell to the 6 RPM floor)."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=600))
+    limiter.on_success()
+    clock.advance(5.0)
+    limiter.on_rate_limited(limiter.epoch)
+    assert limiter.statistics().rpm == pytest.approx(570)
