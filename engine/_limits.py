@@ -39,15 +39,22 @@ __all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
 _LEARNED_MARGIN = 0.95
-# A 429 under a learned rate sets the rate to this share of what really got through.
+# A 429 under a learned rate sets the rate to this share of what really got through;
+# a 429 under that ceiling lowers it by this factor.
 _BACK_OFF = 0.7
+_STEP_DOWN = 0.85
 # Successes within this many seconds measure the rate that got through.
 _ACHIEVED_WINDOW = 2.0
 # ... measured over at least this long (a young run's first answers come in a burst).
 _ACHIEVED_MIN_SPAN = 0.25
 # A learned rate within this factor of what got through is believed despite a 429 (the
 # provider's bucket drained by a burst); above it, the header is wrong.
-_PLAUSIBLE = 1.1
+_PLAUSIBLE = 3.0
+# Under a ceiling, every this many seconds without a 429 the rate is raised this much
+# (additive-increase in spirit): a ceiling set in a burst does not hold a run down
+# forever, and headers still never lift it.
+_PROBE_AFTER = 5.0
+_PROBE_STEP = 1.1
 # A learned request rate this many times below what got through is announced.
 _SLOW_NOTICE = 10.0
 # No provider limits anything to more than this per minute: a larger (or infinite)
@@ -159,6 +166,7 @@ class RateLimiter:
         "_announced",
         "_capacity",
         "_ceiling",
+        "_ceiling_since",
         "_clock",
         "_epoch",
         "_learned",
@@ -187,6 +195,7 @@ class RateLimiter:
         self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
         self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
         self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
+        self._ceiling_since = -math.inf  # clock time the ceiling last moved
         self._ceiling: float | None = None  # a request rate a 429 proved too high, minus
         self._epoch = 0  # bumped whenever the request rate in force changes
         if self._limits.rpm is not None:
@@ -286,10 +295,16 @@ class RateLimiter:
         try:
             if self._requests is not None or (self._tokens is not None and estimated_tokens):
                 await self._take_from_buckets(estimated_tokens, give_up_at)
+            # Held at the gate after the bucket, every worker that waited there would
+            # start at once when it reopens: a burst into the provider that just said
+            # 429.  Such a worker takes a request again, so restarts go at the rate.
+            held = self._paused_until != -math.inf and self.paused_for() > 0
             if self._paused_until != -math.inf:
                 await self.wait_until_open(admit)
             if self._pacer is not None:
                 await self._pacer.wait(self._clock)
+            if held and self._requests is not None:
+                await self._take_from_buckets(0, give_up_at)
         except BaseException:
             self._capacity.release()
             raise
@@ -329,9 +344,15 @@ class RateLimiter:
         """A call went through: remember when (the rate that gets through is what a
         429 falls back to); with no known request rate, let the pacing ease."""
         if self._limits.rpm is None:
-            self._recent.append(self._clock())
+            now = self._clock()
+            self._recent.append(now)
             if self._pacer is not None and not self._pacer.speed_up():
                 self._pacer = None
+            if self._ceiling is not None and now - self._ceiling_since >= _PROBE_AFTER:
+                # a while without a 429: probe a little higher (the header stays ignored)
+                self._ceiling *= _PROBE_STEP
+                self._ceiling_since = now
+                self._set_rpm(self._ceiling)
 
     def _achieved(self) -> float:
         """Calls per second that got through over the last window (or since the first
@@ -358,13 +379,19 @@ class RateLimiter:
         if self._rpm is not None:
             achieved = self._achieved() * 60.0
             fresh = sent_epoch is None or sent_epoch == self._epoch  # not an old rate's 429
-            # a header far above what gets through is wrong; once it was, every fresh
+            # A header far above what gets through is wrong; once it was, every fresh
             # 429 means the ceiling is still too high.  With nothing got through lately
             # there is no measure to fall back to: the pause gate answers the 429.
-            wrong = self._ceiling is not None or self._rpm > _PLAUSIBLE * achieved
-            if fresh and achieved > 0 and wrong:
-                self._ceiling = max(_FLOOR_RPM, min(self._rpm, achieved) * _BACK_OFF)
-                self._set_rpm(self._ceiling)
+            if not fresh or achieved <= 0:
+                return
+            if self._ceiling is not None:  # still too high: a gentler step than the first
+                self._ceiling = max(_FLOOR_RPM, self._rpm * _STEP_DOWN)
+            elif self._rpm > _PLAUSIBLE * achieved:
+                self._ceiling = max(_FLOOR_RPM, achieved * _BACK_OFF)
+            else:
+                return
+            self._ceiling_since = self._clock()
+            self._set_rpm(self._ceiling)
             return
         achieved = self._achieved()
         if self._pacer is None:

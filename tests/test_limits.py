@@ -406,3 +406,24 @@ def test_a_429_with_nothing_got_through_lately_does_not_collapse_a_learned_rate(
     clock.advance(5.0)
     limiter.on_rate_limited(limiter.epoch)
     assert limiter.statistics().rpm == pytest.approx(570)
+
+
+def test_a_ceiling_is_probed_upward_slowly_and_stepped_down_by_fresh_429s() -> None:
+    """Under a ceiling, 5 s without a 429 raise it 10% (never a header); a fresh 429
+    under it takes 15% off."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    for _ in range(40):
+        limiter.on_success()
+        clock.advance(0.05)
+    limiter.on_rate_limited(limiter.epoch)
+    ceiling = limiter.statistics().rpm
+    assert ceiling is not None
+    clock.advance(5.0)
+    limiter.on_success()
+    assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1)
+    limiter.on_rate_limited(limiter.epoch)
+    assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1 * 0.85)
