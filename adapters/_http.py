@@ -23,7 +23,7 @@ import errno
 import socket
 import ssl
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import aiohttp
@@ -33,13 +33,19 @@ from engine import (
     CallTimeoutError,
     ConfigError,
     ConnectionFailedError,
+    PermanentError,
     TransientError,
 )
 
 from ._route import Route
 from ._wire import RawResponse, encode_json, scrub
 
-__all__ = ["AiohttpTransport", "connect_failure_reason"]
+__all__ = ["DEFAULT_MAX_BODY", "AiohttpTransport", "connect_failure_reason", "too_large"]
+
+# The largest answer read by default: a chat completion is kilobytes; a body of many
+# megabytes is a broken or hostile server, and holding it costs memory per call.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+_CHUNK = 64 * 1024
 
 # Connecting is bounded on its own so a dead host fails fast, whatever the call timeout;
 # below the whole request's timeout, so that a connect that hangs is reported as one.
@@ -83,6 +89,16 @@ def connect_failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def too_large(cap: int, endpoint: str, status: int | None) -> PermanentError:
+    """The error of an answer over ``cap`` bytes: not retried (it would come again)."""
+    return PermanentError(
+        f"the answer is larger than max_response_bytes={cap} ({cap / 2**20:g} MiB); "
+        "not read. Raise OpenAIChat(max_response_bytes=...) if such answers are expected",
+        endpoint=endpoint,
+        status=status,
+    )
+
+
 def _env_proxy(url: URL) -> str | None:
     """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``NO_PROXY``...),
     read once: the SDK's httpx honours these too, and reading them per request costs."""
@@ -101,12 +117,33 @@ class AiohttpTransport:
         timeout: seconds for one whole request; connecting alone is capped at 5 s
             (half the timeout when that is shorter).
         endpoint: the label errors carry.
+        max_body: the largest answer accepted, in bytes (`PermanentError` beyond).
     """
 
-    __slots__ = ("_endpoint", "_loop", "_pool", "_proxy", "_route", "_session", "_timeout", "_url")
+    __slots__ = (
+        "_closer",
+        "_endpoint",
+        "_loop",
+        "_max_body",
+        "_pool",
+        "_proxy",
+        "_route",
+        "_session",
+        "_timeout",
+        "_url",
+    )
 
-    def __init__(self, route: Route, *, pool: int, timeout: float, endpoint: str) -> None:
+    def __init__(
+        self,
+        route: Route,
+        *,
+        pool: int,
+        timeout: float,
+        endpoint: str,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
         self._route = route
+        self._max_body = max_body
         self._url = URL(route.url, encoded=True)
         self._pool = pool
         self._timeout = aiohttp.ClientTimeout(
@@ -116,19 +153,26 @@ class AiohttpTransport:
         self._proxy = _env_proxy(self._url)
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closer: AsyncGenerator[None, None] | None = None  # closes the session
 
-    def _open(self) -> aiohttp.ClientSession:
+    async def _open(self) -> aiohttp.ClientSession:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise ConfigError(
                 "transport='aiohttp' needs an asyncio event loop; use transport='sdk' on trio"
             ) from None
-        # A session belongs to one loop: an adapter reused under a second asyncio.run()
-        # gets a fresh one (the old loop, and its sockets, are gone).
-        if self._session is not None:
+        # A session belongs to one loop.  Another loop still running owns it; one that
+        # has ended closed it on its way out (`_close_at_loop_end`), or left it behind.
+        old = self._loop
+        if self._session is not None and not self._session.closed:
+            if old is not None and old is not loop and old.is_running() and not old.is_closed():
+                raise ConfigError(
+                    f"this adapter ({self._endpoint}) is in use by another event loop "
+                    "(another thread's asyncio.run); create one adapter per loop"
+                )
             _abandon(self._session)
-        self._session = aiohttp.ClientSession(
+        session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self._pool, limit_per_host=0, keepalive_timeout=_KEEPALIVE
             ),
@@ -138,20 +182,25 @@ class AiohttpTransport:
             cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies
             auto_decompress=True,
         )
-        self._loop = loop
-        return self._session
+        self._session, self._loop = session, loop
+        # Started here, the generator is one the loop finalises when it shuts down
+        # (asyncio.run does) or when it is collected with this transport: the session
+        # closes on its own loop, and an adapter nobody closed leaves no warning behind.
+        closer = self._closer = _close_at_loop_end(session)
+        await anext(closer)
+        return session
 
     async def send(self, payload: dict[str, Any]) -> RawResponse:
         """POST ``payload`` as JSON; the whole answer, whatever its status."""
         session = self._session
         if session is None or self._loop is not asyncio.get_running_loop():
-            session = self._open()
+            session = await self._open()
         body = encode_json(payload)
         try:
             # Cancellation (the engine's deadline, a cancelled run) closes the
             # connection instead of returning it to the pool half-read.
             async with session.post(self._url, data=body, allow_redirects=False) as response:
-                data = await response.read()
+                data = await self._read(response)
                 return RawResponse(response.status, response.headers, data)
         except aiohttp.ClientConnectorError as exc:
             raise self._unreachable(connect_failure_reason(exc)) from exc
@@ -163,6 +212,25 @@ class AiohttpTransport:
             detail = scrub(f"{type(exc).__name__}: {exc}", self._route.secrets)
             raise TransientError(f"connection failed: {detail}", endpoint=self._endpoint) from exc
 
+    async def _read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or `ResponseTooLarge` past ``max_body`` bytes (read no further:
+        the connection is closed rather than drained)."""
+        cap = self._max_body
+        length = response.content_length
+        if length is not None and length <= cap:
+            return await response.read()  # the fast path: size known and allowed
+        if length is None:  # chunked: count as it comes
+            chunks, size = [], 0
+            async for chunk in response.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+        response.close()
+        raise too_large(cap, self._endpoint, response.status)
+
     def _unreachable(self, reason: str) -> ConnectionFailedError:
         return ConnectionFailedError(
             f"cannot reach {self._route.display}: {reason}", endpoint=self._endpoint
@@ -171,12 +239,21 @@ class AiohttpTransport:
     async def aclose(self) -> None:
         """Close the pooled connections (idempotent)."""
         session, self._session = self._session, None
+        closer, self._closer = self._closer, None
         if session is None or session.closed:
             return
-        if self._loop is asyncio.get_running_loop():
-            await session.close()
+        if self._loop is asyncio.get_running_loop() and closer is not None:
+            await closer.aclose()  # closes the session
         else:
             _abandon(session)
+
+
+async def _close_at_loop_end(session: aiohttp.ClientSession) -> AsyncGenerator[None, None]:
+    """Yields once, then closes ``session`` when finalised (see `AiohttpTransport._open`)."""
+    try:
+        yield
+    finally:
+        await session.close()
 
 
 def _abandon(session: aiohttp.ClientSession) -> None:

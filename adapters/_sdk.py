@@ -11,14 +11,16 @@ setups only the SDK handles, and for trio (the lean transport needs asyncio).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2
 import openai
 
-from engine import CallTimeoutError, ConnectionFailedError, TransientError
+from engine import CallTimeoutError, ConfigError, ConnectionFailedError, TransientError
 
-from ._http import connect_failure_reason
+from ._http import DEFAULT_MAX_BODY, connect_failure_reason, too_large
 from ._route import Route
 from ._wire import RawResponse
 
@@ -54,17 +56,51 @@ def _client(route: Route, http: httpx2.AsyncClient, timeout: float) -> openai.As
 class SdkTransport:
     """POSTs to one `Route` through ``openai.AsyncOpenAI`` (or ``AsyncAzureOpenAI``)."""
 
-    def __init__(self, route: Route, *, pool: int, timeout: float, endpoint: str) -> None:
+    def __init__(
+        self,
+        route: Route,
+        *,
+        pool: int,
+        timeout: float,
+        endpoint: str,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
         self._route = route
+        self._max_body = max_body
         self._endpoint = endpoint
-        self._http = httpx2.AsyncClient(
-            limits=httpx2.Limits(max_connections=pool, max_keepalive_connections=pool),
-            timeout=httpx2.Timeout(timeout, connect=min(5.0, timeout)),
+        self._pool, self._timeout = pool, timeout
+        self._client = self._make_client()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop its pool is of
+        self._closer: AsyncGenerator[None, None] | None = None  # closes it at loop end
+
+    def _make_client(self) -> openai.AsyncOpenAI:
+        http = httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=self._pool, max_keepalive_connections=self._pool),
+            timeout=httpx2.Timeout(self._timeout, connect=min(5.0, self._timeout)),
         )
-        self._client = _client(route, self._http, timeout)
+        return _client(self._route, http, self._timeout)
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve from ``loop``: the first time, or after the loop the pool was of ended
+        (its connections died with it: a fresh client).  The client closes when the
+        loop shuts down or this transport is collected (as in `AiohttpTransport`)."""
+        old = self._loop
+        if old is not None:
+            if old.is_running() and not old.is_closed():
+                raise ConfigError(
+                    f"this adapter ({self._endpoint}) is in use by another event loop "
+                    "(another thread's asyncio.run); create one adapter per loop"
+                )
+            self._client = self._make_client()
+        self._loop = loop
+        closer = self._closer = _close_at_loop_end(self._client)
+        await anext(closer)
 
     async def send(self, payload: dict[str, Any]) -> RawResponse:
         """POST ``payload`` as JSON; the whole answer, whatever its status."""
+        loop = _running_loop()
+        if loop is not self._loop and loop is not None:  # None: trio, one run per client
+            await self._bind(loop)
         body = {**payload, "messages": [dict(m) for m in payload["messages"]]}
         try:
             response = await self._client.post(
@@ -72,7 +108,7 @@ class SdkTransport:
             )
         except openai.APIStatusError as exc:
             failed = exc.response
-            return RawResponse(failed.status_code, failed.headers, failed.content)
+            return self._capped(RawResponse(failed.status_code, failed.headers, failed.content))
         except openai.APITimeoutError as exc:
             if isinstance(exc.__cause__, httpx2.ConnectTimeout):
                 raise self._unreachable("connect timeout") from exc
@@ -84,7 +120,14 @@ class SdkTransport:
             raise TransientError(
                 f"connection failed: {type(cause).__name__}", endpoint=self._endpoint
             ) from exc
-        return RawResponse(response.status_code, response.headers, response.content)
+        return self._capped(RawResponse(response.status_code, response.headers, response.content))
+
+    def _capped(self, raw: RawResponse) -> RawResponse:
+        # The SDK has read the body already: the cap keeps the engine's promise (an
+        # over-size answer is an error, never parsed) though not the memory.
+        if len(raw.body) > self._max_body:
+            raise too_large(self._max_body, self._endpoint, raw.status)
+        return raw
 
     def _unreachable(self, reason: str) -> ConnectionFailedError:
         return ConnectionFailedError(
@@ -93,4 +136,23 @@ class SdkTransport:
 
     async def aclose(self) -> None:
         """Close the pooled connections."""
-        await self._client.close()
+        closer, self._closer = self._closer, None
+        if closer is not None and self._loop is _running_loop():
+            await closer.aclose()  # closes the client
+        else:
+            await self._client.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return None
+
+
+async def _close_at_loop_end(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+    """Yields once, then closes ``client`` when finalised (see `SdkTransport._bind`)."""
+    try:
+        yield
+    finally:
+        await client.close()

@@ -16,7 +16,11 @@ Status translation::
     400 / 404 / 413 / 422            BadRequestError      the request itself is wrong
     anything else (3xx included)     PermanentError
     200 with null content            NoContentError       refusal, tool call, content filter
-    200 with an unreadable body      TransientError       "malformed response body"
+    200 with an unreadable body      TransientError       "malformed response body"; the
+                                                          tokens its usage bills ride along
+    200, not UTF-8 / lone surrogate  TransientError       tried twice only: will not parse
+
+``content`` given as a list of parts (Mistral) is read as its text parts joined.
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ _LIMIT_HEADERS = (
 )
 # The marker the engine's own redaction uses (engine._redact.REDACTED).
 REDACTED = "[REDACTED]"
+# Attempts for an answer whose bytes cannot be text (invalid UTF-8, a lone surrogate):
+# one retry, in case the bytes were damaged on the way, and no more.
+_UNREADABLE_ATTEMPTS = 2
 # How much of an error body a message quotes: enough for the provider's sentence,
 # not a gateway's whole HTML page.
 _DETAIL_CHARS = 300
@@ -125,11 +132,21 @@ def parse_duration(text: str | None) -> float | None:
         return None
 
 
+# What an infinite (``inf``, ``1e999``) header count is read as: more than any limit a
+# provider means, so the engine ignores it and says so rather than failing the call.
+_BEYOND_ANY_LIMIT = 2**63 - 1
+
+
 def _int(value: str | None) -> int | None:
-    try:
-        return int(float(value)) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        number = float(value)
+        return int(number)
+    except ValueError:  # not a number (nan too)
+        return None
+    except OverflowError:  # inf, 1e999
+        return _BEYOND_ANY_LIMIT if number > 0 else -_BEYOND_ANY_LIMIT
 
 
 def parse_rate_limits(headers: Mapping[str, str]) -> RateLimitSnapshot | None:
@@ -271,6 +288,39 @@ def _no_content(message: Mapping[str, Any], finish_reason: Any, endpoint: str) -
     )
 
 
+def _usage(data: Any) -> Usage | None:
+    """The ``usage`` a body reports, as given (negative counts too: the engine clamps
+    and announces them), or ``None`` when there is none or it is unreadable."""
+    usage = data.get("usage") if isinstance(data, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    try:
+        return Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _text(content: Any) -> Any:
+    """``content`` as text: a string as is; a list of parts (Mistral, and OpenAI's
+    own multi-part messages) as its text parts joined (``None`` when it has none: no
+    text, like a null content); anything else unchanged."""
+    if not isinstance(content, list):
+        return content
+    texts: list[str] = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+    return "".join(texts) if texts else None
+
+
+def _malformed(reason: str, data: Any, endpoint: str, status: int | None) -> TransientError:
+    error = TransientError(f"malformed response body ({reason})", endpoint=endpoint, status=status)
+    error.billed = _usage(data)  # a body with no usable choice may still be billed
+    return error
+
+
 def parse_completion(
     data: Any, *, endpoint: str, rate_limits: RateLimitSnapshot | None = None
 ) -> Completion:
@@ -278,29 +328,28 @@ def parse_completion(
 
     Raises `NoContentError` when the first choice has no text (``content`` null: a
     refusal, tool calls, a content filter): never an empty prediction.  Raises
-    `TransientError` when the body does not have the chat-completion shape.
+    `TransientError` when the body does not have the chat-completion shape, carrying
+    the tokens it says were billed (``billed``).
     """
     try:
         choice = data["choices"][0]
         message = choice["message"]
-        content = message.get("content")
+        content = _text(message.get("content"))
         finish_reason = choice.get("finish_reason")
-        usage = data.get("usage") or {}
-        tokens = Usage(
-            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        )
         model = data.get("model")
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
-        raise TransientError(
-            f"malformed response body ({type(exc).__name__})", endpoint=endpoint, status=200
-        ) from exc
+        raise _malformed(type(exc).__name__, data, endpoint, 200) from exc
+    usage = data.get("usage") if isinstance(data, Mapping) else None
+    tokens = _usage(data)
+    if tokens is None and usage:  # usage present but not numbers: as before, malformed
+        raise _malformed("usage is not numbers", data, endpoint, 200)
     if content is None or (content == "" and finish_reason == "content_filter"):
         raise _no_content(message, finish_reason, endpoint)
     if not isinstance(content, str):
-        raise TransientError("malformed response body (content is not text)", endpoint=endpoint)
+        raise _malformed("content is not text", data, endpoint, None)
     return Completion(
         text=content,
-        usage=tokens,
+        usage=tokens or Usage(),
         model=str(model) if model is not None else None,
         finish_reason=str(finish_reason) if finish_reason is not None else None,
         rate_limits=rate_limits,
@@ -308,13 +357,23 @@ def parse_completion(
 
 
 def parse_response(raw: RawResponse, *, endpoint: str) -> Completion:
-    """A 2xx `RawResponse` as a `Completion` (see `parse_completion`)."""
+    """A 2xx `RawResponse` as a `Completion` (see `parse_completion`).
+
+    A body that is not valid UTF-8, or escapes a lone surrogate, will read no better
+    the next time: its error is tried once more at most (``attempt_cap``), not paid
+    for the whole retry policy.
+    """
     try:
         data = decode_json(raw.body)
     except ValueError as exc:
-        raise TransientError(
-            f"malformed response body ({type(exc).__name__})", endpoint=endpoint, status=raw.status
-        ) from exc
+        error = TransientError(
+            f"malformed response body ({type(exc).__name__}: {str(exc)[:80]})",
+            endpoint=endpoint,
+            status=raw.status,
+        )
+        if any(word in str(exc) for word in ("UTF-8", "surrogate")):
+            error.attempt_cap = _UNREADABLE_ATTEMPTS
+        raise error from exc
     return parse_completion(data, endpoint=endpoint, rate_limits=parse_rate_limits(raw.headers))
 
 

@@ -41,7 +41,7 @@ from engine import (
     register_secret,
 )
 
-from ._http import AiohttpTransport
+from ._http import DEFAULT_MAX_BODY, AiohttpTransport
 from ._route import Route, azure_route, openai_route
 from ._wire import (
     FormatLadder,
@@ -73,13 +73,17 @@ class _Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _transport(kind: str, route: Route, *, pool: int, timeout: float, endpoint: str) -> _Transport:
+def _transport(
+    kind: str, route: Route, *, pool: int, timeout: float, endpoint: str, max_body: int
+) -> _Transport:
     if kind == "aiohttp":
-        return AiohttpTransport(route, pool=pool, timeout=timeout, endpoint=endpoint)
+        return AiohttpTransport(
+            route, pool=pool, timeout=timeout, endpoint=endpoint, max_body=max_body
+        )
     if kind == "sdk":
         from ._sdk import SdkTransport  # the SDK is imported only by those who use it
 
-        return SdkTransport(route, pool=pool, timeout=timeout, endpoint=endpoint)
+        return SdkTransport(route, pool=pool, timeout=timeout, endpoint=endpoint, max_body=max_body)
     raise ConfigError(f"transport must be 'aiohttp' or 'sdk', got {kind!r}")
 
 
@@ -131,6 +135,8 @@ class OpenAIChat(AsyncCloseable):
         headers: extra headers on every request (gateways); they override the
             adapter's own by name, ``Authorization`` included.
         query: extra query parameters on every request (gateways).
+        max_response_bytes: the largest answer accepted (default 16 MiB); a larger
+            one fails its call with a `PermanentError` naming the cap, not retried.
     """
 
     def __init__(
@@ -147,9 +153,18 @@ class OpenAIChat(AsyncCloseable):
         api_version: str | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
+        max_response_bytes: int = DEFAULT_MAX_BODY,
     ) -> None:
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive, got {timeout!r}")
+        if (
+            not isinstance(max_response_bytes, int)
+            or isinstance(max_response_bytes, bool)
+            or max_response_bytes < 1
+        ):
+            raise ConfigError(
+                f"max_response_bytes must be a positive int, got {max_response_bytes!r}"
+            )
         # what __reduce__ rebuilds this object from in another process (a cluster worker)
         self._arguments: dict[str, Any] = {
             "base_url": base_url,
@@ -163,6 +178,7 @@ class OpenAIChat(AsyncCloseable):
             "api_version": api_version,
             "headers": dict(headers) if headers is not None else None,
             "query": dict(query) if query is not None else None,
+            "max_response_bytes": max_response_bytes,
         }
         route = _route(
             base_url, api_key, (azure_endpoint, azure_deployment, api_version), headers, query
@@ -176,7 +192,12 @@ class OpenAIChat(AsyncCloseable):
         self._secrets = route.secrets
         pool = limits.concurrency if limits is not None else _DEFAULT_POOL
         self._transport = _transport(
-            transport, route, pool=pool, timeout=timeout, endpoint=self.name
+            transport,
+            route,
+            pool=pool,
+            timeout=timeout,
+            endpoint=self.name,
+            max_body=max_response_bytes,
         )
         self._ladder = FormatLadder()
 

@@ -81,6 +81,14 @@ class ServerConfig:
     OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
     without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
     ``content_filter``), in chat and in batches alike.
+
+    ``announce_limit_requests`` (and ``announce_limit_tokens``) are sent verbatim as
+    ``x-ratelimit-limit-*`` on every answer, whatever the real limit: a provider or
+    gateway that announces a wrong, absurd or unparsable limit (``"1000000000"``,
+    ``"-5"``, ``"inf"``).  ``usage`` overrides the billed counts in every answer
+    (``{"prompt_tokens": -300}``); ``body`` answers every request with these raw bytes
+    (status 200): a body of a shape or encoding the client must cope with; with
+    ``chunked`` it goes in 64 KiB pieces without a Content-Length.
     """
 
     rpm: float | None = None
@@ -101,6 +109,11 @@ class ServerConfig:
     null_content_kind: str = "refusal"
     reject_json_schema: bool = False
     headers: bool = True
+    announce_limit_requests: str | None = None
+    announce_limit_tokens: str | None = None
+    usage: Mapping[str, Any] | None = None
+    body: bytes | None = None
+    chunked: bool = False
     answer: Answer = echo_answer
     seed: int = 0
     batch_delay: float = 0.5
@@ -230,6 +243,10 @@ class _Provider:
             out["x-ratelimit-limit-tokens"] = str(int(self.config.tpm or 0))
             out["x-ratelimit-remaining-tokens"] = str(int(self.tokens.level))
             out["x-ratelimit-reset-tokens"] = f"{self.tokens.reset_in():.3f}s"
+        if self.config.announce_limit_requests is not None:
+            out["x-ratelimit-limit-requests"] = self.config.announce_limit_requests
+        if self.config.announce_limit_tokens is not None:
+            out["x-ratelimit-limit-tokens"] = self.config.announce_limit_tokens
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -375,9 +392,14 @@ class _Provider:
             stats.paid_arrivals.append(now)
             if kind is not None:
                 stats.null_contents += 1
+            if c.body is not None:
+                await (_chunked if c.chunked else _raw)(send, 200, c.body, limit_headers)
+                return
             completion = _fake.completion_body(
                 f"chatcmpl-{digest[:12]}", body, answer, null_content=kind
             )
+            if c.usage is not None:
+                completion["usage"] = {**completion["usage"], **c.usage}
             await _json(send, 200, completion, limit_headers)
         finally:
             stats.in_flight -= 1
@@ -479,6 +501,20 @@ async def _raw(
     pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": pairs})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _chunked(
+    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    """``body`` with no Content-Length, in pieces (HTTP/1.1 chunked transfer)."""
+    pairs = [(b"content-type", b"application/json")]
+    pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": pairs})
+    step = 64 * 1024
+    for start in range(0, len(body), step):
+        piece = body[start : start + step]
+        await send({"type": "http.response.body", "body": piece, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _json(

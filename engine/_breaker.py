@@ -112,6 +112,12 @@ class CircuitBreaker:
             await opened.wait()
         self.check(endpoint)
 
+    def rebind(self) -> None:
+        """Forget what belongs to an event loop that has ended (its Event, times on
+        its clock); the count of failures stays."""
+        self._open_until = -math.inf
+        self._opened = None
+
     def _error(self, endpoint: str) -> EndpointUnreachableError:
         cause = self._last.detail if self._last is not None else "connection failures"
         return EndpointUnreachableError(

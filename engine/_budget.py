@@ -6,6 +6,7 @@ run uses, so a cap overshoots by at most the calls already in flight.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -61,10 +62,21 @@ class Budget:
     prices: Mapping[str, Price] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("max_calls", "max_tokens", "max_cost"):
+        for name in ("max_calls", "max_tokens"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ConfigError(f"Budget.{name} must be positive, got {value!r}")
+            # bool is an int to Python, never a count to a person: max_calls=True is a slip
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"Budget.{name} must be a positive int or None, got {value!r}")
+        cost = self.max_cost
+        if cost is not None and (
+            isinstance(cost, bool)
+            or not isinstance(cost, int | float)
+            or not math.isfinite(cost)
+            or not cost > 0
+        ):
+            raise ConfigError(f"Budget.max_cost must be a positive number of dollars, got {cost!r}")
 
     def price_table(self) -> dict[str, Price]:
         return {**DEFAULT_PRICES, **self.prices}

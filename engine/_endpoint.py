@@ -14,7 +14,9 @@ adapter, concurrently, they share one budget.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -55,6 +57,10 @@ estimate_tokens = estimate_request_tokens  # the name the CLI's planner imports
 _DEFAULT_COMPLETION_TOKENS = 256
 # Provider pauses at least this long are announced at info level, shorter ones at debug.
 _ANNOUNCE_PAUSE = 1.0
+# 429s that cost no attempt (others were answered meanwhile), per attempt the policy
+# allows: generous, yet a request the provider refuses on its own account forever (one
+# request over the whole TPM limit is a 429 too) still ends.
+_FORGIVEN_429S_PER_ATTEMPT = 3
 # The attribute under which an adapter object carries its shared endpoint.
 _SHARED_ATTRIBUTE = "_engine_endpoint"
 
@@ -96,7 +102,18 @@ class _Counters:
 class _Attempts:
     """One call's progress through its attempts: count, deadline, who to tell."""
 
-    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name")
+    __slots__ = (
+        "count",
+        "epoch",
+        "estimate",
+        "events",
+        "forgiven",
+        "give_up_at",
+        "meter",
+        "model_name",
+        "pauses_seen",
+        "successes_seen",
+    )
 
     def __init__(
         self,
@@ -107,6 +124,10 @@ class _Attempts:
     ) -> None:
         self.count = 0
         self.estimate = 0  # tokens charged up front for the current attempt
+        self.epoch = 0  # the limiter's rate epoch when the current attempt was sent
+        self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
+        self.successes_seen = -1  # the endpoint's successes at this call's last 429
+        self.forgiven = 0  # 429s not counted against max_attempts (others got through)
         self.give_up_at = give_up_at  # clock time past which nothing may wait
         self.model_name = model_name
         self.meter = meter
@@ -162,7 +183,10 @@ class Endpoint:
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
-        self._consecutive_429 = 0
+        self._consecutive_429 = 0  # escalations of the 429 backoff since a success
+        self._escalations = 0  # escalations of the 429 backoff ever (never reset)
+        self._noticed: set[str] = set()  # kinds of provider mistake announced already
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the limiter is of
 
     @classmethod
     def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
@@ -220,6 +244,8 @@ class Endpoint:
         attempts, the deadline or the error class say to stop, `EndpointUnreachableError`
         when the circuit breaker is open, and `BudgetExceededError` at a budget cap.
         """
+        if _running_loop() is not self._loop:
+            self._move_to_running_loop()
         deadline = self.retry.deadline
         call = _Attempts(
             self._clock() + deadline if deadline is not None else None,
@@ -240,11 +266,28 @@ class Endpoint:
                 self._on_failure(exc, call)
                 await self._before_retry(exc, call)
                 continue
-            self._on_success(completion, call)
+            completion = self._on_success(completion, call)
             if call.estimate:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
             return CallResult(completion, call.count)
+
+    def _move_to_running_loop(self) -> None:
+        """Bind to the running event loop: at first use, or when the loop this endpoint
+        ran on has ended (a second ``asyncio.run``).  Its limiter and breaker are made
+        of that loop's primitives; another loop still running owns them."""
+        loop, old = _running_loop(), self._loop
+        if loop is None:  # not asyncio (trio): one loop per thread is the caller's rule
+            return
+        if old is not None and old.is_running() and not old.is_closed():
+            raise ConfigError(
+                f"this {type(self.model).__name__} ({self.name}) is in use by another "
+                "event loop (another thread's asyncio.run); create one adapter per loop"
+            )
+        if old is not None:
+            self.limiter.rebind()
+            self.breaker.rebind()
+        self._loop = loop
 
     async def _attempt_under_limits(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
@@ -252,13 +295,26 @@ class Endpoint:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
         limiter = self.limiter
-        await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
+        try:
+            await limiter.acquire(
+                estimated_tokens=call.estimate,
+                admit=lambda w: self._admit(w, call),
+                give_up_at=call.give_up_at,
+            )
+        except TimeoutError as exc:
+            refusal = RateLimitedError(
+                f"waited for {exc} past this call's deadline of {self.retry.deadline:g}s",
+                endpoint=self.name,
+            )
+            refusal.sent = False  # refused here, before sending
+            raise refusal from exc
         try:
             self.breaker.check(self.name)
             if call.meter is not None:
                 call.meter.check()
                 call.meter.charge_call(call.model_name)
             self._counters.calls += 1
+            call.epoch, call.pauses_seen = limiter.epoch, self._escalations
             timeout = self.retry.timeout
             if call.give_up_at is not None:  # no attempt may outlive the deadline
                 left = max(0.001, call.give_up_at - self._clock())
@@ -338,7 +394,14 @@ class Endpoint:
                 retry_after=exc.retry_after,
                 endpoint=self.name,
             ) from exc
-        if exc.fatal or not policy.should_retry(exc, call.count):
+        if isinstance(exc, RateLimitedError):
+            forgivable = call.forgiven < _FORGIVEN_429S_PER_ATTEMPT * policy.max_attempts
+            if forgivable and 0 <= call.successes_seen < self._counters.succeeded:
+                # other calls got answers since this one's last 429: the provider is up
+                # and the 429 is about pace, which the endpoint fixes; no attempt lost
+                call.forgiven += 1
+            call.successes_seen = self._counters.succeeded
+        if exc.fatal or not policy.should_retry(exc, call.count - call.forgiven):
             self._counters.failed += 1
             raise exc
         wait = policy.backoff(call.count, self._rng)
@@ -362,15 +425,26 @@ class Endpoint:
 
     # -- bookkeeping ------------------------------------------------------------------
     def _on_failure(self, exc: ProviderError, call: _Attempts) -> None:
+        if exc.billed is not None and exc.billed.total_tokens:
+            usage = self._charge(exc.billed, call)
+            self._notice(
+                "billed-failure",
+                f"the provider billed {usage.total_tokens} tokens for an answer with no "
+                f"usable choice ({exc.detail}); counted in the run's usage and budget",
+                call.events,
+            )
         if isinstance(exc, RateLimitedError):
             self._counters.rate_limited += 1
-            self._consecutive_429 += 1
-            self.limiter.on_rate_limited()
+            self.limiter.on_rate_limited(call.epoch)
             # Retry-After pauses every worker; without it, back off the whole endpoint
-            # exponentially in the number of 429s in a row.
+            # exponentially in the number of 429s in a row.  A 429 to a request sent
+            # before the last escalation (one burst answered 429 many times over) does
+            # not escalate again: the pause already answers it.
             if exc.retry_after is not None:
                 self._pause(exc.retry_after, "Retry-After", call)
-            else:
+            elif call.pauses_seen == self._escalations:
+                self._escalations += 1
+                self._consecutive_429 += 1
                 wait = self.retry.backoff(self._consecutive_429, self._rng)
                 self._pause(wait, "429 without Retry-After", call)
         elif isinstance(exc, CallTimeoutError):
@@ -395,19 +469,48 @@ class Endpoint:
             reason=reason,
         )
 
-    def _on_success(self, completion: Completion, call: _Attempts) -> None:
+    def _charge(self, usage: Usage, call: _Attempts) -> Usage:
+        """Count ``usage`` (negative counts clamped to 0, and announced): what is
+        charged to the run's budget and the endpoint's totals."""
+        if usage.prompt_tokens < 0 or usage.completion_tokens < 0:
+            self._notice(
+                "negative-usage",
+                f"the provider reported negative token counts ({usage.prompt_tokens} "
+                f"prompt, {usage.completion_tokens} completion); counted as 0",
+                call.events,
+            )
+            usage = Usage(max(0, usage.prompt_tokens), max(0, usage.completion_tokens))
+        self._counters.usage = self._counters.usage + usage
+        if call.meter is not None:
+            call.meter.charge_usage(call.model_name, usage)
+        return usage
+
+    def _on_success(self, completion: Completion, call: _Attempts) -> Completion:
         self._consecutive_429 = 0
         self.breaker.on_success()
         self.limiter.on_success()
         counters = self._counters
         counters.succeeded += 1
-        counters.usage = counters.usage + completion.usage
-        if call.meter is not None:
-            call.meter.charge_usage(call.model_name, completion.usage)
+        usage = self._charge(completion.usage, call)
+        if usage is not completion.usage:
+            completion = dataclasses.replace(completion, usage=usage)
         avg = self._completion_tokens_avg
         done = float(completion.usage.completion_tokens)
         self._completion_tokens_avg = done if avg is None else 0.9 * avg + 0.1 * done
-        self.limiter.observe(completion.rate_limits)
+        if completion.rate_limits is not None:
+            for kind, text in self.limiter.observe(completion.rate_limits):
+                self._notice(kind, text, call.events)
+        return completion
+
+    def _notice(self, kind: str, text: str, events: Emitter | None) -> None:
+        """Announce something wrong with what the provider said, once per kind."""
+        if kind in self._noticed:
+            return
+        self._noticed.add(kind)
+        if events is not None:
+            events.emit(
+                "endpoint.notice", level="warning", endpoint=self.name, kind=kind, detail=text
+            )
 
     def _estimate(self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]) -> int:
         if not self.limiter.counts_tokens:  # only a token bucket needs it
@@ -435,6 +538,14 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name!r} {self.limits!r}>"
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or ``None`` under another event loop (trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 # Models that refuse attributes (``__slots__``) keep their endpoint here instead; weak,

@@ -27,7 +27,12 @@ secret redaction before it is stored, so an API key never lands in an error text
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._redact import redact_text
+
+if TYPE_CHECKING:
+    from ._types import Usage
 
 __all__ = [
     "AuthenticationError",
@@ -86,6 +91,11 @@ class ProviderError(EngineError):
     fatal: bool = False
     attempts: int = 1  # set by the endpoint to the attempts made before giving up
     sent: bool = True  # False when the engine refused before sending (a bounded wait)
+    # tokens the provider billed for this failed attempt (an answer with usage but no
+    # usable choice): the endpoint charges them like a success's
+    billed: Usage | None = None
+    # most attempts a failure of this kind gets, whatever the policy (None: the policy's)
+    attempt_cap: int | None = None
 
     def __init__(
         self, message: str, *, endpoint: str | None = None, status: int | None = None

@@ -58,8 +58,12 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.circuit_breaker must be at least 1 or None")
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:
-        """Whether ``error`` on attempt number ``attempt`` (1-based) deserves another."""
-        return isinstance(error, ProviderError) and error.retryable and attempt < self.max_attempts
+        """Whether ``error`` on attempt number ``attempt`` (1-based) deserves another
+        (never past the error's own ``attempt_cap``: an answer that will not parse)."""
+        if not isinstance(error, ProviderError) or not error.retryable:
+            return False
+        cap = error.attempt_cap
+        return attempt < (self.max_attempts if cap is None else min(cap, self.max_attempts))
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Full-jitter wait after failed attempt number ``attempt`` (1-based)."""

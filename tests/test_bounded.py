@@ -369,3 +369,35 @@ async def test_two_evaluations_and_an_optimization_share_one_adapters_budget() -
     assert stats.rate_limited <= 0.01 * stats.received
     bound = stats.paid / (3000 / 60)  # the time the provider's rate needs for this work
     assert bound / wall >= 0.95, (bound, wall, stats.paid)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_calls": True},
+        {"max_calls": 2.5},
+        {"max_tokens": 1000.0},
+        {"max_tokens": 0},
+        {"max_cost": True},
+        {"max_cost": "5"},
+        {"max_cost": float("nan")},
+        {"max_cost": float("inf")},
+    ],
+)
+def test_a_budget_that_is_not_a_count_or_an_amount_is_a_config_error(
+    kwargs: dict[str, object],
+) -> None:
+    """``Budget(max_calls=True)`` was a budget of one call, ``2.5`` of three."""
+    from engine import Budget, ConfigError
+
+    name = next(iter(kwargs))
+    with pytest.raises(ConfigError, match=f"Budget.{name} must be a positive"):
+        Budget(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_budget_of_counts_and_dollars_is_accepted() -> None:
+    from engine import Budget
+
+    budget = Budget(max_calls=10, max_tokens=5000, max_cost=1)
+    assert (budget.max_calls, budget.max_tokens, budget.max_cost) == (10, 5000, 1)
+    assert Budget(max_cost=0.25).max_cost == 0.25

@@ -15,14 +15,21 @@ from adapters.openai_chat import OpenAIChat, parse_duration, parse_rate_limits, 
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     AuthenticationError,
+    Budget,
     Endpoint,
     Limits,
+    Price,
     Prompt,
+    ProviderError,
     RetryPolicy,
+    TransientError,
     evaluate,
 )
+from engine._budget import BudgetMeter
+from engine._events import Emitter
 from engine.metrics import ExactMatch
 from engine.stages import ApplyContext, LLMApply
+from engine.testing import EventRecorder
 
 from .conftest import echo_examples, qa_prompt
 
@@ -176,3 +183,129 @@ def test_header_parsing() -> None:
     assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert parse_retry_after({"retry-after": "2"}) == 2.0
     assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+
+
+@pytest.mark.slow
+async def test_a_429_wins_over_an_overstated_limit_header() -> None:
+    """A provider allowing 1200 RPM announces 10^9 (a per-day figure, or a gateway's
+    upstream header) and answers 429 without Retry-After.  The first 429 under the
+    learned rate drops it below what really got through, and the 10^9 on every later
+    answer does not raise it back; no example fails for the 429s (other calls were
+    answered meanwhile), and most requests are not refused."""
+    config = ServerConfig(
+        rpm=1200, retry_after="none", latency_median=0.01, announce_limit_requests="1000000000"
+    )
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat)  # the default policy: 8 attempts
+            result = await evaluate(
+                qa_prompt(), echo_examples(80), model=endpoint, metric=ExactMatch()
+            )
+    stats = server.stats
+    summary = (stats.summary(), endpoint.statistics())
+    assert result.completed == 80 and result.errors == 0 and result.score == 1.0, summary
+    rpm = endpoint.limiter.statistics().rpm
+    assert rpm is not None and rpm < 1200, summary  # under the real limit after 10^9 headers
+    assert stats.rate_limited < stats.paid, summary  # the unlimited storm refused most
+
+
+@pytest.mark.parametrize("announced", ["-5", "0", "inf", "1e999", "-inf"])
+async def test_a_nonsense_limit_header_is_ignored_with_one_notice(announced: str) -> None:
+    """``limit-requests: -5`` hung the run (rpm -4.75); ``inf`` raised OverflowError and
+    lost the answered calls.  Now the value is ignored and said so, once."""
+    config = ServerConfig(latency_median=0.005, announce_limit_requests=announced)
+    recorder = EventRecorder()
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=4)) as chat:
+            with anyio.fail_after(60):  # before: forever
+                result = await evaluate(
+                    qa_prompt(),
+                    echo_examples(12),
+                    model=chat,
+                    metric=ExactMatch(),
+                    on_event=recorder,
+                )
+            rpm = Endpoint.of(chat).limiter.statistics().rpm
+    assert result.completed == 12 and result.errors == 0 and result.score == 1.0
+    assert rpm is None
+    notices = recorder.named("endpoint.notice")
+    assert len(notices) == 1, notices
+    assert "ignored x-ratelimit-limit-requests" in notices[0].data["detail"]
+
+
+async def _call_once(
+    config: ServerConfig, recorder: EventRecorder, meter: BudgetMeter
+) -> tuple[Endpoint, BaseException | None]:
+    """One call through a fresh adapter; the endpoint and the error, if any."""
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            try:
+                await endpoint.complete(
+                    [{"role": "user", "content": "item 0"}],
+                    {"model": "m"},
+                    events=Emitter(recorder),
+                    meter=meter,
+                )
+            except ProviderError as exc:
+                return endpoint, exc
+    return endpoint, None
+
+
+async def test_negative_usage_is_clamped_counted_and_announced() -> None:
+    """Usage -15M prompt tokens made the cost -$37.50, so max_cost could never trip."""
+    recorder = EventRecorder()
+    meter = BudgetMeter(Budget(max_cost=1.0, prices={"m": Price(2.5, 10.0)}), ["m"])
+    config = ServerConfig(usage={"prompt_tokens": -15_000_000, "completion_tokens": -7})
+    endpoint, error = await _call_once(config, recorder, meter)
+    assert error is None
+    assert meter.cost is not None and meter.cost >= 0
+    usage = endpoint.statistics().usage
+    assert usage.prompt_tokens >= 0 and usage.completion_tokens >= 0
+    notices = recorder.named("endpoint.notice")
+    assert [n.data["kind"] for n in notices] == ["negative-usage"]
+
+
+async def test_an_answer_without_choices_is_retried_and_its_billed_tokens_counted() -> None:
+    """``choices: []`` with usage: every attempt's billed tokens reach the budget."""
+    recorder = EventRecorder()
+    meter = BudgetMeter(None, ["m"])
+    body = b'{"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 5}}'
+    endpoint, error = await _call_once(ServerConfig(body=body), recorder, meter)
+    assert isinstance(error, TransientError) and error.attempts == FAST.max_attempts
+    assert meter.total_tokens == 105 * FAST.max_attempts
+    assert endpoint.statistics().usage.total_tokens == 105 * FAST.max_attempts
+    assert [n.data["kind"] for n in recorder.named("endpoint.notice")] == ["billed-failure"]
+
+
+async def test_content_as_a_list_of_parts_is_read_as_its_text() -> None:
+    """Mistral answers ``content: [{"type": "text", "text": ...}, ...]``."""
+    body = (
+        b'{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",'
+        b' "content": [{"type": "text", "text": "item "}, {"type": "text", "text": "0"}]}}],'
+        b' "usage": {"prompt_tokens": 3, "completion_tokens": 2}}'
+    )
+    async with SimulatedServer(ServerConfig(body=body)) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            result = await evaluate(qa_prompt(), echo_examples(1), model=chat, metric=ExactMatch())
+    assert result.errors == 0 and result.score == 1.0 and server.stats.received == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"message": {"content": "caf\xe9"}}]}',
+        b'{"choices": [{"message": {"content": "half an emoji \\ud83d"}}]}',
+    ],
+    ids=["invalid-utf8", "lone-surrogate"],
+)
+async def test_a_body_that_cannot_be_text_is_tried_twice_not_eight_times(body: bytes) -> None:
+    async with SimulatedServer(ServerConfig(body=body)) as server:
+        async with OpenAIChat(base_url=server.base_url) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            result = await evaluate(
+                qa_prompt(), echo_examples(3), model=endpoint, metric=ExactMatch()
+            )
+    assert result.errors == 3 and server.stats.paid == 3 * 2
+    error = result.outcomes[0].error
+    assert error is not None and "malformed response body" in error.message

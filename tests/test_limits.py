@@ -287,3 +287,143 @@ async def test_a_model_returning_text_is_accepted_and_garbage_is_a_clear_bug() -
     assert ok.score == 1.0
     with pytest.raises(TypeError, match=r"not an engine\.Completion"):
         await evaluate(qa_prompt(), echo_examples(1), model=BrokenModel(), metric=ExactMatch())  # type: ignore[arg-type]
+
+
+def test_a_429_under_a_learned_rate_sets_a_ceiling_headers_cannot_lift() -> None:
+    """Announced 10^9 RPM, 20 calls/s get through, then a 429: the rate in force drops
+    under what got through (1200 RPM) and a later 10^9 header leaves it there.  A 429
+    to a request sent under an older rate (``sent_epoch``) lowers nothing again."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    sent_under = limiter.epoch
+    for _ in range(40):
+        limiter.on_success()
+        clock.advance(0.05)
+    limiter.on_rate_limited(sent_under)
+    lowered = limiter.statistics().rpm
+    assert lowered is not None and lowered < 1200
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    assert limiter.statistics().rpm == lowered
+    limiter.on_rate_limited(sent_under)  # in flight before the drop: no second cut
+    assert limiter.statistics().rpm == lowered
+    honest = RateLimiter(Limits(), clock=clock)  # a header that matches what got through
+    honest.observe(RateLimitSnapshot(limit_requests=1200))
+    for _ in range(40):
+        honest.on_success()
+        clock.advance(0.05)
+    honest.on_rate_limited(honest.epoch)
+    assert honest.statistics().rpm == pytest.approx(1140)
+
+
+@pytest.mark.looptime
+async def test_429s_cost_no_attempt_while_other_calls_are_answered() -> None:
+    """One example is refused 12 times (more than max_attempts=8) while the others are
+    answered: it still completes, the provider being up."""
+
+    def faults(request: ScriptedRequest) -> BaseException | None:
+        if request.messages[-1]["content"] == "item 0" and request.attempt <= 12:
+            return RateLimitedError("slow down")
+        return None
+
+    model = echo_model(faults=faults, latency=0.05)
+    endpoint = Endpoint(model, limits=Limits(concurrency=4), retry=RetryPolicy(base_delay=0.01))
+    result = await evaluate(qa_prompt(), echo_examples(400), model=endpoint, metric=ExactMatch())
+    assert result.errors == 0 and result.completed == 400
+
+
+@pytest.mark.looptime
+async def test_a_tiny_learned_limit_is_announced_and_still_honoured() -> None:
+    """``limit-requests: 1`` paces one call a minute: kept (it may be true), but said
+    once, with how much slower it is than what got through."""
+    from engine import Completion
+    from engine.testing import EventRecorder
+
+    model = ScriptedModel(
+        lambda r: Completion(r.messages[-1]["content"], rate_limits=RateLimitSnapshot(1)),
+        latency=0.01,
+        limits=Limits(concurrency=1),
+    )
+    recorder = EventRecorder()
+    started = anyio.current_time()
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=model, metric=ExactMatch(), on_event=recorder
+    )
+    assert result.errors == 0 and result.score == 1.0
+    assert anyio.current_time() - started >= 2 * 60  # one a minute (0.95 rpm) after the first
+    notices = recorder.named("endpoint.notice")
+    assert [n.data["kind"] for n in notices] == ["slow-limit"], notices
+    assert "x slower" in notices[0].data["detail"]
+
+
+@pytest.mark.looptime
+async def test_the_deadline_bounds_the_wait_in_the_request_bucket() -> None:
+    """RPM 2 and a 3 s deadline: the calls behind the first fail within the deadline
+    (loop time), naming it; before, each waited its 30 s turn in the bucket."""
+    model = echo_model()
+    endpoint = Endpoint(model, limits=Limits(rpm=2, concurrency=4), retry=RetryPolicy(deadline=3))
+    started = anyio.current_time()
+    result = await evaluate(qa_prompt(), echo_examples(4), model=endpoint, metric=ExactMatch())
+    assert anyio.current_time() - started <= 3.5
+    assert result.errors == 3 and model.calls == 1
+    messages = [o.error.message for o in result.outcomes if o.error is not None]
+    assert all("deadline of 3s" in m for m in messages), messages
+
+
+@pytest.mark.looptime
+async def test_a_call_refused_forever_still_ends_while_others_are_answered() -> None:
+    """A request the provider always refuses (one request over the whole TPM limit is
+    a 429 too) ends: forgiven 429s are capped at three per attempt the policy allows."""
+
+    def faults(request: ScriptedRequest) -> BaseException | None:
+        if request.messages[-1]["content"] == "item 0":
+            return RateLimitedError("Request too large for tokens per min")
+        return None
+
+    model = echo_model(faults=faults, latency=0.05)
+    endpoint = Endpoint(
+        model, limits=Limits(concurrency=4), retry=RetryPolicy(base_delay=0.01, max_attempts=4)
+    )
+    result = await evaluate(qa_prompt(), echo_examples(400), model=endpoint, metric=ExactMatch())
+    assert result.errors == 1 and result.completed == 400
+    error = result.outcomes[0].error
+    assert error is not None and error.type == "RateLimitedError"
+    attempts = sum(1 for r in model.requests if r.messages[-1]["content"] == "item 0")
+    assert 4 < attempts <= 4 + 3 * 4
+
+
+def test_a_429_with_nothing_got_through_lately_does_not_collapse_a_learned_rate() -> None:
+    """Slow calls (nothing answered in the last 2 s) and a 429: no measure of what gets
+    through, so the learned rate stands (before the guard it fell to the 6 RPM floor)."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=600))
+    limiter.on_success()
+    clock.advance(5.0)
+    limiter.on_rate_limited(limiter.epoch)
+    assert limiter.statistics().rpm == pytest.approx(570)
+
+
+def test_a_ceiling_is_probed_upward_slowly_and_stepped_down_by_fresh_429s() -> None:
+    """Under a ceiling, 5 s without a 429 raise it 10% (never a header); a fresh 429
+    under it takes 15% off."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=10**9))
+    for _ in range(40):
+        limiter.on_success()
+        clock.advance(0.05)
+    limiter.on_rate_limited(limiter.epoch)
+    ceiling = limiter.statistics().rpm
+    assert ceiling is not None
+    clock.advance(5.0)
+    limiter.on_success()
+    assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1)
+    limiter.on_rate_limited(limiter.epoch)
+    assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1 * 0.85)

@@ -419,3 +419,99 @@ async def test_a_batch_endpoint_gone_mid_poll_is_a_connection_failure_not_a_grou
                     )
     finally:
         await anyio.to_thread.run_sync(server.stop)
+
+
+def _evaluate_in_a_new_loop(chat: OpenAIChat, n: int) -> tuple[int, int]:
+    """``asyncio.run(evaluate(...))`` as a script does: completed and errors."""
+    result = asyncio.run(evaluate(qa_prompt(), echo_examples(n), model=chat, metric=ExactMatch()))
+    return result.completed, result.errors
+
+
+def _collect_warnings() -> list[str]:
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+def test_one_adapter_in_two_threads_refuses_the_second_loop_at_once() -> None:
+    """Two threads, each with its own asyncio.run, one adapter: the second is refused
+    at once with a clear message; the first completes every example.  Before, one
+    hung at 199/200 or died with "Session is closed"."""
+    import threading
+
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, chat: OpenAIChat) -> None:
+        try:
+            outcomes[name] = _evaluate_in_a_new_loop(chat, 200)
+        except Exception as exc:
+            outcomes[name] = exc
+
+    with SimulatedServer(ServerConfig(latency_median=0.02)) as server:
+        chat = OpenAIChat(base_url=server.base_url, limits=Limits(concurrency=8))
+        first = threading.Thread(target=run, args=("first", chat), daemon=True)
+        first.start()
+        deadline = time.monotonic() + 30
+        while server.stats.received == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = threading.Thread(target=run, args=("second", chat), daemon=True)
+        second.start()
+        second.join(30)
+        first.join(60)
+        assert not first.is_alive() and not second.is_alive()
+    assert outcomes["first"] == (200, 0)
+    refused = outcomes["second"]
+    assert isinstance(refused, ConfigError) and "in use by another event loop" in str(refused)
+    assert "create one adapter per loop" in str(refused)
+
+
+def test_an_unclosed_adapter_serves_loops_in_turn_without_warnings(
+    caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
+    """The README's library usage without ``async with``: two ``asyncio.run`` in turn
+    (limiter rebuilt for the second loop: no aiolimiter reuse warning), and at exit no
+    "Unclosed client session" and no leaked socket: each loop closed its session as it
+    shut down."""
+    import logging
+
+    with SimulatedServer() as server, caplog.at_level(logging.ERROR, logger="asyncio"):
+        chat = OpenAIChat(
+            base_url=server.base_url,
+            limits=Limits(rpm=60_000, concurrency=8),
+            transport=transport,  # type: ignore[arg-type]
+        )
+        assert _evaluate_in_a_new_loop(chat, 20) == (20, 0)
+        assert _evaluate_in_a_new_loop(chat, 20) == (20, 0)
+        del chat
+        leaked = _collect_warnings()
+    assert leaked == []
+    assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_an_answer_over_the_size_cap_fails_once_naming_the_cap(
+    transport: str, chunked: bool
+) -> None:
+    """A 2 MiB answer against a 1 MiB cap: a PermanentError naming the cap, not retried
+    (before: any size was read whole, 50 MB answers included, and parsed)."""
+    body = b'{"choices": [{"message": {"content": "' + b"x" * (2 * 2**20) + b'"}}]}'
+    async with SimulatedServer(ServerConfig(body=body, chunked=chunked)) as server:
+        async with OpenAIChat(
+            base_url=server.base_url, transport=transport, max_response_bytes=2**20
+        ) as chat:
+            endpoint = Endpoint(chat, retry=FAST)
+            with pytest.raises(PermanentError, match=r"max_response_bytes=1048576"):
+                await endpoint.complete(HELLO, {"model": "m"})
+            async with OpenAIChat(base_url=server.base_url, transport=transport) as plain:
+                ok = await plain.complete(HELLO, model="m")
+    assert server.stats.paid == 2 and len(ok.text) == 2 * 2**20
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, 2.5])
+def test_a_nonsense_size_cap_is_a_config_error(cap: object) -> None:
+    with pytest.raises(ConfigError, match="max_response_bytes"):
+        OpenAIChat(base_url="http://127.0.0.1:9/v1", max_response_bytes=cap)  # type: ignore[arg-type]
