@@ -169,7 +169,7 @@ MUTATIONS = (
     Mutation(
         "breaker-never-opens",
         "engine/_breaker.py",
-        "        if self._threshold is None or self._failures < self._threshold:",
+        "        if limit is None or self._failures < limit:",
         "        if True:",
         ("tests/test_bounded.py",),
         "a dead endpoint is retried forever",
