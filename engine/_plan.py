@@ -26,8 +26,8 @@ from typing import Any
 
 from ._budget import Budget, Price
 from ._prompt import Prompt, render_value
-from ._runfile import RunFile
 from ._types import Example
+from .cli._runfile import RunFile
 from .stages import APPLY_SYSTEM, GRADIENT_SYSTEM, OPTIMIZER_MAX_TOKENS
 
 __all__ = ["CallKind", "plan", "plan_table"]

@@ -22,12 +22,12 @@ from adapters import ScriptedModel, transient_faults
 from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import Example, Limits, Prompt, RetryPolicy
-from engine._bench_cli import LimitsInFile, limits_in_file
-from engine._bench_record import Attempt
-from engine._bench_report import Recommendation
-from engine._bench_stats import summarize_level
-from engine._runfile import load_run_file
 from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
+from engine.bench._record import Attempt
+from engine.bench._report import Recommendation
+from engine.bench._stats import summarize_level
+from engine.cli._bench import LimitsInFile, limits_in_file
+from engine.cli._runfile import load_run_file
 from tests.conftest import screenshot_in_chromium
 from tests.test_cli import run_cli
 

@@ -1,0 +1,475 @@
+"""Rate limiting for one model endpoint: concurrency, RPM, TPM and a shared pause gate.
+
+Usage::
+
+    limiter = RateLimiter(Limits(rpm=3000, tpm=1_000_000, concurrency=64))
+    async with limiter.slot(estimated_tokens=800):
+        completion = await model.complete(...)
+    limiter.reconcile(estimated=800, actual=completion.usage.total_tokens)
+
+Requests and tokens are two leaky buckets (aiolimiter).  aiolimiter lets a whole bucket
+through as one burst, so the request bucket holds only ``burst`` requests and drains at
+``rpm / 60`` per second: any one-second window then sees at most ``rpm/60 + burst``.
+A 429 with Retry-After closes the pause gate for *every* worker of the endpoint.
+
+A limit announced in ``x-ratelimit-limit-*`` headers is believed until the provider
+contradicts it: a 429 to a request sent under a learned rate lowers that rate below
+what actually got through, and announced figures above it are ignored from then on
+(Groq puts requests-per-*day* in ``limit-requests``; gateways forward upstream
+headers).  A 429 always wins over a header.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import anyio
+from aiolimiter import AsyncLimiter
+
+from .._clock import Clock, loop_time
+from .._errors import ConfigError
+from .._types import RateLimitSnapshot
+
+__all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
+
+# Limits learned from response headers are applied a little under the provider's own
+# figure so clock skew between the two buckets does not turn into 429s.
+_LEARNED_MARGIN = 0.95
+# A 429 under a learned rate sets the rate to this share of what really got through;
+# a 429 under that ceiling lowers it by this factor.
+_BACK_OFF = 0.7
+_STEP_DOWN = 0.85
+# Successes within this many seconds measure the rate that got through.
+_ACHIEVED_WINDOW = 2.0
+# ... measured over at least this long (a young run's first answers come in a burst).
+_ACHIEVED_MIN_SPAN = 0.25
+# A learned rate within this factor of what got through is believed despite a 429 (the
+# provider's bucket drained by a burst); above it, the header is wrong.
+_PLAUSIBLE = 3.0
+# Under a ceiling, every this many seconds without a 429 the rate is raised this much
+# (additive-increase in spirit): a ceiling set in a burst does not hold a run down
+# forever, and headers still never lift it.
+_PROBE_AFTER = 5.0
+_PROBE_STEP = 1.1
+# A learned request rate this many times below what got through is announced.
+_SLOW_NOTICE = 10.0
+# No provider limits anything to more than this per minute: a larger (or infinite)
+# announced limit is a mistake, ignored like zero or a negative one.
+_MAX_PLAUSIBLE_LIMIT = 10**12
+# The lowest rate a 429 can push a learned limit to (requests per minute).
+_FLOOR_RPM = 6.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """Limits of one model endpoint.
+
+    Parameters:
+        rpm: requests per minute, or ``None`` for no request limit (or learn it from
+            ``x-ratelimit-limit-requests`` headers, see `RateLimiter.observe`).
+        tpm: tokens per minute (prompt + completion, estimated before the call and
+            reconciled with the usage the provider reports), or ``None``.
+        concurrency: calls in flight at once.
+        burst: requests admitted back to back from an idle bucket; defaults to a tenth
+            of a second's worth of ``rpm`` (at least 1).
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int = 32
+    burst: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "burst"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or not value > 0):
+                raise ConfigError(f"Limits.{name} must be a positive number or None, got {value!r}")
+        if not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise ConfigError(
+                f"Limits.concurrency must be a positive int, got {self.concurrency!r}"
+            )
+
+    def request_burst(self, rpm: float) -> float:
+        return self.burst if self.burst is not None else max(1.0, rpm / 600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """Live state of a `RateLimiter`."""
+
+    in_flight: int
+    concurrency: int
+    rpm: float | None
+    tpm: float | None
+    paused_for: float
+    pauses: int
+    learned: bool
+    announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
+
+
+def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
+    # capacity units drain at per_minute/60 per second
+    return AsyncLimiter(capacity, capacity / (per_minute / 60.0))
+
+
+class _Pacer:
+    """Spaces request starts ``interval`` apart: additive increase of the rate on
+    success, multiplicative decrease on a 429.  Used only while the endpoint's limit is
+    unknown (not configured, not announced in headers)."""
+
+    __slots__ = ("interval", "next_start")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval  # seconds between request starts
+        self.next_start = -math.inf  # clock time the next request may start
+
+    async def wait(self, clock: Clock) -> None:
+        now = clock()
+        start = max(now, self.next_start)
+        self.next_start = start + self.interval
+        if start > now:
+            await anyio.sleep(start - now)
+
+    def speed_up(self) -> bool:
+        """Raise the rate a little; False once pacing no longer matters (over 1000/s)."""
+        rate = 1.0 / self.interval + 0.5
+        self.interval = 1.0 / rate
+        return rate <= 1000.0
+
+    def back_off(self, achieved: float) -> None:
+        rate = min(1.0 / self.interval, max(achieved, 0.5)) * 0.7
+        self.interval = 1.0 / max(rate, 0.1)
+
+
+Notices = list[tuple[str, str]]  # (kind, text): what `RateLimiter.observe` has to say
+
+
+def _plausible(name: str, value: int | None, notices: Notices) -> int | None:
+    """``value`` if it can be a per-minute limit, else ``None`` and a notice."""
+    if value is None or 0 < value <= _MAX_PLAUSIBLE_LIMIT:
+        return value
+    shown = "beyond 1e12" if value > _MAX_PLAUSIBLE_LIMIT else str(value)
+    notices.append(
+        (f"ignored-{name}", f"ignored x-ratelimit-{name}: {shown} is not a usable limit")
+    )
+    return None
+
+
+class RateLimiter:
+    """Admission control for one endpoint; shared by every evaluation that uses it."""
+
+    __slots__ = (
+        "_announced",
+        "_capacity",
+        "_ceiling",
+        "_ceiling_since",
+        "_clock",
+        "_epoch",
+        "_learned",
+        "_limits",
+        "_pacer",
+        "_paused_until",
+        "_pauses",
+        "_recent",
+        "_requests",
+        "_rpm",
+        "_tokens",
+        "_tpm",
+    )
+
+    def __init__(self, limits: Limits | None = None, *, clock: Clock | None = None) -> None:
+        self._limits = limits or Limits()
+        self._clock = clock or loop_time
+        self._capacity = anyio.CapacityLimiter(self._limits.concurrency)  # calls in flight
+        self._rpm: float | None = None  # the request rate in force
+        self._tpm: float | None = None  # the token rate in force
+        self._requests: AsyncLimiter | None = None  # request bucket, None = unlimited
+        self._tokens: AsyncLimiter | None = None  # token bucket, None = unlimited
+        self._paused_until = -math.inf  # clock time before which nobody may send
+        self._pauses = 0  # times the gate was closed or extended
+        self._learned = False  # a rate came from response headers
+        self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
+        self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
+        self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
+        self._ceiling_since = -math.inf  # clock time the ceiling last moved
+        self._ceiling: float | None = None  # a request rate a 429 proved too high, minus
+        self._epoch = 0  # bumped whenever the request rate in force changes
+        if self._limits.rpm is not None:
+            self._set_rpm(self._limits.rpm)
+        if self._limits.tpm is not None:
+            self._set_tpm(self._limits.tpm)
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether a TPM bucket is in force (configured or learned from headers)."""
+        return self._tokens is not None
+
+    @property
+    def epoch(self) -> int:
+        """Changes whenever the request rate in force does: a caller notes it when it
+        sends, and a 429 to a request sent under an older rate teaches nothing new."""
+        return self._epoch
+
+    def _set_rpm(self, rpm: float) -> None:
+        self._epoch += 1
+        self._rpm = rpm
+        self._requests = _bucket(rpm, self._limits.request_burst(rpm))
+
+    def _set_tpm(self, tpm: float) -> None:
+        self._tpm = tpm
+        self._tokens = _bucket(tpm, max(1.0, tpm / 60.0))
+
+    def rebind(self) -> None:
+        """Rebuild what belongs to an event loop (the concurrency limiter, the buckets,
+        times on the old loop's clock) for a new one, after the old one has ended.
+        The rates in force, learned ones included, carry over."""
+        self._capacity = anyio.CapacityLimiter(self._limits.concurrency)
+        if self._rpm is not None:
+            self._set_rpm(self._rpm)
+        if self._tpm is not None:
+            self._set_tpm(self._tpm)
+        self._paused_until = -math.inf
+        self._recent.clear()
+        if self._pacer is not None:
+            self._pacer.next_start = -math.inf
+
+    # -- the pause gate ---------------------------------------------------------------
+    def pause(self, seconds: float) -> bool:
+        """Close the gate for every worker for ``seconds`` (extends, never shortens).
+
+        Returns whether the gate now closes later than it did.
+        """
+        until = self._clock() + max(0.0, seconds)
+        if until > self._paused_until:
+            self._paused_until = until
+            self._pauses += 1
+            return True
+        return False
+
+    def paused_for(self) -> float:
+        return max(0.0, self._paused_until - self._clock())
+
+    async def wait_until_open(self, admit: Callable[[float], None] | None = None) -> None:
+        """Wait while the pause gate is closed (re-checking: it may be extended).
+
+        ``admit(seconds)`` is told how long the wait will be before each sleep and may
+        raise instead: a caller with a deadline or a cap on provider pauses gives up at
+        once rather than sleeping past it.
+        """
+        # A sleep loop, not an Event: the deadline may move later while we sleep.
+        while (delay := self._paused_until - self._clock()) > 0:
+            if admit is not None:
+                admit(delay)
+            await anyio.sleep(delay)
+
+    # -- admission --------------------------------------------------------------------
+    async def acquire(
+        self,
+        *,
+        estimated_tokens: int = 0,
+        admit: Callable[[float], None] | None = None,
+        give_up_at: float | None = None,
+    ) -> None:
+        """Take one concurrency slot, one request and ``estimated_tokens`` of budget;
+        give the slot back with `release` (or use `slot`).
+
+        The gate is checked again after the buckets: a 429 seen by another worker while
+        this one waited must still hold it back.  ``admit`` as for `wait_until_open`.
+        ``give_up_at`` (a time on this limiter's clock) bounds the wait for the request
+        and token buckets: past it, `TimeoutError`.
+        """
+        if self._paused_until != -math.inf:  # never paused: no clock to read
+            await self.wait_until_open(admit)
+        try:  # a free slot is taken without a trip through the event loop
+            self._capacity.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._capacity.acquire()
+        try:
+            if self._requests is not None or (self._tokens is not None and estimated_tokens):
+                await self._take_from_buckets(estimated_tokens, give_up_at)
+            # Held at the gate after the bucket, every worker that waited there would
+            # start at once when it reopens: a burst into the provider that just said
+            # 429.  Such a worker takes a request again, so restarts go at the rate.
+            held = self._paused_until != -math.inf and self.paused_for() > 0
+            if self._paused_until != -math.inf:
+                await self.wait_until_open(admit)
+            if self._pacer is not None:
+                await self._pacer.wait(self._clock)
+            if held and self._requests is not None:
+                await self._take_from_buckets(0, give_up_at)
+        except BaseException:
+            self._capacity.release()
+            raise
+
+    async def _take_from_buckets(self, estimated_tokens: int, give_up_at: float | None) -> None:
+        if give_up_at is None:  # the common case: no scope to set up
+            await self._take(estimated_tokens)
+            return
+        with anyio.move_on_after(give_up_at - self._clock()) as scope:
+            await self._take(estimated_tokens)
+        if scope.cancelled_caught:
+            raise TimeoutError(f"the endpoint's rate limits (rpm={self._rpm}, tpm={self._tpm})")
+
+    async def _take(self, estimated_tokens: int) -> None:
+        if self._requests is not None:
+            await self._requests.acquire()
+        if self._tokens is not None and estimated_tokens > 0:
+            await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
+
+    def release(self) -> None:
+        """Give back the concurrency slot taken by `acquire`."""
+        self._capacity.release()
+
+    @asynccontextmanager
+    async def slot(
+        self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
+    ) -> AsyncIterator[None]:
+        """`acquire` ... `release` as a context manager."""
+        await self.acquire(estimated_tokens=estimated_tokens, admit=admit)
+        try:
+            yield
+        finally:
+            self.release()
+
+    # -- adapting to an endpoint that announces nothing --------------------------------
+    def on_success(self) -> None:
+        """A call went through: remember when (the rate that gets through is what a
+        429 falls back to); with no known request rate, let the pacing ease."""
+        if self._limits.rpm is None:
+            now = self._clock()
+            self._recent.append(now)
+            if self._pacer is not None and not self._pacer.speed_up():
+                self._pacer = None
+            if self._ceiling is not None and now - self._ceiling_since >= _PROBE_AFTER:
+                # a while without a 429: probe a little higher (the header stays ignored)
+                self._ceiling *= _PROBE_STEP
+                self._ceiling_since = now
+                self._set_rpm(self._ceiling)
+
+    def _achieved(self) -> float:
+        """Calls per second that got through over the last window (or since the first
+        success, when the run is younger than the window)."""
+        now = self._clock()
+        while self._recent and now - self._recent[0] > _ACHIEVED_WINDOW:
+            self._recent.popleft()
+        if not self._recent:
+            return 0.0
+        span = min(_ACHIEVED_WINDOW, max(_ACHIEVED_MIN_SPAN, now - self._recent[0]))
+        return len(self._recent) / span
+
+    def on_rate_limited(self, sent_epoch: int | None = None) -> None:
+        """A 429 to a request sent under rate epoch ``sent_epoch`` (default: now).
+
+        A configured rate stands (the pause gate handles the 429).  A rate learned
+        from headers far above what got through is proven wrong: it drops below what
+        got through and stays under that ceiling whatever the headers say.  With no
+        known rate, requests are paced (AIMD) instead of every worker bursting at the
+        gate when it reopens.
+        """
+        if self._limits.rpm is not None:
+            return
+        if self._rpm is not None:
+            achieved = self._achieved() * 60.0
+            fresh = sent_epoch is None or sent_epoch == self._epoch  # not an old rate's 429
+            # A header far above what gets through is wrong; once it was, every fresh
+            # 429 means the ceiling is still too high.  With nothing got through lately
+            # there is no measure to fall back to: the pause gate answers the 429.
+            if not fresh or achieved <= 0:
+                return
+            if self._ceiling is not None:  # still too high: a gentler step than the first
+                self._ceiling = max(_FLOOR_RPM, self._rpm * _STEP_DOWN)
+            elif self._rpm > _PLAUSIBLE * achieved:
+                self._ceiling = max(_FLOOR_RPM, achieved * _BACK_OFF)
+            else:
+                return
+            self._ceiling_since = self._clock()
+            self._set_rpm(self._ceiling)
+            return
+        achieved = self._achieved()
+        if self._pacer is None:
+            self._pacer = _Pacer(1.0 / max(achieved, 1.0))
+        else:
+            self._pacer.back_off(achieved)
+
+    async def reconcile(self, *, estimated: int, actual: int) -> None:
+        """Charge tokens used beyond the estimate (spent already: the debt must be paid)."""
+        extra = actual - estimated
+        if self._tokens is not None and extra > 0:
+            await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
+
+    def observe(self, snapshot: RateLimitSnapshot | None) -> Notices:
+        """Learn from a response's rate-limit headers; what the caller should announce.
+
+        Without a configured RPM/TPM, the provider's announced limit becomes the rate in
+        force (slightly under it).  An exhausted remaining count closes the gate for the
+        time one request (or the missing tokens) takes to come back.  A limit that is no
+        rate at all (zero, negative, infinite, past any real provider's) is ignored, and
+        a learned request rate far below what has been getting through is kept but
+        announced: the returned ``(kind, text)`` notices say so, for a person.
+        """
+        if snapshot is None:
+            return []
+        self._announced = snapshot
+        notices: Notices = []
+        limit_requests = _plausible("limit-requests", snapshot.limit_requests, notices)
+        limit_tokens = _plausible("limit-tokens", snapshot.limit_tokens, notices)
+        if self._limits.rpm is None and limit_requests:
+            self._learn_rpm(limit_requests * _LEARNED_MARGIN, notices)
+        if self._limits.tpm is None and limit_tokens:
+            target = limit_tokens * _LEARNED_MARGIN
+            if self._tpm is None or abs(self._tpm - target) > 1e-9:
+                self._set_tpm(target)
+                self._learned = True
+        if snapshot.remaining_requests == 0:
+            if limit_requests:
+                self.pause(60.0 / limit_requests)
+            elif snapshot.reset_requests:
+                self.pause(min(snapshot.reset_requests, 1.0))
+        return notices
+
+    def _learn_rpm(self, target: float, notices: Notices) -> None:
+        if self._ceiling is not None:  # a 429 said the announced figure is wrong
+            target = min(target, self._ceiling)
+        if self._rpm is not None and abs(self._rpm - target) <= 1e-9:
+            return
+        achieved = self._achieved() * 60.0
+        if target * _SLOW_NOTICE < achieved:
+            notices.append(
+                (
+                    "slow-limit",
+                    f"the provider announces a request limit of {target / _LEARNED_MARGIN:g} "
+                    f"per minute (x-ratelimit-limit-requests), {achieved / target:.0f}x slower "
+                    f"than calls have been getting through ({achieved:.0f}/min); pacing to it. "
+                    "Set Limits(rpm=...) to override",
+                )
+            )
+        self._set_rpm(target)
+        self._learned = True
+        self._pacer = None  # a known rate replaces the guesswork
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(
+            in_flight=int(self._capacity.borrowed_tokens),
+            concurrency=self._limits.concurrency,
+            rpm=self._rpm,
+            tpm=self._tpm,
+            paused_for=self.paused_for(),
+            pauses=self._pauses,
+            learned=self._learned,
+            announced=self._announced,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<RateLimiter in_flight={s.in_flight}/{s.concurrency} rpm={s.rpm} tpm={s.tpm} "
+            f"paused_for={s.paused_for:.2f}s pauses={s.pauses}>"
+        )
