@@ -28,7 +28,7 @@ from engine import (
     SQLiteStore,
     evaluate,
 )
-from engine._identity import metric_identity
+from engine.cache._identity import metric_identity
 from engine.metrics import ExactMatch
 from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
@@ -376,7 +376,7 @@ async def test_a_class_attribute_changed_at_run_time_is_another_metric() -> None
 
 
 _IDENTITY_CHILD = """
-from engine._identity import metric_identity
+from engine.cache._identity import metric_identity
 class Judge:
     threshold = 0.5
     def __call__(self, example, prediction):

@@ -30,7 +30,6 @@ import anyio
 
 from .._aggregate import check_racing, evaluation_summary
 from .._budget import BudgetMeter
-from .._endpoint import _SHARED_ATTRIBUTE
 from .._errors import ConfigError, DataError
 from .._events import Emitter
 from .._outcome import Evaluation
@@ -38,6 +37,7 @@ from .._prompt import Prompt
 from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example, Usage
+from ..endpoint import _SHARED_ATTRIBUTE
 from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
 from ._leased import unleased
