@@ -18,8 +18,8 @@ from ._concurrency import run_all
 from ._errors import ConfigError, ProviderError
 from ._outcome import Outcome
 from ._prompt import Prompt
-from ._report import ProposalRecord
 from ._types import Example
+from .report import ProposalRecord
 from .stages import (
     ApplyContext,
     HistoryEntry,

@@ -41,9 +41,7 @@ import anyio
 
 from ._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
 from ._budget import Budget, BudgetMeter
-from ._cache import Cache
 from ._concurrency import run_all
-from ._endpoint import Endpoint
 from ._errors import (
     BadRequestError,
     BudgetExceededError,
@@ -53,15 +51,16 @@ from ._errors import (
 )
 from ._evaluate import evaluate, validate_examples
 from ._events import Emitter, EventCallback
-from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt, render_value
 from ._proposals import Proposer, best_accepted, undecided
 from ._protocols import ChatModel, Metric
-from ._report import ProposalRecord, RunReport, StepRecord
 from ._scoring import MetricRunner, check_metric
 from ._settings import TrainerSettings
 from ._types import Example
+from .cache import Cache
+from .endpoint import Endpoint, Limits
+from .report import ProposalRecord, RunReport, StepRecord
 from .stages import (
     ApplyStage,
     GradientContext,
