@@ -34,7 +34,7 @@ _CHILD = r"""
 import json, sys, time
 t0 = time.process_time()
 import engine.cli
-from engine._runfile import load_run_file
+from engine.cli._runfile import load_run_file
 t1 = time.process_time()
 loads = []
 for _ in range(int(sys.argv[2])):

@@ -14,10 +14,7 @@ with ``_`` are not.  ``engine.cluster`` imports Ray only when a cluster starts.
 
 from . import data, metrics, stages, testing
 from ._budget import DEFAULT_PRICES, Budget, Price
-from ._cache import Cache, CachedPrediction, CacheStatistics
-from ._cache_copy import copy_cache
 from ._closeable import AsyncCloseable
-from ._endpoint import Endpoint, EndpointStatistics
 from ._errors import (
     AuthenticationError,
     BadRequestError,
@@ -41,19 +38,24 @@ from ._errors import (
 )
 from ._evaluate import evaluate, validate_examples
 from ._events import Event, EventCallback
-from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
-from ._postgres import PostgresStore
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
-from ._report import ProposalRecord, RunReport, StepRecord
-from ._retry import RetryPolicy
 from ._settings import TrainerSettings
-from ._stores import MemoryStore, SQLiteStore
-from ._tokens import approx_tokens
 from ._trainer import OptimizationResult, optimize
-from ._types import Completion, Example, MetricResult, OutcomeError, RateLimitSnapshot, Usage
+from ._types import Completion, ErrorInfo, Example, MetricResult, RateLimitSnapshot, Usage
+from .cache import (
+    Cache,
+    CachedPrediction,
+    CacheStatistics,
+    MemoryStore,
+    PostgresStore,
+    SQLiteStore,
+    copy_cache,
+)
+from .endpoint import Endpoint, EndpointStatistics, Limits, RetryPolicy, estimate_text_tokens
+from .report import ProposalRecord, RunReport, StepRecord
 from .stages import ApplyContext, ApplyStage, GradientContext, GradientStage, ProposalError
 
 __version__ = "0.1.0"
@@ -83,6 +85,7 @@ __all__ = [
     "EndpointStatistics",
     "EndpointUnreachableError",
     "EngineError",
+    "ErrorInfo",
     "Evaluation",
     "Event",
     "EventCallback",
@@ -98,7 +101,6 @@ __all__ = [
     "NoContentError",
     "OptimizationResult",
     "Outcome",
-    "OutcomeError",
     "PermanentError",
     "PostgresStore",
     "Price",
@@ -117,9 +119,9 @@ __all__ = [
     "TrainerSettings",
     "TransientError",
     "Usage",
-    "approx_tokens",
     "copy_cache",
     "data",
+    "estimate_text_tokens",
     "evaluate",
     "metrics",
     "optimize",

@@ -28,18 +28,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._aggregate import check_racing, evaluation_summary, global_scores, is_mean
 from ._budget import BudgetMeter
-from ._cache import Cache, CachedPrediction, metric_identity, request_hash
 from ._context import lend
-from ._endpoint import Endpoint
 from ._errors import ConfigError, EngineError, MetricError, ProviderError
 from ._events import Emitter, EventCallback
-from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt, canonical_json
 from ._protocols import ChatModel, Metric
 from ._scoring import MetricRunner, MetricTimeoutError, check_metric
 from ._tally import Tally
-from ._types import Example, MetricResult, OutcomeError
+from ._types import ErrorInfo, Example, MetricResult
+from .cache import Cache, CachedPrediction, metric_identity, request_hash
+from .endpoint import Endpoint, Limits
 
 if TYPE_CHECKING:
     from .cluster import RayCluster
@@ -196,7 +195,7 @@ class _EvaluationRun:
         except ProviderError as exc:
             if exc.fatal or self.s.on_error == "raise":
                 raise
-            error = OutcomeError.from_exception("predict", exc, exc.attempts)
+            error = ErrorInfo.from_exception("predict", exc, exc.attempts)
             return Outcome(index, example.id, None, None, error, False)
         return _Predicted(index, example, prediction, cached)
 
@@ -218,17 +217,17 @@ class _EvaluationRun:
         except MetricTimeoutError as exc:
             if self.s.on_error == "raise":
                 raise
-            error: OutcomeError = OutcomeError.from_exception("metric", exc)
+            error: ErrorInfo = ErrorInfo.from_exception("metric", exc)
         except MetricError:
             raise  # a score outside [0, 1] is a broken metric, not a bad example
         except EngineError as exc:
             if self.s.on_error == "raise" or (isinstance(exc, ProviderError) and exc.fatal):
                 raise
-            error = OutcomeError.from_exception("metric", exc, getattr(exc, "attempts", 1))
+            error = ErrorInfo.from_exception("metric", exc, getattr(exc, "attempts", 1))
         except Exception as exc:
             if self.s.on_error == "raise":
                 raise MetricError(f"metric raised on example {example.id!r}: {exc}") from exc
-            error = OutcomeError.from_exception("metric", exc)
+            error = ErrorInfo.from_exception("metric", exc)
         else:
             return Outcome(
                 item.index, example.id, prediction.text, result, None, item.cached, prediction.usage

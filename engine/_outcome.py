@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._types import MetricResult, OutcomeError, Usage
+from ._types import ErrorInfo, MetricResult, Usage
 
 __all__ = ["Evaluation", "GlobalMetric", "Outcome"]
 
@@ -26,7 +26,7 @@ class Outcome:
     example_id: str
     prediction: str | None
     result: MetricResult | None
-    error: OutcomeError | None
+    error: ErrorInfo | None
     cached: bool
     usage: Usage = field(default_factory=Usage)
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from ._concurrency import run_all
 from ._errors import ProviderError
 from ._prompt import Prompt
-from ._report import ProposalRecord
 from ._types import Example
+from .report import ProposalRecord
 from .stages import ApplyContext, HistoryEntry, ProposalError, validate_proposal
 
 if TYPE_CHECKING:

@@ -19,9 +19,8 @@ import anyio
 
 from ._clock import loop_time
 from ._errors import RateLimitedError, TransientError
-from ._limits import Limits
-from ._tokens import approx_tokens
 from ._types import Completion, Usage
+from .endpoint import Limits, estimate_text_tokens
 
 __all__ = ["FaultPlan", "ScriptedModel", "ScriptedRequest", "transient_faults"]
 
@@ -164,10 +163,10 @@ class ScriptedModel:
             stats.in_flight -= 1
         if isinstance(answer, Completion):
             return answer
-        prompt_tokens = approx_tokens("".join(m["content"] for m in msgs))
+        prompt_tokens = estimate_text_tokens("".join(m["content"] for m in msgs))
         return Completion(
             text=answer,
-            usage=Usage(prompt_tokens, approx_tokens(answer)),
+            usage=Usage(prompt_tokens, estimate_text_tokens(answer)),
             model=str(params.get("model", self.name)),
             finish_reason="stop",
         )

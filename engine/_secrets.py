@@ -8,7 +8,7 @@ and is secret when one of its words is a credential word (``key``, ``token``, ``
 (``api_key_env = "OPENAI_API_KEY"``), which is what a run file should hold.
 Counts are not secrets either: ``max_tokens`` has the word ``tokens``, not ``token``.
 
-Run files refuse secret names (`engine._runfile`); events and errors redact their
+Run files refuse secret names (`engine.cli._runfile`); events and errors redact their
 values (`engine._redact`).  Change the rule here and both follow.
 """
 

@@ -36,21 +36,20 @@ import anyio
 
 from ._aggregate import is_mean
 from ._budget import Budget, BudgetMeter
-from ._cache import Cache
 from ._concurrency import run_all
-from ._endpoint import Endpoint
 from ._errors import BudgetExceededError, ConfigError, ProviderError, TooManyErrorsError
 from ._evaluate import evaluate, validate_examples
 from ._events import Emitter, EventCallback
-from ._limits import Limits
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._proposals import Proposer, best_accepted
 from ._protocols import ChatModel, Metric
-from ._report import RunReport, StepRecord
 from ._scoring import check_metric
 from ._settings import TrainerSettings
 from ._types import Example
+from .cache import Cache
+from .endpoint import Endpoint, Limits
+from .report import RunReport, StepRecord
 from .stages import (
     ApplyStage,
     GradientContext,

@@ -15,9 +15,9 @@ from ._redact import redact_text
 
 __all__ = [
     "Completion",
+    "ErrorInfo",
     "Example",
     "MetricResult",
-    "OutcomeError",
     "RateLimitSnapshot",
     "Usage",
     "as_score",
@@ -174,7 +174,7 @@ class MetricResult:
 
 
 @dataclass(frozen=True, slots=True)
-class OutcomeError:
+class ErrorInfo:
     """Why an example has no score: the stage, the error class, its message, attempts."""
 
     stage: str
@@ -183,7 +183,7 @@ class OutcomeError:
     attempts: int = 1
 
     @classmethod
-    def from_exception(cls, stage: str, exc: BaseException, attempts: int = 1) -> OutcomeError:
+    def from_exception(cls, stage: str, exc: BaseException, attempts: int = 1) -> ErrorInfo:
         return cls(
             stage=stage, type=type(exc).__name__, message=redact_text(str(exc)), attempts=attempts
         )

@@ -15,12 +15,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._endpoint import Endpoint
 from ._errors import ProviderError
 from ._parsing import parse_json_object
 from ._prompt import render_value
 from ._protocols import ChatModel
 from ._types import Example, MetricResult
+from .endpoint import Endpoint
 
 __all__ = ["Contains", "ExactMatch", "JSONFields", "LLMJudge", "Numeric", "mean"]
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from ._budget import BudgetMeter
-from ._cache import Cache
-from ._endpoint import Endpoint
 from ._errors import ConfigError, EngineError
 from ._events import Emitter
 from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
 from ._types import Example, MetricResult
+from .cache import Cache
+from .endpoint import Endpoint
 
 __all__ = [
     "ApplyContext",

@@ -44,7 +44,7 @@ MUTATIONS = (
     ),
     Mutation(
         "metric-key-identity",
-        "engine/_cache.py",
+        "engine/cache/_cache.py",
         'return f"m:{metric_id}:{answer}"',
         'return f"m:{answer}"',
         ("tests/test_mutations.py", "tests/test_trust.py", "tests/test_cache.py"),
@@ -52,7 +52,7 @@ MUTATIONS = (
     ),
     Mutation(
         "pause-gate-recheck",
-        "engine/_limits.py",
+        "engine/endpoint/_limits.py",
         "            if self._paused_until != -math.inf:\n"
         "                await self.wait_until_open(admit)\n"
         "            if self._pacer",
@@ -62,7 +62,7 @@ MUTATIONS = (
     ),
     Mutation(
         "burst-full-second",
-        "engine/_limits.py",
+        "engine/endpoint/_limits.py",
         "max(1.0, rpm / 600.0)",
         "max(1.0, rpm / 60.0)",
         ("tests/test_limits.py",),
@@ -102,7 +102,7 @@ MUTATIONS = (
     ),
     Mutation(
         "tpm-reconcile-not-awaited",
-        "engine/_endpoint.py",
+        "engine/endpoint/_endpoint.py",
         "await self.limiter.reconcile(estimated=call.estimate, actual=actual)",
         "self.limiter.reconcile(estimated=call.estimate, actual=actual)",
         ("tests/test_limits.py",),
@@ -118,7 +118,7 @@ MUTATIONS = (
     ),
     Mutation(
         "coalesced-counted-as-paid",
-        "engine/_cache.py",
+        "engine/cache/_cache.py",
         "                return flight.value, True",
         "                return flight.value, False",
         ("tests/test_cache.py",),
@@ -126,7 +126,7 @@ MUTATIONS = (
     ),
     Mutation(
         "backoff-zero",
-        "engine/_retry.py",
+        "engine/endpoint/_retry.py",
         "return rng.uniform(0.0, ceiling)",
         "return 0.0",
         ("tests/test_limits.py",),
@@ -160,7 +160,7 @@ MUTATIONS = (
     ),
     Mutation(
         "retry-after-cap-ignored",
-        "engine/_endpoint.py",
+        "engine/endpoint/_endpoint.py",
         "        if wait > cap:",
         "        if False:",
         ("tests/test_bounded.py",),
@@ -168,7 +168,7 @@ MUTATIONS = (
     ),
     Mutation(
         "breaker-never-opens",
-        "engine/_breaker.py",
+        "engine/endpoint/_breaker.py",
         "        if self._threshold is None or self._failures < self._threshold:",
         "        if True:",
         ("tests/test_bounded.py",),
@@ -176,7 +176,7 @@ MUTATIONS = (
     ),
     Mutation(
         "endpoint-not-shared",
-        "engine/_endpoint.py",
+        "engine/endpoint/_endpoint.py",
         "        shared = _shared_endpoint(model)\n",
         "        shared = None\n",
         ("tests/test_bounded.py",),
@@ -184,7 +184,7 @@ MUTATIONS = (
     ),
     Mutation(
         "prediction-key-ignores-endpoint",
-        "engine/_cache.py",
+        "engine/cache/_cache.py",
         "text = canonical_json([prompt_hash, endpoint_identity, sent])",
         "text = canonical_json([prompt_hash, sent])",
         ("tests/test_trust.py",),
@@ -192,7 +192,7 @@ MUTATIONS = (
     ),
     Mutation(
         "metric-key-ignores-content",
-        "engine/_cache.py",
+        "engine/cache/_cache.py",
         'answer = hashlib.sha256(f"{content}:{prediction}".encode()).hexdigest()',
         'answer = hashlib.sha256(f"{example.id}:{prediction}".encode()).hexdigest()',
         ("tests/test_trust.py",),
@@ -226,7 +226,7 @@ MUTATIONS = (
     ),
     Mutation(
         "unsaved-slot-released-before-put",
-        "engine/_cache.py",
+        "engine/cache/_cache.py",
         "            value, raw, store_key = await compute()\n"
         "            await self.store.put(store_key, raw)\n",
         "            value, raw, store_key = await compute()\n"
@@ -236,7 +236,7 @@ MUTATIONS = (
     ),
     Mutation(
         "put-returns-before-commit",
-        "engine/_postgres.py",
+        "engine/cache/_postgres.py",
         "        if self.wait_for_commit:\n",
         "        if False:\n",
         ("tests/test_postgres.py",),

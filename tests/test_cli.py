@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapters.simulated_server import ServerConfig, SimulatedServer
-from engine._preflight import OPTIMIZE_FILES
+from engine.cli._preflight import OPTIMIZE_FILES
 
 from .conftest import screenshot_in_chromium
 from .test_bad_input import RUN, _rows

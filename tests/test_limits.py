@@ -17,7 +17,7 @@ from engine import (
     TransientError,
     evaluate,
 )
-from engine._limits import RateLimiter
+from engine.endpoint._limits import RateLimiter
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, echo_model, qa_prompt

@@ -8,8 +8,8 @@ import pytest
 
 from engine import ConfigError, Limits, RetryPolicy
 from engine._redact import REDACTED, redact_value
-from engine._runfile import ClusterSpec, load_run_file
 from engine._secrets import is_secret_name
+from engine.cli._runfile import ClusterSpec, load_run_file
 from engine.metrics import mean
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,16 +11,15 @@ from typing import Any, Self
 import anyio
 
 from .._budget import BudgetMeter
-from .._cache import Cache
 from .._closeable import AsyncCloseable
-from .._endpoint import Endpoint
 from .._errors import ConfigError, EngineError
 from .._events import Emitter, EventCallback
-from .._limits import Limits
 from .._outcome import Evaluation, GlobalMetric
 from .._prompt import Prompt
 from .._protocols import ChatModel, Metric
 from .._types import Example
+from ..cache import Cache
+from ..endpoint import Endpoint, Limits
 from ._racing import RacingTally
 from ._rates import RateBudget
 from ._ray import ActorDied, ray_module, unwrap_task_error

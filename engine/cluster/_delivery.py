@@ -16,12 +16,11 @@ from dataclasses import replace
 
 from .._aggregate import global_scores
 from .._budget import BudgetMeter
-from .._cache import Cache
 from .._errors import ConfigError
-from .._identity import metric_identity
 from .._outcome import Evaluation, Outcome
 from .._tally import Tally
 from .._types import MetricResult
+from ..cache import Cache, metric_identity
 from ._plan import Plan
 from ._source import ExampleBatch, FileBatch
 from ._worker import BatchResult

@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 
 from .._errors import RateLimitedError
-from .._tokens import estimate_request_tokens
 from .._types import Completion, RateLimitSnapshot
+from ..endpoint import estimate_request_tokens
 from ._rates import FREE_RECHECK, LEASE_LIFE, LEASE_SECONDS, Ask, Grant
 
 __all__ = ["LeasedModel"]

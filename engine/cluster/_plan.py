@@ -10,18 +10,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .._aggregate import check_racing, is_mean
-from .._cache import Cache
-from .._endpoint import Endpoint
 from .._errors import ConfigError
 from .._evaluate import validate_examples
 from .._events import Emitter
-from .._limits import Limits
 from .._outcome import GlobalMetric
-from .._postgres import PostgresStore
 from .._prompt import Prompt
 from .._protocols import ChatModel, Metric
 from .._scoring import MetricRunner, check_metric
 from .._types import Example
+from ..cache import Cache, PostgresStore
+from ..endpoint import Endpoint, Limits
 from ._source import FileDataset
 from ._worker import CacheSpec
 

@@ -28,8 +28,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from .._limits import Limits
 from .._types import RateLimitSnapshot
+from ..endpoint import Limits
 
 __all__ = ["FREE_RECHECK", "LEASE_LIFE", "LEASE_SECONDS", "Ask", "Grant", "RateBudget"]
 

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._aggregate import check_racing, evaluation_summary
 from .._budget import BudgetMeter
-from .._endpoint import _SHARED_ATTRIBUTE
 from .._errors import ConfigError, DataError
 from .._events import Emitter
 from .._outcome import Evaluation
@@ -36,6 +35,7 @@ from .._prompt import Prompt
 from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example
+from ..endpoint import _SHARED_ATTRIBUTE
 from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
 from ._plan import Plan, plan

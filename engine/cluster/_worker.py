@@ -19,19 +19,16 @@ from typing import Any, Literal
 import anyio
 
 from .._budget import BudgetMeter
-from .._cache import Cache
-from .._endpoint import Endpoint
 from .._errors import DataError, EngineError
 from .._evaluate import evaluate
 from .._events import Emitter, Event
-from .._limits import Limits
 from .._outcome import Evaluation, Outcome
-from .._postgres import PostgresStore
 from .._prompt import Prompt
 from .._redact import register_secret
-from .._retry import RetryPolicy
 from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
+from ..cache import Cache, PostgresStore
+from ..endpoint import Endpoint, Limits, RetryPolicy
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch

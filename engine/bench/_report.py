@@ -1,0 +1,347 @@
+"""The result of an endpoint sweep: the best level, the projection, the recommended
+``[model.limits]``, and the fixed-width table `textgrad bench` prints."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .._budget import Price
+from ..endpoint import Limits
+from ._html import render_bench_html
+from ._stats import LevelResult
+from ._sweep import BenchSettings
+
+__all__ = [
+    "BenchReport",
+    "Projection",
+    "Recommendation",
+    "best_level",
+    "format_table",
+    "project",
+    "recommend",
+]
+
+# A level within this fraction of the best rate counts as reaching it (the knee).
+_NEAR_BEST = 0.95
+# Fewer answers than this per slot and a level hardly leaves its ramp-up.
+_STEADY_PER_SLOT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """Wall time and cost of ``examples`` requests at the best level's rate."""
+
+    examples: int
+    concurrency: int
+    requests_per_s: float
+    wall_s: float
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """The ``[model.limits]`` to put in the run file, with the reasons."""
+
+    concurrency: int | None
+    rpm: float | None
+    tpm: float | None
+    limit_found: bool
+    notes: tuple[str, ...]
+
+    def to_toml(self) -> str:
+        """TOML lines to paste into the run file (the notes as comments)."""
+        lines = [f"# {note}" for note in self.notes]
+        if self.concurrency is None:
+            return "\n".join(lines)
+        lines += ["[model.limits]", f"concurrency = {self.concurrency}"]
+        lines += [
+            f"{key} = {_toml_number(v)}" for key, v in (("rpm", self.rpm), ("tpm", self.tpm)) if v
+        ]
+        return "\n".join(lines)
+
+
+def _toml_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    """The whole sweep: the levels, the best one, the projection, the recommendation.
+
+    ``cost_usd`` is what the sweep spent by the price table (an attempt that may have
+    been billed without an answer counts at its worst case when a cost cap is set);
+    ``stopped`` says why the sweep ended early (a cap, a failing endpoint), if it did.
+    """
+
+    endpoint: str
+    model: str
+    settings: BenchSettings
+    configured: Limits | None
+    levels: tuple[LevelResult, ...]
+    attempts: int
+    cost_usd: float | None
+    stopped: str | None
+    synthetic: bool
+    dataset_examples: int
+    best: LevelResult | None
+    projection: Projection | None
+    recommendation: Recommendation
+
+    @property
+    def answered(self) -> int:
+        """Requests answered over the whole sweep."""
+        return sum(level.requests for level in self.levels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: one object per level under ``levels``."""
+        configured = self.configured
+        return {
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "settings": asdict(self.settings),
+            "configured_limits": asdict(configured) if configured is not None else None,
+            "synthetic": self.synthetic,
+            "dataset_examples": self.dataset_examples,
+            "attempts": self.attempts,
+            "cost_usd": self.cost_usd,
+            "stopped": self.stopped,
+            "levels": [level.to_dict() for level in self.levels],
+            "best_concurrency": self.best.concurrency if self.best is not None else None,
+            "projection": asdict(self.projection) if self.projection is not None else None,
+            "recommendation": {
+                **asdict(self.recommendation),
+                "toml": self.recommendation.to_toml(),
+            },
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        """`to_dict` as JSON (``kwargs`` go to `json.dumps`)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def to_table(self) -> str:
+        """The fixed-width table `format_table` makes."""
+        return format_table(self)
+
+    def to_html(self) -> str:
+        """One self-contained page: the table, and per level the throughput and
+        latency over time with the announced limit drawn as a line (inline SVG)."""
+        return render_bench_html(self)
+
+
+def best_level(levels: Sequence[LevelResult]) -> LevelResult | None:
+    """The smallest concurrency within 5% of the highest rate measured: slots past it
+    buy nothing.  ``None`` when no level answered anything."""
+    measured = [lv for lv in levels if lv.requests_per_s]
+    if not measured:
+        return None
+    top = max(lv.requests_per_s or 0.0 for lv in measured)
+    near = [lv for lv in measured if (lv.requests_per_s or 0.0) >= _NEAR_BEST * top]
+    return min(near, key=lambda lv: lv.concurrency)
+
+
+def recommend(levels: Sequence[LevelResult], configured: Limits | None = None) -> Recommendation:
+    """The concurrency and rates to configure, from a sweep's levels.
+
+    Concurrency: the `best_level`.  Rates: the limits the endpoint announced; else,
+    when it sent 429s, 95% of the best rate it sustained; else none (no limit was
+    found up to the highest level tried).
+    """
+    best = best_level(levels)
+    if best is None:
+        return Recommendation(
+            None, None, None, False, ("no request was answered: nothing to recommend",)
+        )
+    top_rate = max(lv.requests_per_s or 0.0 for lv in levels)
+    notes = [
+        f"concurrency {best.concurrency}: the smallest level within 5% of the highest rate "
+        f"measured ({top_rate:.1f} requests/s)"
+    ]
+    rpm = next(
+        (lv.limit_requests_per_min for lv in reversed(levels) if lv.limit_requests_per_min), None
+    )
+    tpm = next(
+        (lv.limit_tokens_per_min for lv in reversed(levels) if lv.limit_tokens_per_min), None
+    )
+    if rpm is not None or tpm is not None:
+        notes.append("rates: the limits the endpoint announces (x-ratelimit-limit-*)")
+        notes += _binding_notes(best, rpm, tpm) + _configured_notes(configured, rpm, tpm)
+        return Recommendation(best.concurrency, rpm, tpm, True, tuple(notes))
+    if any(lv.share_429 > 0 for lv in levels):
+        sustained = math.floor(top_rate * 60 * _NEAR_BEST)
+        notes.append(
+            f"the endpoint announces no limits but sent 429s: rpm {sustained} is 95% of "
+            "the highest rate it sustained"
+        )
+        return Recommendation(best.concurrency, sustained, None, True, tuple(notes))
+    return _no_limit_found(levels, best, configured, notes)
+
+
+def _no_limit_found(
+    levels: Sequence[LevelResult],
+    best: LevelResult,
+    configured: Limits | None,
+    notes: list[str],
+) -> Recommendation:
+    top = max(lv.concurrency for lv in levels)
+    notes.append(
+        f"no limit was found up to concurrency {top}: the endpoint announced none and sent no 429"
+    )
+    if best.concurrency == top and len(levels) > 1:
+        notes.append(f"the rate was still rising at concurrency {top}: try higher levels")
+    if configured is not None and (configured.rpm or configured.tpm):
+        notes += _held_back(best, configured)
+        return Recommendation(best.concurrency, configured.rpm, configured.tpm, False, tuple(notes))
+    return Recommendation(best.concurrency, None, None, False, tuple(notes))
+
+
+def _held_back(best: LevelResult, configured: Limits) -> list[str]:
+    """Whether the run file's own rates, not the endpoint, capped the sweep."""
+    capped = [
+        f"{name} = {limit:g} ({rate * 60 / limit:.2f} of it reached)"
+        for name, limit, rate in (
+            ("rpm", configured.rpm, best.requests_per_s),
+            ("tpm", configured.tpm, best.tokens_per_s),
+        )
+        if limit and rate and rate * 60 >= _NEAR_BEST * limit
+    ]
+    if not capped:
+        return ["the run file's own rpm/tpm are kept (the sweep stayed under them)"]
+    return [
+        f"the run file's {' and '.join(capped)} capped the sweep, not the endpoint: "
+        "raise them to look further"
+    ]
+
+
+def _binding_notes(best: LevelResult, rpm: int | None, tpm: int | None) -> list[str]:
+    """Which announced limit a run of this request size meets first."""
+    per_request = (best.prompt_tokens_mean or 0.0) + (best.completion_tokens_mean or 0.0)
+    if tpm is None or per_request <= 0:
+        return []
+    by_tokens = tpm / per_request
+    if rpm is not None and by_tokens >= rpm:
+        return [f"the request limit binds: {tpm:,} tokens/min allow {by_tokens:,.0f} requests/min"]
+    return [
+        f"the token limit binds: {tpm:,} tokens/min at {per_request:,.0f} tokens per request "
+        f"allow {by_tokens:,.0f} requests/min"
+    ]
+
+
+def _configured_notes(configured: Limits | None, rpm: int | None, tpm: int | None) -> list[str]:
+    if configured is None or (configured.rpm is None and configured.tpm is None):
+        return ["set in the run file these hold as given (learned, the engine keeps a margin)"]
+    notes = []
+    for name, mine, theirs in (("rpm", configured.rpm, rpm), ("tpm", configured.tpm, tpm)):
+        if mine is not None and theirs is not None and mine < theirs:
+            notes.append(
+                f"the run file's {name} = {mine:g} held the sweep below the {theirs}/min allowed"
+            )
+    return notes
+
+
+def project(
+    levels: Sequence[LevelResult], best: LevelResult | None, examples: int, price: Price | None
+) -> Projection | None:
+    """``examples`` requests at the best level's rate, each at the sweep's mean cost per
+    answered request (cost does not depend on concurrency; every level's answers count)."""
+    if best is None or not best.requests_per_s:
+        return None
+    answered = sum(lv.requests for lv in levels)
+    spent = [lv.cost_usd for lv in levels if lv.cost_usd is not None]
+    per_request = sum(spent) / answered if price is not None and answered else None
+    return Projection(
+        examples=examples,
+        concurrency=best.concurrency,
+        requests_per_s=best.requests_per_s,
+        wall_s=examples / best.requests_per_s,
+        cost_usd=per_request * examples if per_request is not None else None,
+    )
+
+
+def _cell(value: float | None, spec: str, unknown: str = "-") -> str:
+    return unknown if value is None else format(value, spec)
+
+
+def format_table(report: BenchReport) -> str:
+    """The sweep as a fixed-width text table, then the best level and the projection."""
+    head = (
+        f"{'conc':>5} {'requests':>8} {'req/s':>7} {'tok/s':>8} {'RPM limit':>9} {'of RPM':>6} "
+        f"{'TPM limit':>9} {'of TPM':>6} {'429s':>6} {'retry-after':>11} {'p50 s':>6} "
+        f"{'p95 s':>6} {'p99 s':>6} {'max s':>6} {'errors':>6} {'$/1k ex':>8}"
+    )
+    lines = [f"endpoint {report.endpoint}, model {report.model}", head]
+    for lv in report.levels:
+        errors = sum(n for name, n in lv.errors.items() if name != "RateLimitedError")
+        lines.append(
+            f"{lv.concurrency:>5} {lv.requests:>8} {_cell(lv.requests_per_s, '7.1f'):>7} "
+            f"{_cell(lv.tokens_per_s, '8.0f'):>8} "
+            f"{_cell(lv.limit_requests_per_min, 'd', 'unknown'):>9} "
+            f"{_cell(lv.fraction_of_request_limit, '6.2f'):>6} "
+            f"{_cell(lv.limit_tokens_per_min, 'd', 'unknown'):>9} "
+            f"{_cell(lv.fraction_of_token_limit, '6.2f'):>6} {lv.share_429:>6.1%} "
+            f"{_cell(lv.retry_after_max_s, '.1f'):>11} {_cell(lv.p50_s, '6.3f'):>6} "
+            f"{_cell(lv.p95_s, '6.3f'):>6} {_cell(lv.p99_s, '6.3f'):>6} "
+            f"{_cell(lv.max_s, '6.3f'):>6} {errors:>6} {_cell(lv.cost_per_1000_usd, '8.4f'):>8}"
+        )
+    lines += _summary_lines(report)
+    return "\n".join(lines)
+
+
+def _summary_lines(report: BenchReport) -> list[str]:
+    lines = []
+    for lv in report.levels:
+        if lv.requests < _STEADY_PER_SLOT * lv.concurrency:
+            lines.append(
+                f"concurrency {lv.concurrency}: {lv.requests} answers are few for "
+                f"{lv.concurrency} in flight; its rate may be ramp-dominated (use --requests "
+                f"{_STEADY_PER_SLOT * lv.concurrency} or more)"
+            )
+        other = {k: v for k, v in lv.errors.items() if k != "RateLimitedError"}
+        for name, count in sorted(other.items()):
+            lines.append(
+                f"errors at concurrency {lv.concurrency}: {name} x{count} "
+                f"(last: {lv.error_examples.get(name, '')})"
+            )
+    if report.stopped:
+        lines.append(f"stopped early: {report.stopped}")
+    best, projection = report.best, report.projection
+    if best is not None and best.requests_per_s is not None:
+        reached = [
+            f"{fraction:.2f} of the announced {limit:,} {unit}/min"
+            for fraction, limit, unit in (
+                (best.fraction_of_request_limit, best.limit_requests_per_min, "requests"),
+                (best.fraction_of_token_limit, best.limit_tokens_per_min, "tokens"),
+            )
+            if fraction is not None and limit is not None
+        ]
+        of_limits = "; ".join(reached) or "the endpoint announced no limit"
+        lines.append(
+            f"best: concurrency {best.concurrency}, {best.requests_per_s:.1f} requests/s "
+            f"({of_limits})"
+        )
+    if projection is not None:
+        cost = (
+            f", ${projection.cost_usd:,.2f}"
+            if projection.cost_usd is not None
+            else ", cost unknown (no price)"
+        )
+        lines.append(
+            f"projection for {projection.examples:,} examples at concurrency "
+            f"{projection.concurrency}: {_duration(projection.wall_s)}{cost}"
+        )
+    spent = f"${report.cost_usd:.4f}" if report.cost_usd is not None else "cost unknown (no price)"
+    lines.append(f"this sweep: {report.attempts} requests sent, {spent}")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

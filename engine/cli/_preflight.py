@@ -1,0 +1,157 @@
+"""What a CLI command checks before its first call, for real runs and ``--dry-run`` alike.
+
+`prepare` resolves every adapter, checks every dataset row against the placeholders of
+the prompt that will run (`validate_examples`, the error naming ``file:line``), builds the
+metric and the global metric, checks money-budget prices, and validates every output path
+(`engine.cli._outputs`).  Anything wrong is a `ConfigError` (exit 2) while nothing has been
+opened, created or paid for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .._budget import BudgetMeter
+from .._errors import ConfigError
+from .._evaluate import validate_examples
+from .._prompt import Prompt
+from .._types import Example
+from ..cluster import FileDataset
+from ..data import row_location
+from ._outputs import check_output_dir, check_output_file
+from ._runfile import RunFile, resolve
+
+__all__ = ["OPTIMIZE_FILES", "Job", "prepare"]
+
+OPTIMIZE_FILES = ("best_prompt.json", "report.json", "report.md", "report.html", "scores.png")
+_ROW = re.compile(r"example #(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One checked command: the prompt that runs, the examples it scores and where its
+    output goes (a folder for ``optimize``, a JSONL file for ``evaluate``).
+
+    ``data`` is a list, or a `FileDataset` when a cluster streams the file (its rows
+    are checked by the cluster, before its first call)."""
+
+    command: Literal["optimize", "evaluate"]
+    prompt: Prompt
+    data: list[Example] | FileDataset
+    out: Path
+    out_option: str  # how the user named ``out``, for messages
+
+
+def _check_rows(prompt: Prompt, examples: list[Example], path: Path | None, split: str) -> None:
+    try:
+        validate_examples(prompt, examples)
+    except ConfigError as exc:
+        row = _ROW.search(exc.message)
+        where = row_location(path, int(row.group(1))) if row and path else None
+        raise ConfigError(f"{where or path}: [data] {split}: {exc.message}") from None
+
+
+def _check_endpoints(run: RunFile, command: str) -> None:
+    if command == "optimize" and run.optimizer is None:
+        raise ConfigError(f"{run.path}: [optimizer] is required for optimize")
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        if spec is not None:
+            resolve(spec.adapter, f"{run.path}: [{name}] adapter")
+    models = [run.prompt.model]
+    if run.optimizer is not None and run.optimizer.model_name:
+        models.append(run.optimizer.model_name)
+    try:
+        BudgetMeter(run.budget, models)  # a money budget without prices fails here
+    except ConfigError as exc:
+        raise ConfigError(f"{run.path}: [budget] {exc.message}") from None
+
+
+def _check_keys(run: RunFile) -> None:
+    # before anything is created or opened: EndpointSpec.build() would fail later anyway
+    for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
+        if spec is not None and spec.api_key_env and not os.environ.get(spec.api_key_env):
+            raise ConfigError(
+                f"{run.path}: [{name}] api_key_env: environment variable {spec.api_key_env} "
+                "is not set"
+            )
+
+
+def _outputs(
+    run: RunFile, command: str, out: str | None, split: str, inputs: dict[Path, str]
+) -> tuple[Path, str]:
+    option = "--out" if out else "[output] dir"
+    if command == "optimize":
+        folder = check_output_dir(
+            Path(out) if out else run.output_dir, inputs=inputs, option=option
+        )
+        for name in OPTIMIZE_FILES:
+            check_output_file(folder / name, inputs=inputs, option=option)
+        return folder, option
+    path = Path(out) if out else run.output_dir / f"evaluation_{split}.jsonl"
+    return check_output_file(path, inputs=inputs, option=option), option
+
+
+def prepare(
+    run: RunFile,
+    command: Literal["optimize", "evaluate"],
+    *,
+    out: str | None = None,
+    split: str = "train",
+    prompt: Prompt | None = None,
+    prompt_path: str | None = None,
+    check_keys: bool = True,
+) -> Job:
+    """Check everything ``command`` needs before its first call; raise `ConfigError`.
+
+    ``prompt`` (read from ``prompt_path``) replaces the run file's prompt for
+    ``evaluate``; ``split`` picks the dataset it scores.  ``check_keys`` requires every
+    ``api_key_env`` variable to be set (a dry run may plan without the keys).
+    """
+    _check_endpoints(run, command)
+    if check_keys:
+        _check_keys(run)
+    used = prompt or run.prompt
+    if not run.data_loaded:
+        return _streamed(run, command, used, out, split, prompt_path)
+    splits = {"train": (run.train, run.train_path), "val": (run.val, run.val_path)}
+    if command == "evaluate" and splits[split][0] is None:
+        raise ConfigError(f"{run.path}: no [data] val to evaluate")
+    for name in ("train", "val") if command == "optimize" else (split,):
+        rows, path = splits[name]
+        if rows is not None:
+            _check_rows(used, rows, path, name)
+    run.build_metric()
+    run.build_global_metric()
+    inputs = run.input_paths
+    if prompt_path is not None:
+        inputs[Path(os.path.abspath(prompt_path))] = "the --prompt file"
+    target, option = _outputs(run, command, out, split, inputs)
+    data = splits[split if command == "evaluate" else "train"][0]
+    assert data is not None
+    return Job(command=command, prompt=used, data=data, out=target, out_option=option)
+
+
+def _streamed(
+    run: RunFile,
+    command: Literal["optimize", "evaluate"],
+    prompt: Prompt,
+    out: str | None,
+    split: str,
+    prompt_path: str | None,
+) -> Job:
+    """`prepare` for an evaluation whose file a cluster reads (``load_data=False``)."""
+    path = run.train_path if split == "train" else run.val_path
+    if command != "evaluate" or path is None:
+        raise ConfigError(f"{run.path}: no [data] {split} to evaluate")
+    run.build_metric()
+    run.build_global_metric()
+    inputs = run.input_paths
+    if prompt_path is not None:
+        inputs[Path(os.path.abspath(prompt_path))] = "the --prompt file"
+    target, option = _outputs(run, command, out, split, inputs)
+    data = FileDataset(path, run.columns)
+    return Job(command=command, prompt=prompt, data=data, out=target, out_option=option)

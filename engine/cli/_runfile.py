@@ -1,0 +1,416 @@
+"""Run files (TOML): what to optimize or evaluate, on which endpoints, with which limits.
+
+The file is checked against a declared schema (`engine.cli._schema`): unknown keys, wrong
+types, out-of-range values and secrets are `ConfigError`s naming file, line, section and
+key, raised before any dataset is read or any call is made.  Adapters and metrics are
+named as ``"module:attr"`` strings and resolved at run time, so the engine never imports
+``adapters``.  Secrets never live in a run file: an endpoint names the environment
+variable that holds its key (``api_key_env``).  Paths are relative to the run file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from .._budget import Budget, Price
+from .._errors import ConfigError
+from .._prompt import Prompt
+from .._redact import register_secret
+from .._types import Example
+from ..cache import check_table, check_url
+from ..data import ColumnMap, load_splits
+from ..endpoint import Limits, RetryPolicy
+from ._schema import (
+    BudgetSection,
+    CacheSection,
+    ClusterSection,
+    EndpointSection,
+    MetricSection,
+    PromptSection,
+    RetrySection,
+    RunFileSchema,
+)
+from ._schema_check import TomlSource, decode_run_file
+
+__all__ = ["ClusterSpec", "EndpointSpec", "RunFile", "load_run_file", "resolve"]
+
+_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_RAY_ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
+
+
+def resolve(spec: str, where: str) -> Any:
+    """Import ``"package.module:attr"``."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(f"{where}: expected 'module:attribute', got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}") from exc
+    try:
+        value = module
+        for part in attr.split("."):
+            value = getattr(value, part)
+    except AttributeError:
+        raise ConfigError(f"{where}: {module_name!r} has no attribute {attr!r}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """An endpoint section: the adapter, its options, limits, retry and model name."""
+
+    adapter: str
+    options: Mapping[str, Any]
+    limits: Limits | None
+    retry: RetryPolicy | None
+    model_name: str | None
+    api_key_env: str | None
+    cache_namespace: str | None = None
+
+    def build(self) -> Any:
+        """Instantiate the adapter with its options, key and limits."""
+        cls = resolve(self.adapter, "adapter")
+        options = dict(self.options)
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ConfigError(f"environment variable {self.api_key_env} is not set")
+            register_secret(key)  # redacted by value from now on, whatever its shape
+            options["api_key"] = key
+        accepted = inspect.signature(cls).parameters
+        if self.limits is not None and "limits" in accepted:
+            options["limits"] = self.limits
+        try:
+            return cls(**options)
+        except TypeError as exc:
+            raise ConfigError(f"adapter {self.adapter}: bad options: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    """``[cluster]``: ``address`` is ``"local"``, ``"auto"`` or ``"ray://host:port"``;
+    ``workers`` is the number of evaluation workers, ``None`` to let the cluster decide."""
+
+    address: str = "local"
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
+class RunFile:
+    """A parsed run file: everything needed before the first call."""
+
+    path: Path
+    prompt: Prompt
+    train: list[Example]
+    val: list[Example] | None
+    metric_spec: str
+    metric_options: Mapping[str, Any]
+    model: EndpointSpec
+    optimizer: EndpointSpec | None
+    batch: EndpointSpec | None
+    trainer: Mapping[str, Any]
+    budget: Budget | None
+    cache_path: Path | None
+    cache_flush_interval: float
+    output_dir: Path
+    global_metric_spec: str | None = None
+    metric_timeout: float = 60.0
+    metric_threads: int | None = None
+    cache_url: str | None = None
+    cluster: ClusterSpec | None = None
+    train_path: Path | None = None
+    val_path: Path | None = None
+    prompt_file: Path | None = None
+    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    cache_table: str = "engine_cache"  # the table of a PostgreSQL cache
+    columns: ColumnMap = field(default_factory=ColumnMap)  # how [data] rows map to examples
+    data_loaded: bool = True  # False: train/val are empty, read where the work runs
+
+    @property
+    def input_paths(self) -> dict[Path, str]:
+        """Every file this run reads, with what it is: outputs must not overwrite them."""
+        named = {
+            self.path: "the run file",
+            self.train_path: "the [data] train dataset",
+            self.val_path: "the [data] val dataset",
+            self.prompt_file: "the [prompt] file",
+            self.cache_path: "the [cache] file",
+        }
+        return {p: what for p, what in named.items() if p is not None}
+
+    def build_metric(self) -> Any:
+        """Resolve ``[metric] use`` and instantiate it with ``[metric] options``."""
+        target = resolve(self.metric_spec, "[metric].use")
+        if inspect.isclass(target):
+            try:
+                return target(**self.metric_options)
+            except TypeError as exc:
+                raise ConfigError(f"[metric]: bad options for {self.metric_spec}: {exc}") from exc
+        if self.metric_options:
+            raise ConfigError("[metric].options only apply to a metric class")
+        if not callable(target):
+            raise ConfigError(f"[metric].use {self.metric_spec} is not callable")
+        return target
+
+    def build_global_metric(self) -> Any:
+        """Resolve ``[metric] global`` (a callable over the list of `MetricResult`s; a
+        class is instantiated without arguments).  ``None`` when not given: the engine's
+        default, the mean, under which racing stays exact."""
+        if self.global_metric_spec is None:
+            return None
+        target = resolve(self.global_metric_spec, "[metric].global")
+        if inspect.isclass(target):
+            try:
+                target = target()
+            except TypeError as exc:
+                raise ConfigError(
+                    f"[metric].global {self.global_metric_spec}: a class must take no "
+                    f"arguments: {exc}"
+                ) from exc
+        if not callable(target):
+            raise ConfigError(f"[metric].global {self.global_metric_spec} is not callable")
+        return target
+
+
+# -- from the schema to the engine's values ------------------------------------------
+def _read(path: Path) -> tuple[TomlSource, dict[str, Any]]:
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return TomlSource(path, text), tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such run file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a folder, not a run file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read the run file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+
+
+def _fail(source: TomlSource, keys: list[str], message: str) -> ConfigError:
+    return ConfigError(f"{source.where(keys)}: {message}")
+
+
+def _messages(section: PromptSection, base: Path, source: TomlSource) -> tuple[Any, Path | None]:
+    if section.file is not None and section.messages is not None:
+        raise _fail(source, ["prompt", "file"], "[prompt] has both file and messages; keep one")
+    if section.file is None:
+        if section.messages is None:
+            raise _fail(source, ["prompt"], "[prompt] needs messages (inline or in a JSON file)")
+        return section.messages, None
+    prompt_path = base / section.file
+    try:
+        data = json.loads(prompt_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise _fail(source, ["prompt", "file"], f"[prompt] file {prompt_path}: {exc}") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list):
+        raise _fail(source, ["prompt", "file"], f"{prompt_path}: no list of messages")
+    return messages, prompt_path
+
+
+def _prompt(section: PromptSection, base: Path, source: TomlSource) -> tuple[Prompt, Path | None]:
+    messages, prompt_path = _messages(section, base, source)
+    try:
+        prompt = Prompt(
+            messages,
+            model=section.model,
+            temperature=section.temperature,
+            params=section.params,
+            response_format=section.response_format,
+        )
+    except ConfigError as exc:
+        raise _fail(source, ["prompt"], f"[prompt]: {exc.message}") from None
+    return prompt, prompt_path
+
+
+def _retry(section: RetrySection | None, source: TomlSource, name: str) -> RetryPolicy | None:
+    if section is None:
+        return None
+    given: dict[str, Any] = {}
+    for key, value in msgspec.structs.asdict(section).items():
+        if value is True:
+            raise _fail(
+                source,
+                [name, "retry", key],
+                f"[{name}.retry] {key} = true means nothing; give a number, or false for none",
+            )
+        if value is not None:
+            given[key] = None if value is False else value
+    return RetryPolicy(**given)
+
+
+def _limits(section: EndpointSection) -> Limits | None:
+    if section.limits is None:
+        return None
+    given = {k: v for k, v in msgspec.structs.asdict(section.limits).items() if v is not None}
+    return Limits(**given)
+
+
+def _endpoint(
+    section: EndpointSection | None, name: str, source: TomlSource
+) -> EndpointSpec | None:
+    if section is None:
+        return None
+    if not _SPEC.match(section.adapter):
+        raise _fail(
+            source,
+            [name, "adapter"],
+            f"[{name}] adapter must be 'module:Class', got {section.adapter!r}",
+        )
+    return EndpointSpec(
+        adapter=section.adapter,
+        options=section.options,
+        limits=_limits(section),
+        retry=_retry(section.retry, source, name),
+        model_name=section.model_name,
+        api_key_env=section.api_key_env,
+        cache_namespace=section.cache_namespace,
+    )
+
+
+def _budget(section: BudgetSection | None) -> Budget | None:
+    if section is None:
+        return None
+    return Budget(
+        max_calls=section.max_calls,
+        max_tokens=section.max_tokens,
+        max_cost=section.max_cost,
+        prices={name: Price(*pair) for name, pair in section.prices.items()},
+    )
+
+
+def _cache_url(section: CacheSection, source: TomlSource) -> str | None:
+    url = section.url
+    if url is None:
+        return None
+    if section.path is not None:
+        raise _fail(source, ["cache", "url"], "[cache] path and url exclude each other; keep one")
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _fail(source, ["cache", "url"], "[cache] url must start with postgresql://")
+    if parts.password:
+        raise _fail(
+            source,
+            ["cache", "url"],
+            "[cache] url holds a password; run files never hold secrets: use PGPASSWORD or "
+            "a .pgpass file",
+        )
+    try:
+        check_url(url)
+        check_table(section.table)
+    except ConfigError as exc:
+        raise _fail(source, ["cache", "url"], f"[cache]: {exc.message}") from None
+    return url
+
+
+def _cluster(section: ClusterSection | None, source: TomlSource) -> ClusterSpec | None:
+    if section is None:
+        return None
+    address = section.address
+    if address not in ("local", "auto") and not _RAY_ADDRESS.match(address):
+        raise _fail(
+            source,
+            ["cluster", "address"],
+            f"[cluster] address must be 'local', 'auto' or 'ray://host:port', got {address!r}",
+        )
+    return ClusterSpec(address=address, workers=section.workers)
+
+
+def _metric(section: MetricSection, source: TomlSource) -> None:
+    for key, spec in (("use", section.use), ("global", section.global_metric)):
+        if spec is not None and not _SPEC.match(spec):
+            raise _fail(
+                source, ["metric", key], f"[metric] {key} must be 'module:callable', got {spec!r}"
+            )
+
+
+def _columns(schema: RunFileSchema) -> ColumnMap:
+    section = schema.data
+    return ColumnMap(
+        inputs=section.inputs,
+        expected=section.expected,
+        id=section.id,
+        metadata=section.metadata,
+    )
+
+
+def _datasets(
+    schema: RunFileSchema, base: Path, load: bool
+) -> tuple[list[Example], list[Example] | None, Path, Path | None]:
+    section = schema.data
+    train_path = _absolute(base, section.train)
+    val_path = _absolute(base, section.val) if section.val else None
+    if not load:  # a cluster reads them (Ray Data): the driver never holds the rows
+        return [], None, train_path, val_path
+    train, val = load_splits(train_path, val_path, _columns(schema))
+    return train, val, train_path, val_path
+
+
+def _absolute(base: Path, name: str | Path) -> Path:
+    # absolute without resolving symlinks: an output path that is a link must be seen
+    return Path(os.path.abspath(base / name))
+
+
+def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> RunFile:
+    """Parse and validate a run file, loading its datasets; raises `ConfigError`.
+
+    Every check of the file itself runs before the first dataset row is read.
+    ``load_data=False`` leaves ``train`` and ``val`` empty (their paths and
+    ``columns`` are set): a cluster run streams them instead.
+    """
+    p = Path(path)
+    source, data = _read(p)
+    schema = decode_run_file(data, source)
+    base = p.parent
+    _metric(schema.metric, source)
+    cache, cache_url = schema.cache, _cache_url(schema.cache, source)
+    cluster = _cluster(schema.cluster, source)
+    prompt, prompt_file = _prompt(schema.prompt, base, source)
+    model, optimizer, batch = (
+        _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
+    )
+    assert model is not None  # the schema requires [model]
+    train, val, train_path, val_path = _datasets(schema, base, load_data)
+    return RunFile(
+        path=p,
+        prompt=prompt,
+        train=train,
+        val=val,
+        metric_spec=schema.metric.use,
+        metric_options=schema.metric.options,
+        model=model,
+        optimizer=optimizer,
+        batch=batch,  # optional bulk path for `evaluate`
+        trainer={k: v for k, v in msgspec.structs.asdict(schema.trainer).items() if v is not None},
+        budget=_budget(schema.budget),
+        cache_path=_absolute(base, cache.path) if cache.path else None,
+        cache_flush_interval=cache.flush_interval or 0.2,
+        output_dir=_absolute(base, schema.output.dir),
+        global_metric_spec=schema.metric.global_metric,
+        metric_timeout=schema.metric.timeout,
+        metric_threads=schema.metric.threads,
+        cache_url=cache_url,
+        cluster=cluster,
+        train_path=train_path,
+        val_path=val_path,
+        prompt_file=_absolute(base, prompt_file) if prompt_file else None,
+        cache_table=cache.table,
+        raw=data,
+        columns=_columns(schema),
+        data_loaded=load_data,
+    )

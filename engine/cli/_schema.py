@@ -1,0 +1,171 @@
+"""The declared schema of a run file: one msgspec Struct per TOML section.
+
+Every section forbids unknown keys, every key has a declared type and range, so a typo
+(``[budget] max_call``) or a wrong type is an error before anything runs, never a
+silently ignored setting.  `engine.cli._schema_check` turns msgspec's errors into messages
+that name the file, line, section and key; `engine.cli._runfile` turns a decoded schema into
+the engine's own values (`Prompt`, `Limits`, `RetryPolicy`, `Budget`, datasets).
+
+Keys absent from the file keep the engine's defaults: a section's ``None`` means "not
+given".  TOML has no null, so the retry settings that ``None`` disables (``timeout``,
+``deadline``, ``circuit_breaker``) take ``false`` for "none".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+__all__ = [
+    "BudgetSection",
+    "CacheSection",
+    "ClusterSection",
+    "DataSection",
+    "EndpointSection",
+    "LimitsSection",
+    "MetricSection",
+    "OutputSection",
+    "PromptSection",
+    "RetrySection",
+    "RunFileSchema",
+    "TrainerSection",
+]
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Share = Annotated[float, msgspec.Meta(ge=0, le=1)]
+FlushInterval = Annotated[float, msgspec.Meta(gt=0, le=5)]
+PricePair = tuple[NonNegativeFloat, NonNegativeFloat]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every section: unknown keys are errors (msgspec inherits the config;
+    ``frozen`` is repeated on each subclass for the type checker)."""
+
+
+class PromptSection(_Section, frozen=True):
+    """``[prompt]``: the messages (inline or a JSON file), the model and its parameters."""
+
+    model: str
+    file: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    temperature: NonNegativeFloat | None = None
+    params: dict[str, Any] = {}
+    response_format: dict[str, Any] | None = None
+
+
+class DataSection(_Section, frozen=True):
+    """``[data]``: dataset files (relative to the run file) and which columns are what."""
+
+    train: str
+    val: str | None = None
+    inputs: list[str] | str | None = None  # a single string is one column
+    expected: str = "expected"
+    id: str = "id"
+    metadata: list[str] = []
+
+
+class MetricSection(_Section, frozen=True):
+    """``[metric]``: the per-example metric, its options, the global metric, limits."""
+
+    use: str = "engine.metrics:ExactMatch"
+    options: dict[str, Any] = {}
+    global_metric: str | None = msgspec.field(default=None, name="global")
+    timeout: PositiveFloat = 60.0
+    threads: PositiveInt | None = None
+
+
+class LimitsSection(_Section, frozen=True):
+    """``[<endpoint>.limits]``: maps onto `engine.Limits`."""
+
+    rpm: PositiveFloat | None = None
+    tpm: PositiveFloat | None = None
+    concurrency: PositiveInt | None = None
+    burst: PositiveFloat | None = None
+
+
+class RetrySection(_Section, frozen=True):
+    """``[<endpoint>.retry]``: maps 1:1 onto `engine.RetryPolicy` (``false`` = None)."""
+
+    max_attempts: PositiveInt | None = None
+    base_delay: NonNegativeFloat | None = None
+    max_delay: NonNegativeFloat | None = None
+    timeout: PositiveFloat | bool | None = None
+    deadline: PositiveFloat | bool | None = None
+    max_retry_after: NonNegativeFloat | None = None
+    circuit_breaker: PositiveInt | bool | None = None
+
+
+class EndpointSection(_Section, frozen=True):
+    """``[model]``, ``[optimizer]``, ``[batch]``: an adapter and how to call it."""
+
+    adapter: str
+    options: dict[str, Any] = {}  # free-form: the adapter's own keyword arguments
+    model_name: str | None = None
+    api_key_env: str | None = None
+    cache_namespace: str | None = None
+    limits: LimitsSection | None = None
+    retry: RetrySection | None = None
+
+
+class TrainerSection(_Section, frozen=True):
+    """``[trainer]``: the method's settings; only the keys given reach `optimize`."""
+
+    batch_size: PositiveInt | None = None
+    max_proposals_per_step: PositiveInt | None = None
+    history_size: PositiveInt | None = None
+    seed: int | None = None
+    racing: bool | None = None
+    parallel_proposals: PositiveInt | None = None
+    task_description: str | None = None
+    metric_description: str | None = None
+    max_error_rate: Share | None = None
+
+
+class BudgetSection(_Section, frozen=True):
+    """``[budget]``: caps, and prices in USD per million (input, output) tokens."""
+
+    max_calls: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    max_cost: PositiveFloat | None = None
+    prices: dict[str, PricePair] = {}
+
+
+class CacheSection(_Section, frozen=True):
+    """``[cache]``: an SQLite file (``path``) or a PostgreSQL ``url``, not both."""
+
+    path: str | None = None
+    url: str | None = None
+    table: str = "engine_cache"
+    flush_interval: FlushInterval | None = None
+
+
+class ClusterSection(_Section, frozen=True):
+    """``[cluster]``: where scale-out runs (``local``, ``auto`` or ``ray://host:port``)."""
+
+    address: str = "local"
+    workers: PositiveInt | None = None
+
+
+class OutputSection(_Section, frozen=True):
+    """``[output]``: the folder `optimize` writes into (relative to the run file)."""
+
+    dir: str = "out"
+
+
+class RunFileSchema(_Section, frozen=True):
+    """A whole run file.  ``[prompt]``, ``[data]`` and ``[model]`` are required."""
+
+    prompt: PromptSection
+    data: DataSection
+    model: EndpointSection
+    metric: MetricSection = msgspec.field(default_factory=MetricSection)
+    optimizer: EndpointSection | None = None
+    batch: EndpointSection | None = None
+    trainer: TrainerSection = msgspec.field(default_factory=TrainerSection)
+    budget: BudgetSection | None = None
+    cache: CacheSection = msgspec.field(default_factory=CacheSection)
+    cluster: ClusterSection | None = None
+    output: OutputSection = msgspec.field(default_factory=OutputSection)

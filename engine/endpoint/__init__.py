@@ -1,0 +1,16 @@
+"""The call path to one provider endpoint: limits, retries, circuit breaker, tokens."""
+
+from ._endpoint import _SHARED_ATTRIBUTE, Endpoint, EndpointStatistics, estimate_request_tokens
+from ._limits import Limits
+from ._retry import RetryPolicy
+from ._tokens import estimate_text_tokens
+
+__all__ = [
+    "_SHARED_ATTRIBUTE",
+    "Endpoint",
+    "EndpointStatistics",
+    "Limits",
+    "RetryPolicy",
+    "estimate_request_tokens",
+    "estimate_text_tokens",
+]

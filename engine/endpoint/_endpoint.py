@@ -1,0 +1,461 @@
+"""`Endpoint`: a chat model behind its limiter, retry policy and circuit breaker.
+
+Every call of the engine goes through ``Endpoint.complete``: wait at the pause gate,
+take a concurrency slot, a request and the estimated tokens, call with a timeout,
+feed the response's rate-limit headers back, and retry retryable failures with
+full-jitter backoff.  Every wait is bounded: by the call's deadline, by the policy's
+cap on provider-imposed pauses, and by the circuit breaker, which fails every call at
+once when nothing is listening.
+
+One `Endpoint` per adapter object: ``Endpoint.of(model)`` returns the same endpoint for
+the same model every time, so however many evaluations and optimizations share an
+adapter, concurrently, they share one budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from .._budget import BudgetMeter
+from .._clock import Clock, loop_time
+from .._context import current_emitter, current_meter
+from .._errors import (
+    CallTimeoutError,
+    ConfigError,
+    ConnectionFailedError,
+    ProviderError,
+    RateLimitedError,
+    TransientError,
+)
+from .._events import Emitter
+from .._prompt import Prompt
+from .._protocols import ChatModel
+from .._types import Completion, Usage
+from ..cache import request_hash
+from ._breaker import CircuitBreaker
+from ._limits import LimiterStatistics, Limits, RateLimiter
+from ._retry import RetryPolicy
+from ._tokens import estimate_request_tokens
+
+__all__ = ["CallResult", "Endpoint", "EndpointStatistics", "estimate_request_tokens"]
+
+
+# Completion-length guess before the endpoint has answered anything.
+_DEFAULT_COMPLETION_TOKENS = 256
+# Provider pauses at least this long are announced at info level, shorter ones at debug.
+_ANNOUNCE_PAUSE = 1.0
+# The attribute under which an adapter object carries its shared endpoint.
+_SHARED_ATTRIBUTE = "_engine_endpoint"
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """A completion and what it took: attempts made and tokens paid across them."""
+
+    completion: Completion
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStatistics:
+    """Counters of an `Endpoint` since it was made."""
+
+    name: str
+    calls: int
+    succeeded: int
+    failed: int
+    retries: int
+    rate_limited: int
+    timeouts: int
+    usage: Usage
+    limiter: LimiterStatistics
+    breaker_open: bool = False
+    connection_failures: int = 0  # in a row, since the last success
+
+
+class _Counters:
+    __slots__ = ("calls", "failed", "rate_limited", "retries", "succeeded", "timeouts", "usage")
+
+    def __init__(self) -> None:
+        self.calls = self.succeeded = self.failed = 0
+        self.retries = self.rate_limited = self.timeouts = 0
+        self.usage = Usage()
+
+
+class _Attempts:
+    """One call's progress through its attempts: count, deadline, who to tell."""
+
+    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name")
+
+    def __init__(
+        self,
+        give_up_at: float | None,
+        model_name: str,
+        meter: BudgetMeter | None,
+        events: Emitter | None,
+    ) -> None:
+        self.count = 0
+        self.estimate = 0  # tokens charged up front for the current attempt
+        self.give_up_at = give_up_at  # clock time past which nothing may wait
+        self.model_name = model_name
+        self.meter = meter
+        self.events = events
+
+
+class Endpoint:
+    """A `ChatModel` with its `Limits`, `RetryPolicy` and circuit breaker.
+
+    Parameters:
+        model: the chat model (an adapter).
+        limits: the endpoint's limits; defaults to ``model.limits`` when the adapter
+            carries them, else `Limits()` (concurrency 32, no rate limit).
+        retry: the retry policy; defaults to `RetryPolicy()`.
+        name: a label for events and errors; defaults to ``model.name`` or its class.
+        seed: seeds the backoff jitter (only timing depends on it).
+        namespace: the identity of this endpoint in prediction cache keys; defaults
+            to ``model.cache_identity`` (adapter and base URL).  Give two endpoints the
+            same namespace to share cached answers across base URLs on purpose.
+        clock: the clock of deadlines and pauses (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        model: ChatModel,
+        *,
+        limits: Limits | None = None,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
+        seed: int | None = None,
+        namespace: str | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if isinstance(model, Endpoint):
+            raise TypeError("Endpoint wraps a ChatModel, not another Endpoint")
+        if not hasattr(model, "complete"):
+            raise TypeError(f"{type(model).__name__} has no async complete() method")
+        self.model = model
+        model_limits = getattr(model, "limits", None)
+        self.limits = limits or (model_limits if isinstance(model_limits, Limits) else Limits())
+        self.retry = retry or RetryPolicy()
+        self.name = name or str(getattr(model, "name", None) or type(model).__name__)
+        identity = getattr(model, "cache_identity", None)
+        kind = type(model)
+        self.cache_identity: str = namespace or (
+            identity
+            if isinstance(identity, str) and identity
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        self._clock = clock or loop_time
+        self.limiter = RateLimiter(self.limits, clock=self._clock)
+        self.breaker = CircuitBreaker(self.retry.circuit_breaker, clock=self._clock)
+        self._rng = random.Random(seed)
+        self._completion_tokens_avg: float | None = None
+        self._counters = _Counters()
+        self._consecutive_429 = 0
+
+    @classmethod
+    def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
+        """The endpoint of ``model``: itself when it is one, else the one it shares.
+
+        A bare adapter gets one `Endpoint` the first time and the same one ever after,
+        so every evaluation and optimization that uses it shares its limits.
+        """
+        if isinstance(model, Endpoint):
+            if limits is not None and limits != model.limits:
+                raise ConfigError(
+                    "limits= conflicts with the Endpoint's own limits; set them on the Endpoint"
+                )
+            return model
+        shared = _shared_endpoint(model)
+        if shared is None:
+            return _share(model, cls(model, limits=limits))
+        if limits is not None and limits != shared.limits:
+            raise ConfigError(
+                f"{shared.name} already runs under {shared.limits!r}, shared by every "
+                f"evaluation that uses this model; limits={limits!r} would split its budget. "
+                "Give the limits to the adapter (or an Endpoint) once."
+            )
+        return shared
+
+    # -- identity ---------------------------------------------------------------------
+    def format_sent(self, requested: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """The response format the model would send right now for ``requested``."""
+        resolve = getattr(self.model, "response_format_sent", None)
+        if requested is None or resolve is None:
+            return requested
+        sent: Mapping[str, Any] | None = resolve(requested)
+        return sent
+
+    def request_key(self, prompt: Prompt) -> str:
+        """The cache identity of asking ``prompt`` here now: prompt hash, this endpoint's
+        identity and the response format it would send (see `engine.Cache`)."""
+        return request_hash(
+            prompt.hash, self.cache_identity, self.format_sent(prompt.response_format)
+        )
+
+    # -- the call ---------------------------------------------------------------------
+    async def complete(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        params: Mapping[str, Any],
+        *,
+        events: Emitter | None = None,
+        meter: BudgetMeter | None = None,
+    ) -> CallResult:
+        """Call the model under the limits, retrying per policy.
+
+        ``meter`` (default: the meter of the run this call is made for) is checked
+        before and charged after every attempt.  Raises the last `ProviderError` when
+        attempts, the deadline or the error class say to stop, `EndpointUnreachableError`
+        when the circuit breaker is open, and `BudgetExceededError` at a budget cap.
+        """
+        deadline = self.retry.deadline
+        call = _Attempts(
+            self._clock() + deadline if deadline is not None else None,
+            str(params.get("model", self.name)),
+            meter if meter is not None else current_meter.get(),
+            events if events is not None else current_emitter.get(),
+        )
+        while True:
+            call.count += 1
+            try:
+                completion = await self._attempt_under_limits(messages, params, call)
+            except ProviderError as exc:
+                if not exc.sent:  # the gate refused to wait: nothing to count or retry
+                    exc.attempts = call.count - 1
+                    self._counters.failed += 1
+                    raise
+                exc.attempts = call.count
+                self._on_failure(exc, call)
+                await self._before_retry(exc, call)
+                continue
+            self._on_success(completion, call)
+            if call.estimate:
+                actual = completion.usage.total_tokens
+                await self.limiter.reconcile(estimated=call.estimate, actual=actual)
+            return CallResult(completion, call.count)
+
+    async def _attempt_under_limits(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
+    ) -> Completion:
+        self.breaker.check(self.name)
+        call.estimate = self._estimate(messages, params)
+        limiter = self.limiter
+        await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
+        try:
+            self.breaker.check(self.name)
+            if call.meter is not None:
+                call.meter.check()
+                call.meter.charge_call(call.model_name)
+            self._counters.calls += 1
+            timeout = self.retry.timeout
+            if call.give_up_at is not None:  # no attempt may outlive the deadline
+                left = max(0.001, call.give_up_at - self._clock())
+                timeout = left if timeout is None else min(timeout, left)
+            return await self._attempt(messages, params, timeout)
+        finally:
+            limiter.release()
+
+    async def _attempt(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        params: Mapping[str, Any],
+        seconds: float | None,
+    ) -> Completion:
+        # A cancel scope with a deadline on the loop's clock: anyio's fail_after, without
+        # its context-manager wrapper and backend lookups (this runs once per call).
+        deadline = self._clock() + seconds if seconds is not None else math.inf
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                answer: Any = await self.model.complete(messages, **params)
+            if scope.cancelled_caught:
+                raise TimeoutError
+        except TimeoutError as exc:
+            # ours (the deadline) or the model's own: either way the call did not answer
+            within = f" within {seconds:.3g}s" if seconds is not None else ""
+            raise CallTimeoutError(f"no answer{within}", endpoint=self.name) from exc
+        except ConnectionRefusedError as exc:
+            raise ConnectionFailedError(
+                f"cannot reach {self.name}: connection refused", endpoint=self.name
+            ) from exc
+        except ConnectionError as exc:
+            # a model that lets a socket error escape instead of translating it
+            raise TransientError(
+                f"connection failed: {type(exc).__name__}: {exc}", endpoint=self.name
+            ) from exc
+        if isinstance(answer, str):
+            return Completion(answer)
+        if not isinstance(answer, Completion) or not isinstance(answer.text, str):
+            raise TypeError(
+                f"{type(self.model).__name__}.complete() returned {type(answer).__name__}, "
+                "not an engine.Completion"
+            )
+        return answer
+
+    # -- bounded waits ----------------------------------------------------------------
+    def _admit(self, wait: float, call: _Attempts) -> None:
+        """Refuse a wait at the pause gate that passes the cap or the call's deadline."""
+        cap = self.retry.max_retry_after
+        if wait > cap:
+            refusal = RateLimitedError(
+                f"the provider paused this endpoint for {wait:.0f}s, more than "
+                f"max_retry_after={cap:g}s; raise RetryPolicy.max_retry_after to wait",
+                retry_after=wait,
+                endpoint=self.name,
+            )
+        elif call.give_up_at is not None and self._clock() + wait > call.give_up_at:
+            refusal = RateLimitedError(
+                f"the provider paused this endpoint for {wait:.1f}s, past this call's "
+                f"deadline of {self.retry.deadline:g}s",
+                retry_after=wait,
+                endpoint=self.name,
+            )
+        else:
+            return
+        refusal.sent = False  # refused here, before sending: not the provider's answer
+        raise refusal
+
+    async def _before_retry(self, exc: ProviderError, call: _Attempts) -> None:
+        """Sleep the backoff before another attempt, or re-raise ``exc`` to stop."""
+        policy = self.retry
+        if isinstance(exc, RateLimitedError) and (exc.retry_after or 0.0) > policy.max_retry_after:
+            self._counters.failed += 1
+            raise RateLimitedError(
+                f"the provider asked to wait {exc.retry_after:.0f}s (Retry-After), more than "
+                f"max_retry_after={policy.max_retry_after:g}s; raise RetryPolicy."
+                "max_retry_after to wait",
+                retry_after=exc.retry_after,
+                endpoint=self.name,
+            ) from exc
+        if exc.fatal or not policy.should_retry(exc, call.count):
+            self._counters.failed += 1
+            raise exc
+        wait = policy.backoff(call.count, self._rng)
+        if call.give_up_at is not None:
+            remaining = call.give_up_at - self._clock()
+            if remaining <= wait + self.limiter.paused_for():
+                self._counters.failed += 1
+                raise exc
+        self._counters.retries += 1
+        if call.events is not None:
+            call.events.emit(
+                "call.retry",
+                level="debug",
+                endpoint=self.name,
+                attempt=call.count,
+                error=type(exc).__name__,
+                detail=str(exc),
+                wait=round(wait, 3),
+            )
+        await self.breaker.sleep(wait, self.name)
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _on_failure(self, exc: ProviderError, call: _Attempts) -> None:
+        if isinstance(exc, RateLimitedError):
+            self._counters.rate_limited += 1
+            self._consecutive_429 += 1
+            self.limiter.on_rate_limited()
+            # Retry-After pauses every worker; without it, back off the whole endpoint
+            # exponentially in the number of 429s in a row.
+            if exc.retry_after is not None:
+                self._pause(exc.retry_after, "Retry-After", call)
+            else:
+                wait = self.retry.backoff(self._consecutive_429, self._rng)
+                self._pause(wait, "429 without Retry-After", call)
+        elif isinstance(exc, CallTimeoutError):
+            self._counters.timeouts += 1
+        try:
+            self.breaker.on_failure(exc, self.name)
+        except ProviderError as opened:
+            opened.attempts = call.count
+            self._counters.failed += 1
+            raise
+
+    def _pause(self, seconds: float, reason: str, call: _Attempts) -> None:
+        if not self.limiter.pause(seconds) or call.events is None:
+            return
+        until = datetime.fromtimestamp(time.time() + seconds).strftime("%H:%M:%S")
+        call.events.emit(
+            "endpoint.paused",
+            level="info" if seconds >= _ANNOUNCE_PAUSE else "debug",
+            endpoint=self.name,
+            seconds=round(seconds, 3),
+            until=until,
+            reason=reason,
+        )
+
+    def _on_success(self, completion: Completion, call: _Attempts) -> None:
+        self._consecutive_429 = 0
+        self.breaker.on_success()
+        self.limiter.on_success()
+        counters = self._counters
+        counters.succeeded += 1
+        counters.usage = counters.usage + completion.usage
+        if call.meter is not None:
+            call.meter.charge_usage(call.model_name, completion.usage)
+        avg = self._completion_tokens_avg
+        done = float(completion.usage.completion_tokens)
+        self._completion_tokens_avg = done if avg is None else 0.9 * avg + 0.1 * done
+        self.limiter.observe(completion.rate_limits)
+
+    def _estimate(self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]) -> int:
+        if not self.limiter.counts_tokens:  # only a token bucket needs it
+            return 0
+        cap = params.get("max_tokens") or params.get("max_completion_tokens")
+        guess = self._completion_tokens_avg or _DEFAULT_COMPLETION_TOKENS
+        expected = int(min(guess, cap) if isinstance(cap, int) else guess)
+        return estimate_request_tokens(messages, expected)
+
+    def statistics(self) -> EndpointStatistics:
+        c = self._counters
+        return EndpointStatistics(
+            name=self.name,
+            calls=c.calls,
+            succeeded=c.succeeded,
+            failed=c.failed,
+            retries=c.retries,
+            rate_limited=c.rate_limited,
+            timeouts=c.timeouts,
+            usage=c.usage,
+            limiter=self.limiter.statistics(),
+            breaker_open=self.breaker.is_open,
+            connection_failures=self.breaker.consecutive_failures,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name!r} {self.limits!r}>"
+
+
+# Models that refuse attributes (``__slots__``) keep their endpoint here instead; weak,
+# so the endpoint lives exactly as long as the model object the user holds.
+_SLOTTED: weakref.WeakKeyDictionary[Any, Endpoint] = weakref.WeakKeyDictionary()
+
+
+def _shared_endpoint(model: ChatModel) -> Endpoint | None:
+    shared = getattr(model, _SHARED_ATTRIBUTE, None)
+    if isinstance(shared, Endpoint):
+        return shared
+    try:
+        return _SLOTTED.get(model)
+    except TypeError:  # neither attributes nor weak references: nothing to share with
+        return None
+
+
+def _share(model: ChatModel, endpoint: Endpoint) -> Endpoint:
+    try:
+        object.__setattr__(model, _SHARED_ATTRIBUTE, endpoint)
+    except (AttributeError, TypeError):
+        # not weakly referenceable either: this call gets its own endpoint
+        with contextlib.suppress(TypeError):
+            _SLOTTED[model] = endpoint
+    return endpoint
