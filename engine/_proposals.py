@@ -21,7 +21,16 @@ from ._concurrency import run_all
 from ._errors import ConfigError, ProviderError
 from ._outcome import Evaluation, Outcome
 from ._prompt import Prompt
-from ._selection import TieKey, cost_per_example, prompt_length, racing_bar, record_key, wins
+from ._selection import (
+    Candidate,
+    TieKey,
+    cost_per_example,
+    merge_feedback,
+    prompt_length,
+    racing_bar,
+    record_key,
+    wins,
+)
 from ._types import Example
 from .report import ProposalRecord
 from .stages import (
@@ -125,6 +134,26 @@ class Proposer:
         self._join_pool(records)
         self._remember(records)
         return records
+
+    async def merge(
+        self,
+        step: int,
+        pair: tuple[Candidate, Candidate],
+        ancestor: Candidate,
+        into: list[ProposalRecord],
+    ) -> ProposalRecord:
+        """Pareto with ``merge=True``: one apply call asked to combine two front members
+        (``current`` is the first; the feedback shows the second and their ancestor),
+        judged like any candidate.  Its record has attempt -1."""
+        record = ProposalRecord(step, -1, 0, None)
+        into.append(record)
+        feedback = (merge_feedback(pair[1].prompt, ancestor.prompt),)
+        candidate = await self._propose(record, feedback, tuple(self.history))
+        if candidate is not None:
+            await self._judge(record, candidate)
+        self._join_pool([record])
+        self._remember([record])
+        return record
 
     async def _propose(
         self,

@@ -35,6 +35,7 @@ __all__ = [
     "ParetoPool",
     "TieKey",
     "cost_per_example",
+    "merge_feedback",
     "prompt_length",
     "racing_bar",
     "record_key",
@@ -109,6 +110,7 @@ class ParetoPool:
     rng: random.Random  # owned by the run, seeded apart from the shuffle
     candidates: list[Candidate] = field(default_factory=list)
     leads: dict[int, list[int]] = field(default_factory=dict)  # front id -> example indices
+    merged: set[tuple[int, int]] = field(default_factory=set)  # pairs already proposed
 
     def add(self, candidate: Candidate) -> bool:
         """Add a candidate and recompute the front; True when it is on it."""
@@ -141,18 +143,24 @@ class ParetoPool:
 
     def merge_pair(self) -> tuple[Candidate, Candidate] | None:
         """Two front members that share an ancestor and neither descends from the other
-        (each learned something the other has not); drawn by the run's RNG."""
+        (each learned something the other has not), not proposed before; drawn by the
+        run's RNG and marked as proposed."""
         ids = sorted(self.leads)
         pairs = []
         for n, a in enumerate(ids):
             for b in ids[n + 1 :]:
                 up_a, up_b = self.ancestors(a), self.ancestors(b)
-                if a not in up_b and b not in up_a and up_a & up_b:
+                if (a, b) not in self.merged and a not in up_b and b not in up_a and up_a & up_b:
                     pairs.append((a, b))
         if not pairs:
             return None
         a, b = self.rng.choice(pairs)
+        self.merged.add((a, b))
         return self.candidates[a], self.candidates[b]
+
+    def common_ancestor(self, a: int, b: int) -> Candidate:
+        """The youngest ancestor ``a`` and ``b`` share (they must share one)."""
+        return self.candidates[max(self.ancestors(a) & self.ancestors(b))]
 
     def _front(self) -> dict[int, list[int]]:
         pool = self.candidates
@@ -185,6 +193,20 @@ class ParetoPool:
             )
             for c in self.candidates
         ]
+
+
+def merge_feedback(other: Prompt, ancestor: Prompt) -> str:
+    """The feedback of a merge proposal: the apply stage, shown one front member as the
+    current prompt, is asked to fold in what the other learned since their ancestor."""
+
+    def text(prompt: Prompt) -> str:
+        return "\n".join(f"[{m['role']}] {m['content']}" for m in prompt.messages)
+
+    return (
+        "MERGE: combine the current prompt with another prompt that does better on "
+        "other examples. Both grew from the same ancestor; keep what each added to it.\n"
+        f"## Other prompt\n{text(other)}\n## Common ancestor\n{text(ancestor)}"
+    )
 
 
 def _dominates(d: Candidate, c: Candidate) -> bool:

@@ -505,6 +505,8 @@ class _Trainer:
         )
         record.batch_errors = current.errors
         self.report.steps.append(record)  # from now on: whatever stops the run, it is kept
+        if self.settings.merge and await self._merge(step, batch, history, record):
+            return record
         failed = [
             (example, outcome)
             for example, outcome in zip(batch, current.outcomes, strict=True)
@@ -546,6 +548,36 @@ class _Trainer:
                 self._note_errors(winner)
                 break
         return record
+
+    async def _merge(
+        self, step: int, batch: list[Example], history: deque[HistoryEntry], record: StepRecord
+    ) -> bool:
+        """Pareto with ``merge=True``: when two front members share an ancestor (a pair
+        not tried before), propose their merge first; True when it joined the front
+        (the step is done, as after an accepted proposal)."""
+        assert self.pool is not None
+        pair = self.pool.merge_pair()
+        if pair is None:
+            return False
+        ancestor = self.pool.common_ancestor(pair[0].id, pair[1].id)
+        # the bar on the batch: the better of the two (ties: the first, the current)
+        scored = [(await self.evaluate(c.prompt, batch), c) for c in pair]
+        bar, first = max(scored, key=lambda s: s[0].conservative_score)
+        merger = Proposer(
+            self,
+            batch,
+            bar.conservative_score,
+            history,
+            current=pair[0].prompt,
+            parents=(pair[0].id, pair[1].id),
+            batch_key=self.key_of(first.prompt, bar.outcomes),
+        )
+        proposal = await merger.merge(step, pair, ancestor, record.proposals)
+        if not self._adopt([proposal], merger):
+            return False
+        record.best_score = self.best_score
+        self.parts.events.emit("optimize.accepted", step=step, attempt=-1, score=self.best_score)
+        return True
 
     def _adopt(self, proposals: list[ProposalRecord], proposer: Proposer) -> ProposalRecord | None:
         """The attempt's winner, which the best prompt now is, or None.  Greedy: the best

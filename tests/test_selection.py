@@ -268,19 +268,24 @@ async def skill_apply(ctx: ApplyContext) -> Prompt:
     return skills_prompt([*[s for s in known if s != wanted], wanted][-CAPACITY:])
 
 
-async def run_skills(model: ScriptedModel, cache: Cache | None = None, **kwargs: object) -> object:
+async def run_skills(
+    model: ScriptedModel, cache: Cache | None = None, train: int = 24, **kwargs: object
+) -> object:
     return await optimize(
         skills_prompt([]),
-        skill_examples("t", 24),
+        skill_examples("t", train),
         valset=skill_examples("v", 12),
         metric=ExactMatch(),
         model=model,
         optimizer_model=ScriptedModel(lambda r: "unused"),
-        gradient=skill_gradient,
-        apply=skill_apply,
         cache=cache,
-        selection="pareto",
-        **{**DESCRIPTIONS, **kwargs},  # type: ignore[arg-type]
+        **{
+            "gradient": skill_gradient,
+            "apply": skill_apply,
+            "selection": "pareto",
+            **DESCRIPTIONS,
+            **kwargs,
+        },  # type: ignore[arg-type]
     )
 
 
@@ -363,3 +368,30 @@ def test_front_drops_dominated_and_equal_candidates_and_weights_parents_by_leads
     assert keyed.add(candidate(0, [1, 0], key=(5.0,)))
     assert keyed.add(candidate(1, [1, 0], key=(2.0,)))
     assert keyed.leads == {1: [0]} and keyed.best().id == 1
+
+
+async def skill_apply_or_merge(ctx: ApplyContext) -> Prompt:
+    """As `skill_apply`; a merge request keeps both prompts' skills (up to four)."""
+    if not ctx.feedback[0].startswith("MERGE:"):
+        return await skill_apply(ctx)
+    other = re.search(r"## Other prompt\n\[system\] skills:(.*)", ctx.feedback[0])
+    assert other is not None
+    known = ctx.prompt.messages[0]["content"].split(":", 1)[1].split()
+    merged = [*known, *[s for s in other.group(1).split() if s not in known]]
+    return skills_prompt(merged[: 2 * CAPACITY])
+
+
+async def test_pareto_merge_combines_two_front_members_that_share_an_ancestor() -> None:
+    model = ScriptedModel(skill_answer, name="skills")
+    result = await run_skills(model, train=60, seed=7, merge=True, apply=skill_apply_or_merge)
+    report = result.report  # type: ignore[attr-defined]
+    merges = [p for p in report.proposals if p.attempt == -1]
+    assert merges and all(p.parents is not None and len(p.parents) == 2 for p in merges)
+    pool = {c.id: c for c in report.pool}
+    for p in merges:  # the two parents were front members with a common ancestor
+        a, b = p.parents
+        assert pool[a].parents and pool[b].parents
+    joined = [p for p in merges if p.accepted]
+    assert joined, "a merge of two skill sets leads the examples of both"
+    plain = await run_skills(ScriptedModel(skill_answer, name="skills"), train=60, seed=7)
+    assert result.val_score > plain.val_score  # type: ignore[attr-defined, operator]
