@@ -316,6 +316,7 @@ async def test_pareto_run_keeps_a_front_and_is_reproducible() -> None:
     assert report.raced_evaluations == 0 and report.judged_on == "val"
     text = report.to_markdown()
     assert "## Candidate pool" in text and "| #0 |" in text
+    assert "Candidate pool" in report.to_html()
     other = await run_skills(ScriptedModel(skill_answer, name="skills"), seed=8)
     assert pool_view(other.report) != pool_view(report)  # type: ignore[attr-defined]
 

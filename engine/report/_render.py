@@ -212,6 +212,27 @@ def _summary(report: RunReport) -> str:
     )
 
 
+def _pool_html(report: RunReport) -> str:
+    """The Pareto pool as an HTML table (nothing without a pool)."""
+    if not report.pool:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f'<tr class="{"ok" if c.on_front else "no"}"><td>#{c.id}</td><td>{c.step}</td>'
+        f"<td>{esc(', '.join(f'#{i}' for i in c.parents) or '-')}</td>"
+        f"<td>{fmt_score(c.val_score)}</td>"
+        f"<td>{'-' if c.cost is None else f'{c.cost:.4g}'}</td>"
+        f"<td>{'-' if c.length is None else c.length}</td>"
+        f"<td>{esc(', '.join(c.leads)) if c.on_front else '-'}</td></tr>"
+        for c in report.pool
+    )
+    return (
+        "<h2>Candidate pool (Pareto front on the validation set)</h2>\n"
+        "<table><tr><th>id</th><th>step</th><th>parents</th><th>val</th><th>cost/example</th>"
+        f"<th>tokens</th><th>leads (front members)</th></tr>\n{rows}</table>\n"
+    )
+
+
 def render_html(report: RunReport) -> str:
     """The report as one self-contained HTML page."""
     diff = difflib.HtmlDiff(wrapcolumn=70).make_table(
@@ -239,5 +260,5 @@ def render_html(report: RunReport) -> str:
 <table><tr><th>step.attempt.variant</th><th>batch</th><th>full</th><th>errored</th>
 <th>outcome</th></tr>
 {proposals}</table>
-</body></html>
+{_pool_html(report)}</body></html>
 """
