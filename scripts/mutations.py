@@ -71,7 +71,7 @@ MUTATIONS = (
     Mutation(
         "full-set-tie-accepted",
         "engine/_proposals.py",
-        "if full.conservative_score > bar:",
+        "if wins(full.conservative_score, key, bar, trainer.best_key()):",
         "if full.conservative_score >= bar:",
         ("tests/test_mutations.py", "tests/test_trainer.py"),
         "a candidate that ties the best on the full set is accepted",
@@ -79,7 +79,7 @@ MUTATIONS = (
     Mutation(
         "batch-tie-accepted",
         "engine/_proposals.py",
-        "if not on_batch.conservative_score > self.batch_score:",
+        "if not wins(on_batch.conservative_score, key, self.batch_score, self.batch_key):",
         "if not on_batch.conservative_score >= self.batch_score:",
         ("tests/test_trust.py", "tests/test_trainer.py"),
         "a candidate that ties the best on the batch goes on to the full set",
@@ -95,8 +95,8 @@ MUTATIONS = (
     Mutation(
         "parallel-tie-break",
         "engine/_proposals.py",
-        "key=lambda p: (p.full_score or 0.0, -p.variant)",
-        "key=lambda p: (p.full_score or 0.0, p.variant)",
+        "key=lambda p: (-(p.full_score or 0.0), record_key(p, tie_break), p.variant),",
+        "key=lambda p: (-(p.full_score or 0.0), record_key(p, tie_break), -p.variant),",
         ("tests/test_mutations.py",),
         "tied parallel winners go to the last variant",
     ),
@@ -135,8 +135,8 @@ MUTATIONS = (
     Mutation(
         "decisions-on-mean",
         "engine/_proposals.py",
-        "if full.conservative_score > bar:",
-        "if full.score > bar:",
+        "if wins(full.conservative_score, key, bar, trainer.best_key()):",
+        "if wins(full.score, key, bar, trainer.best_key()):",
         ("tests/test_mutations.py", "tests/test_trust.py"),
         "acceptance uses the mean over scored examples (errors left out)",
     ),
@@ -151,9 +151,8 @@ MUTATIONS = (
     Mutation(
         "history-exact-full-score",
         "engine/_proposals.py",
-        "                entry = HistoryEntry(\n"
-        '                    prompt, bar, f"below the best ({bar:.3f}) on the full training set"\n'
-        "                )",
+        "                entry = HistoryEntry("
+        'prompt, bar, f"below the best ({bar:.3f}) on {where}")',
         '                entry = HistoryEntry(prompt, record.full_score or bar, "")',
         ("tests/test_trainer.py",),
         "the apply history shows a full-set loser's exact score (racing changes the text)",

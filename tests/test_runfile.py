@@ -429,3 +429,39 @@ def test_global_metric_is_resolved_and_checked(tmp_path: Path) -> None:
     text = BASE + '\n[metric]\nglobal = "engine.metrics:nope"\n'
     with pytest.raises(ConfigError, match=r"\[metric\].global: 'engine.metrics' has no attribute"):
         load_run_file(_write(tmp_path, text)).build_global_metric()
+
+
+async def test_selection_keys_reach_optimize(tmp_path: Path) -> None:
+    """[trainer] selection, accept_on, tie_break, patience, merge: parsed, checked, and
+    taken by optimize as given (a TOML list for tie_break)."""
+    from adapters import ArithmeticCoach, ArithmeticModel
+    from engine import optimize
+
+    text = BASE.replace(
+        'train = "train.jsonl"', 'train = "train.jsonl"\nval = "val.jsonl"\ninputs = "question"'
+    )
+    text += (
+        '\n[trainer]\nselection = "pareto"\naccept_on = "val"\n'
+        'tie_break = ["cost", "length"]\npatience = 3\nmerge = true\n'
+        'task_description = "add"\nmetric_description = "exact"\n'
+    )
+    run = load_run_file(_write(tmp_path, text))
+    assert {k: run.trainer[k] for k in ("selection", "tie_break", "patience", "merge")} == {
+        "selection": "pareto",
+        "tie_break": ["cost", "length"],
+        "patience": 3,
+        "merge": True,
+    }
+    result = await optimize(
+        run.prompt,
+        run.train,
+        valset=run.val,
+        metric=run.build_metric(),
+        model=ArithmeticModel(),
+        optimizer_model=ArithmeticCoach(),
+        **run.trainer,
+    )
+    assert result.report.settings["selection"] == "pareto"
+    assert result.report.settings["tie_break"] == ["cost", "length"]
+    bad = _error(tmp_path, BASE + '\n[trainer]\nselection = "best"\n')
+    assert "[trainer] selection" in bad

@@ -13,7 +13,7 @@ given".  TOML has no null, so the retry settings that ``None`` disables (``timeo
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -122,6 +122,11 @@ class TrainerSection(_Section, frozen=True):
     task_description: str | None = None
     metric_description: str | None = None
     max_error_rate: Share | None = None
+    selection: Literal["greedy", "pareto"] | None = None
+    accept_on: Literal["train", "val"] | None = None
+    tie_break: list[Literal["cost", "length"]] | None = None
+    patience: PositiveInt | None = None
+    merge: bool | None = None
 
 
 class BudgetSection(_Section, frozen=True):

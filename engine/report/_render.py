@@ -43,7 +43,38 @@ def _calls(report: RunReport) -> str:
 def _proposal_scores(p: ProposalRecord) -> str:
     text = f"batch {fmt_score(p.batch_score)}, full {fmt_score(p.full_score)}"
     errors = p.batch_errors + p.full_errors
-    return text + (f", {errors} errored" if errors else "")
+    text += f", {errors} errored" if errors else ""
+    if p.cost is not None:
+        text += f", cost/example {p.cost:.4g}"
+    if p.length is not None:
+        text += f", {p.length} prompt tokens"
+    if p.parents is not None:
+        text += f", from {'+'.join(f'#{i}' for i in p.parents)}"
+    return text + (f", pool #{p.candidate}" if p.candidate is not None else "")
+
+
+def _pool(report: RunReport) -> list[str]:
+    """The Pareto pool: each candidate's parents, validation score, cost, length and
+    the validation examples it leads (front members only)."""
+    if not report.pool:
+        return []
+    lines = [
+        "",
+        "## Candidate pool (Pareto front on the validation set)",
+        "",
+        "| id | step | parents | val | cost/example | tokens | front | leads |",
+        "|---:|---:|---|---:|---:|---:|---|---|",
+    ]
+    for c in report.pool:
+        cost = "-" if c.cost is None else f"{c.cost:.4g}"
+        parents = ", ".join(f"#{i}" for i in c.parents) or "-"
+        leads = ", ".join(c.leads) if c.on_front else "-"
+        lines.append(
+            f"| #{c.id} | {c.step} | {parents} | {fmt_score(c.val_score)} | {cost} | "
+            f"{c.length if c.length is not None else '-'} | "
+            f"{'yes' if c.on_front else 'no'} | {leads} |"
+        )
+    return lines
 
 
 def _val_score(report: RunReport) -> str:
@@ -55,12 +86,13 @@ def _val_score(report: RunReport) -> str:
 
 
 def render_markdown(report: RunReport) -> str:
+    judged = "train score" if report.judged_on == "train" else "score (judged on val)"
     lines = [
         "# Optimization report",
         "",
-        f"- train score: {_initial(report)} -> **{fmt_score(report.best_score)}**",
+        f"- {judged}: {_initial(report)} -> **{fmt_score(report.best_score)}**",
     ]
-    if report.initial_val_score is not None:
+    if report.initial_val_score is not None and report.judged_on == "train":
         lines.append(
             f"- val score: {fmt_score(report.initial_val_score)} -> **{_val_score(report)}**"
         )
@@ -78,7 +110,7 @@ def render_markdown(report: RunReport) -> str:
         "",
         "## Steps",
         "",
-        "| step | batch | best train | val | proposals | outcome |",
+        f"| step | batch | best {report.judged_on} | val | proposals | outcome |",
         "|---:|---:|---:|---:|---:|---|",
     ]
     lines += [
@@ -91,6 +123,7 @@ def render_markdown(report: RunReport) -> str:
         f"- step {p.step}.{p.attempt}.{p.variant}: {p.reason} ({_proposal_scores(p)})"
         for p in report.proposals
     ]
+    lines += _pool(report)
     lines += ["", "## Best prompt", ""]
     for m in report.best_prompt.get("messages", []):
         lines += [f"**{m['role']}**", "", "```", m["content"], "```", ""]
@@ -179,6 +212,27 @@ def _summary(report: RunReport) -> str:
     )
 
 
+def _pool_html(report: RunReport) -> str:
+    """The Pareto pool as an HTML table (nothing without a pool)."""
+    if not report.pool:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f'<tr class="{"ok" if c.on_front else "no"}"><td>#{c.id}</td><td>{c.step}</td>'
+        f"<td>{esc(', '.join(f'#{i}' for i in c.parents) or '-')}</td>"
+        f"<td>{fmt_score(c.val_score)}</td>"
+        f"<td>{'-' if c.cost is None else f'{c.cost:.4g}'}</td>"
+        f"<td>{'-' if c.length is None else c.length}</td>"
+        f"<td>{esc(', '.join(c.leads)) if c.on_front else '-'}</td></tr>"
+        for c in report.pool
+    )
+    return (
+        "<h2>Candidate pool (Pareto front on the validation set)</h2>\n"
+        "<table><tr><th>id</th><th>step</th><th>parents</th><th>val</th><th>cost/example</th>"
+        f"<th>tokens</th><th>leads (front members)</th></tr>\n{rows}</table>\n"
+    )
+
+
 def render_html(report: RunReport) -> str:
     """The report as one self-contained HTML page."""
     diff = difflib.HtmlDiff(wrapcolumn=70).make_table(
@@ -206,5 +260,5 @@ def render_html(report: RunReport) -> str:
 <table><tr><th>step.attempt.variant</th><th>batch</th><th>full</th><th>errored</th>
 <th>outcome</th></tr>
 {proposals}</table>
-</body></html>
+{_pool_html(report)}</body></html>
 """

@@ -9,7 +9,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ProposalRecord", "RunReport", "StepRecord", "fmt_score", "score_series", "step_outcome"]
+__all__ = [
+    "PoolRecord",
+    "ProposalRecord",
+    "RunReport",
+    "StepRecord",
+    "fmt_score",
+    "score_series",
+    "step_outcome",
+]
 
 
 @dataclass
@@ -29,6 +37,25 @@ class ProposalRecord:
     full_errors: int = 0
     raced: dict[str, Any] | None = None  # {"completed", "total", "upper_bound"} when cut
     raw: str | None = None  # the stage's raw output, kept for invalid proposals
+    cost: float | None = None  # measured per example (dollars with a price, else tokens)
+    length: int | None = None  # the prompt's own tokens
+    parents: list[int] | None = None  # pareto: the pool ids it was made from
+    candidate: int | None = None  # pareto: its id in the pool, once scored on validation
+
+
+@dataclass
+class PoolRecord:
+    """One candidate of a Pareto pool: where it came from and what it leads."""
+
+    id: int
+    step: int  # -1: the initial prompt
+    parents: list[int]
+    prompt: dict[str, Any]
+    val_score: float  # conservative, on the whole validation set
+    cost: float | None
+    length: int | None
+    on_front: bool
+    leads: list[str]  # validation example ids it is the best on (front members only)
 
 
 @dataclass
@@ -76,6 +103,8 @@ class RunReport:
     wall_time: float = 0.0
     stopped_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    judged_on: str = "train"  # the set best_score and every whole-set decision used
+    pool: list[PoolRecord] = field(default_factory=list)  # pareto only
 
     @property
     def proposals(self) -> list[ProposalRecord]:
@@ -123,9 +152,12 @@ def score_series(report: RunReport) -> list[tuple[str, list[float | None]]]:
     """What every chart of a run draws: the best train score after each step (step 0 is
     the initial prompt) and, with a validation set, the val score."""
     series: list[tuple[str, list[float | None]]] = [
-        ("train (best)", [report.initial_score, *[s.best_score for s in report.steps]])
+        (
+            f"{report.judged_on} (best)",
+            [report.initial_score, *[s.best_score for s in report.steps]],
+        )
     ]
-    if report.initial_val_score is not None:
+    if report.initial_val_score is not None and report.judged_on != "val":
         series.append(("val", [report.initial_val_score, *[s.val_score for s in report.steps]]))
     return series
 
