@@ -148,7 +148,7 @@ async def test_bad_evaluate_options_fail_before_any_call(
 def test_unreadable_dataset_paths(tmp_path: Path) -> None:
     folder = tmp_path / "looks.jsonl"
     folder.mkdir()
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="not a regular file \\(it is a directory\\)"):
         load_dataset(folder)  # a folder, not a file
     (tmp_path / "x.jsonl").write_bytes(b"\x80\x81")
     with pytest.raises(DataError, match=r"x\.jsonl: not UTF-8"):

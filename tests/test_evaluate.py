@@ -216,9 +216,18 @@ async def test_cancellation_is_prompt_and_leaves_no_task() -> None:
     behind.  The bound leaves a loaded CI machine room; a second is typical."""
     model = echo_model(latency=30.0)
     before = len(asyncio.all_tasks())
-    started = time.monotonic()
-    with anyio.move_on_after(0.2):
-        await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
+    elapsed = 0.0
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
+
+        tg.start_soon(run)
+        # cancel once every worker's call is in flight (a loaded machine validates slowly)
+        while model.stats.in_flight < 32:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
     elapsed = time.monotonic() - started
     assert elapsed < 3
     gc.collect()
