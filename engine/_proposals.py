@@ -20,6 +20,7 @@ from ._prompt import Prompt
 from ._types import Example
 from .report import ProposalRecord
 from .stages import ApplyContext, HistoryEntry, ProposalError, validate_proposal
+from .tracing import span
 
 if TYPE_CHECKING:
     from ._trainer import _Trainer
@@ -90,7 +91,8 @@ class Proposer:
             trainer.task_description, trainer.best, feedback, history, record.variant
         )
         try:
-            proposal = await trainer.parts.apply(ctx)
+            with span("apply", **{"engine.proposal.variant": record.variant}):
+                proposal = await trainer.parts.apply(ctx)
             if not isinstance(proposal, Prompt):
                 raise ProposalError(
                     f"the apply stage returned a {type(proposal).__name__}, not a Prompt",
@@ -112,14 +114,16 @@ class Proposer:
     async def _judge(self, record: ProposalRecord, candidate: Prompt) -> None:
         """Score on the batch; a batch winner on the whole training set."""
         trainer = self.trainer
-        on_batch = await trainer.evaluate(candidate, self.batch)
+        with span("batch check", **{"engine.proposal.variant": record.variant}):
+            on_batch = await trainer.evaluate(candidate, self.batch)
         record.batch_score, record.batch_errors = on_batch.conservative_score, on_batch.errors
         if not on_batch.conservative_score > self.batch_score:
             record.reason = NO_BATCH_IMPROVEMENT
             return
         bar = trainer.best_score
         must_beat = bar if trainer.racing else None
-        full = await trainer.evaluate(candidate, trainer.parts.trainset, must_beat=must_beat)
+        with span("full-set check", **{"engine.proposal.variant": record.variant}):
+            full = await trainer.evaluate(candidate, trainer.parts.trainset, must_beat=must_beat)
         trainer.report.full_evaluations += 1
         record.full_errors = full.errors
         if full.stopped_early:

@@ -61,6 +61,7 @@ from .stages import (
     describe_metric_messages,
     describe_task_messages,
 )
+from .tracing import run_span, span
 
 if TYPE_CHECKING:
     from .cluster import RayCluster
@@ -226,8 +227,9 @@ class _Trainer:
         history: deque[HistoryEntry] = deque(maxlen=self.settings.history_size)
         for step, start in enumerate(range(0, len(order), self.settings.batch_size)):
             batch = order[start : start + self.settings.batch_size]
-            record = await self._step(step, batch, history)
-            await self._close_step(record)
+            with span("step", **{"engine.step": step}):
+                record = await self._step(step, batch, history)
+                await self._close_step(record)
             if self.best_score >= MAX_SCORE:
                 self.report.stopped_reason = "maximum score reached"
                 return
@@ -263,6 +265,8 @@ class _Trainer:
             val_score=record.val_score,
             proposals=len(record.proposals),
             perfect=record.perfect,
+            batch_score=record.batch_score,
+            calls=self.parts.meter.total_calls,
         )
 
     async def _describe(self) -> None:
@@ -301,24 +305,26 @@ class _Trainer:
         feedback_history: dict[str, list[str]] = {}  # per example, reset every batch
         proposer = Proposer(self, batch, current.conservative_score, history)
         for attempt in range(self.settings.max_proposals_per_step):
-            gradients = await self._gradients(failed, feedback_history, record)
-            if not gradients:
-                break
-            for example_id, text in gradients:
-                feedback_history.setdefault(example_id, []).append(text)
-            feedback = tuple(text for _, text in gradients)
-            proposals = await proposer.attempt(step, attempt, feedback)
-            record.proposals.extend(proposals)
-            winner = best_accepted(proposals)
-            if winner is not None:
-                assert winner.prompt is not None and winner.full_score is not None
-                self.best = Prompt.from_dict(winner.prompt)
-                self.best_score = winner.full_score
-                record.gradients = list(feedback)
-                self.parts.events.emit(
-                    "optimize.accepted", step=step, attempt=attempt, score=self.best_score
-                )
-                break
+            with span("proposal", **{"engine.step": step, "engine.proposal.attempt": attempt}):
+                with span("gradient", **{"engine.examples.failed": len(failed)}):
+                    gradients = await self._gradients(failed, feedback_history, record)
+                if not gradients:
+                    break
+                for example_id, text in gradients:
+                    feedback_history.setdefault(example_id, []).append(text)
+                feedback = tuple(text for _, text in gradients)
+                proposals = await proposer.attempt(step, attempt, feedback)
+                record.proposals.extend(proposals)
+                winner = best_accepted(proposals)
+                if winner is not None:
+                    assert winner.prompt is not None and winner.full_score is not None
+                    self.best = Prompt.from_dict(winner.prompt)
+                    self.best_score = winner.full_score
+                    record.gradients = list(feedback)
+                    self.parts.events.emit(
+                        "optimize.accepted", step=step, attempt=attempt, score=self.best_score
+                    )
+                    break
         return record
 
     async def _gradients(
@@ -469,7 +475,8 @@ async def optimize(
         metric_threads=metric_threads,
         cluster=cluster,
     )
-    return await _Trainer(prompt, settings, parts).run()
+    with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
+        return await _Trainer(prompt, settings, parts).run()
 
 
 def _checked_data(

@@ -29,6 +29,7 @@ from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
 from ..cache import Cache, PostgresStore
 from ..endpoint import Endpoint, Limits, RetryPolicy
+from ..tracing import adopt_trace
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch
@@ -70,6 +71,7 @@ class Job:
     tally: Any = None  # the RacingTally actor handle, when racing
     check_metric: bool = True
     secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
+    trace_context: dict[str, str] = field(default_factory=dict)  # the driver's trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +249,7 @@ class ClusterWorker:
         """Evaluate one batch; stops early (with what it has) when racing says so."""
         opened = await self._open(job_id, box)
         job = opened.job
+        adopt_trace(job.trace_context)  # this call's task continues the driver's trace
         examples = await batch.load()
         cache, seeded = opened.batch_cache(batch)
         reporter = RaceReporter(job.tally, job.job_id, batch.seq) if job.tally is not None else None

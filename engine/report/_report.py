@@ -75,6 +75,7 @@ class RunReport:
     wall_time: float = 0.0
     stopped_reason: str = ""
     notes: list[str] = field(default_factory=list)
+    tracking: dict[str, str] = field(default_factory=dict)  # {"mlflow_run_id": ...}
 
     @property
     def proposals(self) -> list[ProposalRecord]:
