@@ -134,7 +134,12 @@ class MLflowLogger:
         ``files`` (name -> path: report.json, report.html, the plot) when written
         already, else the JSON and HTML rendered here.  Records the run id in
         ``report.tracking["mlflow_run_id"]`` and ends the run."""
-        report.tracking["mlflow_run_id"] = self.run_id
+        try:
+            report.tracking["mlflow_run_id"] = self.run_id
+        except Exception as exc:  # no run to log to: say so, and stop here
+            self.errors.append(f"create_run: {type(exc).__name__}: {exc}")
+            _log.warning("MLflow run not started: %s: %s", type(exc).__name__, exc)
+            return
         params = {k: str(v)[:500] for k, v in report.settings.items()}
         try:
             self.client.log_batch(self.run_id, params=_params(params))
