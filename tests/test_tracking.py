@@ -8,6 +8,10 @@ the arithmetic task, and the CLI end to end in a subprocess for the run-file wir
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +76,7 @@ async def test_a_run_holds_params_step_metrics_and_artifacts(store: str) -> None
     assert {"best_prompt.json", "report.json", "report.html"} <= artifacts
     folder = Path(client.download_artifacts(run_id, "", str(Path(store[5:]).parent / "dl")))
     assert json.loads((folder / "best_prompt.json").read_text()) == report.best_prompt
-    assert json.loads((folder / "report.json").read_text())["tracking"] == {
-        "mlflow_run_id": run_id
-    }
+    assert json.loads((folder / "report.json").read_text())["tracking"] == {"mlflow_run_id": run_id}
 
 
 async def test_a_resumed_logger_continues_the_same_run(store: str) -> None:
@@ -103,3 +105,60 @@ async def test_a_tracking_failure_never_stops_the_optimization(tmp_path: Path) -
         logger.log_report(result.report)
     assert result.score == 1.0
     assert logger.errors and "mlflow_run_id" not in result.report.tracking
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_run(folder: Path) -> Path:
+    """The bundled demo run, writing into ``folder``, with a ``[tracking]`` section."""
+    for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):
+        shutil.copy(ROOT / "examples" / name, folder / name)
+    text = (ROOT / "examples" / "demo.toml").read_text()
+    text = text.replace("../out/demo/cache.sqlite", "cache.sqlite")
+    text = text.replace('"../out/demo"', '"out"')
+    text += '\n[tracking]\nmlflow = "file:mlruns"\nexperiment = "demo"\n'
+    (folder / "demo.toml").write_text(text)
+    return folder / "demo.toml"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "MLFLOW_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_the_cli_logs_to_mlflow_continues_the_run_and_exports_spans(tmp_path: Path) -> None:
+    """``[tracking] mlflow`` in a run file; a rerun continues the same MLflow run;
+    ``--otel`` exports spans (to the console on stderr: no OTLP exporter installed),
+    and stdout stays one JSON summary."""
+    run_file = _demo_run(tmp_path)
+    done = _cli("optimize", str(run_file), "--otel")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["score"] == 1.0
+    assert '"name": "optimize"' in done.stderr and '"name": "chat demo"' in done.stderr
+    out = tmp_path / "out"
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert json.loads((out / "report.json").read_text())["tracking"] == {"mlflow_run_id": run_id}
+    again = _cli("optimize", str(run_file), "--quiet")  # the rerun: all cache hits
+    assert again.returncode == 0, again.stderr
+    assert (out / "mlflow_run_id").read_text().strip() == run_id
+
+    from mlflow.tracking import MlflowClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+        experiment = client.get_experiment_by_name("demo")
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.run_id for r in runs] == [run_id]
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"best_prompt.json", "report.json", "report.html", "scores.png"} <= artifacts

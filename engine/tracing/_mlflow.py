@@ -15,6 +15,7 @@ directory) and the same MLflow run continues.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -160,6 +161,8 @@ class MLflowLogger:
                 (folder / "report.json").write_text(redact_text(report.to_json()))
                 (folder / "report.html").write_text(redact_text(report.to_html()))
                 paths.extend([folder / "report.json", folder / "report.html"])
+                with contextlib.suppress(ImportError):  # matplotlib is optional
+                    paths.append(report.plot(folder / "scores.png"))
             for path in paths:
                 self._safely("log_artifact", str(path))
         self._safely("set_terminated")
