@@ -35,7 +35,7 @@ from engine import (
 from engine.metrics import ExactMatch
 from engine.testing import ScriptedModel, ScriptedRequest
 from engine.tracing import instrument
-from tests.conftest import echo_examples, qa_prompt
+from tests.conftest import echo_examples, echo_model, qa_prompt
 
 
 @dataclass
@@ -356,3 +356,36 @@ def test_metrics_scrape_through_the_prometheus_exporter() -> None:
     requests = [line for line in scraped.splitlines() if line.startswith("engine_requests_total")]
     assert requests and requests[0].endswith(" 8.0")
     assert 'engine_examples_scored_total{engine_endpoint="scripted"' in scraped
+
+
+async def test_a_workers_spans_join_the_drivers_trace(telemetry: Telemetry) -> None:
+    """The cluster's carrier: the driver injects its context into the job (W3C
+    ``traceparent``), a worker's task adopts it, and the worker's ``evaluate`` span is a
+    child of the driver's, in the same trace.  (In process: the worker's half runs in a
+    fresh task, as a Ray actor call does; `RayCluster` carries ``Job.trace_context``.)"""
+    import contextvars
+
+    import anyio
+
+    from engine.tracing import adopt_trace, run_span, trace_carrier
+
+    carriers: list[dict[str, str]] = []
+    with instrument(tracer_provider=telemetry.tracer_provider):
+        with run_span("evaluate", "driver"):
+            carriers.append(trace_carrier())
+
+    async def worker() -> None:
+        adopt_trace(carriers[0])
+        with instrument(tracer_provider=telemetry.tracer_provider):
+            await evaluate(qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch())
+
+    async with anyio.create_task_group() as tg:  # a task of its own, an empty context
+        contextvars.Context().run(tg.start_soon, worker)
+    assert "traceparent" in carriers[0]
+    spans = telemetry.finished()
+    driver = next(s for s in spans if (s.attributes or {}).get("engine.endpoint") == "driver")
+    mine = [s for s in spans if s is not driver]
+    assert {s.context.trace_id for s in mine} == {driver.context.trace_id}
+    (worker_root,) = [s for s in mine if s.name == "evaluate"]
+    assert worker_root.parent is not None and worker_root.parent.span_id == driver.context.span_id
+    assert trace_carrier() == {}  # outside an instrumented run: nothing to carry
