@@ -5,6 +5,7 @@ One instant server (``benchmarks/client_cpu.py``'s), then the ``engine`` client 
 
 - ``base``: the engine at ``--base`` (a checkout of the commit before tracing), no
   OpenTelemetry imported;
+- ``none``: this checkout, OpenTelemetry not imported (the hooks' own cost);
 - ``off``: this checkout, the OpenTelemetry API imported but no provider set (the
   engine checks once per run and starts no span);
 - ``sdk``: this checkout, the SDK with an in-memory span exporter (SimpleSpanProcessor)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from client_cpu import server_process
 
     modes = [("base", args.base)] if args.base else []
-    modes += [("off", ROOT), ("sdk", ROOT)]
+    modes += [("none", ROOT), ("off", ROOT), ("sdk", ROOT)]
     cpu: dict[str, list[float]] = {mode: [] for mode, _ in modes}
     with server_process("minimal") as url:
         for _ in range(args.repeat):
