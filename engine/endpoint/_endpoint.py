@@ -42,7 +42,7 @@ from .._prompt import Prompt
 from .._protocols import ChatModel
 from .._types import Completion, Usage
 from ..cache import request_hash
-from ..tracing import attempt_span
+from ..tracing import attempt_span, instrumented
 from ._breaker import CircuitBreaker
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
@@ -252,7 +252,7 @@ class Endpoint:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
         limiter = self.limiter
-        queued = self._clock()  # the span of a traced attempt reports the wait
+        queued = self._clock() if instrumented() else 0.0  # a traced attempt reports its wait
         await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
         try:
             self.breaker.check(self.name)

@@ -6,7 +6,7 @@ passes them to `instrument`); `MLflowLogger` logs a run to MLflow as its ``on_ev
 """
 
 from ._mlflow import MLflowLogger
-from ._otel import attempt_span, instrument, mark_example, run_span, span
+from ._otel import attempt_span, instrument, instrumented, mark_example, run_span, span
 from ._propagate import OTEL_ENV_FLAG, adopt_trace, trace_carrier
 from ._setup import configure_sdk
 
@@ -17,6 +17,7 @@ __all__ = [
     "attempt_span",
     "configure_sdk",
     "instrument",
+    "instrumented",
     "mark_example",
     "run_span",
     "span",

@@ -36,6 +36,7 @@ __all__ = [
     "attempt_span",
     "current_run",
     "instrument",
+    "instrumented",
     "mark_example",
     "run_span",
     "span",
@@ -215,6 +216,11 @@ def _resolve() -> _Run | None:
 def current_run() -> _Run | None:
     """The instrumented run this code runs in, if any."""
     return _active.get()
+
+
+def instrumented() -> bool:
+    """Whether this code runs inside an instrumented run (cheaper than a clock read)."""
+    return _active.get() is not None
 
 
 @contextmanager
