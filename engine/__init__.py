@@ -8,8 +8,10 @@ Public API::
     from engine.testing import ScriptedModel       # test doubles
 
 Everything listed in ``__all__`` here and in the public submodules (``metrics``,
-``stages``, ``data``, ``testing``, ``bench``, ``cluster``) is supported; modules starting
-with ``_`` are not.  ``engine.cluster`` imports Ray only when a cluster starts.
+``stages``, ``data``, ``testing``, ``bench``, ``cluster``, ``tracing``, ``tracking``) is
+supported; modules starting with ``_`` are not.  ``engine.cluster`` imports Ray only when
+a cluster starts; ``engine.tracing`` (OpenTelemetry spans and metrics) and
+``engine.tracking`` (MLflow) import nothing of either until the host uses them.
 """
 
 from . import data, metrics, stages, testing

@@ -41,6 +41,7 @@ from ._tally import Tally
 from ._types import ErrorInfo, Example, MetricResult
 from .cache import Cache, CachedPrediction, metric_identity, request_hash
 from .endpoint import Endpoint, Limits
+from .tracing import mark_example, run_span
 
 if TYPE_CHECKING:
     from .cluster import RayCluster
@@ -207,6 +208,7 @@ class _EvaluationRun:
         async def call() -> CachedPrediction:
             # rendered only on a miss: most of a training run's evaluations are hits
             messages = s.prompt.render(example.inputs)
+            mark_example(example.id)
             try:
                 result = await _uncancelled(
                     s.endpoint.complete(messages, self.params, events=s.emitter, meter=s.meter),
@@ -373,6 +375,11 @@ class _EvaluationRun:
                 self._fail(exc, scope)
 
     async def run(self) -> Evaluation:
+        s = self.s
+        with run_span("evaluate", s.endpoint.name, **{"engine.prompt.hash": s.prompt.hash}):
+            return await self._run()
+
+    async def _run(self) -> Evaluation:
         s = self.s
         s.emitter.emit(
             "evaluation.started",

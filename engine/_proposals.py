@@ -40,6 +40,7 @@ from .stages import (
     escape_surrogates,
     validate_proposal,
 )
+from .tracing import span
 
 if TYPE_CHECKING:
     from ._trainer import _Trainer
@@ -169,7 +170,8 @@ class Proposer:
         )
         record.parents = list(self.parents) if self.parents is not None else None
         try:
-            proposal = await trainer.parts.apply(ctx)
+            with span("apply", **{"engine.proposal.variant": record.variant}):
+                proposal = await trainer.parts.apply(ctx)
             trainer.stage_worked.add("apply")
             if not isinstance(proposal, Prompt):
                 raise ProposalError(
@@ -201,7 +203,8 @@ class Proposer:
     async def _judge(self, record: ProposalRecord, candidate: Prompt) -> None:
         """Score on the batch; a batch winner on the whole judged set (or the pool's)."""
         trainer = self.trainer
-        on_batch = await trainer.evaluate(candidate, self.batch)
+        with span("batch check", **{"engine.proposal.variant": record.variant}):
+            on_batch = await trainer.evaluate(candidate, self.batch)
         record.batch_score, record.batch_errors = on_batch.conservative_score, on_batch.errors
         record.cost = cost_per_example(on_batch.outcomes, trainer.price)
         key = trainer.key_of(candidate, on_batch.outcomes)
@@ -255,7 +258,8 @@ class Proposer:
         bar = trainer.best_score
         tie_break = trainer.settings.tie_break
         must_beat = racing_bar(bar, tie_break) if trainer.racing else None
-        full = await trainer.evaluate(candidate, trainer.judge_set, must_beat=must_beat)
+        with span("full-set check", **{"engine.proposal.variant": record.variant}):
+            full = await trainer.evaluate(candidate, trainer.judge_set, must_beat=must_beat)
         trainer.report.full_evaluations += 1
         record.full_errors = full.errors
         if full.stopped_early:

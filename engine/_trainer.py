@@ -82,6 +82,7 @@ from .stages import (
     describe_task_messages,
     escape_surrogates,
 )
+from .tracing import run_span, span
 
 if TYPE_CHECKING:
     from .cluster import RayCluster
@@ -405,8 +406,9 @@ class _Trainer:
         history: deque[HistoryEntry] = deque(maxlen=self.settings.history_size)
         for step, start in enumerate(range(0, len(order), self.settings.batch_size)):
             batch = order[start : start + self.settings.batch_size]
-            record = await self._step(step, batch, history)
-            await self._close_step(record)
+            with span("step", **{"engine.step": step}):
+                record = await self._step(step, batch, history)
+                await self._close_step(record)
             if self.best_score >= MAX_SCORE:
                 self.report.stopped_reason = "maximum score reached"
                 return
@@ -468,6 +470,8 @@ class _Trainer:
             val_score=record.val_score,
             proposals=len(record.proposals),
             perfect=record.perfect,
+            batch_score=record.batch_score,
+            calls=self.parts.meter.total_calls,
         )
 
     async def _describe(self) -> None:
@@ -527,26 +531,28 @@ class _Trainer:
             batch_key=self.key_of(prompt, current.outcomes),
         )
         for attempt in range(self.settings.max_proposals_per_step):
-            gradients = await self._gradients(prompt, failed, feedback_history, record)
-            if not gradients:
-                break
-            for example_id, text in gradients:
-                feedback_history.setdefault(example_id, []).append(text)
-            feedback = tuple(text for _, text in gradients)
-            try:
-                proposals = await proposer.attempt(step, attempt, feedback, record.proposals)
-            except BudgetExceededError as exc:
-                undecided(record.proposals, attempt, exc.message)
-                raise
-            winner = self._adopt(proposals, proposer)
-            if winner is not None:
-                record.best_score = self.best_score
-                record.gradients = list(feedback)
-                self.parts.events.emit(
-                    "optimize.accepted", step=step, attempt=attempt, score=self.best_score
-                )
-                self._note_errors(winner)
-                break
+            with span("proposal", **{"engine.step": step, "engine.proposal.attempt": attempt}):
+                with span("gradient", **{"engine.examples.failed": len(failed)}):
+                    gradients = await self._gradients(prompt, failed, feedback_history, record)
+                if not gradients:
+                    break
+                for example_id, text in gradients:
+                    feedback_history.setdefault(example_id, []).append(text)
+                feedback = tuple(text for _, text in gradients)
+                try:
+                    proposals = await proposer.attempt(step, attempt, feedback, record.proposals)
+                except BudgetExceededError as exc:
+                    undecided(record.proposals, attempt, exc.message)
+                    raise
+                winner = self._adopt(proposals, proposer)
+                if winner is not None:
+                    record.best_score = self.best_score
+                    record.gradients = list(feedback)
+                    self.parts.events.emit(
+                        "optimize.accepted", step=step, attempt=attempt, score=self.best_score
+                    )
+                    self._note_errors(winner)
+                    break
         return record
 
     async def _merge(
@@ -793,7 +799,8 @@ async def optimize(
         metric_threads=metric_threads,
         cluster=cluster,
     )
-    return await _Trainer(prompt, settings, parts).run()
+    with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
+        return await _Trainer(prompt, settings, parts).run()
 
 
 async def preflight_global_metric(

@@ -21,6 +21,8 @@ PUBLIC_MODULES = [
     "engine.cli",
     "engine.bench",
     "engine.cluster",
+    "engine.tracing",
+    "engine.tracking",
     "adapters",
     "adapters.openai_chat",
     "adapters.openai_batch",

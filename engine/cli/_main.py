@@ -39,6 +39,7 @@ from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
 from ._preflight import Job, prepare
 from ._runfile import ClusterSpec, EndpointSpec, RunFile, load_run_file, resolve
+from ._tracking import add_otel_argument, listen, mlflow_logger, start_otel
 
 __all__ = ["main"]
 
@@ -243,7 +244,8 @@ async def _optimize(
             ],
             enabled=args.log_mode == "progress",
         )
-        return await optimize(
+        tracker = mlflow_logger(run, job.out)  # [tracking] mlflow: None without it
+        result = await optimize(
             job.prompt,
             job.data,
             valset=run.val,
@@ -253,10 +255,13 @@ async def _optimize(
             optimizer_model_name=run.optimizer.model_name,
             cache=cache,
             budget=run.budget,
-            on_event=progress,
+            on_event=listen(progress, tracker),
             cluster=cluster,
             **run.trainer,
         )
+        if tracker is not None:  # before report.json is written: it names the MLflow run
+            tracker.log_report(result.report)
+        return result
 
 
 def _write_optimize_outputs(out: Path, result: OptimizationResult) -> None:
@@ -424,6 +429,7 @@ def _parser() -> argparse.ArgumentParser:
             "--workers", type=_positive, metavar="N", help="cluster workers (overrides [cluster])"
         )
         _log_options(p)
+        add_otel_argument(p)
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
             p.add_argument("--split", choices=("train", "val"), default="train")
@@ -547,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
+    start_otel(args)
 
     def run() -> int:
         run_file, job = _prepare(args)

@@ -29,6 +29,7 @@ __all__ = [
     "PromptSection",
     "RetrySection",
     "RunFileSchema",
+    "TrackingSection",
     "TrainerSection",
 ]
 
@@ -160,6 +161,15 @@ class OutputSection(_Section, frozen=True):
     dir: str = "out"
 
 
+class TrackingSection(_Section, frozen=True):
+    """``[tracking]``: log the optimization to MLflow (``mlflow`` is a tracking URI;
+    a relative ``file:`` path is relative to the run file)."""
+
+    mlflow: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+
 class RunFileSchema(_Section, frozen=True):
     """A whole run file.  ``[prompt]``, ``[data]`` and ``[model]`` are required."""
 
@@ -174,3 +184,4 @@ class RunFileSchema(_Section, frozen=True):
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     cluster: ClusterSection | None = None
     output: OutputSection = msgspec.field(default_factory=OutputSection)
+    tracking: TrackingSection | None = None

@@ -38,6 +38,7 @@ from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example, Usage
 from ..endpoint import _SHARED_ATTRIBUTE
+from ..tracing import run_span, trace_carrier
 from ._delivery import Delivery, OutcomeCallback, Relay
 from ._dispatch import Feeder
 from ._leased import unleased
@@ -142,6 +143,7 @@ def _job(
         ledger=ledger,
         check_metric=plan.validate,
         secrets=known_secrets(),
+        trace_context=trace_carrier(),
     )
 
 
@@ -167,6 +169,15 @@ def _prepare(plan: Plan, relay: Relay | None) -> Callable[[Any], Awaitable[Any]]
 
 
 async def evaluate_on(
+    cluster: RayCluster, prompt: Prompt, examples: Iterable[Example], **options: Any
+) -> Evaluation:
+    """`evaluate` on ``cluster``, in its ``evaluate`` span (the workers' spans join it)."""
+    name = getattr(options.get("model"), "name", None)
+    with run_span("evaluate", name, **{"engine.cluster": cluster.address}):
+        return await _evaluate_on(cluster, prompt, examples, **options)
+
+
+async def _evaluate_on(
     cluster: RayCluster,
     prompt: Prompt,
     examples: Iterable[Example],

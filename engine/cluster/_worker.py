@@ -29,6 +29,7 @@ from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
 from ..cache import Cache, PostgresStore
 from ..endpoint import Endpoint, Limits, RetryPolicy
+from ..tracing import adopt_trace
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch
@@ -72,6 +73,7 @@ class Job:
     ledger: Any = None  # the SpendLedger actor handle, when the run has a budget meter
     check_metric: bool = True
     secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
+    trace_context: dict[str, str] = field(default_factory=dict)  # the driver's trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +255,7 @@ class ClusterWorker:
         """Evaluate one batch; stops early (with what it has) when racing says so."""
         opened = await self._open(job_id, box)
         job = opened.job
+        adopt_trace(job.trace_context)  # this call's task continues the driver's trace
         examples = await batch.load()
         cache, seeded = opened.batch_cache(batch)
         reporter = RaceReporter(job.tally, job.job_id, batch.seq) if job.tally is not None else None

@@ -42,6 +42,7 @@ from .._prompt import Prompt
 from .._protocols import ChatModel
 from .._types import Completion, Usage
 from ..cache import request_hash
+from ..tracing import attempt_span, instrumented
 from ._breaker import CircuitBreaker
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
@@ -251,6 +252,7 @@ class Endpoint:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
         limiter = self.limiter
+        queued = self._clock() if instrumented() else 0.0  # a traced attempt reports its wait
         await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
         try:
             self.breaker.check(self.name)
@@ -262,7 +264,8 @@ class Endpoint:
             if call.give_up_at is not None:  # no attempt may outlive the deadline
                 left = max(0.001, call.give_up_at - self._clock())
                 timeout = left if timeout is None else min(timeout, left)
-            return await self._attempt(messages, params, timeout)
+            attempt = self._attempt(messages, params, timeout)
+            return await attempt_span(attempt, self, messages, params, call.count, queued)
         finally:
             limiter.release()
 

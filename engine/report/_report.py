@@ -105,6 +105,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     judged_on: str = "train"  # the set best_score and every whole-set decision used
     pool: list[PoolRecord] = field(default_factory=list)  # pareto only
+    tracking: dict[str, str] = field(default_factory=dict)  # {"mlflow_run_id": ...}
 
     @property
     def proposals(self) -> list[ProposalRecord]:
