@@ -16,11 +16,13 @@ from engine.testing import ScriptedModel, ScriptedRequest, transient_faults
 from .scripted import ArithmeticCoach, ArithmeticModel, arithmetic_examples
 
 if TYPE_CHECKING:
+    from .anthropic import AnthropicChat
     from .openai_batch import OpenAIBatch
     from .openai_chat import OpenAIChat
     from .simulated_server import ServerConfig, SimulatedServer
 
 __all__ = [
+    "AnthropicChat",
     "ArithmeticCoach",
     "ArithmeticModel",
     "OpenAIBatch",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AnthropicChat": "anthropic",
     "OpenAIChat": "openai_chat",
     "OpenAIBatch": "openai_batch",
     "ServerConfig": "simulated_server",

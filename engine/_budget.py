@@ -18,16 +18,34 @@ __all__ = ["DEFAULT_PRICES", "Budget", "BudgetMeter", "Price"]
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """US dollars per million prompt and completion tokens."""
+    """US dollars per million prompt and completion tokens.
+
+    Prompt-cache tokens counted apart from the prompt (`Usage`'s cache fields) cost
+    ``cache_write_per_million`` and ``cache_read_per_million``; by default as Anthropic
+    prices them, 1.25x and 0.1x the input price.
+    """
 
     input_per_million: float
     output_per_million: float
+    cache_write_per_million: float | None = None
+    cache_read_per_million: float | None = None
 
     def cost(self, usage: Usage) -> float:
+        write = self.cache_write_per_million
+        read = self.cache_read_per_million
         return (
             usage.prompt_tokens * self.input_per_million
             + usage.completion_tokens * self.output_per_million
+            + usage.cache_creation_input_tokens
+            * (write if write is not None else _CACHE_WRITE * self.input_per_million)
+            + usage.cache_read_input_tokens
+            * (read if read is not None else _CACHE_READ * self.input_per_million)
         ) / 1_000_000
+
+
+# Anthropic's prompt-cache prices relative to input: a 5-minute cache write, a read.
+_CACHE_WRITE = 1.25
+_CACHE_READ = 0.1
 
 
 # List prices (USD per 1M tokens) as published by OpenAI; override with Budget(prices=).
