@@ -17,6 +17,7 @@ from .scripted import ArithmeticCoach, ArithmeticModel, arithmetic_examples
 
 if TYPE_CHECKING:
     from .anthropic import AnthropicChat
+    from .gemini import GeminiChat
     from .openai_batch import OpenAIBatch
     from .openai_chat import OpenAIChat
     from .simulated_server import ServerConfig, SimulatedServer
@@ -25,6 +26,7 @@ __all__ = [
     "AnthropicChat",
     "ArithmeticCoach",
     "ArithmeticModel",
+    "GeminiChat",
     "OpenAIBatch",
     "OpenAIChat",
     "ScriptedModel",
@@ -37,6 +39,7 @@ __all__ = [
 
 _LAZY = {
     "AnthropicChat": "anthropic",
+    "GeminiChat": "gemini",
     "OpenAIChat": "openai_chat",
     "OpenAIBatch": "openai_batch",
     "ServerConfig": "simulated_server",
