@@ -33,6 +33,8 @@ __all__ = ["LimiterStatistics", "Limits", "RateLimiter", "SplitBucket"]
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
 _LEARNED_MARGIN = 0.95
+# A pause that moves a closed gate later by less than this is the same pause.
+_SAME_PAUSE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -210,14 +212,23 @@ class RateLimiter:
     def pause(self, seconds: float) -> bool:
         """Close the gate for every worker for ``seconds`` (extends, never shortens).
 
-        Returns whether the gate now closes later than it did.
+        Returns whether this is a new pause: the gate was open, or now closes at least
+        a quarter of a second later than it did (a later close by less is the same
+        pause, reported by another worker's request; the gate moves to it silently).
         """
-        until = self._clock() + max(0.0, seconds)
-        if until > self._paused_until:
-            self._paused_until = until
-            self._pauses += 1
-            return True
-        return False
+        now = self._clock()
+        until = now + max(0.0, seconds)
+        if until <= self._paused_until:
+            return False
+        # The 429s of the requests in flight when the provider began refusing say the
+        # same thing, each a few milliseconds later (Gemini's retryDelay is the time
+        # left): one pause, not one per worker.  The gate still moves to the latest.
+        same = self._paused_until > now and until - self._paused_until < _SAME_PAUSE
+        self._paused_until = until
+        if same:
+            return False
+        self._pauses += 1
+        return True
 
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
