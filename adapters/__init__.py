@@ -18,6 +18,7 @@ from .scripted import ArithmeticCoach, ArithmeticModel, arithmetic_examples
 if TYPE_CHECKING:
     from .anthropic import AnthropicChat
     from .gemini import GeminiChat
+    from .litellm_chat import LiteLLMChat
     from .openai_batch import OpenAIBatch
     from .openai_chat import OpenAIChat
     from .simulated_server import ServerConfig, SimulatedServer
@@ -27,6 +28,7 @@ __all__ = [
     "ArithmeticCoach",
     "ArithmeticModel",
     "GeminiChat",
+    "LiteLLMChat",
     "OpenAIBatch",
     "OpenAIChat",
     "ScriptedModel",
@@ -40,6 +42,7 @@ __all__ = [
 _LAZY = {
     "AnthropicChat": "anthropic",
     "GeminiChat": "gemini",
+    "LiteLLMChat": "litellm_chat",
     "OpenAIChat": "openai_chat",
     "OpenAIBatch": "openai_batch",
     "ServerConfig": "simulated_server",
