@@ -17,6 +17,7 @@ from .scripted import ArithmeticCoach, ArithmeticModel, arithmetic_examples
 
 if TYPE_CHECKING:
     from .anthropic import AnthropicChat
+    from .anthropic_batch import AnthropicBatch
     from .gemini import GeminiChat
     from .litellm_chat import LiteLLMChat
     from .openai_batch import OpenAIBatch
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .simulated_server import ServerConfig, SimulatedServer
 
 __all__ = [
+    "AnthropicBatch",
     "AnthropicChat",
     "ArithmeticCoach",
     "ArithmeticModel",
@@ -40,6 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AnthropicBatch": "anthropic_batch",
     "AnthropicChat": "anthropic",
     "GeminiChat": "gemini",
     "LiteLLMChat": "litellm_chat",

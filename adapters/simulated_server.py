@@ -51,6 +51,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import _fake
+from ._simulated_anthropic_batches import AnthropicBatchService
 from ._simulated_native import native_routes
 from .simulated_batches import BatchService
 
@@ -527,6 +528,7 @@ class SimulatedServer:
             null_content_rate=self.config.null_content_rate,
             null_content_kind=self.config.null_content_kind,
         )
+        self.anthropic_batches = AnthropicBatchService(self.config)  # /v1/messages/batches
         self._fast = fast
         self._port = port
         self._sock: socket.socket | None = None
@@ -550,6 +552,7 @@ class SimulatedServer:
                 *self.batches.routes(),
                 # the native dialects hang beside OpenAI's (always served), routed by path
                 *native_routes(self.config, self.stats, self.config.dialects),
+                *self.anthropic_batches.routes(),
             ]
         )
 

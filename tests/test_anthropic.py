@@ -324,3 +324,99 @@ async def test_1000_examples_under_a_binding_itpm_otpm_pair_lose_nothing(
     stats = server.stats
     assert result.completed == 1000 and result.errors == 0 and result.score == 1.0
     assert stats.rate_limited <= (0.02 if configured else 0.10) * stats.received
+
+
+# -- the Message Batches API --------------------------------------------------------------
+async def _batch_run(config: ServerConfig, tmp_path: Any, n: int = 40, **options: Any) -> tuple:
+    from adapters.anthropic_batch import AnthropicBatch
+    from engine import Cache
+
+    data = echo_examples(n)
+    async with SimulatedServer(config) as server:
+        async with (
+            AnthropicBatch(base_url=server.root_url, poll_interval=0.05, **options) as batch,
+            Cache.sqlite(str(tmp_path / "c.sqlite")) as cache,
+            AnthropicChat(base_url=server.root_url, limits=Limits(concurrency=8)) as chat,
+        ):
+            endpoint = Endpoint(chat, retry=FAST)
+            report = await batch.prefill(qa_prompt(), data, cache=cache, model=endpoint)
+            result = await evaluate(
+                qa_prompt(), data, model=endpoint, metric=ExactMatch(), cache=cache
+            )
+            again = await batch.prefill(qa_prompt(), data, cache=cache, model=endpoint)
+    return report, result, again, server
+
+
+async def test_batch_fills_the_cache_and_failed_items_go_through_the_normal_path(
+    tmp_path: Any,
+) -> None:
+    config = ServerConfig(batch_delay=0.2, batch_failure_rate=0.2, null_content_rate=0.1, seed=4)
+    report, result, again, server = await _batch_run(config, tmp_path)
+    stats = server.anthropic_batches.stats
+    assert report.submitted == 40 and stats.polls >= 2  # it really waited for the batch
+    assert report.failed == stats.errored + stats.null_contents > 0
+    assert report.filled == 40 - report.failed
+    reasons = set(report.failures.values())
+    assert any(r.startswith("errored") for r in reasons) and any("refused" in r for r in reasons)
+    # exactly the failed items were paid through the chat path, then everything scored
+    # (a refused item is refused again there: its outcome says so, never a prediction)
+    assert server.stats.paid == report.failed == result.calls
+    assert result.completed == 40 and result.cache_hits == report.filled
+    assert result.errors == server.stats.null_contents
+    assert again.submitted == result.errors and again.already_cached == 40 - result.errors
+
+
+async def test_expired_batch_items_are_reported_and_completed_normally(tmp_path: Any) -> None:
+    report, result, _, server = await _batch_run(
+        ServerConfig(batch_delay=0.05, batch_expire=True), tmp_path, max_requests_per_batch=15
+    )
+    assert len(report.batches) == 3 and set(report.statuses.values()) == {"ended"}
+    assert report.expired == server.anthropic_batches.stats.expired > 0
+    assert set(report.failures.values()) == {"expired"}
+    assert server.stats.paid == report.expired and result.score == 1.0
+    assert result.completed == 40 and result.errors == 0
+
+
+def test_cli_evaluate_with_an_anthropic_batch_section(tmp_path: Any) -> None:
+    """The CLI's [batch] section takes AnthropicBatch as it takes OpenAIBatch."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = ServerConfig(batch_delay=0.1, batch_failure_rate=0.1, seed=2)
+    with SimulatedServer(config) as server:
+        rows = [
+            json.dumps({"id": f"b{i}", "question": f"q{i}", "expected": f"q{i}"}) for i in range(30)
+        ]
+        (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+        (tmp_path / "run.toml").write_text(f"""
+[prompt]
+messages = [{{ role = "user", content = "{{question}}" }}]
+model = "sim"
+[data]
+train = "data.jsonl"
+[model]
+adapter = "adapters.anthropic:AnthropicChat"
+options = {{ base_url = "{server.root_url}" }}
+[batch]
+adapter = "adapters.anthropic_batch:AnthropicBatch"
+options = {{ base_url = "{server.root_url}", poll_interval = 0.05 }}
+[cache]
+path = "cache.sqlite"
+[output]
+dir = "out"
+""")
+        done = subprocess.run(
+            [sys.executable, "-m", "engine", "evaluate", str(tmp_path / "run.toml"), "--quiet"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["completed"] == 30 and summary["score"] == 1.0
+    errored = server.anthropic_batches.stats.errored
+    assert server.stats.paid == errored == summary["calls"]
+    assert f"batch: {30 - errored} of 30 filled" in done.stderr
