@@ -27,6 +27,7 @@ from typing import Any
 
 from engine import (
     AsyncCloseable,
+    AuthenticationError,
     CallTimeoutError,
     Completion,
     ConfigError,
@@ -51,6 +52,8 @@ _QUOTA_WORDS = (
     "enforced_spend_limit_reached",
     "PerDay",
 )
+# LiteLLM reports a missing key as a 500 (InternalServerError): fatal, not transient.
+_NO_KEY_WORDS = ("Missing credentials", "api_key client option must be set")
 
 
 def load_litellm() -> Any:
@@ -82,6 +85,10 @@ def translate_litellm_error(
     message = scrub(str(getattr(exc, "message", None) or exc), secrets)
     name = type(exc).__name__
     status = getattr(exc, "status_code", None)
+    if any(word in message for word in _NO_KEY_WORDS):
+        return AuthenticationError(
+            f"no credentials reached the provider: {message}", endpoint=endpoint, status=status
+        )
     if name == "Timeout":
         return CallTimeoutError(f"the request timed out: {message}", endpoint=endpoint)
     if name == "APIConnectionError":

@@ -52,7 +52,10 @@ def _chat(row: str, root: str) -> Any:
         from adapters.litellm_chat import LiteLLMChat
 
         return LiteLLMChat(
-            model="openai/demo", api_base=root + "/v1", limits=Limits(rpm=RPM, concurrency=64)
+            model="openai/demo",
+            api_base=root + "/v1",
+            api_key="sk-simulated",
+            limits=Limits(rpm=RPM, concurrency=64),
         )
     raise SystemExit(f"unknown row {row!r}")
 

@@ -103,3 +103,26 @@ async def test_a_configured_rpm_holds_with_no_429_beyond_the_engines() -> None:
             )
     assert result.completed == 200 and result.errors == 0 and result.score == 1.0
     assert server.stats.rate_limited <= 0.02 * server.stats.received
+
+
+# LiteLLM's own leak on this path (it makes the SDK call's coroutine, then fails on the
+# missing key before awaiting it): not ours, and only here.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object OpenAIChatCompletion.acompletion"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+async def test_missing_credentials_are_fatal_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteLLM reports a missing key as a 500 (InternalServerError): it must stop the run
+    as bad credentials do, not be retried for every example."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    async with SimulatedServer(ServerConfig()) as server:
+        chat = LiteLLMChat(model="openai/demo", api_base=server.base_url)
+        with pytest.raises(AuthenticationError) as info:
+            await evaluate(
+                qa_prompt(),
+                echo_examples(50),
+                model=Endpoint(chat, retry=FAST),
+                metric=ExactMatch(),
+            )
+    assert "credentials" in str(info.value) and server.stats.received == 0
+    assert info.value.attempts == 1
