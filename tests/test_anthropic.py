@@ -420,3 +420,30 @@ dir = "out"
     errored = server.anthropic_batches.stats.errored
     assert server.stats.paid == errored == summary["calls"]
     assert f"batch: {30 - errored} of 30 filled" in done.stderr
+
+
+def test_native_adapters_import_no_sdk_and_pickle_as_their_arguments() -> None:
+    """Anthropic, Gemini and the batch adapter run on aiohttp: importing them (and the
+    LiteLLM adapter's class) imports no provider SDK; a cluster worker gets a copy
+    built from the constructor arguments, with the same cache identity."""
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from adapters import AnthropicChat, AnthropicBatch, GeminiChat, LiteLLMChat; "
+        "print(sorted(m for m in ('openai', 'litellm', 'anthropic', 'google.genai', 'httpx2') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    from adapters.gemini import GeminiChat
+
+    for chat in (
+        AnthropicChat(base_url="http://127.0.0.1:9", api_key=KEY, default_max_tokens=64),
+        GeminiChat(base_url="http://127.0.0.1:9", api_key=KEY, model="gemini-x"),
+    ):
+        copy = pickle.loads(pickle.dumps(chat))
+        assert type(copy) is type(chat) and copy.cache_identity == chat.cache_identity
+    assert pickle.loads(pickle.dumps(chat)).model == "gemini-x"
