@@ -51,6 +51,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import _fake
+from ._simulated_anthropic_batches import AnthropicBatchService
+from ._simulated_native import native_routes
 from .simulated_batches import BatchService
 
 __all__ = [
@@ -106,6 +108,15 @@ class ServerConfig:
     batch_delay: float = 0.5
     batch_failure_rate: float = 0.0
     batch_expire: bool = False
+    # the native dialects (adapters._simulated_native): see its docstring
+    dialects: tuple[str, ...] = ("openai", "anthropic", "gemini")
+    input_tpm: float | None = None
+    output_tpm: float | None = None
+    overloaded_rate: float = 0.0
+    spend_limit: bool = False
+    daily_quota: bool = False
+    throttle_after: int | None = None
+    throttle_seconds: float = 3.0
 
 
 @dataclass
@@ -139,6 +150,7 @@ class ServerStats:
     routes: dict[str, int] = field(default_factory=dict)
     last_request: dict[str, Any] | None = None
     client_ports: set[int] = field(default_factory=set)
+    overloaded: int = 0  # Anthropic 529s and Gemini 503s injected (native dialects)
 
     @property
     def connections(self) -> int:
@@ -516,6 +528,7 @@ class SimulatedServer:
             null_content_rate=self.config.null_content_rate,
             null_content_kind=self.config.null_content_kind,
         )
+        self.anthropic_batches = AnthropicBatchService(self.config)  # /v1/messages/batches
         self._fast = fast
         self._port = port
         self._sock: socket.socket | None = None
@@ -537,6 +550,9 @@ class SimulatedServer:
                 ),
                 Route("/_stats", endpoint=stats, methods=["GET"]),
                 *self.batches.routes(),
+                # the native dialects hang beside OpenAI's (always served), routed by path
+                *native_routes(self.config, self.stats, self.config.dialects),
+                *self.anthropic_batches.routes(),
             ]
         )
 
@@ -548,6 +564,12 @@ class SimulatedServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """The root the native dialects' adapters take as ``base_url`` (Anthropic's
+        ``/v1/messages`` and Gemini's ``/v1beta/models/...`` hang under it)."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def azure_endpoint(self) -> str:
@@ -653,15 +675,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer)")
     parser.add_argument("--api-key-header", action="store_true", help="also accept api-key:")
     parser.add_argument("--fast", action="store_true", help="uvloop + httptools if installed")
+    _native_options(parser)
     return parser
+
+
+def _native_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the native dialects (Anthropic, Gemini)."""
+    parser.add_argument(
+        "--dialect",
+        dest="dialects",
+        action="append",
+        choices=("openai", "anthropic", "gemini"),
+        help="serve this native dialect beside OpenAI's (repeat for several; default: all)",
+    )
+    for name in ("input-tpm", "output-tpm"):
+        parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--overloaded-rate", type=float, default=0.0, help="529 / 503 overloaded")
+    parser.add_argument("--spend-limit", action="store_true", help="Anthropic spend limit reached")
+    parser.add_argument("--daily-quota", action="store_true", help="Gemini daily quota exhausted")
+    parser.add_argument("--throttle-after", type=int, help="429s after this many paid requests")
+    parser.add_argument("--throttle-seconds", type=float, default=3.0)
 
 
 def main() -> None:
     args = vars(_parser().parse_args())
     port, fast = args.pop("port"), args.pop("fast")
+    args["dialects"] = tuple(args["dialects"] or ("openai", "anthropic", "gemini"))
     config = ServerConfig(**args)
     with SimulatedServer(config, port=port, fast=fast) as server:
         sys.stderr.write(f"simulated provider on {server.base_url} (Ctrl-C to stop)\n")
+        for dialect in set(config.dialects) - {"openai"}:
+            sys.stderr.write(f"  {dialect} dialect: base_url {server.root_url}\n")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()  # until Ctrl-C
 

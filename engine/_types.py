@@ -86,19 +86,33 @@ class Example:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of one call."""
+    """Token counts of one call.
+
+    ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` are prompt tokens
+    written to and read from a provider's prompt cache where the provider counts them
+    apart from ``prompt_tokens`` (Anthropic); they are priced apart (see `Price`).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        """Every prompt token the provider processed, cached or not."""
+        return self.prompt_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
     @property
     def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+        return self.input_tokens + self.completion_tokens
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
+            self.cache_creation_input_tokens + other.cache_creation_input_tokens,
+            self.cache_read_input_tokens + other.cache_read_input_tokens,
         )
 
 
@@ -107,7 +121,9 @@ class RateLimitSnapshot:
     """What a provider said about its limits in one response's headers.
 
     ``reset_*`` are seconds until the limit is *fully* restored (OpenAI's meaning),
-    not until the next call is allowed.
+    not until the next call is allowed.  ``*_input_tokens`` and ``*_output_tokens`` are
+    for providers that limit prompt and completion tokens apart (Anthropic's ITPM and
+    OTPM).
     """
 
     limit_requests: int | None = None
@@ -116,6 +132,12 @@ class RateLimitSnapshot:
     remaining_tokens: int | None = None
     reset_requests: float | None = None
     reset_tokens: float | None = None
+    limit_input_tokens: int | None = None
+    remaining_input_tokens: int | None = None
+    reset_input_tokens: float | None = None
+    limit_output_tokens: int | None = None
+    remaining_output_tokens: int | None = None
+    reset_output_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

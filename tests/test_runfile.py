@@ -465,3 +465,20 @@ async def test_selection_keys_reach_optimize(tmp_path: Path) -> None:
     assert result.report.settings["tie_break"] == ["cost", "length"]
     bad = _error(tmp_path, BASE + '\n[trainer]\nselection = "best"\n')
     assert "[trainer] selection" in bad
+
+
+def test_an_anthropic_endpoint_with_input_and_output_limits_loads_and_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: the two-line change to Claude, ITPM and OTPM as limits."""
+    text = BASE.replace(
+        'adapter = "adapters.scripted:ArithmeticModel"',
+        'adapter = "adapters.anthropic:AnthropicChat"\n'
+        'api_key_env = "ANTHROPIC_API_KEY"\n'
+        "limits = { rpm = 4000, input_tpm = 2000000, output_tpm = 400000 }",
+    )
+    run = load_run_file(_write(tmp_path, text))
+    assert run.model.limits == Limits(rpm=4000, input_tpm=2_000_000, output_tpm=400_000)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-runfile-test-0000000000")
+    chat = run.model.build()
+    assert type(chat).__name__ == "AnthropicChat" and chat.limits == run.model.limits

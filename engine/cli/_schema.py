@@ -85,6 +85,8 @@ class LimitsSection(_Section, frozen=True):
     tpm: PositiveFloat | None = None
     concurrency: PositiveInt | None = None
     burst: PositiveFloat | None = None
+    input_tpm: PositiveFloat | None = None  # Anthropic's ITPM
+    output_tpm: PositiveFloat | None = None  # Anthropic's OTPM
 
 
 class RetrySection(_Section, frozen=True):

@@ -96,7 +96,7 @@ class _Counters:
 class _Attempts:
     """One call's progress through its attempts: count, deadline, who to tell."""
 
-    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name")
+    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name", "split")
 
     def __init__(
         self,
@@ -107,6 +107,7 @@ class _Attempts:
     ) -> None:
         self.count = 0
         self.estimate = 0  # tokens charged up front for the current attempt
+        self.split = (0, 0)  # input and output tokens reserved up front (ITPM, OTPM)
         self.give_up_at = give_up_at  # clock time past which nothing may wait
         self.model_name = model_name
         self.meter = meter
@@ -244,6 +245,8 @@ class Endpoint:
             if call.estimate:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
+            if call.split != (0, 0):
+                await self._settle_split(call.split, completion.usage)
             return CallResult(completion, call.count)
 
     async def _attempt_under_limits(
@@ -251,9 +254,15 @@ class Endpoint:
     ) -> Completion:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
+        call.split = self._estimate_split(messages, params)
         limiter = self.limiter
         queued = self._clock() if instrumented() else 0.0  # a traced attempt reports its wait
-        await limiter.acquire(estimated_tokens=call.estimate, admit=lambda w: self._admit(w, call))
+        await limiter.acquire(
+            estimated_tokens=call.estimate,
+            admit=lambda w: self._admit(w, call),
+            input_tokens=call.split[0],
+            output_tokens=call.split[1],
+        )
         try:
             self.breaker.check(self.name)
             if call.meter is not None:
@@ -418,6 +427,29 @@ class Endpoint:
         guess = self._completion_tokens_avg or _DEFAULT_COMPLETION_TOKENS
         expected = int(min(guess, cap) if isinstance(cap, int) else guess)
         return estimate_request_tokens(messages, expected)
+
+    def _estimate_split(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]
+    ) -> tuple[int, int]:
+        """Input tokens (estimated) and output tokens (``max_tokens``, else the adapter's
+        default, else the running guess) to reserve where they are limited apart."""
+        if not self.limiter.counts_split_tokens:
+            return 0, 0
+        cap = params.get("max_tokens") or params.get("max_completion_tokens")
+        if not isinstance(cap, int):
+            cap = getattr(self.model, "default_max_tokens", None)
+        guess = self._completion_tokens_avg or _DEFAULT_COMPLETION_TOKENS
+        output = cap if isinstance(cap, int) and cap > 0 else int(guess)
+        return estimate_request_tokens(messages, 0), output
+
+    async def _settle_split(self, split: tuple[int, int], usage: Usage) -> None:
+        # cache reads do not count against Anthropic's ITPM; cache writes do
+        await self.limiter.reconcile_split(
+            input_estimate=split[0],
+            input_actual=usage.prompt_tokens + usage.cache_creation_input_tokens,
+            output_estimate=split[1],
+            output_actual=usage.completion_tokens,
+        )
 
     def statistics(self) -> EndpointStatistics:
         c = self._counters

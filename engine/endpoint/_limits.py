@@ -28,11 +28,13 @@ from .._clock import Clock, loop_time
 from .._errors import ConfigError
 from .._types import RateLimitSnapshot
 
-__all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
+__all__ = ["LimiterStatistics", "Limits", "RateLimiter", "SplitBucket"]
 
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
 _LEARNED_MARGIN = 0.95
+# A pause that moves a closed gate later by less than this is the same pause.
+_SAME_PAUSE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,6 +46,12 @@ class Limits:
             ``x-ratelimit-limit-requests`` headers, see `RateLimiter.observe`).
         tpm: tokens per minute (prompt + completion, estimated before the call and
             reconciled with the usage the provider reports), or ``None``.
+        input_tpm: prompt tokens per minute, for providers that limit input and output
+            apart (Anthropic's ITPM); the estimate is reserved before the call and
+            reconciled both ways with the reported usage.  Or learned from headers.
+        output_tpm: completion tokens per minute (Anthropic's OTPM): ``max_tokens`` is
+            reserved before the call (as the provider does) and what the answer did
+            not use is given back after it.
         concurrency: calls in flight at once.
         burst: requests admitted back to back from an idle bucket; defaults to a tenth
             of a second's worth of ``rpm`` (at least 1).
@@ -53,9 +61,11 @@ class Limits:
     tpm: float | None = None
     concurrency: int = 32
     burst: float | None = None
+    input_tpm: float | None = None
+    output_tpm: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst"):
+        for name in ("rpm", "tpm", "burst", "input_tpm", "output_tpm"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or not value > 0):
                 raise ConfigError(f"Limits.{name} must be a positive number or None, got {value!r}")
@@ -80,11 +90,25 @@ class LimiterStatistics:
     pauses: int
     learned: bool
     announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
+    input_tpm: float | None = None  # the input-token rate in force (configured or learned)
+    output_tpm: float | None = None  # the output-token rate in force
 
 
 def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
     # capacity units drain at per_minute/60 per second
     return AsyncLimiter(capacity, capacity / (per_minute / 60.0))
+
+
+def _token_bucket(per_minute: float) -> AsyncLimiter:
+    return _bucket(per_minute, max(1.0, per_minute / 60.0))  # one second's worth
+
+
+def _give_back(bucket: AsyncLimiter, amount: float) -> None:
+    """Return ``amount`` reserved but not used.  aiolimiter has no public refund: its
+    level is lowered directly, and the next waiter woken to see the room."""
+    bucket._leak()
+    bucket._level = max(0.0, bucket._level - amount)
+    bucket._wake_next()
 
 
 class _Pacer:
@@ -123,8 +147,10 @@ class RateLimiter:
         "_announced",
         "_capacity",
         "_clock",
+        "_input",
         "_learned",
         "_limits",
+        "_output",
         "_pacer",
         "_paused_until",
         "_pauses",
@@ -153,6 +179,12 @@ class RateLimiter:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
             self._set_tpm(self._limits.tpm)
+        self._input: SplitBucket | None = None  # input tokens (ITPM), None = unlimited
+        self._output: SplitBucket | None = None  # output tokens (OTPM), None = unlimited
+        if self._limits.input_tpm is not None:
+            self._input = SplitBucket(self._limits.input_tpm)
+        if self._limits.output_tpm is not None:
+            self._output = SplitBucket(self._limits.output_tpm)
 
     @property
     def limits(self) -> Limits:
@@ -162,6 +194,11 @@ class RateLimiter:
     def counts_tokens(self) -> bool:
         """Whether a TPM bucket is in force (configured or learned from headers)."""
         return self._tokens is not None
+
+    @property
+    def counts_split_tokens(self) -> bool:
+        """Whether an input or output token bucket is in force (configured or learned)."""
+        return self._input is not None or self._output is not None
 
     def _set_rpm(self, rpm: float) -> None:
         self._rpm = rpm
@@ -175,14 +212,23 @@ class RateLimiter:
     def pause(self, seconds: float) -> bool:
         """Close the gate for every worker for ``seconds`` (extends, never shortens).
 
-        Returns whether the gate now closes later than it did.
+        Returns whether this is a new pause: the gate was open, or now closes at least
+        a quarter of a second later than it did (a later close by less is the same
+        pause, reported by another worker's request; the gate moves to it silently).
         """
-        until = self._clock() + max(0.0, seconds)
-        if until > self._paused_until:
-            self._paused_until = until
-            self._pauses += 1
-            return True
-        return False
+        now = self._clock()
+        until = now + max(0.0, seconds)
+        if until <= self._paused_until:
+            return False
+        # The 429s of the requests in flight when the provider began refusing say the
+        # same thing, each a few milliseconds later (Gemini's retryDelay is the time
+        # left): one pause, not one per worker.  The gate still moves to the latest.
+        same = self._paused_until > now and until - self._paused_until < _SAME_PAUSE
+        self._paused_until = until
+        if same:
+            return False
+        self._pauses += 1
+        return True
 
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
@@ -202,9 +248,15 @@ class RateLimiter:
 
     # -- admission --------------------------------------------------------------------
     async def acquire(
-        self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
+        self,
+        *,
+        estimated_tokens: int = 0,
+        admit: Callable[[float], None] | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> None:
-        """Take one concurrency slot, one request and ``estimated_tokens`` of budget;
+        """Take one concurrency slot, one request and ``estimated_tokens`` of budget
+        (and ``input_tokens`` / ``output_tokens`` where those are limited apart);
         give the slot back with `release` (or use `slot`).
 
         The gate is checked again after the buckets: a 429 seen by another worker while
@@ -221,6 +273,10 @@ class RateLimiter:
                 await self._requests.acquire()
             if self._tokens is not None and estimated_tokens > 0:
                 await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
+            if self._input is not None:
+                await self._input.take(input_tokens)
+            if self._output is not None:
+                await self._output.take(output_tokens)
             if self._paused_until != -math.inf:
                 await self.wait_until_open(admit)
             if self._pacer is not None:
@@ -272,6 +328,32 @@ class RateLimiter:
         if self._tokens is not None and extra > 0:
             await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
 
+    async def reconcile_split(
+        self, *, input_estimate: int, input_actual: int, output_estimate: int, output_actual: int
+    ) -> None:
+        """Settle the input and output buckets with the usage the provider reported:
+        charge what the reservation missed, give back what it held and went unused
+        (Anthropic reserves ``max_tokens`` of OTPM and settles the same way)."""
+        for bucket, estimate, actual in (
+            (self._input, input_estimate, input_actual),
+            (self._output, output_estimate, output_actual),
+        ):
+            if bucket is not None:
+                await bucket.settle(estimate, actual)
+
+    def _observe_split(self, snapshot: RateLimitSnapshot) -> None:
+        """Learn the input and output token rates (Anthropic's ITPM and OTPM)."""
+        if self._limits.input_tpm is None and snapshot.limit_input_tokens:
+            target = snapshot.limit_input_tokens * _LEARNED_MARGIN
+            if self._input is None or abs(self._input.per_minute - target) > 1e-9:
+                self._input = SplitBucket(target)
+                self._learned = True
+        if self._limits.output_tpm is None and snapshot.limit_output_tokens:
+            target = snapshot.limit_output_tokens * _LEARNED_MARGIN
+            if self._output is None or abs(self._output.per_minute - target) > 1e-9:
+                self._output = SplitBucket(target)
+                self._learned = True
+
     def observe(self, snapshot: RateLimitSnapshot | None) -> None:
         """Learn from a response's rate-limit headers.
 
@@ -293,6 +375,8 @@ class RateLimiter:
             if self._tpm is None or abs(self._tpm - target) > 1e-9:
                 self._set_tpm(target)
                 self._learned = True
+        if snapshot.limit_input_tokens or snapshot.limit_output_tokens:
+            self._observe_split(snapshot)
         if snapshot.remaining_requests == 0:
             if snapshot.limit_requests:
                 self.pause(60.0 / snapshot.limit_requests)
@@ -309,6 +393,8 @@ class RateLimiter:
             pauses=self._pauses,
             learned=self._learned,
             announced=self._announced,
+            input_tpm=self._input.per_minute if self._input is not None else None,
+            output_tpm=self._output.per_minute if self._output is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -317,3 +403,32 @@ class RateLimiter:
             f"<RateLimiter in_flight={s.in_flight}/{s.concurrency} rpm={s.rpm} tpm={s.tpm} "
             f"paused_for={s.paused_for:.2f}s pauses={s.pauses}>"
         )
+
+
+class SplitBucket:
+    """One token bucket of a limit on input or output tokens alone, settled both ways.
+
+    ``take`` reserves before the call (at most one bucket's worth, so a reservation
+    larger than the bucket still goes through, alone); ``settle`` charges what the
+    reservation missed, or gives back what it held and the call did not use.
+    """
+
+    __slots__ = ("bucket", "per_minute")
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.bucket = _token_bucket(per_minute)
+
+    def charged(self, tokens: int) -> float:
+        return min(float(max(tokens, 0)), self.bucket.max_rate)
+
+    async def take(self, tokens: int) -> None:
+        if tokens > 0:
+            await self.bucket.acquire(self.charged(tokens))
+
+    async def settle(self, estimate: int, actual: int) -> None:
+        extra = actual - self.charged(estimate)
+        if extra > 0:
+            await self.bucket.acquire(min(extra, self.bucket.max_rate))
+        elif extra < 0:
+            _give_back(self.bucket, -extra)
