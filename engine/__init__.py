@@ -44,8 +44,6 @@ from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
-from ._settings import TrainerSettings
-from ._trainer import OptimizationResult, optimize
 from ._types import Completion, ErrorInfo, Example, MetricResult, RateLimitSnapshot, Usage
 from .cache import (
     Cache,
@@ -59,6 +57,7 @@ from .cache import (
 from .endpoint import Endpoint, EndpointStatistics, Limits, RetryPolicy, estimate_text_tokens
 from .report import ProposalRecord, RunReport, StepRecord
 from .stages import ApplyContext, ApplyStage, GradientContext, GradientStage, ProposalError
+from .training import OptimizationResult, TrainerSettings, optimize
 
 __version__ = "0.1.0"
 

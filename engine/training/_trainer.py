@@ -22,7 +22,7 @@ never a number lowered by a stale error.
 
 With ``parallel_proposals=1`` this is exactly the sequential method; with ``k > 1``,
 each attempt makes ``k`` proposals at once and keeps the best one that is accepted.
-How proposals are made and judged lives in `engine._proposals`.
+How proposals are made and judged lives in `engine.training._proposals`.
 """
 
 from __future__ import annotations
@@ -39,37 +39,27 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from ._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
-from ._budget import Budget, BudgetMeter
-from ._concurrency import run_all
-from ._errors import (
+from .._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
+from .._budget import Budget, BudgetMeter
+from .._concurrency import run_all
+from .._errors import (
     BadRequestError,
     BudgetExceededError,
     ConfigError,
     ProviderError,
     TooManyErrorsError,
 )
-from ._evaluate import evaluate, validate_examples
-from ._events import Emitter, EventCallback
-from ._outcome import Evaluation, GlobalMetric, Outcome
-from ._prompt import Prompt, render_value
-from ._proposals import Proposer, best_accepted, undecided
-from ._protocols import ChatModel, Metric
-from ._scoring import MetricRunner, check_metric
-from ._selection import (
-    Candidate,
-    ParetoPool,
-    TieKey,
-    cost_per_example,
-    prompt_length,
-    tie_key,
-)
-from ._settings import TrainerSettings
-from ._types import Example
-from .cache import Cache
-from .endpoint import Endpoint, Limits
-from .report import ProposalRecord, RunReport, StepRecord
-from .stages import (
+from .._evaluate import evaluate, validate_examples
+from .._events import Emitter, EventCallback
+from .._outcome import Evaluation, GlobalMetric, Outcome
+from .._prompt import Prompt, render_value
+from .._protocols import ChatModel, Metric
+from .._scoring import MetricRunner, check_metric
+from .._types import Example
+from ..cache import Cache
+from ..endpoint import Endpoint, Limits
+from ..report import ProposalRecord, RunReport, StepRecord
+from ..stages import (
     ApplyStage,
     GradientContext,
     GradientStage,
@@ -82,10 +72,20 @@ from .stages import (
     describe_task_messages,
     escape_surrogates,
 )
-from .tracing import run_span, span
+from ..tracing import run_span, span
+from ._proposals import Proposer, best_accepted, undecided
+from ._selection import (
+    Candidate,
+    ParetoPool,
+    TieKey,
+    cost_per_example,
+    prompt_length,
+    tie_key,
+)
+from ._settings import TrainerSettings
 
 if TYPE_CHECKING:
-    from .cluster import RayCluster
+    from ..cluster import RayCluster
 
 __all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 

@@ -17,10 +17,20 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._concurrency import run_all
-from ._errors import ConfigError, ProviderError
-from ._outcome import Evaluation, Outcome
-from ._prompt import Prompt
+from .._concurrency import run_all
+from .._errors import ConfigError, ProviderError
+from .._outcome import Evaluation, Outcome
+from .._prompt import Prompt
+from .._types import Example
+from ..report import ProposalRecord
+from ..stages import (
+    ApplyContext,
+    HistoryEntry,
+    ProposalError,
+    escape_surrogates,
+    validate_proposal,
+)
+from ..tracing import span
 from ._selection import (
     Candidate,
     TieKey,
@@ -31,16 +41,6 @@ from ._selection import (
     record_key,
     wins,
 )
-from ._types import Example
-from .report import ProposalRecord
-from .stages import (
-    ApplyContext,
-    HistoryEntry,
-    ProposalError,
-    escape_surrogates,
-    validate_proposal,
-)
-from .tracing import span
 
 if TYPE_CHECKING:
     from ._trainer import _Trainer
