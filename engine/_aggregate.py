@@ -26,6 +26,7 @@ __all__ = [
     "evaluation_summary",
     "global_scores",
     "is_mean",
+    "mean",
 ]
 
 IndexedResult = tuple[int, MetricResult | None, str]
@@ -34,9 +35,12 @@ IndexedResult = tuple[int, MetricResult | None, str]
 
 def is_mean(global_metric: GlobalMetric | None) -> bool:
     """Whether ``global_metric`` is the mean (for which racing has an exact bound)."""
-    from . import metrics  # a cycle at import time otherwise: metrics imports the endpoint
+    return global_metric is None or global_metric is mean
 
-    return global_metric is None or global_metric is metrics.mean
+
+def mean(results: Sequence[MetricResult]) -> float:
+    """The default global metric; NaN for no results (no score, never a silent 0)."""
+    return sum(r.score for r in results) / len(results) if results else math.nan
 
 
 def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetric | None) -> None:
