@@ -35,7 +35,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 
@@ -51,6 +51,7 @@ from .._errors import (
 )
 from .._evaluate import evaluate, validate_examples
 from .._events import Emitter, EventCallback
+from .._options import EvaluationBackend
 from .._outcome import Evaluation, GlobalMetric, Outcome
 from .._prompt import Prompt, render_value
 from .._protocols import ChatModel, Metric
@@ -83,9 +84,6 @@ from ._selection import (
     tie_key,
 )
 from ._settings import TrainerSettings
-
-if TYPE_CHECKING:
-    from ..cluster import RayCluster
 
 __all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 
@@ -126,7 +124,7 @@ class _Parts:
     events: Emitter
     metric_timeout: float | None
     metric_threads: int
-    cluster: RayCluster | None = None  # runs the whole-set evaluations; batches stay local
+    cluster: EvaluationBackend | None = None  # runs the whole-set evaluations; batches stay local
 
 
 def _metric_source(metric: Metric) -> str:
@@ -689,7 +687,7 @@ async def optimize(
     apply: ApplyStage | None = None,
     limits: Limits | None = None,
     optimizer_limits: Limits | None = None,
-    cluster: RayCluster | None = None,
+    cluster: EvaluationBackend | None = None,
     selection: Literal["greedy", "pareto"] = "greedy",
     accept_on: Literal["train", "val"] = "train",
     tie_break: Sequence[Literal["cost", "length"]] = (),
