@@ -693,6 +693,7 @@ async def optimize(
     tie_break: Sequence[Literal["cost", "length"]] = (),
     patience: int | None = None,
     merge: bool = False,
+    settings: TrainerSettings | None = None,
 ) -> OptimizationResult:
     """Optimize ``prompt`` on ``trainset`` with text gradients (TextGradientTrainer).
 
@@ -744,11 +745,15 @@ async def optimize(
         patience: stop after this many steps without a validation improvement.
         merge: pareto only: when two front members share an ancestor, a step may also
             propose their merge (one optimizer call), judged like any candidate.
+        settings: the method's settings as one `TrainerSettings` value instead of the
+            keywords above (batch_size ... merge).  It replaces their defaults; a
+            keyword given alongside it with a value other than its default must agree
+            with it, or `ConfigError` (no silent precedence).
 
     ``selection="pareto"``, ``accept_on="val"`` and ``patience`` need a ``valset``;
     without one they raise `ConfigError` before any call.
     """
-    settings = TrainerSettings(
+    given = TrainerSettings(
         batch_size=batch_size,
         max_proposals_per_step=max_proposals_per_step,
         history_size=history_size,
@@ -764,6 +769,7 @@ async def optimize(
         patience=patience,
         merge=merge,
     )
+    settings = _settings_of(given, settings)
     train, val = _checked_data(prompt, trainset, valset)
     needs = settings.needs_valset
     if needs is not None and not val:
@@ -799,6 +805,24 @@ async def optimize(
     )
     with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
         return await _Trainer(prompt, settings, parts).run()
+
+
+def _settings_of(given: TrainerSettings, settings: TrainerSettings | None) -> TrainerSettings:
+    """The run's settings: ``settings`` when passed, else the keywords (``given``).
+    A keyword set away from its default that disagrees with ``settings`` is an error."""
+    if settings is None:
+        return given
+    if not isinstance(settings, TrainerSettings):
+        raise ConfigError(f"settings must be a TrainerSettings, got {type(settings).__name__}")
+    conflicts = [
+        f"{name}={getattr(given, name)!r} (settings has {getattr(settings, name)!r})"
+        for name in (f.name for f in dataclasses.fields(TrainerSettings))
+        if getattr(given, name) != getattr(DEFAULTS, name)
+        and getattr(given, name) != getattr(settings, name)
+    ]
+    if conflicts:
+        raise ConfigError("optimize() keywords conflict with settings: " + ", ".join(conflicts))
+    return settings
 
 
 async def preflight_global_metric(
