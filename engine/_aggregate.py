@@ -12,13 +12,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import ConfigError, MetricError
+from ._errors import ConfigError, GlobalMetricError
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._tally import Tally
 from ._types import MetricResult
 
 __all__ = [
-    "GlobalMetricError",
     "check_global_metric",
     "check_racing",
     "checked_global",
@@ -51,16 +50,6 @@ def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetri
         raise ConfigError("must_beat (racing) needs a dataset with a known length")
     if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
         raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
-
-
-class GlobalMetricError(MetricError):
-    """The global metric raised, or returned something that is not a score in [0, 1].
-
-    ``report`` holds the run's report up to the stop when `optimize` raised it."""
-
-    def __init__(self, message: str, *, report: object = None) -> None:
-        self.report = report
-        super().__init__(message)
 
 
 def _name(metric: GlobalMetric) -> str:

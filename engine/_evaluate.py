@@ -31,13 +31,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._aggregate import check_racing, evaluation_summary, global_scores, is_mean
 from ._budget import BudgetMeter
 from ._context import lend
-from ._errors import ConfigError, EngineError, MetricError, ProviderError
+from ._errors import (
+    ConfigError,
+    EngineError,
+    MetricError,
+    MetricTimeoutError,
+    ProviderError,
+    StrayCancellationError,
+)
 from ._events import Emitter, EventCallback
 from ._options import ErrorPolicy, EvaluationBackend, EvaluationOptions, OutcomeCallback
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt, canonical_json
 from ._protocols import ChatModel, Metric
-from ._scoring import MetricRunner, MetricTimeoutError, check_metric
+from ._scoring import MetricRunner, check_metric
 from ._tally import Tally
 from ._types import ErrorInfo, Example, MetricResult
 from .cache import Cache, CachedPrediction, metric_identity, request_hash
@@ -52,11 +59,6 @@ __all__ = [
     "evaluate",
     "validate_examples",
 ]
-
-
-class StrayCancellationError(EngineError):
-    """A model or metric raised ``CancelledError`` while this evaluation was not being
-    cancelled (an inner task of theirs, cancelled elsewhere): an error of that example."""
 
 
 def being_cancelled() -> bool:

@@ -39,14 +39,16 @@ from typing import Any, Literal
 
 import anyio
 
-from .._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
+from .._aggregate import check_global_metric, conservative_score, is_mean
 from .._budget import Budget, BudgetMeter
 from .._concurrency import run_all
 from .._errors import (
     BadRequestError,
     BudgetExceededError,
     ConfigError,
+    GlobalMetricError,
     ProviderError,
+    StageError,
     TooManyErrorsError,
 )
 from .._evaluate import evaluate, validate_examples
@@ -68,7 +70,6 @@ from ..stages import (
     LLMApply,
     LLMGradient,
     OptimizerCaller,
-    StageError,
     describe_metric_messages,
     describe_task_messages,
     escape_surrogates,
