@@ -29,12 +29,16 @@ from ._errors import (
     DataError,
     EndpointUnreachableError,
     EngineError,
+    GlobalMetricError,
     MetricError,
+    MetricTimeoutError,
     NoContentError,
     PermanentError,
     ProviderError,
     QuotaExceededError,
     RateLimitedError,
+    StageError,
+    StrayCancellationError,
     TooManyErrorsError,
     TransientError,
 )
@@ -44,8 +48,6 @@ from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
-from ._settings import TrainerSettings
-from ._trainer import OptimizationResult, optimize
 from ._types import Completion, ErrorInfo, Example, MetricResult, RateLimitSnapshot, Usage
 from .cache import (
     Cache,
@@ -59,6 +61,7 @@ from .cache import (
 from .endpoint import Endpoint, EndpointStatistics, Limits, RetryPolicy, estimate_text_tokens
 from .report import ProposalRecord, RunReport, StepRecord
 from .stages import ApplyContext, ApplyStage, GradientContext, GradientStage, ProposalError
+from .training import OptimizationResult, TrainerSettings, optimize
 
 __version__ = "0.1.0"
 
@@ -93,6 +96,7 @@ __all__ = [
     "EventCallback",
     "Example",
     "GlobalMetric",
+    "GlobalMetricError",
     "GradientContext",
     "GradientStage",
     "Limits",
@@ -100,6 +104,7 @@ __all__ = [
     "Metric",
     "MetricError",
     "MetricResult",
+    "MetricTimeoutError",
     "NoContentError",
     "OptimizationResult",
     "Outcome",
@@ -116,7 +121,9 @@ __all__ = [
     "RetryPolicy",
     "RunReport",
     "SQLiteStore",
+    "StageError",
     "StepRecord",
+    "StrayCancellationError",
     "TooManyErrorsError",
     "TrainerSettings",
     "TransientError",

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from ._budget import BudgetMeter
-from ._errors import ConfigError, EngineError
+from ._errors import ConfigError, EngineError, StageError
 from ._events import Emitter
 from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
@@ -66,17 +66,6 @@ class ProposalError(EngineError):
 
     def __init__(self, message: str, *, raw: str | None = None) -> None:
         self.raw = escape_surrogates(raw) if raw is not None else None
-        super().__init__(message)
-
-
-class StageError(EngineError):
-    """A stage (describe, gradient or apply) that cannot work: a permanent error (bad
-    request, model not found) on every call it made.  ``stage`` names it; ``report``
-    holds the run's report up to the stop (a `RunReport`)."""
-
-    def __init__(self, message: str, *, stage: str, report: object = None) -> None:
-        self.stage = stage
-        self.report = report
         super().__init__(message)
 
 

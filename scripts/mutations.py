@@ -70,7 +70,7 @@ MUTATIONS = (
     ),
     Mutation(
         "full-set-tie-accepted",
-        "engine/_proposals.py",
+        "engine/training/_proposals.py",
         "if wins(full.conservative_score, key, bar, trainer.best_key()):",
         "if full.conservative_score >= bar:",
         ("tests/test_mutations.py", "tests/test_trainer.py"),
@@ -78,7 +78,7 @@ MUTATIONS = (
     ),
     Mutation(
         "batch-tie-accepted",
-        "engine/_proposals.py",
+        "engine/training/_proposals.py",
         "if not wins(on_batch.conservative_score, key, self.batch_score, self.batch_key):",
         "if not on_batch.conservative_score >= self.batch_score:",
         ("tests/test_trust.py", "tests/test_trainer.py"),
@@ -86,7 +86,7 @@ MUTATIONS = (
     ),
     Mutation(
         "perfect-ignores-errors",
-        "engine/_trainer.py",
+        "engine/training/_trainer.py",
         "record.perfect = current.errors == 0",
         "record.perfect = True",
         ("tests/test_mutations.py", "tests/test_trainer.py"),
@@ -94,7 +94,7 @@ MUTATIONS = (
     ),
     Mutation(
         "parallel-tie-break",
-        "engine/_proposals.py",
+        "engine/training/_proposals.py",
         "key=lambda p: (-(p.full_score or 0.0), record_key(p, tie_break), p.variant),",
         "key=lambda p: (-(p.full_score or 0.0), record_key(p, tie_break), -p.variant),",
         ("tests/test_mutations.py",),
@@ -134,7 +134,7 @@ MUTATIONS = (
     ),
     Mutation(
         "decisions-on-mean",
-        "engine/_proposals.py",
+        "engine/training/_proposals.py",
         "if wins(full.conservative_score, key, bar, trainer.best_key()):",
         "if wins(full.score, key, bar, trainer.best_key()):",
         ("tests/test_mutations.py", "tests/test_trust.py"),
@@ -142,7 +142,7 @@ MUTATIONS = (
     ),
     Mutation(
         "error-rate-never-checked",
-        "engine/_trainer.py",
+        "engine/training/_trainer.py",
         "        if evaluation.error_rate <= limit:\n            return",
         "        if True:\n            return",
         ("tests/test_trust.py",),
@@ -150,7 +150,7 @@ MUTATIONS = (
     ),
     Mutation(
         "history-exact-full-score",
-        "engine/_proposals.py",
+        "engine/training/_proposals.py",
         "                entry = HistoryEntry("
         'prompt, bar, f"below the best ({bar:.3f}) on {where}")',
         '                entry = HistoryEntry(prompt, record.full_score or bar, "")',

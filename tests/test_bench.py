@@ -20,7 +20,7 @@ from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import Example, Prompt, RetryPolicy
 from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
 from tests.conftest import screenshot_in_chromium
-from tests.test_cli import run_cli
+from tests.support import run_cli
 
 REQUIRED_LEVEL_FIELDS = {
     "concurrency",

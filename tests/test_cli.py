@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +12,10 @@ from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine.cli._preflight import OPTIMIZE_FILES
 
 from .conftest import screenshot_in_chromium
-from .test_bad_input import RUN, _rows
+from .support import RUN, rows, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd or ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture
@@ -202,8 +186,8 @@ def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) ->
 def _server_run(folder: Path, server: SimulatedServer, model_lines: str = "") -> Path:
     """The bad-input table's run file against ``server``; ``model_lines`` go into
     its [model] section."""
-    (folder / "train.jsonl").write_text(_rows("t", 8))
-    (folder / "val.jsonl").write_text(_rows("v", 4))
+    (folder / "train.jsonl").write_text(rows("t", 8))
+    (folder / "val.jsonl").write_text(rows("v", 4))
     text = RUN.replace("BASE_URL", server.base_url)
     path = folder / "run.toml"
     path.write_text(text.replace("\n[optimizer]", model_lines + "\n[optimizer]", 1))

@@ -20,8 +20,8 @@ from engine import (
     Prompt,
     optimize,
 )
-from engine._selection import Candidate, ParetoPool
 from engine.metrics import ExactMatch
+from engine.training._selection import Candidate, ParetoPool
 
 DESCRIPTIONS = {"task_description": "Say ok.", "metric_description": "ok scores 1."}
 

@@ -28,11 +28,11 @@ from .._evaluate import Evaluation, Outcome, evaluate
 from .._events import Event
 from .._prompt import Prompt
 from .._redact import redact_event, redact_text
-from .._trainer import OptimizationResult, optimize
 from ..cache import Cache, PostgresStore
 from ..cluster import FileDataset, RayCluster
 from ..endpoint import Endpoint, estimate_request_tokens
 from ..report import RunReport
+from ..training import OptimizationResult, optimize
 from ._bench import add_bench_arguments, run_bench
 from ._console import StatusLine
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of

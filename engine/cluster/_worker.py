@@ -22,6 +22,7 @@ from .._budget import BudgetMeter
 from .._errors import DataError, EngineError
 from .._evaluate import evaluate
 from .._events import Emitter, Event
+from .._options import ErrorPolicy
 from .._outcome import Evaluation, Outcome
 from .._prompt import Prompt
 from .._redact import register_secret
@@ -66,7 +67,7 @@ class Job:
     metric_concurrency: int | None
     metric_timeout: float | None
     metric_threads: int
-    on_error: Literal["record", "raise"]
+    on_error: ErrorPolicy
     cache: CacheSpec
     budget: Any  # the endpoint's RateBudget actor handle
     tally: Any = None  # the RacingTally actor handle, when racing

@@ -13,14 +13,14 @@ import math
 from typing import Any
 
 from .._svg import Series, chart
-from ._report import ProposalRecord, RunReport, fmt_score, score_series, step_outcome
+from ._records import ProposalRecord, RunRecord, fmt_score, score_series, step_outcome
 
 __all__ = ["render_html", "render_markdown"]
 
 _COLORS = ("#1f6feb", "#d97706")
 
 
-def _initial(report: RunReport) -> str:
+def _initial(report: RunRecord) -> str:
     """The initial score with what it rests on: 'X (mean over scored Y, N errors)'."""
     text = fmt_score(report.initial_score)
     if report.initial_errors:
@@ -31,11 +31,11 @@ def _initial(report: RunReport) -> str:
     return text
 
 
-def _cost(report: RunReport) -> str:
+def _cost(report: RunRecord) -> str:
     return f"${report.cost:.4f}" if report.cost is not None else "unknown (no price)"
 
 
-def _calls(report: RunReport) -> str:
+def _calls(report: RunRecord) -> str:
     per_model = ", ".join(f"{m}: {n}" for m, n in sorted(report.calls.items()))
     return f"{sum(report.calls.values())} ({per_model})"
 
@@ -53,7 +53,7 @@ def _proposal_scores(p: ProposalRecord) -> str:
     return text + (f", pool #{p.candidate}" if p.candidate is not None else "")
 
 
-def _pool(report: RunReport) -> list[str]:
+def _pool(report: RunRecord) -> list[str]:
     """The Pareto pool: each candidate's parents, validation score, cost, length and
     the validation examples it leads (front members only)."""
     if not report.pool:
@@ -77,7 +77,7 @@ def _pool(report: RunReport) -> list[str]:
     return lines
 
 
-def _val_score(report: RunReport) -> str:
+def _val_score(report: RunRecord) -> str:
     """The best prompt's val score; with a validation set but none for the best prompt
     (the run stopped before its validation run), say so rather than show another's."""
     if report.val_score is None and report.initial_val_score is not None:
@@ -85,7 +85,7 @@ def _val_score(report: RunReport) -> str:
     return fmt_score(report.val_score)
 
 
-def render_markdown(report: RunReport) -> str:
+def render_markdown(report: RunRecord) -> str:
     judged = "train score" if report.judged_on == "train" else "score (judged on val)"
     lines = [
         "# Optimization report",
@@ -143,7 +143,7 @@ def _points(values: list[float | None]) -> list[tuple[float, float]]:
     return [(float(i), v) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
 
 
-def _score_chart(report: RunReport) -> str:
+def _score_chart(report: RunRecord) -> str:
     series = [
         Series(label, color, _points(values))
         for (label, values), color in zip(score_series(report), _COLORS, strict=False)
@@ -159,7 +159,7 @@ def _score_chart(report: RunReport) -> str:
     )
 
 
-def _tables(report: RunReport) -> tuple[str, str]:
+def _tables(report: RunRecord) -> tuple[str, str]:
     esc = html.escape
     steps = "".join(
         f"<tr><td>{s.step}</td><td>{fmt_score(s.batch_score)}</td>"
@@ -190,7 +190,7 @@ td.diff_next { display: none; } .diff_add { background: #e6ffec; }
 """
 
 
-def _summary(report: RunReport) -> str:
+def _summary(report: RunRecord) -> str:
     esc = html.escape
     notes = "".join(f"<p><b>Note:</b> {esc(note)}</p>" for note in report.notes)
     return (
@@ -212,7 +212,7 @@ def _summary(report: RunReport) -> str:
     )
 
 
-def _pool_html(report: RunReport) -> str:
+def _pool_html(report: RunRecord) -> str:
     """The Pareto pool as an HTML table (nothing without a pool)."""
     if not report.pool:
         return ""
@@ -233,7 +233,7 @@ def _pool_html(report: RunReport) -> str:
     )
 
 
-def render_html(report: RunReport) -> str:
+def render_html(report: RunRecord) -> str:
     """The report as one self-contained HTML page."""
     diff = difflib.HtmlDiff(wrapcolumn=70).make_table(
         _prompt_text(report.initial_prompt),

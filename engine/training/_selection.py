@@ -1,7 +1,7 @@
 """Selection policies beside the seed's greedy rule: second objectives and a Pareto pool.
 
-Everything here is pure bookkeeping (no calls); `engine._trainer` and
-`engine._proposals` decide *when* to measure and ask it *what wins*.
+Everything here is pure bookkeeping (no calls); `engine.training._trainer` and
+`engine.training._proposals` decide *when* to measure and ask it *what wins*.
 
 - **Tie-break** (``tie_break=("cost", "length")``): two prompts with the same score are
   ordered by measured cost per example, then by prompt tokens; the lower wins.  With
@@ -24,11 +24,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ._budget import Price
-from ._outcome import Outcome
-from ._prompt import Prompt
-from .endpoint import estimate_text_tokens
-from .report import PoolRecord, ProposalRecord
+from .._budget import Price
+from .._outcome import Outcome
+from .._prompt import Prompt
+from ..endpoint import estimate_text_tokens
+from ..report import PoolRecord, ProposalRecord
 
 __all__ = [
     "Candidate",

@@ -15,14 +15,27 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ._concurrency import run_all
-from ._errors import ConfigError, ProviderError
-from ._outcome import Evaluation, Outcome
-from ._prompt import Prompt
+from .._budget import Price
+from .._concurrency import run_all
+from .._errors import ConfigError, ProviderError
+from .._outcome import Evaluation, Outcome
+from .._prompt import Prompt
+from .._types import Example
+from ..report import ProposalRecord, RunReport
+from ..stages import (
+    ApplyContext,
+    ApplyStage,
+    HistoryEntry,
+    ProposalError,
+    escape_surrogates,
+    validate_proposal,
+)
+from ..tracing import span
 from ._selection import (
     Candidate,
+    ParetoPool,
     TieKey,
     cost_per_example,
     merge_feedback,
@@ -31,19 +44,52 @@ from ._selection import (
     record_key,
     wins,
 )
-from ._types import Example
-from .report import ProposalRecord
-from .stages import (
-    ApplyContext,
-    HistoryEntry,
-    ProposalError,
-    escape_surrogates,
-    validate_proposal,
-)
-from .tracing import span
+from ._settings import TrainerSettings
 
-if TYPE_CHECKING:
-    from ._trainer import _Trainer
+
+class RunParts(Protocol):
+    """What a proposer reads of the run's parts: its data and the apply stage."""
+
+    @property
+    def trainset(self) -> list[Example]: ...
+    @property
+    def valset(self) -> list[Example] | None: ...
+    @property
+    def apply(self) -> ApplyStage: ...
+
+
+class TrainerState(Protocol):
+    """What a proposer needs of the trainer (`_trainer._Trainer` is one): the best
+    prompt and its bar, the run's settings, report and parts, and the calls it makes.
+    A protocol, so this module never imports the trainer back."""
+
+    best: Prompt
+    best_score: float
+    racing: bool
+    task_description: str | None
+    price: Price | None
+    pool: ParetoPool | None
+    stage_worked: set[str]
+
+    @property
+    def settings(self) -> TrainerSettings: ...
+    @property
+    def report(self) -> RunReport: ...
+    @property
+    def parts(self) -> RunParts: ...
+    @property
+    def judge_set(self) -> list[Example]: ...
+    def key_of(self, prompt: Prompt, outcomes: Sequence[Outcome]) -> TieKey: ...
+    def best_key(self) -> TieKey: ...
+    def pool_candidate(
+        self, prompt: Prompt, val: Evaluation, parents: tuple[int, ...], step: int
+    ) -> Candidate: ...
+    async def evaluate(
+        self, prompt: Prompt, data: Sequence[Example], *, must_beat: float | None = None
+    ) -> Evaluation: ...
+    def stage_failed(self, stage: str, exc: ProviderError) -> None: ...
+    async def refresh_best(self) -> None: ...
+
 
 __all__ = ["Proposer", "best_accepted", "undecided"]
 
@@ -88,7 +134,7 @@ class Proposer:
 
     def __init__(
         self,
-        trainer: _Trainer,
+        trainer: TrainerState,
         batch: list[Example],
         batch_score: float,
         history: deque[HistoryEntry],

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["ACCEPT_ON", "SELECTIONS", "TIE_BREAKS", "TrainerSettings"]
 

@@ -22,7 +22,7 @@ never a number lowered by a stale error.
 
 With ``parallel_proposals=1`` this is exactly the sequential method; with ``k > 1``,
 each attempt makes ``k`` proposals at once and keeps the best one that is accepted.
-How proposals are made and judged lives in `engine._proposals`.
+How proposals are made and judged lives in `engine.training._proposals`.
 """
 
 from __future__ import annotations
@@ -35,27 +35,47 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 
-from ._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
-from ._budget import Budget, BudgetMeter
-from ._concurrency import run_all
-from ._errors import (
+from .._aggregate import check_global_metric, conservative_score, is_mean
+from .._budget import Budget, BudgetMeter
+from .._concurrency import run_all
+from .._errors import (
     BadRequestError,
     BudgetExceededError,
     ConfigError,
+    GlobalMetricError,
     ProviderError,
+    StageError,
     TooManyErrorsError,
 )
-from ._evaluate import evaluate, validate_examples
-from ._events import Emitter, EventCallback
-from ._outcome import Evaluation, GlobalMetric, Outcome
-from ._prompt import Prompt, render_value
+from .._evaluate import evaluate, validate_examples
+from .._events import Emitter, EventCallback
+from .._options import EvaluationBackend
+from .._outcome import Evaluation, GlobalMetric, Outcome
+from .._prompt import Prompt, render_value
+from .._protocols import ChatModel, Metric
+from .._scoring import MetricRunner, check_metric
+from .._types import Example
+from ..cache import Cache
+from ..endpoint import Endpoint, Limits
+from ..report import ProposalRecord, RunReport, StepRecord
+from ..stages import (
+    ApplyStage,
+    GradientContext,
+    GradientStage,
+    HistoryEntry,
+    LLMApply,
+    LLMGradient,
+    OptimizerCaller,
+    describe_metric_messages,
+    describe_task_messages,
+    escape_surrogates,
+)
+from ..tracing import run_span, span
 from ._proposals import Proposer, best_accepted, undecided
-from ._protocols import ChatModel, Metric
-from ._scoring import MetricRunner, check_metric
 from ._selection import (
     Candidate,
     ParetoPool,
@@ -65,27 +85,6 @@ from ._selection import (
     tie_key,
 )
 from ._settings import TrainerSettings
-from ._types import Example
-from .cache import Cache
-from .endpoint import Endpoint, Limits
-from .report import ProposalRecord, RunReport, StepRecord
-from .stages import (
-    ApplyStage,
-    GradientContext,
-    GradientStage,
-    HistoryEntry,
-    LLMApply,
-    LLMGradient,
-    OptimizerCaller,
-    StageError,
-    describe_metric_messages,
-    describe_task_messages,
-    escape_surrogates,
-)
-from .tracing import run_span, span
-
-if TYPE_CHECKING:
-    from .cluster import RayCluster
 
 __all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 
@@ -126,7 +125,7 @@ class _Parts:
     events: Emitter
     metric_timeout: float | None
     metric_threads: int
-    cluster: RayCluster | None = None  # runs the whole-set evaluations; batches stay local
+    cluster: EvaluationBackend | None = None  # runs the whole-set evaluations; batches stay local
 
 
 def _metric_source(metric: Metric) -> str:
@@ -689,12 +688,13 @@ async def optimize(
     apply: ApplyStage | None = None,
     limits: Limits | None = None,
     optimizer_limits: Limits | None = None,
-    cluster: RayCluster | None = None,
+    cluster: EvaluationBackend | None = None,
     selection: Literal["greedy", "pareto"] = "greedy",
     accept_on: Literal["train", "val"] = "train",
     tie_break: Sequence[Literal["cost", "length"]] = (),
     patience: int | None = None,
     merge: bool = False,
+    settings: TrainerSettings | None = None,
 ) -> OptimizationResult:
     """Optimize ``prompt`` on ``trainset`` with text gradients (TextGradientTrainer).
 
@@ -746,11 +746,15 @@ async def optimize(
         patience: stop after this many steps without a validation improvement.
         merge: pareto only: when two front members share an ancestor, a step may also
             propose their merge (one optimizer call), judged like any candidate.
+        settings: the method's settings as one `TrainerSettings` value instead of the
+            keywords above (batch_size ... merge).  It replaces their defaults; a
+            keyword given alongside it with a value other than its default must agree
+            with it, or `ConfigError` (no silent precedence).
 
     ``selection="pareto"``, ``accept_on="val"`` and ``patience`` need a ``valset``;
     without one they raise `ConfigError` before any call.
     """
-    settings = TrainerSettings(
+    given = TrainerSettings(
         batch_size=batch_size,
         max_proposals_per_step=max_proposals_per_step,
         history_size=history_size,
@@ -766,6 +770,7 @@ async def optimize(
         patience=patience,
         merge=merge,
     )
+    settings = _settings_of(given, settings)
     train, val = _checked_data(prompt, trainset, valset)
     needs = settings.needs_valset
     if needs is not None and not val:
@@ -801,6 +806,24 @@ async def optimize(
     )
     with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
         return await _Trainer(prompt, settings, parts).run()
+
+
+def _settings_of(given: TrainerSettings, settings: TrainerSettings | None) -> TrainerSettings:
+    """The run's settings: ``settings`` when passed, else the keywords (``given``).
+    A keyword set away from its default that disagrees with ``settings`` is an error."""
+    if settings is None:
+        return given
+    if not isinstance(settings, TrainerSettings):
+        raise ConfigError(f"settings must be a TrainerSettings, got {type(settings).__name__}")
+    conflicts = [
+        f"{name}={getattr(given, name)!r} (settings has {getattr(settings, name)!r})"
+        for name in (f.name for f in dataclasses.fields(TrainerSettings))
+        if getattr(given, name) != getattr(DEFAULTS, name)
+        and getattr(given, name) != getattr(settings, name)
+    ]
+    if conflicts:
+        raise ConfigError("optimize() keywords conflict with settings: " + ", ".join(conflicts))
+    return settings
 
 
 async def preflight_global_metric(
