@@ -262,3 +262,22 @@ def test_a_budget_that_stops_optimize_before_any_score_exits_1(demo: Path) -> No
     assert summary["score"] is None and summary["initial_score"] is None
     assert "budget" in summary["score_note"] and summary["output"] is None
     assert not (demo / "out").exists()
+
+
+def test_dry_run_tries_the_global_metric_before_anything_is_paid(demo: Path) -> None:
+    """A naive F1 dividing by zero on a batch with no positives fails the dry run (exit 2,
+    naming [metric] global), as optimize would before its first call (issue #18)."""
+    (demo / "naive_f1.py").write_text(
+        "def f1(results):\n"
+        "    tp = sum(r.score for r in results)\n"
+        "    fn = sum(1 - r.score for r in results)\n"
+        "    precision = tp / len([r for r in results if r.score > 0])\n"
+        "    return 2 * precision * tp / (tp + fn) / (precision + tp / (tp + fn))\n"
+    )
+    text = (demo / "demo.toml").read_text()
+    text = text.replace("[metric]\n", '[metric]\nglobal = "naive_f1:f1"\n')
+    (demo / "demo.toml").write_text(text)
+    done = run_cli("optimize", str(demo / "demo.toml"), "--dry-run", cwd=demo)
+    assert done.returncode == 2, done.stderr
+    assert "[metric] global" in done.stderr and "ZeroDivisionError" in done.stderr
+    assert not (demo / "cache.sqlite").exists()

@@ -23,7 +23,7 @@ import anyio
 import structlog
 
 from .._budget import Budget, BudgetMeter, Price
-from .._errors import BudgetExceededError, ConfigError, TooManyErrorsError
+from .._errors import BudgetExceededError, ConfigError, GlobalMetricError, TooManyErrorsError
 from .._evaluate import Evaluation, Outcome, evaluate
 from .._events import Event
 from .._prompt import Prompt
@@ -32,7 +32,7 @@ from ..cache import Cache, PostgresStore
 from ..cluster import FileDataset, RayCluster
 from ..endpoint import Endpoint, estimate_request_tokens
 from ..report import RunReport
-from ..training import OptimizationResult, optimize
+from ..training import OptimizationResult, optimize, preflight_global_metric
 from ._bench import add_bench_arguments, run_bench
 from ._console import StatusLine
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
@@ -477,6 +477,7 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         return await run_bench(run, args, _open)
     assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
+        await _check_global_metric(run, job)
         sys.stdout.write(json.dumps(_plan(run, args.command), indent=2) + "\n")
         return EXIT_OK
     spec = _cluster_spec(run, args)
@@ -489,6 +490,18 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         if args.command == "optimize":
             return await _run_optimize(run, args, job, cluster)
         return await _run_evaluate(run, args, job, cluster)
+
+
+async def _check_global_metric(run: RunFile, job: Job) -> None:
+    """The dry run tries ``[metric] global`` on the metric's results for the first rows'
+    expected answers (all, one, each side alone), as `optimize` does before its first call:
+    a naive F1 that divides by zero fails here, before anything is paid."""
+    if run.global_metric_spec is None or not isinstance(job.data, list):
+        return
+    try:
+        await preflight_global_metric(run.build_metric(), run.build_global_metric(), job.data)
+    except GlobalMetricError as exc:
+        raise ConfigError(f"{run.path}: [metric] global: {exc.message}") from None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:

@@ -6,6 +6,6 @@ Pareto pool, tie-breaks) in `_selection`.
 """
 
 from ._settings import TrainerSettings
-from ._trainer import OptimizationResult, optimize
+from ._trainer import OptimizationResult, optimize, preflight_global_metric
 
-__all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
+__all__ = ["OptimizationResult", "TrainerSettings", "optimize", "preflight_global_metric"]
