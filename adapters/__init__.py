@@ -16,13 +16,21 @@ from engine.testing import ScriptedModel, ScriptedRequest, transient_faults
 from .scripted import ArithmeticCoach, ArithmeticModel, arithmetic_examples
 
 if TYPE_CHECKING:
+    from .anthropic import AnthropicChat
+    from .anthropic_batch import AnthropicBatch
+    from .gemini import GeminiChat
+    from .litellm_chat import LiteLLMChat
     from .openai_batch import OpenAIBatch
     from .openai_chat import OpenAIChat
     from .simulated_server import ServerConfig, SimulatedServer
 
 __all__ = [
+    "AnthropicBatch",
+    "AnthropicChat",
     "ArithmeticCoach",
     "ArithmeticModel",
+    "GeminiChat",
+    "LiteLLMChat",
     "OpenAIBatch",
     "OpenAIChat",
     "ScriptedModel",
@@ -34,6 +42,10 @@ __all__ = [
 ]
 
 _LAZY = {
+    "AnthropicBatch": "anthropic_batch",
+    "AnthropicChat": "anthropic",
+    "GeminiChat": "gemini",
+    "LiteLLMChat": "litellm_chat",
     "OpenAIChat": "openai_chat",
     "OpenAIBatch": "openai_batch",
     "ServerConfig": "simulated_server",

@@ -36,10 +36,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, Self
 from urllib.parse import parse_qsl
 
 import anyio
@@ -51,6 +50,18 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from . import _fake
+from ._simulated_anthropic_batches import AnthropicBatchService
+from ._simulated_base import (
+    ServerConfig,
+    ServerStats,
+    drop_connection,
+    echo_answer,
+    read_body,
+    send_json,
+    send_raw,
+    sleep_or_disconnect,
+)
+from ._simulated_native import native_routes
 from .simulated_batches import BatchService
 
 __all__ = [
@@ -61,120 +72,6 @@ __all__ = [
     "main",
     "wait_until_listening",
 ]
-
-Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
-
-
-def echo_answer(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
-    """The default behaviour: answer with the last message's content."""
-    return str(messages[-1].get("content", "")) if messages else ""
-
-
-@dataclass(kw_only=True)
-class ServerConfig:
-    """What the simulated provider enforces and injects.
-
-    Rates are probabilities per request; ``retry_after`` is ``"seconds"``, ``"ms"`` or
-    ``"none"`` (how 429s tell the client when to come back).  ``api_key`` makes the
-    server check ``Authorization: Bearer KEY``, and with ``api_key_header`` also
-    Azure's ``api-key: KEY``.  ``quota_exhausted`` answers every chat request with
-    OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
-    without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
-    ``content_filter``), in chat and in batches alike.
-
-    ``announce_limit_requests`` (and ``announce_limit_tokens``) are sent verbatim as
-    ``x-ratelimit-limit-*`` on every answer, whatever the real limit: a provider or
-    gateway that announces a wrong, absurd or unparsable limit (``"1000000000"``,
-    ``"-5"``, ``"inf"``).  ``usage`` overrides the billed counts in every answer
-    (``{"prompt_tokens": -300}``); ``body`` answers every request with these raw bytes
-    (status 200): a body of a shape or encoding the client must cope with; with
-    ``chunked`` it goes in 64 KiB pieces without a Content-Length.
-    """
-
-    rpm: float | None = None
-    tpm: float | None = None
-    latency_median: float = 0.0
-    latency_sigma: float = 0.0
-    latency_cap: float = 30.0
-    error_rate: float = 0.0
-    hang_rate: float = 0.0
-    hang_seconds: float = 30.0
-    drop_rate: float = 0.0
-    malformed_rate: float = 0.0
-    retry_after: str = "seconds"
-    api_key: str | None = None
-    api_key_header: bool = False
-    quota_exhausted: bool = False
-    null_content_rate: float = 0.0
-    null_content_kind: str = "refusal"
-    reject_json_schema: bool = False
-    headers: bool = True
-    announce_limit_requests: str | None = None
-    announce_limit_tokens: str | None = None
-    usage: Mapping[str, Any] | None = None
-    body: bytes | None = None
-    chunked: bool = False
-    answer: Answer = echo_answer
-    seed: int = 0
-    batch_delay: float = 0.5
-    batch_failure_rate: float = 0.0
-    batch_expire: bool = False
-
-
-@dataclass
-class ServerStats:
-    """What the server saw.  ``paid`` counts answered requests (what a provider bills).
-
-    ``routes`` counts requests per path; ``last_request`` is the last one's path, query
-    and headers (credential headers only by name); ``client_ports`` are the client
-    ends of the connections used (keep-alive reuses them).
-    """
-
-    received: int = 0
-    paid: int = 0
-    rate_limited: int = 0
-    server_errors: int = 0
-    hangs: int = 0
-    drops: int = 0
-    malformed: int = 0
-    unauthorized: int = 0
-    rejected_format: int = 0
-    outage_refusals: int = 0
-    quota_refusals: int = 0
-    not_found: int = 0
-    null_contents: int = 0
-    disconnects: int = 0
-    repeats: int = 0
-    in_flight: int = 0
-    max_in_flight: int = 0
-    arrivals: list[float] = field(default_factory=list)
-    paid_arrivals: list[float] = field(default_factory=list)
-    routes: dict[str, int] = field(default_factory=dict)
-    last_request: dict[str, Any] | None = None
-    client_ports: set[int] = field(default_factory=set)
-
-    @property
-    def connections(self) -> int:
-        """Distinct client connections seen (by source port)."""
-        return len(self.client_ports)
-
-    def max_in_window(self, window: float = 1.0, *, paid_only: bool = False) -> int:
-        """Most requests that arrived within any ``window`` seconds."""
-        times = sorted(self.paid_arrivals if paid_only else self.arrivals)
-        best = lo = 0
-        for hi, t in enumerate(times):
-            while t - times[lo] >= window:
-                lo += 1
-            best = max(best, hi - lo + 1)
-        return best
-
-    def summary(self) -> dict[str, Any]:
-        data = asdict(self)
-        for name in ("arrivals", "paid_arrivals", "client_ports", "last_request"):
-            data.pop(name)
-        data["connections"] = self.connections
-        data["max_per_second"] = self.max_in_window(1.0)
-        return data
 
 
 class _Bucket:
@@ -250,7 +147,7 @@ class _Provider:
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
         if raw is None:
             return
         now = time.monotonic()
@@ -259,7 +156,7 @@ class _Provider:
         body = _parse_request(raw)
         refusal = self._refusal(scope, headers, now) or self._request_refusal(body)
         if refusal is not None or body is None:
-            await _json(send, *(refusal or _INVALID_JSON))
+            await send_json(send, *(refusal or _INVALID_JSON))
             return
         answer = self.config.answer(body["messages"], body)
         billed, _ = _fake.cut_to_max_tokens(answer, body)  # what the token bucket is charged
@@ -358,7 +255,7 @@ class _Provider:
             extra["retry-after"] = str(max(1, math.ceil(wait)))
         elif self.config.retry_after == "ms":
             extra["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
-        await _json(send, 429, _error("Rate limit reached", type="requests"), extra)
+        await send_json(send, 429, _error("Rate limit reached", type="requests"), extra)
 
     async def _serve(
         self,
@@ -380,7 +277,7 @@ class _Provider:
             if hang:
                 stats.hangs += 1
             delay = c.hang_seconds if hang else self._latency()
-            if await _sleep_or_disconnect(delay, receive):
+            if await sleep_or_disconnect(delay, receive):
                 stats.disconnects += 1
                 return
             roll -= c.hang_rate
@@ -393,14 +290,14 @@ class _Provider:
             if kind is not None:
                 stats.null_contents += 1
             if c.body is not None:
-                await (_chunked if c.chunked else _raw)(send, 200, c.body, limit_headers)
+                await (_chunked if c.chunked else send_raw)(send, 200, c.body, limit_headers)
                 return
             completion = _fake.completion_body(
                 f"chatcmpl-{digest[:12]}", body, answer, null_content=kind
             )
             if c.usage is not None:
                 completion["usage"] = {**completion["usage"], **c.usage}
-            await _json(send, 200, completion, limit_headers)
+            await send_json(send, 200, completion, limit_headers)
         finally:
             stats.in_flight -= 1
 
@@ -413,30 +310,20 @@ class _Provider:
         stats, c = self.stats, self.config
         if 0 <= roll < c.error_rate:
             stats.server_errors += 1
-            await _json(send, 500, _error("internal error (injected)"))
+            await send_json(send, 500, _error("internal error (injected)"))
             return True
         roll -= c.error_rate
         if 0 <= roll < c.drop_rate:
             stats.drops += 1
-            await _drop(send)
+            await drop_connection(send)
         roll -= c.drop_rate
         if 0 <= roll < c.malformed_rate:
             stats.malformed += 1
-            await _raw(send, 200, b'{"id": "chatcmpl-x", "choices": [{"message": ', limit_headers)
+            await send_raw(
+                send, 200, b'{"id": "chatcmpl-x", "choices": [{"message": ', limit_headers
+            )
             return True
         return False
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or ``None`` if the client went away first."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 def _parse_request(raw: bytes) -> dict[str, Any] | None:
@@ -459,50 +346,6 @@ _QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and bi
 _SECRET_HEADERS = frozenset({"authorization", "api-key"})
 
 
-async def _drop(send: Send) -> NoReturn:
-    """Start a 200 promising 4 KB, send a few bytes, and abort the connection."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b'{"id": "chat', "more_body": True})
-    raise ConnectionAbortedError("injected dropped connection")
-
-
-async def _sleep_or_disconnect(delay: float, receive: Receive) -> bool:
-    """Sleep ``delay`` seconds; True if the client went away first."""
-    if delay <= 0:
-        return False
-    disconnected = False
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(watch)
-        await anyio.sleep(delay)
-        tg.cancel_scope.cancel()
-    return disconnected
-
-
-async def _raw(
-    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
-) -> None:
-    pairs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": pairs})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _chunked(
     send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
 ) -> None:
@@ -515,12 +358,6 @@ async def _chunked(
         piece = body[start : start + step]
         await send({"type": "http.response.body", "body": piece, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
-
-
-async def _json(
-    send: Send, status: int, data: Any, headers: Mapping[str, str] | None = None
-) -> None:
-    await _raw(send, status, json.dumps(data).encode(), headers)
 
 
 class SimulatedServer:
@@ -552,6 +389,7 @@ class SimulatedServer:
             null_content_rate=self.config.null_content_rate,
             null_content_kind=self.config.null_content_kind,
         )
+        self.anthropic_batches = AnthropicBatchService(self.config)  # /v1/messages/batches
         self._fast = fast
         self._port = port
         self._sock: socket.socket | None = None
@@ -573,6 +411,9 @@ class SimulatedServer:
                 ),
                 Route("/_stats", endpoint=stats, methods=["GET"]),
                 *self.batches.routes(),
+                # the native dialects hang beside OpenAI's (always served), routed by path
+                *native_routes(self.config, self.stats, self.config.dialects),
+                *self.anthropic_batches.routes(),
             ]
         )
 
@@ -584,6 +425,12 @@ class SimulatedServer:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        """The root the native dialects' adapters take as ``base_url`` (Anthropic's
+        ``/v1/messages`` and Gemini's ``/v1beta/models/...`` hang under it)."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def azure_endpoint(self) -> str:
@@ -689,15 +536,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer)")
     parser.add_argument("--api-key-header", action="store_true", help="also accept api-key:")
     parser.add_argument("--fast", action="store_true", help="uvloop + httptools if installed")
+    _native_options(parser)
     return parser
+
+
+def _native_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the native dialects (Anthropic, Gemini)."""
+    parser.add_argument(
+        "--dialect",
+        dest="dialects",
+        action="append",
+        choices=("openai", "anthropic", "gemini"),
+        help="serve this native dialect beside OpenAI's (repeat for several; default: all)",
+    )
+    for name in ("input-tpm", "output-tpm"):
+        parser.add_argument(f"--{name}", type=float)
+    parser.add_argument("--overloaded-rate", type=float, default=0.0, help="529 / 503 overloaded")
+    parser.add_argument("--spend-limit", action="store_true", help="Anthropic spend limit reached")
+    parser.add_argument("--daily-quota", action="store_true", help="Gemini daily quota exhausted")
+    parser.add_argument("--throttle-after", type=int, help="429s after this many paid requests")
+    parser.add_argument("--throttle-seconds", type=float, default=3.0)
 
 
 def main() -> None:
     args = vars(_parser().parse_args())
     port, fast = args.pop("port"), args.pop("fast")
+    args["dialects"] = tuple(args["dialects"] or ("openai", "anthropic", "gemini"))
     config = ServerConfig(**args)
     with SimulatedServer(config, port=port, fast=fast) as server:
         sys.stderr.write(f"simulated provider on {server.base_url} (Ctrl-C to stop)\n")
+        for dialect in set(config.dialects) - {"openai"}:
+            sys.stderr.write(f"  {dialect} dialect: base_url {server.root_url}\n")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()  # until Ctrl-C
 

@@ -8,8 +8,10 @@ Public API::
     from engine.testing import ScriptedModel       # test doubles
 
 Everything listed in ``__all__`` here and in the public submodules (``metrics``,
-``stages``, ``data``, ``testing``, ``bench``, ``cluster``) is supported; modules starting
-with ``_`` are not.  ``engine.cluster`` imports Ray only when a cluster starts.
+``stages``, ``data``, ``testing``, ``bench``, ``cluster``, ``tracing``, ``tracking``) is
+supported; modules starting with ``_`` are not.  ``engine.cluster`` imports Ray only when
+a cluster starts; ``engine.tracing`` (OpenTelemetry spans and metrics) and
+``engine.tracking`` (MLflow) import nothing of either until the host uses them.
 """
 
 from . import data, metrics, stages, testing
@@ -27,12 +29,16 @@ from ._errors import (
     DataError,
     EndpointUnreachableError,
     EngineError,
+    GlobalMetricError,
     MetricError,
+    MetricTimeoutError,
     NoContentError,
     PermanentError,
     ProviderError,
     QuotaExceededError,
     RateLimitedError,
+    StageError,
+    StrayCancellationError,
     TooManyErrorsError,
     TransientError,
 )
@@ -42,8 +48,6 @@ from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
-from ._settings import TrainerSettings
-from ._trainer import OptimizationResult, optimize
 from ._types import Completion, ErrorInfo, Example, MetricResult, RateLimitSnapshot, Usage
 from .cache import (
     Cache,
@@ -57,6 +61,7 @@ from .cache import (
 from .endpoint import Endpoint, EndpointStatistics, Limits, RetryPolicy, estimate_text_tokens
 from .report import ProposalRecord, RunReport, StepRecord
 from .stages import ApplyContext, ApplyStage, GradientContext, GradientStage, ProposalError
+from .training import OptimizationResult, TrainerSettings, optimize
 
 __version__ = "0.1.0"
 
@@ -91,6 +96,7 @@ __all__ = [
     "EventCallback",
     "Example",
     "GlobalMetric",
+    "GlobalMetricError",
     "GradientContext",
     "GradientStage",
     "Limits",
@@ -98,6 +104,7 @@ __all__ = [
     "Metric",
     "MetricError",
     "MetricResult",
+    "MetricTimeoutError",
     "NoContentError",
     "OptimizationResult",
     "Outcome",
@@ -114,7 +121,9 @@ __all__ = [
     "RetryPolicy",
     "RunReport",
     "SQLiteStore",
+    "StageError",
     "StepRecord",
+    "StrayCancellationError",
     "TooManyErrorsError",
     "TrainerSettings",
     "TransientError",

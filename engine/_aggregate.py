@@ -12,13 +12,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import ConfigError, MetricError
+from ._errors import ConfigError, GlobalMetricError
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._tally import Tally
 from ._types import MetricResult
 
 __all__ = [
-    "GlobalMetricError",
     "check_global_metric",
     "check_racing",
     "checked_global",
@@ -26,6 +25,7 @@ __all__ = [
     "evaluation_summary",
     "global_scores",
     "is_mean",
+    "mean",
 ]
 
 IndexedResult = tuple[int, MetricResult | None, str]
@@ -34,9 +34,12 @@ IndexedResult = tuple[int, MetricResult | None, str]
 
 def is_mean(global_metric: GlobalMetric | None) -> bool:
     """Whether ``global_metric`` is the mean (for which racing has an exact bound)."""
-    from . import metrics  # a cycle at import time otherwise: metrics imports the endpoint
+    return global_metric is None or global_metric is mean
 
-    return global_metric is None or global_metric is metrics.mean
+
+def mean(results: Sequence[MetricResult]) -> float:
+    """The default global metric; NaN for no results (no score, never a silent 0)."""
+    return sum(r.score for r in results) / len(results) if results else math.nan
 
 
 def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetric | None) -> None:
@@ -47,16 +50,6 @@ def check_racing(must_beat: float, total: int | None, global_metric: GlobalMetri
         raise ConfigError("must_beat (racing) needs a dataset with a known length")
     if math.isnan(must_beat) or not 0.0 <= must_beat <= 1.0:
         raise ConfigError(f"must_beat must be in [0, 1], got {must_beat!r}")
-
-
-class GlobalMetricError(MetricError):
-    """The global metric raised, or returned something that is not a score in [0, 1].
-
-    ``report`` holds the run's report up to the stop when `optimize` raised it."""
-
-    def __init__(self, message: str, *, report: object = None) -> None:
-        self.report = report
-        super().__init__(message)
 
 
 def _name(metric: GlobalMetric) -> str:

@@ -19,19 +19,41 @@ __all__ = ["DEFAULT_PRICES", "Budget", "BudgetMeter", "Price"]
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """US dollars per million prompt and completion tokens."""
+    """US dollars per million prompt and completion tokens.
+
+    Prompt-cache tokens counted apart from the prompt (`Usage`'s cache fields) cost
+    ``cache_write_per_million`` and ``cache_read_per_million``; by default as Anthropic
+    prices them, 1.25x and 0.1x the input price.
+    """
 
     input_per_million: float
     output_per_million: float
+    cache_write_per_million: float | None = None
+    cache_read_per_million: float | None = None
 
     def cost(self, usage: Usage) -> float:
+        write = self.cache_write_per_million
+        read = self.cache_read_per_million
         return (
             usage.prompt_tokens * self.input_per_million
             + usage.completion_tokens * self.output_per_million
+            + usage.cache_creation_input_tokens
+            * (write if write is not None else _CACHE_WRITE * self.input_per_million)
+            + usage.cache_read_input_tokens
+            * (read if read is not None else _CACHE_READ * self.input_per_million)
         ) / 1_000_000
 
 
-# List prices (USD per 1M tokens) as published by OpenAI; override with Budget(prices=).
+# Anthropic's prompt-cache prices relative to input: a 5-minute cache write, a read.
+_CACHE_WRITE = 1.25
+_CACHE_READ = 0.1
+
+
+# List prices (USD per 1M tokens) as published by OpenAI, Anthropic (prompt-cache writes
+# 1.25x and reads 0.1x input, `Price`'s default) and Google (Gemini 2.x: cached input
+# 0.25x, prompts up to 200k tokens); override with Budget(prices=).
+_SONNET, _OPUS = Price(3.00, 15.00), Price(15.00, 75.00)
+_HAIKU_45, _HAIKU_35 = Price(1.00, 5.00), Price(0.80, 4.00)
 DEFAULT_PRICES: Mapping[str, Price] = MappingProxyType(
     {
         "gpt-4o": Price(2.50, 10.00),
@@ -40,6 +62,22 @@ DEFAULT_PRICES: Mapping[str, Price] = MappingProxyType(
         "gpt-4.1-mini": Price(0.40, 1.60),
         "gpt-4.1-nano": Price(0.10, 0.40),
         "o4-mini": Price(1.10, 4.40),
+        "claude-sonnet-4-5": _SONNET,
+        "claude-sonnet-4-5-20250929": _SONNET,
+        "claude-sonnet-4-0": _SONNET,
+        "claude-sonnet-4-20250514": _SONNET,
+        "claude-3-7-sonnet-latest": _SONNET,
+        "claude-opus-4-1": _OPUS,
+        "claude-opus-4-1-20250805": _OPUS,
+        "claude-opus-4-0": _OPUS,
+        "claude-haiku-4-5": _HAIKU_45,
+        "claude-haiku-4-5-20251001": _HAIKU_45,
+        "claude-3-5-haiku-latest": _HAIKU_35,
+        "claude-3-5-haiku-20241022": _HAIKU_35,
+        "gemini-2.5-pro": Price(1.25, 10.00, cache_read_per_million=0.3125),
+        "gemini-2.5-flash": Price(0.30, 2.50, cache_read_per_million=0.075),
+        "gemini-2.5-flash-lite": Price(0.10, 0.40, cache_read_per_million=0.025),
+        "gemini-2.0-flash": Price(0.10, 0.40, cache_read_per_million=0.025),
     }
 )
 

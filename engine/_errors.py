@@ -15,10 +15,14 @@
     │   │   └── QuotaExceededError       429 insufficient_quota: billing, fatal
     │   └── EndpointUnreachableError     the circuit breaker is open: fatal
     ├── MetricError                      a metric raised or returned a bad score
+    │   ├── MetricTimeoutError           a metric call past its timeout
+    │   └── GlobalMetricError            the global metric raised or left [0, 1]
     ├── CacheError                       the cache store is unreadable or corrupted
     │   └── CacheConflictError           a reused example id with changed inputs
     ├── BudgetExceededError              a call, token or money cap was reached
-    └── TooManyErrorsError               the best prompt's score rests on too many errors
+    ├── TooManyErrorsError               the best prompt's score rests on too many errors
+    ├── StageError                       a trainer stage failing for good (report attached)
+    └── StrayCancellationError           a CancelledError nobody asked for: one example's error
 
 Adapters translate their SDK's errors into this tree with ``raise ... from exc`` so the
 retry policy decides on the engine's classes alone.  Every message is passed through
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 from ._redact import redact_text
 
 if TYPE_CHECKING:
-    from ._types import Usage
+    from ._usage import Usage
 
 __all__ = [
     "AuthenticationError",
@@ -46,12 +50,16 @@ __all__ = [
     "DataError",
     "EndpointUnreachableError",
     "EngineError",
+    "GlobalMetricError",
     "MetricError",
+    "MetricTimeoutError",
     "NoContentError",
     "PermanentError",
     "ProviderError",
     "QuotaExceededError",
     "RateLimitedError",
+    "StageError",
+    "StrayCancellationError",
     "TooManyErrorsError",
     "TransientError",
 ]
@@ -220,3 +228,33 @@ class TooManyErrorsError(EngineError):
     def __init__(self, message: str, *, report: object = None) -> None:
         self.report = report
         super().__init__(message)
+
+
+class GlobalMetricError(MetricError):
+    """The global metric raised, or returned something that is not a score in [0, 1].
+
+    ``report`` holds the run's report up to the stop when `optimize` raised it."""
+
+    def __init__(self, message: str, *, report: object = None) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+class MetricTimeoutError(MetricError):
+    """A metric call did not return within the metric timeout."""
+
+
+class StageError(EngineError):
+    """A stage (describe, gradient or apply) that cannot work: a permanent error (bad
+    request, model not found) on every call it made.  ``stage`` names it; ``report``
+    holds the run's report up to the stop (a `RunReport`)."""
+
+    def __init__(self, message: str, *, stage: str, report: object = None) -> None:
+        self.stage = stage
+        self.report = report
+        super().__init__(message)
+
+
+class StrayCancellationError(EngineError):
+    """A model or metric raised ``CancelledError`` while this evaluation was not being
+    cancelled (an inner task of theirs, cancelled elsewhere): an error of that example."""

@@ -21,9 +21,9 @@ import asyncio
 import inspect
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Awaitable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -31,19 +31,25 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._aggregate import check_racing, evaluation_summary, global_scores, is_mean
 from ._budget import BudgetMeter
 from ._context import lend
-from ._errors import ConfigError, EngineError, MetricError, ProviderError
+from ._errors import (
+    ConfigError,
+    EngineError,
+    MetricError,
+    MetricTimeoutError,
+    ProviderError,
+    StrayCancellationError,
+)
 from ._events import Emitter, EventCallback
+from ._options import ErrorPolicy, EvaluationBackend, EvaluationOptions, OutcomeCallback
 from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt, canonical_json
 from ._protocols import ChatModel, Metric
-from ._scoring import MetricRunner, MetricTimeoutError, check_metric
+from ._scoring import MetricRunner, check_metric
 from ._tally import Tally
 from ._types import ErrorInfo, Example, MetricResult
 from .cache import Cache, CachedPrediction, metric_identity, request_hash
 from .endpoint import Endpoint, Limits
-
-if TYPE_CHECKING:
-    from .cluster import RayCluster
+from .tracing import mark_example, run_span
 
 __all__ = [
     "Evaluation",
@@ -53,14 +59,6 @@ __all__ = [
     "evaluate",
     "validate_examples",
 ]
-
-ErrorPolicy = Literal["record", "raise"]
-OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
-
-
-class StrayCancellationError(EngineError):
-    """A model or metric raised ``CancelledError`` while this evaluation was not being
-    cancelled (an inner task of theirs, cancelled elsewhere): an error of that example."""
 
 
 def being_cancelled() -> bool:
@@ -207,6 +205,7 @@ class _EvaluationRun:
         async def call() -> CachedPrediction:
             # rendered only on a miss: most of a training run's evaluations are hits
             messages = s.prompt.render(example.inputs)
+            mark_example(example.id)
             try:
                 result = await _uncancelled(
                     s.endpoint.complete(messages, self.params, events=s.emitter, meter=s.meter),
@@ -374,6 +373,11 @@ class _EvaluationRun:
 
     async def run(self) -> Evaluation:
         s = self.s
+        with run_span("evaluate", s.endpoint.name, **{"engine.prompt.hash": s.prompt.hash}):
+            return await self._run()
+
+    async def _run(self) -> Evaluation:
+        s = self.s
         s.emitter.emit(
             "evaluation.started",
             total=self.tally.total,
@@ -476,7 +480,7 @@ async def evaluate(
     events: Emitter | None = None,
     meter: BudgetMeter | None = None,
     validate: bool = True,
-    cluster: RayCluster | None = None,
+    cluster: EvaluationBackend | None = None,
 ) -> Evaluation:
     """Score ``prompt`` on ``examples`` with ``metric``.
 
@@ -513,94 +517,64 @@ async def evaluate(
         meter: a `BudgetMeter` charged for every call, a metric's own calls included.
         validate: check the dataset and the metric before the first call; callers
             that already did (the trainer, once per run) turn it off.
-        cluster: an `engine.cluster.RayCluster`: run on its workers instead of here
-            (same arguments, same result; see `RayCluster.evaluate`).
+        cluster: an `EvaluationBackend` such as `engine.cluster.RayCluster`: run on
+            its workers instead of here (same arguments, same result).
     """
+    options = EvaluationOptions(
+        model=model, metric=metric, cache=cache, limits=limits, on_error=on_error,
+        must_beat=must_beat, on_event=on_event, on_outcome=on_outcome,
+        global_metric=global_metric, keep_outcomes=keep_outcomes, concurrency=concurrency,
+        metric_concurrency=metric_concurrency, metric_timeout=metric_timeout,
+        metric_threads=metric_threads, progress_interval=progress_interval, events=events,
+        meter=meter, validate=validate,
+    )  # fmt: skip
     if cluster is not None:
         # Scale-out wraps the core: the cluster's workers run this same function.
-        return await cluster.evaluate(
-            prompt, examples, model=model, metric=metric, cache=cache, limits=limits,
-            on_error=on_error, must_beat=must_beat, on_event=on_event, on_outcome=on_outcome,
-            global_metric=global_metric, keep_outcomes=keep_outcomes, concurrency=concurrency,
-            metric_concurrency=metric_concurrency, metric_timeout=metric_timeout,
-            metric_threads=metric_threads, progress_interval=progress_interval, events=events,
-            meter=meter, validate=validate,
-        )  # fmt: skip
-    settings, total = await _settle(
-        prompt,
-        examples,
-        model=model,
-        metric=metric,
-        cache=cache,
-        limits=limits,
-        on_error=on_error,
-        must_beat=must_beat,
-        on_event=on_event,
-        on_outcome=on_outcome,
-        global_metric=global_metric,
-        keep_outcomes=keep_outcomes,
-        concurrency=concurrency,
-        metric_concurrency=metric_concurrency,
-        metric_timeout=metric_timeout,
-        metric_threads=metric_threads,
-        progress_interval=progress_interval,
-        events=events,
-        meter=meter,
-        validate=validate,
-    )
+        return await cluster.run_evaluation(prompt, examples, options)
+    settings, total = await _settle(prompt, examples, options)
     return await _EvaluationRun(settings, examples, Tally(total, must_beat)).run()
 
 
 async def _settle(
-    prompt: Prompt,
-    examples: Iterable[Example],
-    *,
-    model: ChatModel | Endpoint,
-    metric: Metric,
-    limits: Limits | None,
-    must_beat: float | None,
-    global_metric: GlobalMetric | None,
-    concurrency: int | None,
-    metric_concurrency: int | None,
-    metric_timeout: float | None,
-    metric_threads: int,
-    on_event: EventCallback | None,
-    events: Emitter | None,
-    validate: bool,
-    **rest: Any,
+    prompt: Prompt, examples: Iterable[Example], options: EvaluationOptions
 ) -> tuple[_Settings, int | None]:
     """Check every argument of `evaluate` (and the data and metric, once) before any
     call is made; return the settings of the run and the dataset's size if known."""
-    if rest["on_error"] not in ("record", "raise"):
-        raise ConfigError(f"on_error must be 'record' or 'raise', got {rest['on_error']!r}")
-    endpoint = Endpoint.of(model, limits=limits)
+    o = options
+    endpoint = Endpoint.of(o.model, limits=o.limits)
     total = len(examples) if isinstance(examples, Sized) else None
-    if must_beat is not None:
-        check_racing(must_beat, total, global_metric)
-    runner = MetricRunner(metric, timeout=metric_timeout, threads=metric_threads)
+    if o.must_beat is not None:
+        check_racing(o.must_beat, total, o.global_metric)
+    runner = MetricRunner(o.metric, timeout=o.metric_timeout, threads=o.metric_threads)
     prevalidated = isinstance(examples, Sequence)
-    if prevalidated and validate:
+    if prevalidated and o.validate:
         validate_examples(prompt, examples)  # type: ignore[arg-type]
         await check_metric(runner, examples[0])  # type: ignore[index]
-    workers = concurrency if concurrency is not None else endpoint.limits.concurrency
+    workers = o.concurrency if o.concurrency is not None else endpoint.limits.concurrency
     if workers < 1:
         raise ConfigError("concurrency must be at least 1")
     if total is not None:
         workers = min(workers, max(total, 1))
     # waiting metrics may queue on their own endpoint or threads: give them room
-    scorers = metric_concurrency if metric_concurrency is not None else 4 * workers
+    scorers = o.metric_concurrency if o.metric_concurrency is not None else 4 * workers
     if scorers < 1:
         raise ConfigError("metric_concurrency must be at least 1")
+    global_metric = o.global_metric
     settings = _Settings(
         prompt=prompt,
         endpoint=endpoint,
         scorer=runner,
+        cache=o.cache,
+        on_error=o.on_error,
+        on_outcome=o.on_outcome,
         global_metric=None if global_metric is None or is_mean(global_metric) else global_metric,
+        keep_outcomes=o.keep_outcomes,
         workers=workers,
         scorers=scorers,
-        emitter=(events or Emitter(on_event)).bind(prompt=prompt.hash[:12]),
+        progress_interval=o.progress_interval,
+        emitter=o.emitter(prompt),
+        meter=o.meter,
         prevalidated=prevalidated,
-        preflighted=prevalidated or not validate,
-        **rest,
+        preflighted=prevalidated or not o.validate,
     )
     return settings, total

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import structlog
 
 from ._redact import redact_value
 
-__all__ = ["Emitter", "Event", "EventCallback"]
+__all__ = ["Emitter", "Event", "EventCallback", "event_tap"]
 
 _stdlib_logger = logging.getLogger("engine")
 # A library adds a NullHandler and nothing else: without it, Python's "last resort"
@@ -50,6 +51,10 @@ class Event:
 
 
 EventCallback = Callable[[Event], None]
+
+# A listener the run's observability lends to every event emitted in its context (the
+# OpenTelemetry spans and metrics of engine.tracing): set per run, never globally.
+event_tap: ContextVar[EventCallback | None] = ContextVar("engine_event_tap", default=None)
 
 _LEVELS = {"debug", "info", "warning", "error"}
 
@@ -78,11 +83,16 @@ class Emitter:
         level = level if level in _LEVELS else "info"
         structured = self._logger is not None or structlog.is_configured()
         stdlib_on = not structured and _stdlib_logger.isEnabledFor(_STDLIB_LEVELS[level])
-        if self._callback is None and not structured and not stdlib_on:
+        tap = event_tap.get()
+        if self._callback is None and tap is None and not structured and not stdlib_on:
             return  # nobody listens: do not even build the payload
         payload = redact_value({**self._context, **data})
-        if self._callback is not None:
-            self._callback(Event(name, payload, time.monotonic()))
+        if self._callback is not None or tap is not None:
+            event = Event(name, payload, time.monotonic())
+            if self._callback is not None:
+                self._callback(event)
+            if tap is not None:
+                tap(event)
         if structured:
             logger = self._logger if self._logger is not None else structlog.get_logger("engine")
             getattr(logger, level)(name, **payload)

@@ -29,6 +29,9 @@ class ChatModel(Protocol):
     - ``response_format_sent(requested) -> Mapping | None``: the response format this
       endpoint would actually send for ``requested`` right now (an adapter that fell
       back from ``json_schema`` to ``json_object`` or text says so); part of the key.
+    - ``default_max_tokens: int``: the ``max_tokens`` the adapter sends when the prompt
+      sets none (Anthropic requires one); what `Endpoint` reserves against an
+      ``output_tpm`` limit for such a prompt.
     """
 
     async def complete(

@@ -22,16 +22,12 @@ from typing import Any
 
 import anyio
 
-from ._errors import MetricError
+from ._errors import MetricError, MetricTimeoutError
 from ._prompt import render_value
 from ._protocols import Metric, MetricReturn
 from ._types import Example, MetricResult, as_score
 
-__all__ = ["MetricRunner", "MetricTimeoutError", "as_result", "check_metric", "is_async_metric"]
-
-
-class MetricTimeoutError(MetricError):
-    """A metric call did not return within the metric timeout."""
+__all__ = ["MetricRunner", "as_result", "check_metric", "is_async_metric"]
 
 
 def is_async_metric(metric: Metric) -> bool:

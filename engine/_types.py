@@ -12,6 +12,7 @@ from typing import Any
 from ._errors import ConfigError, MetricError
 from ._prompt import canonical_json
 from ._redact import redact_text
+from ._usage import Usage
 
 __all__ = [
     "Completion",
@@ -85,29 +86,13 @@ class Example:
 
 
 @dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one call."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(
-            self.prompt_tokens + other.prompt_tokens,
-            self.completion_tokens + other.completion_tokens,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class RateLimitSnapshot:
     """What a provider said about its limits in one response's headers.
 
     ``reset_*`` are seconds until the limit is *fully* restored (OpenAI's meaning),
-    not until the next call is allowed.
+    not until the next call is allowed.  ``*_input_tokens`` and ``*_output_tokens`` are
+    for providers that limit prompt and completion tokens apart (Anthropic's ITPM and
+    OTPM).
     """
 
     limit_requests: int | None = None
@@ -116,6 +101,12 @@ class RateLimitSnapshot:
     remaining_tokens: int | None = None
     reset_requests: float | None = None
     reset_tokens: float | None = None
+    limit_input_tokens: int | None = None
+    remaining_input_tokens: int | None = None
+    reset_input_tokens: float | None = None
+    limit_output_tokens: int | None = None
+    remaining_output_tokens: int | None = None
+    reset_output_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,11 +10,11 @@ here are; anything slower belongs in a worker thread, the default for sync metri
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._aggregate import mean  # the default global metric lives with the aggregation
 from ._errors import ProviderError
 from ._parsing import parse_json_object
 from ._prompt import render_value
@@ -173,8 +173,3 @@ class LLMJudge:
         score = min(1.0, max(0.0, float(parsed["score"])))
         feedback = parsed.get("feedback")
         return MetricResult(score, feedback=str(feedback) if feedback else None)
-
-
-def mean(results: Sequence[MetricResult]) -> float:
-    """The default global metric; NaN for no results (no score, never a silent 0)."""
-    return sum(r.score for r in results) / len(results) if results else math.nan

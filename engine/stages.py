@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from ._budget import BudgetMeter
-from ._errors import ConfigError, EngineError
+from ._errors import ConfigError, EngineError, StageError
 from ._events import Emitter
 from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
@@ -67,17 +67,6 @@ class ProposalError(EngineError):
 
     def __init__(self, message: str, *, raw: str | None = None) -> None:
         self.raw = escape_surrogates(raw) if raw is not None else None
-        super().__init__(message)
-
-
-class StageError(EngineError):
-    """A stage (describe, gradient or apply) that cannot work: a permanent error (bad
-    request, model not found) on every call it made.  ``stage`` names it; ``report``
-    holds the run's report up to the stop (a `RunReport`)."""
-
-    def __init__(self, message: str, *, stage: str, report: object = None) -> None:
-        self.stage = stage
-        self.report = report
         super().__init__(message)
 
 
@@ -127,7 +116,7 @@ class ApplyContext:
 GradientStage = Callable[[GradientContext], Awaitable[str]]
 
 # Every optimizer call the engine makes (gradient, apply, descriptions) asks for at most
-# this many completion tokens, so a dry run can bound what they cost (engine._plan).
+# this many completion tokens, so a dry run can bound what they cost (engine.cli._plan).
 OPTIMIZER_MAX_TOKENS = 4096
 ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
 

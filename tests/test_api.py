@@ -21,6 +21,8 @@ PUBLIC_MODULES = [
     "engine.cli",
     "engine.bench",
     "engine.cluster",
+    "engine.tracing",
+    "engine.tracking",
     "adapters",
     "adapters.openai_chat",
     "adapters.openai_batch",
@@ -122,3 +124,23 @@ def test_reliability_md_names_only_tests_that_exist() -> None:
             if f"def {test.group(1)}(" not in source:
                 missing.append(f"{current}::{test.group(1)}")
     assert missing == []
+
+
+def test_the_engines_errors_are_one_tree_exported_from_engine() -> None:
+    """Every exception the engine exports is defined in `engine._errors` (one tree, one
+    docstring drawing it), including the trainer's, the global metric's and the
+    evaluation's own; `engine.stages.StageError` stays importable where it was."""
+    errors = {
+        name: value
+        for name, value in vars(engine).items()
+        if inspect.isclass(value) and issubclass(value, BaseException)
+    }
+    for name in ("GlobalMetricError", "MetricTimeoutError", "StageError", "StrayCancellationError"):
+        assert name in engine.__all__ and issubclass(errors[name], engine.EngineError)
+    # ProposalError stays in engine.stages: it escapes the stage's raw text with the
+    # stages' own helper (moving it is left to the later pass)
+    elsewhere = sorted(n for n, v in errors.items() if v.__module__ != "engine._errors")
+    assert elsewhere == ["ProposalError"]
+    from engine.stages import StageError
+
+    assert StageError is engine.StageError

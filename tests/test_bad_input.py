@@ -28,6 +28,7 @@ from engine.data import load_dataset
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, echo_model, qa_prompt
+from .support import RUN, rows
 
 Case = Callable[[dict[str, Any]], None]
 
@@ -148,7 +149,7 @@ async def test_bad_evaluate_options_fail_before_any_call(
 def test_unreadable_dataset_paths(tmp_path: Path) -> None:
     folder = tmp_path / "looks.jsonl"
     folder.mkdir()
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="not a regular file \\(it is a directory\\)"):
         load_dataset(folder)  # a folder, not a file
     (tmp_path / "x.jsonl").write_bytes(b"\x80\x81")
     with pytest.raises(DataError, match=r"x\.jsonl: not UTF-8"):
@@ -158,50 +159,6 @@ def test_unreadable_dataset_paths(tmp_path: Path) -> None:
 # -- run files, datasets and output paths, through the CLI -----------------------------
 # Each row edits a working run (real HTTP on loopback to the simulated provider), runs
 # the CLI in-process and expects exit 2, a message naming the place, and zero requests.
-
-RUN = """
-[prompt]
-messages = [{ role = "system", content = "Answer." }, { role = "user", content = "{question}" }]
-model = "gpt-4o-mini"
-temperature = 0.0
-
-[data]
-train = "train.jsonl"
-val = "val.jsonl"
-expected = "answer"
-
-[metric]
-use = "engine.metrics:ExactMatch"
-
-[model]
-adapter = "adapters.openai_chat:OpenAIChat"
-options = { base_url = "BASE_URL" }
-limits = { rpm = 6000, concurrency = 8 }
-
-[optimizer]
-adapter = "adapters.openai_chat:OpenAIChat"
-options = { base_url = "BASE_URL" }
-model_name = "gpt-4o"
-
-[trainer]
-batch_size = 4
-
-[budget]
-max_calls = 100
-prices = { "gpt-4o-mini" = [0.15, 0.60], "gpt-4o" = [2.50, 10.00] }
-
-[cache]
-path = "cache.sqlite"
-
-[output]
-dir = "out"
-"""
-
-
-def _rows(prefix: str, n: int) -> str:
-    return "".join(
-        f'{{"id": "{prefix}{i}", "question": "{i} + 1", "answer": "{i + 1}"}}\n' for i in range(n)
-    )
 
 
 def _edit(name: str, old: str, new: str) -> Callable[[Path], None]:
@@ -347,12 +304,12 @@ RUN_FILE_CASES: dict[str, RunCase] = {
         ["run.toml:15: unknown section [models]; did you mean [model]?"],
     ),
     "null expected answer": (
-        _write("train.jsonl", _rows("t", 3) + '{"id": "t9", "question": "9", "answer": null}\n'),
+        _write("train.jsonl", rows("t", 3) + '{"id": "t9", "question": "9", "answer": null}\n'),
         ["optimize"],
         ["train.jsonl:4: field 'answer' (the expected answer) is null"],
     ),
     "missing expected answer": (
-        _write("train.jsonl", '{"id": "t9", "question": "9"}\n' + _rows("t", 3)),
+        _write("train.jsonl", '{"id": "t9", "question": "9"}\n' + rows("t", 3)),
         ["optimize"],
         ["train.jsonl:1: missing field 'answer'"],
     ),
@@ -378,7 +335,7 @@ RUN_FILE_CASES: dict[str, RunCase] = {
         ["val.jsonl:1: id 't2' is also in the training set"],
     ),
     "row without the prompt's placeholder, in --dry-run": (
-        _write("train.jsonl", _rows("t", 2) + '{"id": "t9", "q": "9", "answer": "10"}\n'),
+        _write("train.jsonl", rows("t", 2) + '{"id": "t9", "q": "9", "answer": "10"}\n'),
         ["optimize", "--dry-run"],
         [
             "train.jsonl:3: [data] train: example #2 (id='t9'): inputs lack placeholder(s) ['question']",
@@ -483,8 +440,8 @@ def test_bad_run_file_data_or_output_exits_2_before_any_call(
 ) -> None:
     """Exit 2, a message naming file:line or option and the key, no request, no files."""
     (tmp_path / "run.toml").write_text(RUN.replace("BASE_URL", provider.base_url))
-    (tmp_path / "train.jsonl").write_text(_rows("t", 8))
-    (tmp_path / "val.jsonl").write_text(_rows("v", 4))
+    (tmp_path / "train.jsonl").write_text(rows("t", 8))
+    (tmp_path / "val.jsonl").write_text(rows("v", 4))
     edit, argv, parts = RUN_FILE_CASES[name]
     edit(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())

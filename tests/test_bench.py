@@ -29,7 +29,7 @@ from engine.bench._stats import summarize_level
 from engine.cli._bench import LimitsInFile, limits_in_file
 from engine.cli._runfile import load_run_file
 from tests.conftest import screenshot_in_chromium
-from tests.test_cli import run_cli
+from tests.support import run_cli
 
 REQUIRED_LEVEL_FIELDS = {
     "concurrency",

@@ -17,23 +17,10 @@ from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine.cli._preflight import OPTIMIZE_FILES
 
 from .conftest import screenshot_in_chromium
-from .test_bad_input import RUN, _rows
+from .support import RUN, rows, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=cwd or ROOT,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture
@@ -236,8 +223,8 @@ def test_html_report_renders_in_headless_chromium(demo: Path, tmp_path: Path) ->
 def _server_run(folder: Path, server: SimulatedServer, model_lines: str = "") -> Path:
     """The bad-input table's run file against ``server``; ``model_lines`` go into
     its [model] section."""
-    (folder / "train.jsonl").write_text(_rows("t", 8))
-    (folder / "val.jsonl").write_text(_rows("v", 4))
+    (folder / "train.jsonl").write_text(rows("t", 8))
+    (folder / "val.jsonl").write_text(rows("v", 4))
     text = RUN.replace("BASE_URL", server.base_url)
     path = folder / "run.toml"
     path.write_text(text.replace("\n[optimizer]", model_lines + "\n[optimizer]", 1))
@@ -329,7 +316,7 @@ def test_optimize_reports_a_refused_connection_as_fast_as_evaluate_and_once(
     failing with a message unlike evaluate's, printed twice.  Now the breaker of an
     endpoint that never answered opens after a few refusals: one message, naming the
     URL and where the run file sets it ([optimizer] inherits [model]'s)."""
-    (tmp_path / "train.jsonl").write_text(_rows("t", 4))
+    (tmp_path / "train.jsonl").write_text(rows("t", 4))
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     (tmp_path / "run.toml").write_text(f"""
 [prompt]
@@ -363,7 +350,7 @@ dir = "out"
 
 
 def _endpoint_run(folder: Path, base_url: str, extra: str = "") -> Path:
-    (folder / "train.jsonl").write_text(_rows("t", 4))
+    (folder / "train.jsonl").write_text(rows("t", 4))
     path = folder / "run.toml"
     path.write_text(f"""
 [prompt]

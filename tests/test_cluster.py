@@ -46,8 +46,8 @@ from engine.data import ColumnMap, load_dataset
 from engine.metrics import ExactMatch
 from engine.testing import ScriptedModel, ScriptedRequest
 
-from . import test_postgres
 from .conftest import echo_examples, qa_prompt
+from .support import drop_tables
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (extra 'cluster')")
 
@@ -58,8 +58,6 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (extra 'cluster')"
 # ran), which fails that parse with "SystemError: AST constructor recursion depth
 # mismatch".  Nothing of this file uses hypothesis.
 ROOT = Path(__file__).resolve().parents[1]
-# the PostgreSQL fixtures of tests/test_postgres.py, shared with this module
-pg_server, pg_url, table = test_postgres.pg_server, test_postgres.pg_url, test_postgres.table
 
 
 # -- fixtures -------------------------------------------------------------------------
@@ -1008,7 +1006,7 @@ def test_cli_streams_a_file_against_the_shared_cache(
         first = _cli("evaluate", str(run), "--quiet", "--out", str(tmp_path / "a.jsonl"))
         second = _cli("evaluate", str(run), "--quiet", "--out", str(tmp_path / "b.jsonl"))
     finally:
-        anyio.run(test_postgres._drop, pg_url, name)
+        anyio.run(drop_tables, pg_url, name)
     assert first.returncode == 0 and second.returncode == 0, second.stderr
     assert (json.loads(first.stdout)["calls"], json.loads(second.stdout)["calls"]) == (150, 0)
     assert server.stats.paid == 150

@@ -144,7 +144,7 @@ def optimize_cmd(run: Path) -> list[str]:
 
 
 def test_kill_9_mid_optimize_then_rerun_reaches_the_same_result(tmp_path: Path) -> None:
-    from .test_faults import demo_answer
+    from .support import demo_answer
 
     with SimulatedServer(ServerConfig(answer=demo_answer, latency_median=0.01)) as clean:
         reference = write_optimize_run(tmp_path / "clean", clean.base_url)

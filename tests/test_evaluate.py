@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import anyio
 import pytest
@@ -18,6 +19,7 @@ from engine import (
     Cache,
     ConfigError,
     Endpoint,
+    Evaluation,
     Example,
     Limits,
     MetricError,
@@ -28,6 +30,7 @@ from engine import (
     TransientError,
     evaluate,
 )
+from engine._options import EvaluationOptions
 from engine.metrics import ExactMatch
 from engine.testing import EventRecorder
 
@@ -216,9 +219,18 @@ async def test_cancellation_is_prompt_and_leaves_no_task() -> None:
     behind.  The bound leaves a loaded CI machine room; a second is typical."""
     model = echo_model(latency=30.0)
     before = len(asyncio.all_tasks())
-    started = time.monotonic()
-    with anyio.move_on_after(0.2):
-        await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
+    elapsed = 0.0
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            await evaluate(qa_prompt(), echo_examples(500), model=model, metric=ExactMatch())
+
+        tg.start_soon(run)
+        # cancel once every worker's call is in flight (a loaded machine validates slowly)
+        while model.stats.in_flight < 32:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
     elapsed = time.monotonic() - started
     assert elapsed < 3
     gc.collect()
@@ -334,3 +346,40 @@ async def test_memory_stays_flat_over_100000_streamed_examples() -> None:
     finally:
         tracemalloc.stop()
     assert large <= 1.2 * small, (small, large)
+
+
+class _RecordingBackend:
+    """An `EvaluationBackend` that runs the evaluation here and keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.received: list[EvaluationOptions] = []
+
+    async def run_evaluation(
+        self, prompt: Prompt, examples: Iterable[Example], options: EvaluationOptions
+    ) -> Evaluation:
+        self.received.append(options)
+        given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        return await evaluate(prompt, examples, **given)
+
+
+async def test_a_backend_gets_one_options_value_checked_once_at_the_entry() -> None:
+    """`evaluate(..., cluster=backend)` hands the backend one frozen options value with
+    every keyword as given; a bad ``on_error`` fails at the entry, before any backend."""
+    backend = _RecordingBackend()
+    data = echo_examples(5)
+    result = await evaluate(
+        qa_prompt(), data, model=echo_model(), metric=ExactMatch(), cluster=backend,
+        concurrency=2, metric_threads=3, keep_outcomes=False, on_error="raise",
+    )  # fmt: skip
+    assert result.completed == 5 and result.score == 1.0
+    [options] = backend.received
+    assert (options.concurrency, options.metric_threads) == (2, 3)
+    assert (options.keep_outcomes, options.on_error) == (False, "raise")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.concurrency = 4  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="on_error"):
+        await evaluate(
+            qa_prompt(), data, model=echo_model(), metric=ExactMatch(), cluster=backend,
+            on_error="ignore",  # type: ignore[arg-type]
+        )  # fmt: skip
+    assert len(backend.received) == 1

@@ -17,25 +17,16 @@ from typing import Any
 import anyio
 import pytest
 
-from adapters import ArithmeticCoach, ArithmeticModel, ScriptedRequest, arithmetic_examples
+from adapters import arithmetic_examples
 from adapters.openai_chat import OpenAIChat
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import Cache, Endpoint, Limits, RetryPolicy, TransientError, evaluate, optimize
 from engine.metrics import ExactMatch, LLMJudge
 
 from .conftest import echo_examples, qa_prompt
+from .support import demo_answer
 
 pytestmark = pytest.mark.slow
-
-_TASK, _COACH = ArithmeticModel(), ArithmeticCoach()
-
-
-def demo_answer(messages: Sequence[Mapping[str, Any]], body: Mapping[str, Any]) -> str:
-    """The demo task behind HTTP: the coach answers model 'coach', the task model the rest."""
-    request = ScriptedRequest(tuple(dict(m) for m in messages), dict(body), 0.0, 1)
-    handler = _COACH.handler if body.get("model") == "coach" else _TASK.handler
-    return str(handler(request))
-
 
 STORM_RETRY = RetryPolicy(max_attempts=40, base_delay=0.05, max_delay=1.0, timeout=5)
 

@@ -427,3 +427,19 @@ def test_a_ceiling_is_probed_upward_slowly_and_stepped_down_by_fresh_429s() -> N
     assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1)
     limiter.on_rate_limited(limiter.epoch)
     assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1 * 0.85)
+
+
+def test_a_wave_of_429s_saying_the_same_pause_counts_once_on_a_fake_clock() -> None:
+    """Eight workers' 429s arrive milliseconds apart, each with the time left until the
+    same instant (Gemini's retryDelay): one pause, the gate at the latest instant."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    assert limiter.pause(3.0)
+    for _ in range(7):
+        clock.advance(0.004)
+        assert not limiter.pause(3.0 - 0.003)  # a millisecond later each time
+    assert limiter.statistics().pauses == 1
+    assert limiter.paused_for() == pytest.approx(3.0 - 0.003)
+    assert limiter.pause(4.0) and limiter.statistics().pauses == 2  # a real extension

@@ -10,16 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,66 +36,12 @@ from engine._redact import redact_text
 from engine.metrics import ExactMatch
 
 from .conftest import echo_examples, echo_model, qa_prompt
+from .support import drop_tables, free_port
 
 asyncpg = pytest.importorskip("asyncpg", reason="asyncpg is not installed (extra 'postgres')")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "postgres.sh"
-
-
-def _postgres_binaries() -> bool:
-    bin_dir = os.environ.get("PG_BIN")
-    candidates = [Path(bin_dir)] if bin_dir else []
-    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-    return any((c / "initdb").exists() for c in candidates) or shutil.which("initdb") is not None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[dict[str, str]]:
-    """A running server: ``{"url": ...}``, plus how to reach the script if we started it."""
-    url = os.environ.get("PG_URL")
-    if url:
-        yield {"url": url}
-        return
-    if not _postgres_binaries():
-        pytest.skip("PostgreSQL binaries are absent (apt-get install postgresql, or set PG_URL)")
-    port, directory = str(_free_port()), tempfile.mkdtemp(prefix="textgrad-pg-")
-    env = {**os.environ, "PG_DIR": directory}
-    started = subprocess.run(
-        ["bash", str(SCRIPT), "start", port], capture_output=True, text=True, env=env, timeout=120
-    )
-    if started.returncode != 0:
-        shutil.rmtree(directory, ignore_errors=True)
-        pytest.fail(f"scripts/postgres.sh start failed:\n{started.stderr}")
-    try:
-        yield {"url": started.stdout.strip().splitlines()[-1], "port": port, "dir": directory}
-    finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", port], env=env, timeout=60, check=False)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def pg_url(pg_server: dict[str, str]) -> str:
-    return pg_server["url"]
-
-
-@pytest.fixture
-async def table(pg_url: str) -> AsyncIterator[str]:
-    """A fresh table name; its three tables are dropped afterwards."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    yield name
-    conn = await asyncpg.connect(pg_url)
-    try:
-        for suffix in ("", "_meta", "_claims"):
-            await conn.execute(f'DROP TABLE IF EXISTS "{name}{suffix}"')
-    finally:
-        await conn.close()
 
 
 async def _sql(url: str, statement: str, *args: Any) -> list[Any]:
@@ -397,7 +341,7 @@ async def test_a_read_cut_by_a_lost_connection_is_sent_again(pg_url: str, table:
 
 
 async def test_unreachable_server_and_bad_settings(pg_url: str) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     url = f"postgresql://engine:s3cret-pw@127.0.0.1:{port}/postgres"
     store = PostgresStore(url, connect_timeout=5)
     assert "s3cret-pw" not in repr(store)
@@ -541,18 +485,13 @@ def test_two_processes_pay_for_each_key_once(pg_url: str) -> None:
     finally:
         for proc in procs:
             proc.kill()
-        anyio.run(_drop, pg_url, table)
+        anyio.run(drop_tables, pg_url, table)
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     a, b = (json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
     keys = {f"p:{i}" for i in range(40)}
     assert set(a["computed"]).isdisjoint(b["computed"])
     assert set(a["computed"]) | set(b["computed"]) == keys
     assert a["values"] == b["values"] and set(a["values"]) == keys
-
-
-async def _drop(url: str, table: str) -> None:
-    for suffix in ("", "_meta", "_claims"):
-        await _sql(url, f'DROP TABLE IF EXISTS "{table}{suffix}"')
 
 
 async def test_claims_expire_renew_and_release(pg_url: str, table: str) -> None:
@@ -666,7 +605,7 @@ def test_cli_copy_round_trip_and_exit_codes(pg_url: str, tmp_path: Path) -> None
         failed = _cli("copy", str(bad_format), str(tmp_path / "c.sqlite"))
         assert failed.returncode == 1 and "not a cache" in failed.stderr
     finally:
-        anyio.run(_drop, pg_url, table)
+        anyio.run(drop_tables, pg_url, table)
     for args in (
         ("copy", str(tmp_path / "missing.sqlite"), pg_url),
         ("copy", str(tmp_path / "a.sqlite"), "mysql://somewhere/db"),
@@ -741,7 +680,7 @@ def test_run_file_cache_url_shares_the_cache(pg_url: str, tmp_path: Path) -> Non
         first = _evaluate_cli(run)
         second = _evaluate_cli(run)
     finally:
-        anyio.run(_drop, pg_url, table)
+        anyio.run(drop_tables, pg_url, table)
     assert first["calls"] == 40 and first["cache_hits"] == 0
     assert second["calls"] == 0 and second["cache_hits"] == 40
     assert second["score"] == first["score"]

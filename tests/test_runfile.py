@@ -487,3 +487,56 @@ def test_an_optimizer_without_an_endpoint_uses_the_models(tmp_path: Path) -> Non
     assert run.optimizer is not None
     assert run.optimizer.options == {"base_url": "http://127.0.0.1:9000/v1"}
     assert run.optimizer.api_key_env == "OPT_KEY"
+
+
+async def test_selection_keys_reach_optimize(tmp_path: Path) -> None:
+    """[trainer] selection, accept_on, tie_break, patience, merge: parsed, checked, and
+    taken by optimize as given (a TOML list for tie_break)."""
+    from adapters import ArithmeticCoach, ArithmeticModel
+    from engine import optimize
+
+    text = BASE.replace(
+        'train = "train.jsonl"', 'train = "train.jsonl"\nval = "val.jsonl"\ninputs = "question"'
+    )
+    text += (
+        '\n[trainer]\nselection = "pareto"\naccept_on = "val"\n'
+        'tie_break = ["cost", "length"]\npatience = 3\nmerge = true\n'
+        'task_description = "add"\nmetric_description = "exact"\n'
+    )
+    run = load_run_file(_write(tmp_path, text))
+    assert {k: run.trainer[k] for k in ("selection", "tie_break", "patience", "merge")} == {
+        "selection": "pareto",
+        "tie_break": ["cost", "length"],
+        "patience": 3,
+        "merge": True,
+    }
+    result = await optimize(
+        run.prompt,
+        run.train,
+        valset=run.val,
+        metric=run.build_metric(),
+        model=ArithmeticModel(),
+        optimizer_model=ArithmeticCoach(),
+        **run.trainer,
+    )
+    assert result.report.settings["selection"] == "pareto"
+    assert result.report.settings["tie_break"] == ["cost", "length"]
+    bad = _error(tmp_path, BASE + '\n[trainer]\nselection = "best"\n')
+    assert "[trainer] selection" in bad
+
+
+def test_an_anthropic_endpoint_with_input_and_output_limits_loads_and_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: the two-line change to Claude, ITPM and OTPM as limits."""
+    text = BASE.replace(
+        'adapter = "adapters.scripted:ArithmeticModel"',
+        'adapter = "adapters.anthropic:AnthropicChat"\n'
+        'api_key_env = "ANTHROPIC_API_KEY"\n'
+        "limits = { rpm = 4000, input_tpm = 2000000, output_tpm = 400000 }",
+    )
+    run = load_run_file(_write(tmp_path, text))
+    assert run.model.limits == Limits(rpm=4000, input_tpm=2_000_000, output_tpm=400_000)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-runfile-test-0000000000")
+    chat = run.model.build()
+    assert type(chat).__name__ == "AnthropicChat" and chat.limits == run.model.limits

@@ -19,7 +19,7 @@ from engine.metrics import ExactMatch
 from engine.testing import EventRecorder, capture_logs
 
 from .conftest import qa_prompt
-from .test_faults import demo_answer
+from .support import demo_answer
 
 CANARY = "sk-canary-SECRET-0123456789"
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,12 +21,8 @@ from engine import Cache, Endpoint, PostgresStore, RetryPolicy, TransientError, 
 from engine.metrics import ExactMatch
 from engine.testing import ScriptedModel, ScriptedRequest
 
-from . import test_postgres
 from .conftest import echo_examples, echo_model, qa_prompt
-
-# the PostgreSQL fixtures of tests/test_postgres.py, shared with this module
-pg_server, pg_url, table = test_postgres.pg_server, test_postgres.pg_url, test_postgres.table
-_drop = test_postgres._drop
+from .support import drop_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +179,7 @@ def test_two_processes_evaluating_the_same_data_pay_once(pg_url: str) -> None:
     finally:
         for proc in procs:
             proc.kill()
-        anyio.run(_drop, pg_url, name)
+        anyio.run(drop_tables, pg_url, name)
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     done = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert sum(d["paid"] for d in done) == 60

@@ -23,6 +23,7 @@ from engine import (
     Example,
     GradientContext,
     Prompt,
+    TrainerSettings,
     optimize,
 )
 from engine.metrics import ExactMatch
@@ -344,3 +345,32 @@ async def test_parallel_proposals_validate_concurrently_and_keep_the_best() -> N
     assert [p.accepted for p in first] == [False, True]
     assert first[0].reason == "beaten by a parallel proposal"
     assert result.score == 1.0  # type: ignore[attr-defined]
+
+
+async def test_optimize_takes_one_settings_value_and_refuses_a_conflicting_keyword() -> None:
+    """``settings=TrainerSettings(...)`` runs exactly as its keywords would; a keyword
+    away from its default that disagrees with it is a `ConfigError` before any call."""
+
+    async def run(**kwargs: object) -> list[list[str]]:
+        result = await optimize(
+            qa_prompt(),
+            arithmetic_examples(32),
+            metric=ExactMatch(),
+            model=ArithmeticModel(),
+            optimizer_model=ArithmeticCoach(),
+            **kwargs,  # type: ignore[arg-type]
+        )
+        assert result.report.settings["batch_size"] == 8
+        return [s.batch_ids for s in result.report.steps]
+
+    by_keywords = await run(batch_size=8, seed=3)
+    settings = TrainerSettings(batch_size=8, seed=3)
+    assert await run(settings=settings) == by_keywords
+    assert await run(settings=settings, batch_size=8) == by_keywords  # agreeing: fine
+    model = ArithmeticModel()
+    with pytest.raises(ConfigError, match=r"batch_size=2 \(settings has 8\), seed=7"):
+        await optimize(
+            qa_prompt(), arithmetic_examples(8), metric=ExactMatch(), model=model,
+            optimizer_model=ArithmeticCoach(), settings=settings, batch_size=2, seed=7,
+        )  # fmt: skip
+    assert model.calls == 0

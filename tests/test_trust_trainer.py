@@ -20,6 +20,7 @@ from engine import (
     Budget,
     EngineError,
     Example,
+    GlobalMetricError,
     GradientContext,
     MetricError,
     MetricResult,
@@ -28,13 +29,12 @@ from engine import (
     Outcome,
     Prompt,
     RunReport,
+    StageError,
     TransientError,
     evaluate,
     optimize,
 )
-from engine._aggregate import GlobalMetricError
 from engine.metrics import ExactMatch
-from engine.stages import StageError
 from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
 DESCRIPTIONS = {"task_description": "Say ok.", "metric_description": "ok scores 1."}

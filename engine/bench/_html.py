@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .._svg import Series, chart
 
 if TYPE_CHECKING:
-    from ._report import BenchReport
+    from ._records import BenchRecord
     from ._stats import LevelResult
 
 __all__ = ["render_bench_html"]
@@ -103,7 +103,7 @@ def _num(value: float | int | None, spec: str, unknown: str = "&ndash;") -> str:
     return unknown if value is None else format(value, spec)
 
 
-def _rows(report: BenchReport) -> str:
+def _rows(report: BenchRecord) -> str:
     out = []
     for lv in report.levels:
         errors = ", ".join(f"{html.escape(k)} {v}" for k, v in sorted(lv.errors.items())) or "0"
@@ -138,7 +138,7 @@ def _money(value: float | None, spec: str) -> str:
     return "unknown" if value is None else "$" + format(value, spec)
 
 
-def _kpis(report: BenchReport) -> str:
+def _kpis(report: BenchRecord) -> str:
     items = [("sweep", f"{report.attempts} requests, {_money(report.cost_usd, '.4f')}")]
     best, projection = report.best, report.projection
     if best is not None and best.requests_per_s is not None:
@@ -176,7 +176,7 @@ p { overflow-wrap: break-word; }
 """
 
 
-def render_bench_html(report: BenchReport) -> str:
+def render_bench_html(report: BenchRecord) -> str:
     """The page for ``report``; every value from the endpoint is escaped."""
     configured_rpm = report.configured.rpm if report.configured is not None else None
     sections = []

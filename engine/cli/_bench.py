@@ -110,7 +110,14 @@ def _sized(spec: EndpointSpec, concurrency: int) -> EndpointSpec:
     if not dataclasses.is_dataclass(spec) or isinstance(spec, type):
         return spec
     mine = spec.limits or Limits()
-    limits = Limits(rpm=mine.rpm, tpm=mine.tpm, burst=mine.burst, concurrency=concurrency)
+    limits = Limits(
+        rpm=mine.rpm,
+        tpm=mine.tpm,
+        burst=mine.burst,
+        concurrency=concurrency,
+        input_tpm=mine.input_tpm,
+        output_tpm=mine.output_tpm,
+    )
     return dataclasses.replace(spec, limits=limits)
 
 

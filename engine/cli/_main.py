@@ -31,24 +31,26 @@ from .._errors import (
     ConfigError,
     ConnectionFailedError,
     EndpointUnreachableError,
+    GlobalMetricError,
     TooManyErrorsError,
 )
 from .._evaluate import Evaluation, Outcome, evaluate
 from .._events import Event
-from .._plan import plan, plan_table
 from .._prompt import Prompt
 from .._redact import redact_event, redact_text
-from .._trainer import OptimizationResult, optimize
 from ..cache import Cache, PostgresStore
 from ..cluster import FileDataset, RayCluster
 from ..endpoint import Endpoint
 from ..report import RunReport
+from ..training import OptimizationResult, optimize, preflight_global_metric
 from ._bench import add_bench_arguments, run_bench
 from ._console import StatusLine
 from ._exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, exit_code_of
 from ._outputs import make_output_dir, replacing, replacing_path, write_private
+from ._plan import plan, plan_table
 from ._preflight import Job, dry_run_endpoints, prepare, source_line
 from ._runfile import ClusterSpec, EndpointSpec, RunFile, endpoint_url, load_run_file, resolve
+from ._tracking import add_otel_argument, listen, mlflow_logger, start_otel
 
 __all__ = ["main"]
 
@@ -232,7 +234,8 @@ async def _optimize(
             ],
             enabled=args.log_mode == "progress",
         )
-        return await optimize(
+        tracker = mlflow_logger(run, job.out)  # [tracking] mlflow: None without it
+        result = await optimize(
             job.prompt,
             job.data,
             valset=run.val,
@@ -242,10 +245,13 @@ async def _optimize(
             optimizer_model_name=run.optimizer.model_name,
             cache=cache,
             budget=run.budget,
-            on_event=progress,
+            on_event=listen(progress, tracker),
             cluster=cluster,
             **run.trainer,
         )
+        if tracker is not None:  # before report.json is written: it names the MLflow run
+            tracker.log_report(result.report)
+        return result
 
 
 def _write_optimize_outputs(out: Path, result: OptimizationResult) -> None:
@@ -414,6 +420,7 @@ def _parser() -> argparse.ArgumentParser:
             "--workers", type=_positive, metavar="N", help="cluster workers (overrides [cluster])"
         )
         _log_options(p)
+        add_otel_argument(p)
         if name == "evaluate":
             p.add_argument("--prompt", help="a prompt JSON file (e.g. best_prompt.json)")
             p.add_argument("--split", choices=("train", "val"), default="train")
@@ -461,6 +468,7 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         return await run_bench(run, args, _open)
     assert job is not None  # _prepare made one for optimize and evaluate
     if args.dry_run:
+        await _check_global_metric(run, job)
         summary = {**plan(run, args.command), "endpoints": dry_run_endpoints(run)}
         for name, url in summary["endpoints"].items():
             sys.stderr.write(f"[{name}] calls {url}\n")
@@ -477,6 +485,18 @@ async def _main(args: argparse.Namespace, run: RunFile, job: Job | None) -> int:
         if args.command == "optimize":
             return await _run_optimize(run, args, job, cluster)
         return await _run_evaluate(run, args, job, cluster)
+
+
+async def _check_global_metric(run: RunFile, job: Job) -> None:
+    """The dry run tries ``[metric] global`` on the metric's results for the first rows'
+    expected answers (all, one, each side alone), as `optimize` does before its first call:
+    a naive F1 that divides by zero fails here, before anything is paid."""
+    if run.global_metric_spec is None or not isinstance(job.data, list):
+        return
+    try:
+        await preflight_global_metric(run.build_metric(), run.build_global_metric(), job.data)
+    except GlobalMetricError as exc:
+        raise ConfigError(f"{run.path}: [metric] global: {exc.message}") from None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[RunFile, Job | None]:
@@ -571,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
     _sigterm_as_ctrl_c()
+    start_otel(args)
 
     def run() -> int:
         run_file, job = _prepare(args)

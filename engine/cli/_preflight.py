@@ -147,15 +147,27 @@ def prepare(
         rows, path = splits[name]
         if rows is not None:
             _check_rows(used, rows, path, name)
+    target, option = _checked_outputs(run, command, out, split, prompt_path)
+    data = splits[split if command == "evaluate" else "train"][0]
+    assert data is not None
+    return Job(command=command, prompt=used, data=data, out=target, out_option=option)
+
+
+def _checked_outputs(
+    run: RunFile,
+    command: Literal["optimize", "evaluate"],
+    out: str | None,
+    split: str,
+    prompt_path: str | None,
+) -> tuple[Path, str]:
+    """Build the metrics (a broken one fails here) and check the output paths against
+    every input, the --prompt file included; the target and the option naming it."""
     run.build_metric()
     run.build_global_metric()
     inputs = run.input_paths
     if prompt_path is not None:
         inputs[Path(os.path.abspath(prompt_path))] = "the --prompt file"
-    target, option = _outputs(run, command, out, split, inputs)
-    data = splits[split if command == "evaluate" else "train"][0]
-    assert data is not None
-    return Job(command=command, prompt=used, data=data, out=target, out_option=option)
+    return _outputs(run, command, out, split, inputs)
 
 
 def _streamed(
@@ -170,12 +182,7 @@ def _streamed(
     path = run.train_path if split == "train" else run.val_path
     if command != "evaluate" or path is None:
         raise ConfigError(f"{run.path}: no [data] {split} to evaluate")
-    run.build_metric()
-    run.build_global_metric()
-    inputs = run.input_paths
-    if prompt_path is not None:
-        inputs[Path(os.path.abspath(prompt_path))] = "the --prompt file"
-    target, option = _outputs(run, command, out, split, inputs)
+    target, option = _checked_outputs(run, command, out, split, prompt_path)
     data = FileDataset(path, run.columns)
     return Job(command=command, prompt=prompt, data=data, out=target, out_option=option)
 

@@ -13,7 +13,7 @@ given".  TOML has no null, so the retry settings that ``None`` disables (``timeo
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -29,6 +29,7 @@ __all__ = [
     "PromptSection",
     "RetrySection",
     "RunFileSchema",
+    "TrackingSection",
     "TrainerSection",
 ]
 
@@ -84,6 +85,8 @@ class LimitsSection(_Section, frozen=True):
     tpm: PositiveFloat | None = None
     concurrency: PositiveInt | None = None
     burst: PositiveFloat | None = None
+    input_tpm: PositiveFloat | None = None  # Anthropic's ITPM
+    output_tpm: PositiveFloat | None = None  # Anthropic's OTPM
 
 
 class RetrySection(_Section, frozen=True):
@@ -122,6 +125,11 @@ class TrainerSection(_Section, frozen=True):
     task_description: str | None = None
     metric_description: str | None = None
     max_error_rate: Share | None = None
+    selection: Literal["greedy", "pareto"] | None = None
+    accept_on: Literal["train", "val"] | None = None
+    tie_break: list[Literal["cost", "length"]] | None = None
+    patience: PositiveInt | None = None
+    merge: bool | None = None
 
 
 class BudgetSection(_Section, frozen=True):
@@ -155,6 +163,15 @@ class OutputSection(_Section, frozen=True):
     dir: str = "out"
 
 
+class TrackingSection(_Section, frozen=True):
+    """``[tracking]``: log the optimization to MLflow (``mlflow`` is a tracking URI;
+    a relative ``file:`` path is relative to the run file)."""
+
+    mlflow: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+
 class RunFileSchema(_Section, frozen=True):
     """A whole run file.  ``[prompt]``, ``[data]`` and ``[model]`` are required."""
 
@@ -169,3 +186,4 @@ class RunFileSchema(_Section, frozen=True):
     cache: CacheSection = msgspec.field(default_factory=CacheSection)
     cluster: ClusterSection | None = None
     output: OutputSection = msgspec.field(default_factory=OutputSection)
+    tracking: TrackingSection | None = None

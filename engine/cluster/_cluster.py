@@ -13,21 +13,20 @@ from typing import Any, Self
 
 import anyio
 
-from .._budget import BudgetMeter
 from .._closeable import AsyncCloseable
 from .._errors import ConfigError, EngineError
 from .._events import Emitter, EventCallback
-from .._outcome import Evaluation, GlobalMetric
+from .._options import EvaluationOptions
+from .._outcome import Evaluation
 from .._prompt import Prompt
-from .._protocols import ChatModel, Metric
+from .._protocols import ChatModel
 from .._types import Example
-from ..cache import Cache
-from ..endpoint import Endpoint, Limits
+from ..endpoint import Endpoint
 from ._leased import LeasedModel
 from ._racing import RacingTally
 from ._rates import RateBudget
 from ._ray import ActorDied, ray_module, unwrap_task_error
-from ._run import OutcomeCallback, evaluate_on
+from ._run import evaluate_on
 from ._spend import SpendLedger
 from ._worker import ClusterWorker
 
@@ -357,60 +356,18 @@ class RayCluster(AsyncCloseable):
                     tg.start_soon(close, slot)
 
     # -- evaluation -------------------------------------------------------------------
-    async def evaluate(
-        self,
-        prompt: Prompt,
-        examples: Iterable[Example],
-        *,
-        model: ChatModel | Endpoint,
-        metric: Metric,
-        cache: Cache | None = None,
-        limits: Limits | None = None,
-        on_error: str = "record",
-        must_beat: float | None = None,
-        on_event: EventCallback | None = None,
-        on_outcome: OutcomeCallback | None = None,
-        global_metric: GlobalMetric | None = None,
-        keep_outcomes: bool = True,
-        concurrency: int | None = None,
-        metric_concurrency: int | None = None,
-        metric_timeout: float | None = 60.0,
-        metric_threads: int = 16,
-        progress_interval: float = 0.5,
-        events: Emitter | None = None,
-        meter: BudgetMeter | None = None,
-        validate: bool = True,
+    async def run_evaluation(
+        self, prompt: Prompt, examples: Iterable[Example], options: EvaluationOptions
     ) -> Evaluation:
-        """`engine.evaluate` on this cluster; the same arguments and result.
+        """`engine.evaluate` on this cluster (``evaluate(..., cluster=self)`` calls it):
+        the same options, the same result.
 
         ``examples`` may also be a `FileDataset`: Ray Data reads and splits it, the
         driver never holds it (then ``cache`` must be a `PostgresStore` one, or None).
         """
         if not self._handles:
             raise ConfigError("the cluster is not started; use 'async with RayCluster(...)'")
-        emitter = (events or Emitter(on_event)).bind(prompt=prompt.hash[:12])
-        return await evaluate_on(
-            self,
-            prompt,
-            examples,
-            model=model,
-            metric=metric,
-            cache=cache,
-            limits=limits,
-            on_error=on_error,
-            must_beat=must_beat,
-            on_outcome=on_outcome,
-            global_metric=global_metric,
-            keep_outcomes=keep_outcomes,
-            concurrency=concurrency,
-            metric_concurrency=metric_concurrency,
-            metric_timeout=metric_timeout,
-            metric_threads=metric_threads,
-            progress_interval=progress_interval,
-            emitter=emitter,
-            meter=meter,
-            validate=validate,
-        )
+        return await evaluate_on(self, prompt, examples, options)
 
     def __repr__(self) -> str:
         return f"<RayCluster {self.address!r} workers={self.workers} restarts={self.restarts}>"

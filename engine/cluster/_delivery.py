@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from .._aggregate import global_scores
 from .._budget import BudgetMeter
 from .._errors import ConfigError
+from .._options import OutcomeCallback
 from .._outcome import Evaluation, Outcome
 from .._tally import Tally
 from .._types import MetricResult, Usage
@@ -25,10 +25,7 @@ from ._plan import Plan
 from ._source import ExampleBatch, FileBatch
 from ._worker import BatchResult
 
-__all__ = ["Delivery", "OutcomeCallback", "Relay"]
-
-
-OutcomeCallback = Callable[[Outcome], Awaitable[None] | None]
+__all__ = ["Delivery", "Relay"]
 
 
 class Relay:

@@ -7,24 +7,20 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .._aggregate import check_racing, is_mean
 from .._errors import ConfigError
 from .._evaluate import validate_examples
 from .._events import Emitter
+from .._options import EvaluationOptions
 from .._outcome import GlobalMetric
 from .._prompt import Prompt
-from .._protocols import ChatModel, Metric
 from .._scoring import MetricRunner, check_metric
 from .._types import Example
 from ..cache import Cache, PostgresStore
-from ..endpoint import Endpoint, Limits
+from ..endpoint import Endpoint
 from ._source import FileDataset
 from ._worker import CacheSpec
-
-if TYPE_CHECKING:
-    from ._cluster import RayCluster
 
 __all__ = ["Plan", "plan"]
 
@@ -96,48 +92,40 @@ def _batch_size(given: int | None, total: int | None, workers: int, share: int) 
 
 
 async def plan(
-    cluster: RayCluster,
     prompt: Prompt,
     examples: Iterable[Example],
+    options: EvaluationOptions,
     *,
-    model: ChatModel | Endpoint,
-    metric: Metric,
-    cache: Cache | None,
-    limits: Limits | None,
-    must_beat: float | None,
-    global_metric: GlobalMetric | None,
-    concurrency: int | None,
-    metric_timeout: float | None,
-    metric_threads: int,
-    emitter: Emitter,
-    validate: bool,
+    workers: int,
+    batch_size: int | None,
 ) -> Plan:
     """Check everything `evaluate` checks locally, before any call is made."""
-    endpoint = Endpoint.of(model, limits=limits)
-    runner = MetricRunner(metric, timeout=metric_timeout, threads=metric_threads)
+    o = options
+    endpoint = Endpoint.of(o.model, limits=o.limits)
+    runner = MetricRunner(o.metric, timeout=o.metric_timeout, threads=o.metric_threads)
     total = len(examples) if isinstance(examples, Sequence) else None
-    if isinstance(examples, Sequence) and validate:
+    if isinstance(examples, Sequence) and o.validate:
         validate_examples(prompt, examples)
         await check_metric(runner, examples[0])
-    if must_beat is not None and not isinstance(examples, FileDataset):
-        check_racing(must_beat, total, global_metric)
-    width = concurrency if concurrency is not None else endpoint.limits.concurrency
+    if o.must_beat is not None and not isinstance(examples, FileDataset):
+        check_racing(o.must_beat, total, o.global_metric)
+    width = o.concurrency if o.concurrency is not None else endpoint.limits.concurrency
     if width < 1:
         raise ConfigError("concurrency must be at least 1")
-    shares = _shares(width, cluster.workers)
+    shares = _shares(width, workers)
     return Plan(
         prompt=prompt,
         endpoint=endpoint,
-        emitter=emitter,
+        emitter=o.emitter(prompt),
         runner=runner,
         examples=examples,
         total=total,
-        global_metric=None if is_mean(global_metric) else global_metric,
+        global_metric=None if is_mean(o.global_metric) else o.global_metric,
         slots=list(range(len(shares))),
         shares=shares,
-        batch_size=_batch_size(cluster.batch_size, total, len(shares), max(shares)),
-        metric_threads=metric_threads,
-        cache=cache,
-        cache_spec=_cache_spec(cache, examples),
-        validate=validate,
+        batch_size=_batch_size(batch_size, total, len(shares), max(shares)),
+        metric_threads=o.metric_threads,
+        cache=o.cache,
+        cache_spec=_cache_spec(o.cache, examples),
+        validate=o.validate,
     )

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -32,13 +32,15 @@ from .._aggregate import check_racing, evaluation_summary
 from .._budget import BudgetMeter
 from .._errors import ConfigError, DataError
 from .._events import Emitter
+from .._options import EvaluationOptions
 from .._outcome import Evaluation
 from .._prompt import Prompt
 from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example, Usage
-from ..endpoint import _SHARED_ATTRIBUTE
-from ._delivery import Delivery, OutcomeCallback, Relay
+from ..endpoint import _SHARED_ATTRIBUTE, Endpoint
+from ..tracing import run_span, trace_carrier
+from ._delivery import Delivery, Relay
 from ._dispatch import Feeder
 from ._leased import unleased
 from ._plan import Plan, plan
@@ -47,10 +49,26 @@ from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file
 from ._spend import Allowance, Spent
 from ._worker import BatchResult, CheckResult, Job, check_inputs
 
-if TYPE_CHECKING:
-    from ._cluster import RayCluster
+__all__ = ["WorkerPool", "evaluate_on"]
 
-__all__ = ["OutcomeCallback", "evaluate_on"]
+
+class WorkerPool(Protocol):
+    """What an evaluation needs of the cluster (`RayCluster` is one): its workers and
+    the actors every evaluation shares.  A protocol, so this module never imports the
+    cluster that calls it."""
+
+    address: str
+    batch_size: int | None
+
+    @property
+    def workers(self) -> int: ...
+    def handle(self, slot: int) -> Any: ...
+    async def replace(self, slot: int, dead: Any) -> None: ...
+    def budget_for(self, endpoint: Endpoint) -> Any: ...
+    def attached(self, endpoint: Endpoint) -> AbstractAsyncContextManager[Any]: ...
+    def racing_tally(self) -> Any: ...
+    def spend_ledger(self) -> Any: ...
+    async def finish(self, job_id: str, slots: Iterable[int], events: Emitter) -> None: ...
 
 
 @contextmanager
@@ -78,7 +96,7 @@ def put_job(job: Job) -> Any:
             ) from exc
 
 
-async def check_file(cluster: RayCluster, plan: Plan, job_id: str, box: list[Any]) -> int:
+async def check_file(cluster: WorkerPool, plan: Plan, job_id: str, box: list[Any]) -> int:
     """Read and validate the whole file on the workers before any call; its size."""
     assert isinstance(plan.examples, FileDataset)
     counts: dict[int, int] = {}
@@ -114,13 +132,7 @@ def _batches(plan: Plan) -> Iterator[ExampleBatch | FileBatch]:
 
 
 def _job(
-    cluster: RayCluster,
-    plan: Plan,
-    *,
-    metric_concurrency: int | None,
-    on_error: Any,
-    tally: Any,
-    ledger: Any,
+    cluster: WorkerPool, plan: Plan, options: EvaluationOptions, *, tally: Any, ledger: Any
 ) -> Job:
     endpoint = plan.endpoint
     return Job(
@@ -132,16 +144,17 @@ def _job(
         retry=endpoint.retry,
         shares=plan.shares,
         metric=plan.runner.metric,
-        metric_concurrency=metric_concurrency,
+        metric_concurrency=options.metric_concurrency,
         metric_timeout=plan.runner.timeout,
         metric_threads=plan.metric_threads,
-        on_error=on_error,
+        on_error=options.on_error,
         cache=plan.cache_spec,
         budget=cluster.budget_for(endpoint),
         tally=tally,
         ledger=ledger,
         check_metric=plan.validate,
         secrets=known_secrets(),
+        trace_context=trace_carrier(),
     )
 
 
@@ -167,58 +180,27 @@ def _prepare(plan: Plan, relay: Relay | None) -> Callable[[Any], Awaitable[Any]]
 
 
 async def evaluate_on(
-    cluster: RayCluster,
-    prompt: Prompt,
-    examples: Iterable[Example],
-    *,
-    on_error: Any,
-    must_beat: float | None,
-    on_outcome: OutcomeCallback | None,
-    keep_outcomes: bool,
-    metric_concurrency: int | None,
-    progress_interval: float,
-    emitter: Emitter,
-    meter: BudgetMeter | None,
-    **checked: Any,
+    cluster: WorkerPool, prompt: Prompt, examples: Iterable[Example], options: EvaluationOptions
 ) -> Evaluation:
-    """`evaluate` on ``cluster`` (the arguments as `engine.evaluate` takes them)."""
-    if on_error not in ("record", "raise"):
-        raise ConfigError(f"on_error must be 'record' or 'raise', got {on_error!r}")
-    laid = await plan(cluster, prompt, examples, must_beat=must_beat, emitter=emitter, **checked)
-    async with cluster.attached(laid.endpoint):
-        return await _evaluate_planned(
-            cluster,
-            laid,
-            on_error=on_error,
-            must_beat=must_beat,
-            on_outcome=on_outcome,
-            keep_outcomes=keep_outcomes,
-            metric_concurrency=metric_concurrency,
-            progress_interval=progress_interval,
-            meter=meter,
-            global_metric=checked.get("global_metric"),
+    """`evaluate` on ``cluster``, in its ``evaluate`` span (the workers' spans join it)."""
+    name = getattr(options.model, "name", None)
+    with run_span("evaluate", name, **{"engine.cluster": cluster.address}):
+        laid = await plan(
+            prompt, examples, options, workers=cluster.workers, batch_size=cluster.batch_size
         )
+        async with cluster.attached(laid.endpoint):
+            return await _evaluate_planned(cluster, laid, options)
 
 
 async def _evaluate_planned(
-    cluster: RayCluster,
-    laid: Plan,
-    *,
-    on_error: Any,
-    must_beat: float | None,
-    on_outcome: OutcomeCallback | None,
-    keep_outcomes: bool,
-    metric_concurrency: int | None,
-    progress_interval: float,
-    meter: BudgetMeter | None,
-    global_metric: Any,
+    cluster: WorkerPool, laid: Plan, options: EvaluationOptions
 ) -> Evaluation:
     """The evaluation of ``laid`` on the pool: ship the job, feed, deliver, settle."""
     prompt, examples, emitter = laid.prompt, laid.examples, laid.emitter
+    must_beat, meter = options.must_beat, options.meter
     tally = cluster.racing_tally() if must_beat is not None else None
     ledger = cluster.spend_ledger() if meter is not None else None
-    options = {"metric_concurrency": metric_concurrency, "on_error": on_error}
-    job = _job(cluster, laid, tally=tally, ledger=ledger, **options)
+    job = _job(cluster, laid, options, tally=tally, ledger=ledger)
     box = [put_job(job)]
     if ledger is not None and meter is not None:  # no call without the run's permit
         await ledger.open.remote(job.job_id, Allowance.of(meter, prompt.model))
@@ -236,16 +218,16 @@ async def _evaluate_planned(
             laid = replace(laid, total=await check_file(cluster, laid, job.job_id, box))
         if tally is not None:
             assert must_beat is not None
-            check_racing(must_beat, laid.total, global_metric)
+            check_racing(must_beat, laid.total, options.global_metric)
             await tally.start.remote(job.job_id, laid.total, must_beat)
         delivery = Delivery(
             laid,
             model=prompt.model,
-            on_outcome=on_outcome,
-            keep_outcomes=keep_outcomes,
+            on_outcome=options.on_outcome,
+            keep_outcomes=options.keep_outcomes,
             meter=meter,
             relay=Relay(laid) if laid.cache_spec.mode == "relay" else None,
-            progress_interval=progress_interval,
+            progress_interval=options.progress_interval,
         )
         await _evaluation_pass(cluster, laid, job.job_id, box, delivery, meter, tally)
         bound = await tally.finish.remote(job.job_id) if tally is not None else None
@@ -284,7 +266,7 @@ async def _settle(
 
 
 async def _evaluation_pass(
-    cluster: RayCluster,
+    cluster: WorkerPool,
     laid: Plan,
     job_id: str,
     box: list[Any],

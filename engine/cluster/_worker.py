@@ -22,6 +22,7 @@ from .._budget import BudgetMeter
 from .._errors import DataError, EngineError
 from .._evaluate import evaluate
 from .._events import Emitter, Event
+from .._options import ErrorPolicy
 from .._outcome import Evaluation, Outcome
 from .._prompt import Prompt
 from .._redact import register_secret
@@ -29,6 +30,7 @@ from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
 from ..cache import Cache, PostgresStore
 from ..endpoint import Endpoint, Limits, RetryPolicy
+from ..tracing import adopt_trace
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch
@@ -65,13 +67,14 @@ class Job:
     metric_concurrency: int | None
     metric_timeout: float | None
     metric_threads: int
-    on_error: Literal["record", "raise"]
+    on_error: ErrorPolicy
     cache: CacheSpec
     budget: Any  # the endpoint's RateBudget actor handle
     tally: Any = None  # the RacingTally actor handle, when racing
     ledger: Any = None  # the SpendLedger actor handle, when the run has a budget meter
     check_metric: bool = True
     secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
+    trace_context: dict[str, str] = field(default_factory=dict)  # the driver's trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +256,7 @@ class ClusterWorker:
         """Evaluate one batch; stops early (with what it has) when racing says so."""
         opened = await self._open(job_id, box)
         job = opened.job
+        adopt_trace(job.trace_context)  # this call's task continues the driver's trace
         examples = await batch.load()
         cache, seeded = opened.batch_cache(batch)
         reporter = RaceReporter(job.tally, job.job_id, batch.seq) if job.tally is not None else None

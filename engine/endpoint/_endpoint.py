@@ -44,6 +44,7 @@ from .._prompt import Prompt
 from .._protocols import ChatModel
 from .._types import Completion, Usage
 from ..cache import request_hash
+from ..tracing import attempt_span, instrumented
 from ._breaker import CircuitBreaker
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
@@ -111,6 +112,7 @@ class _Attempts:
         "meter",
         "model_name",
         "pauses_seen",
+        "split",
         "successes_seen",
     )
 
@@ -127,6 +129,7 @@ class _Attempts:
         self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
         self.successes_seen = -1  # the endpoint's successes at this call's last 429
         self.forgiven = 0  # 429s not counted against max_attempts (others got through)
+        self.split = (0, 0)  # input and output tokens reserved up front (ITPM, OTPM)
         self.give_up_at = give_up_at  # clock time past which nothing may wait
         self.model_name = model_name
         self.meter = meter
@@ -269,6 +272,8 @@ class Endpoint:
             if call.estimate:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
+            if call.split != (0, 0):
+                await self._settle_split(call.split, completion.usage)
             return CallResult(completion, call.count)
 
     def _move_to_running_loop(self) -> None:
@@ -293,12 +298,16 @@ class Endpoint:
     ) -> Completion:
         self.breaker.check(self.name)
         call.estimate = self._estimate(messages, params)
+        call.split = self._estimate_split(messages, params)
         limiter = self.limiter
+        queued = self._clock() if instrumented() else 0.0  # a traced attempt reports its wait
         try:
             await limiter.acquire(
                 estimated_tokens=call.estimate,
                 admit=lambda w: self._admit(w, call),
                 give_up_at=call.give_up_at,
+                input_tokens=call.split[0],
+                output_tokens=call.split[1],
             )
         except TimeoutError as exc:
             refusal = RateLimitedError(
@@ -318,7 +327,8 @@ class Endpoint:
             if call.give_up_at is not None:  # no attempt may outlive the deadline
                 left = max(0.001, call.give_up_at - self._clock())
                 timeout = left if timeout is None else min(timeout, left)
-            return await self._attempt(messages, params, timeout)
+            attempt = self._attempt(messages, params, timeout)
+            return await attempt_span(attempt, self, messages, params, call.count, queued)
         finally:
             limiter.release()
 
@@ -518,6 +528,29 @@ class Endpoint:
         guess = self._completion_tokens_avg or _DEFAULT_COMPLETION_TOKENS
         expected = int(min(guess, cap) if isinstance(cap, int) else guess)
         return estimate_request_tokens(messages, expected)
+
+    def _estimate_split(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]
+    ) -> tuple[int, int]:
+        """Input tokens (estimated) and output tokens (``max_tokens``, else the adapter's
+        default, else the running guess) to reserve where they are limited apart."""
+        if not self.limiter.counts_split_tokens:
+            return 0, 0
+        cap = params.get("max_tokens") or params.get("max_completion_tokens")
+        if not isinstance(cap, int):
+            cap = getattr(self.model, "default_max_tokens", None)
+        guess = self._completion_tokens_avg or _DEFAULT_COMPLETION_TOKENS
+        output = cap if isinstance(cap, int) and cap > 0 else int(guess)
+        return estimate_request_tokens(messages, 0), output
+
+    async def _settle_split(self, split: tuple[int, int], usage: Usage) -> None:
+        # cache reads do not count against Anthropic's ITPM; cache writes do
+        await self.limiter.reconcile_split(
+            input_estimate=split[0],
+            input_actual=usage.prompt_tokens + usage.cache_creation_input_tokens,
+            output_estimate=split[1],
+            output_actual=usage.completion_tokens,
+        )
 
     def statistics(self) -> EndpointStatistics:
         c = self._counters

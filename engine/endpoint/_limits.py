@@ -34,7 +34,7 @@ from .._clock import Clock, loop_time
 from .._errors import ConfigError
 from .._types import RateLimitSnapshot
 
-__all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
+__all__ = ["LimiterStatistics", "Limits", "RateLimiter", "SplitBucket"]
 
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
@@ -62,6 +62,8 @@ _SLOW_NOTICE = 10.0
 _MAX_PLAUSIBLE_LIMIT = 10**12
 # The lowest rate a 429 can push a learned limit to (requests per minute).
 _FLOOR_RPM = 6.0
+# A pause that moves a closed gate later by less than this is the same pause.
+_SAME_PAUSE = 0.25
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,6 +75,12 @@ class Limits:
             ``x-ratelimit-limit-requests`` headers, see `RateLimiter.observe`).
         tpm: tokens per minute (prompt + completion, estimated before the call and
             reconciled with the usage the provider reports), or ``None``.
+        input_tpm: prompt tokens per minute, for providers that limit input and output
+            apart (Anthropic's ITPM); the estimate is reserved before the call and
+            reconciled both ways with the reported usage.  Or learned from headers.
+        output_tpm: completion tokens per minute (Anthropic's OTPM): ``max_tokens`` is
+            reserved before the call (as the provider does) and what the answer did
+            not use is given back after it.
         concurrency: calls in flight at once.
         burst: requests admitted back to back from an idle bucket; defaults to a tenth
             of a second's worth of ``rpm`` (at least 1).
@@ -82,9 +90,11 @@ class Limits:
     tpm: float | None = None
     concurrency: int = 32
     burst: float | None = None
+    input_tpm: float | None = None
+    output_tpm: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "burst"):
+        for name in ("rpm", "tpm", "burst", "input_tpm", "output_tpm"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int | float) or not value > 0):
                 raise ConfigError(f"Limits.{name} must be a positive number or None, got {value!r}")
@@ -109,11 +119,25 @@ class LimiterStatistics:
     pauses: int
     learned: bool
     announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
+    input_tpm: float | None = None  # the input-token rate in force (configured or learned)
+    output_tpm: float | None = None  # the output-token rate in force
 
 
 def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
     # capacity units drain at per_minute/60 per second
     return AsyncLimiter(capacity, capacity / (per_minute / 60.0))
+
+
+def _token_bucket(per_minute: float) -> AsyncLimiter:
+    return _bucket(per_minute, max(1.0, per_minute / 60.0))  # one second's worth
+
+
+def _give_back(bucket: AsyncLimiter, amount: float) -> None:
+    """Return ``amount`` reserved but not used.  aiolimiter has no public refund: its
+    level is lowered directly, and the next waiter woken to see the room."""
+    bucket._leak()
+    bucket._level = max(0.0, bucket._level - amount)
+    bucket._wake_next()
 
 
 class _Pacer:
@@ -169,8 +193,10 @@ class RateLimiter:
         "_ceiling_since",
         "_clock",
         "_epoch",
+        "_input",
         "_learned",
         "_limits",
+        "_output",
         "_pacer",
         "_paused_until",
         "_pauses",
@@ -202,6 +228,12 @@ class RateLimiter:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
             self._set_tpm(self._limits.tpm)
+        self._input: SplitBucket | None = None  # input tokens (ITPM), None = unlimited
+        self._output: SplitBucket | None = None  # output tokens (OTPM), None = unlimited
+        if self._limits.input_tpm is not None:
+            self._input = SplitBucket(self._limits.input_tpm)
+        if self._limits.output_tpm is not None:
+            self._output = SplitBucket(self._limits.output_tpm)
 
     @property
     def limits(self) -> Limits:
@@ -217,6 +249,11 @@ class RateLimiter:
         """Changes whenever the request rate in force does: a caller notes it when it
         sends, and a 429 to a request sent under an older rate teaches nothing new."""
         return self._epoch
+
+    @property
+    def counts_split_tokens(self) -> bool:
+        """Whether an input or output token bucket is in force (configured or learned)."""
+        return self._input is not None or self._output is not None
 
     def _set_rpm(self, rpm: float) -> None:
         self._epoch += 1
@@ -245,14 +282,23 @@ class RateLimiter:
     def pause(self, seconds: float) -> bool:
         """Close the gate for every worker for ``seconds`` (extends, never shortens).
 
-        Returns whether the gate now closes later than it did.
+        Returns whether this is a new pause: the gate was open, or now closes at least
+        a quarter of a second later than it did (a later close by less is the same
+        pause, reported by another worker's request; the gate moves to it silently).
         """
-        until = self._clock() + max(0.0, seconds)
-        if until > self._paused_until:
-            self._paused_until = until
-            self._pauses += 1
-            return True
-        return False
+        now = self._clock()
+        until = now + max(0.0, seconds)
+        if until <= self._paused_until:
+            return False
+        # The 429s of the requests in flight when the provider began refusing say the
+        # same thing, each a few milliseconds later (Gemini's retryDelay is the time
+        # left): one pause, not one per worker.  The gate still moves to the latest.
+        same = self._paused_until > now and until - self._paused_until < _SAME_PAUSE
+        self._paused_until = until
+        if same:
+            return False
+        self._pauses += 1
+        return True
 
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - self._clock())
@@ -277,8 +323,11 @@ class RateLimiter:
         estimated_tokens: int = 0,
         admit: Callable[[float], None] | None = None,
         give_up_at: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
     ) -> None:
-        """Take one concurrency slot, one request and ``estimated_tokens`` of budget;
+        """Take one concurrency slot, one request and ``estimated_tokens`` of budget
+        (and ``input_tokens`` / ``output_tokens`` where those are limited apart);
         give the slot back with `release` (or use `slot`).
 
         The gate is checked again after the buckets: a 429 seen by another worker while
@@ -293,8 +342,14 @@ class RateLimiter:
         except anyio.WouldBlock:
             await self._capacity.acquire()
         try:
-            if self._requests is not None or (self._tokens is not None and estimated_tokens):
-                await self._take_from_buckets(estimated_tokens, give_up_at)
+            if (
+                self._requests is not None
+                or (self._tokens is not None and estimated_tokens)
+                or self.counts_split_tokens
+            ):
+                await self._take_from_buckets(
+                    estimated_tokens, give_up_at, (input_tokens, output_tokens)
+                )
             # Held at the gate after the bucket, every worker that waited there would
             # start at once when it reopens: a burst into the provider that just said
             # 429.  Such a worker takes a request again, so restarts go at the rate.
@@ -309,20 +364,26 @@ class RateLimiter:
             self._capacity.release()
             raise
 
-    async def _take_from_buckets(self, estimated_tokens: int, give_up_at: float | None) -> None:
+    async def _take_from_buckets(
+        self, estimated_tokens: int, give_up_at: float | None, split: tuple[int, int] = (0, 0)
+    ) -> None:
         if give_up_at is None:  # the common case: no scope to set up
-            await self._take(estimated_tokens)
+            await self._take(estimated_tokens, split)
             return
         with anyio.move_on_after(give_up_at - self._clock()) as scope:
-            await self._take(estimated_tokens)
+            await self._take(estimated_tokens, split)
         if scope.cancelled_caught:
             raise TimeoutError(f"the endpoint's rate limits (rpm={self._rpm}, tpm={self._tpm})")
 
-    async def _take(self, estimated_tokens: int) -> None:
+    async def _take(self, estimated_tokens: int, split: tuple[int, int] = (0, 0)) -> None:
         if self._requests is not None:
             await self._requests.acquire()
         if self._tokens is not None and estimated_tokens > 0:
             await self._tokens.acquire(min(float(estimated_tokens), self._tokens.max_rate))
+        if self._input is not None:
+            await self._input.take(split[0])
+        if self._output is not None:
+            await self._output.take(split[1])
 
     def release(self) -> None:
         """Give back the concurrency slot taken by `acquire`."""
@@ -405,6 +466,32 @@ class RateLimiter:
         if self._tokens is not None and extra > 0:
             await self._tokens.acquire(min(float(extra), self._tokens.max_rate))
 
+    async def reconcile_split(
+        self, *, input_estimate: int, input_actual: int, output_estimate: int, output_actual: int
+    ) -> None:
+        """Settle the input and output buckets with the usage the provider reported:
+        charge what the reservation missed, give back what it held and went unused
+        (Anthropic reserves ``max_tokens`` of OTPM and settles the same way)."""
+        for bucket, estimate, actual in (
+            (self._input, input_estimate, input_actual),
+            (self._output, output_estimate, output_actual),
+        ):
+            if bucket is not None:
+                await bucket.settle(estimate, actual)
+
+    def _observe_split(self, snapshot: RateLimitSnapshot) -> None:
+        """Learn the input and output token rates (Anthropic's ITPM and OTPM)."""
+        if self._limits.input_tpm is None and snapshot.limit_input_tokens:
+            target = snapshot.limit_input_tokens * _LEARNED_MARGIN
+            if self._input is None or abs(self._input.per_minute - target) > 1e-9:
+                self._input = SplitBucket(target)
+                self._learned = True
+        if self._limits.output_tpm is None and snapshot.limit_output_tokens:
+            target = snapshot.limit_output_tokens * _LEARNED_MARGIN
+            if self._output is None or abs(self._output.per_minute - target) > 1e-9:
+                self._output = SplitBucket(target)
+                self._learned = True
+
     def observe(self, snapshot: RateLimitSnapshot | None) -> Notices:
         """Learn from a response's rate-limit headers; what the caller should announce.
 
@@ -428,6 +515,8 @@ class RateLimiter:
             if self._tpm is None or abs(self._tpm - target) > 1e-9:
                 self._set_tpm(target)
                 self._learned = True
+        if snapshot.limit_input_tokens or snapshot.limit_output_tokens:
+            self._observe_split(snapshot)
         if snapshot.remaining_requests == 0:
             if limit_requests:
                 self.pause(60.0 / limit_requests)
@@ -465,6 +554,8 @@ class RateLimiter:
             pauses=self._pauses,
             learned=self._learned,
             announced=self._announced,
+            input_tpm=self._input.per_minute if self._input is not None else None,
+            output_tpm=self._output.per_minute if self._output is not None else None,
         )
 
     def __repr__(self) -> str:
@@ -473,3 +564,32 @@ class RateLimiter:
             f"<RateLimiter in_flight={s.in_flight}/{s.concurrency} rpm={s.rpm} tpm={s.tpm} "
             f"paused_for={s.paused_for:.2f}s pauses={s.pauses}>"
         )
+
+
+class SplitBucket:
+    """One token bucket of a limit on input or output tokens alone, settled both ways.
+
+    ``take`` reserves before the call (at most one bucket's worth, so a reservation
+    larger than the bucket still goes through, alone); ``settle`` charges what the
+    reservation missed, or gives back what it held and the call did not use.
+    """
+
+    __slots__ = ("bucket", "per_minute")
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.bucket = _token_bucket(per_minute)
+
+    def charged(self, tokens: int) -> float:
+        return min(float(max(tokens, 0)), self.bucket.max_rate)
+
+    async def take(self, tokens: int) -> None:
+        if tokens > 0:
+            await self.bucket.acquire(self.charged(tokens))
+
+    async def settle(self, estimate: int, actual: int) -> None:
+        extra = actual - self.charged(estimate)
+        if extra > 0:
+            await self.bucket.acquire(min(extra, self.bucket.max_rate))
+        elif extra < 0:
+            _give_back(self.bucket, -extra)

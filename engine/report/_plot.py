@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ._report import score_series
-
-if TYPE_CHECKING:
-    from ._report import RunReport
+from ._records import RunRecord, score_series
 
 __all__ = ["plot_scores"]
 
 
-def plot_scores(report: RunReport, out: Path) -> Path:
+def plot_scores(report: RunRecord, out: Path) -> Path:
     """Write the best train (and val) score per step to ``out``; steps are whole
     numbers on the x axis, and the layout keeps every label inside the image."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -15,7 +15,7 @@ from itertools import zip_longest
 from typing import Any
 
 from .._svg import Series, chart
-from ._report import ProposalRecord, RunReport, fmt_score, score_series, step_outcome
+from ._records import ProposalRecord, RunRecord, fmt_score, score_series, step_outcome
 
 __all__ = ["render_html", "render_markdown"]
 
@@ -27,7 +27,7 @@ _STEPS_NOTE = (
 )
 
 
-def _initial(report: RunReport) -> str:
+def _initial(report: RunRecord) -> str:
     """The initial score with what it rests on: 'X (mean over scored Y, N errors)'."""
     text = fmt_score(report.initial_score)
     if report.initial_errors:
@@ -38,11 +38,11 @@ def _initial(report: RunReport) -> str:
     return text
 
 
-def _cost(report: RunReport) -> str:
+def _cost(report: RunRecord) -> str:
     return f"${report.cost:.4f}" if report.cost is not None else "unknown (no price)"
 
 
-def _calls(report: RunReport) -> str:
+def _calls(report: RunRecord) -> str:
     per_model = ", ".join(f"{m}: {n}" for m, n in sorted(report.calls.items()))
     return f"{sum(report.calls.values())} ({per_model})"
 
@@ -50,10 +50,41 @@ def _calls(report: RunReport) -> str:
 def _proposal_scores(p: ProposalRecord) -> str:
     text = f"batch {fmt_score(p.batch_score)}, full {fmt_score(p.full_score)}"
     errors = p.batch_errors + p.full_errors
-    return text + (f", {errors} errored" if errors else "")
+    text += f", {errors} errored" if errors else ""
+    if p.cost is not None:
+        text += f", cost/example {p.cost:.4g}"
+    if p.length is not None:
+        text += f", {p.length} prompt tokens"
+    if p.parents is not None:
+        text += f", from {'+'.join(f'#{i}' for i in p.parents)}"
+    return text + (f", pool #{p.candidate}" if p.candidate is not None else "")
 
 
-def _val_score(report: RunReport) -> str:
+def _pool(report: RunRecord) -> list[str]:
+    """The Pareto pool: each candidate's parents, validation score, cost, length and
+    the validation examples it leads (front members only)."""
+    if not report.pool:
+        return []
+    lines = [
+        "",
+        "## Candidate pool (Pareto front on the validation set)",
+        "",
+        "| id | step | parents | val | cost/example | tokens | front | leads |",
+        "|---:|---:|---|---:|---:|---:|---|---|",
+    ]
+    for c in report.pool:
+        cost = "-" if c.cost is None else f"{c.cost:.4g}"
+        parents = ", ".join(f"#{i}" for i in c.parents) or "-"
+        leads = ", ".join(c.leads) if c.on_front else "-"
+        lines.append(
+            f"| #{c.id} | {c.step} | {parents} | {fmt_score(c.val_score)} | {cost} | "
+            f"{c.length if c.length is not None else '-'} | "
+            f"{'yes' if c.on_front else 'no'} | {leads} |"
+        )
+    return lines
+
+
+def _val_score(report: RunRecord) -> str:
     """The best prompt's val score; with a validation set but none for the best prompt
     (the run stopped before its validation run), say so rather than show another's."""
     if report.val_score is None and report.initial_val_score is not None:
@@ -61,13 +92,14 @@ def _val_score(report: RunReport) -> str:
     return fmt_score(report.val_score)
 
 
-def render_markdown(report: RunReport) -> str:
+def render_markdown(report: RunRecord) -> str:
+    judged = "train score" if report.judged_on == "train" else "score (judged on val)"
     lines = [
         "# Optimization report",
         "",
-        f"- train score: {_initial(report)} -> **{fmt_score(report.best_score)}**",
+        f"- {judged}: {_initial(report)} -> **{fmt_score(report.best_score)}**",
     ]
-    if report.initial_val_score is not None:
+    if report.initial_val_score is not None and report.judged_on == "train":
         lines.append(
             f"- val score: {fmt_score(report.initial_val_score)} -> **{_val_score(report)}**"
         )
@@ -87,7 +119,7 @@ def render_markdown(report: RunReport) -> str:
         "",
         _STEPS_NOTE,
         "",
-        "| step | batch | best train | val | proposals | outcome |",
+        f"| step | batch | best {report.judged_on} | val | proposals | outcome |",
         "|---:|---:|---:|---:|---:|---|",
         f"| 0 | - | {fmt_score(report.initial_score)} | {fmt_score(report.initial_val_score)} "
         f"| - | {_INITIAL_OUTCOME} |",
@@ -102,6 +134,7 @@ def render_markdown(report: RunReport) -> str:
         f"- step {p.step}.{p.attempt}.{p.variant}: {p.reason} ({_proposal_scores(p)})"
         for p in report.proposals
     ]
+    lines += _pool(report)
     lines += ["", "## Best prompt", ""]
     for m in report.best_prompt.get("messages", []):
         lines += [f"**{m['role']}**", "", "```", m["content"], "```", ""]
@@ -150,7 +183,7 @@ def _diff_rows(old: list[str], new: list[str]) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _diff_table(report: RunReport) -> str:
+def _diff_table(report: RunRecord) -> str:
     """The initial and best prompts side by side, words wrapping at spaces; on a narrow
     screen (CSS only) one column: unchanged lines once, a changed line old then new."""
     rows = "".join(
@@ -172,7 +205,7 @@ def _points(values: list[float | None]) -> list[tuple[float, float]]:
     return [(float(i), v) for i, v in enumerate(values) if v is not None and not math.isnan(v)]
 
 
-def _score_chart(report: RunReport) -> str:
+def _score_chart(report: RunRecord) -> str:
     """The chart twice: a broad one, and a narrow one for a phone, whose labels stay
     legible where the broad one scaled down would shrink them to half size."""
     series = [
@@ -194,7 +227,7 @@ def _score_chart(report: RunReport) -> str:
     return f'<div class="broad">{broad}</div><div class="narrow">{narrow}</div>'
 
 
-def _tables(report: RunReport) -> tuple[str, str]:
+def _tables(report: RunRecord) -> tuple[str, str]:
     esc = html.escape
     initial = (
         f'<tr class="init"><td>0</td><td>-</td><td>{fmt_score(report.initial_score)}</td>'
@@ -255,7 +288,7 @@ tr.del td.new, tr.add td.old { background: #f6f8fa; }
 """
 
 
-def _summary(report: RunReport) -> str:
+def _summary(report: RunRecord) -> str:
     esc = html.escape
     notes = "".join(f"<p><b>Note:</b> {esc(note)}</p>" for note in report.notes)
     return (
@@ -277,7 +310,28 @@ def _summary(report: RunReport) -> str:
     )
 
 
-def render_html(report: RunReport) -> str:
+def _pool_html(report: RunRecord) -> str:
+    """The Pareto pool as an HTML table (nothing without a pool)."""
+    if not report.pool:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f'<tr class="{"ok" if c.on_front else "no"}"><td>#{c.id}</td><td>{c.step}</td>'
+        f"<td>{esc(', '.join(f'#{i}' for i in c.parents) or '-')}</td>"
+        f"<td>{fmt_score(c.val_score)}</td>"
+        f"<td>{'-' if c.cost is None else f'{c.cost:.4g}'}</td>"
+        f"<td>{'-' if c.length is None else c.length}</td>"
+        f"<td>{esc(', '.join(c.leads)) if c.on_front else '-'}</td></tr>"
+        for c in report.pool
+    )
+    return (
+        "<h2>Candidate pool (Pareto front on the validation set)</h2>\n"
+        "<table><tr><th>id</th><th>step</th><th>parents</th><th>val</th><th>cost/example</th>"
+        f"<th>tokens</th><th>leads (front members)</th></tr>\n{rows}</table>\n"
+    )
+
+
+def render_html(report: RunRecord) -> str:
     """The report as one self-contained HTML page (no scripts), readable from a phone's
     width up."""
     steps, proposals = _tables(report)
@@ -301,5 +355,5 @@ def render_html(report: RunReport) -> str:
 <div class="wide"><table class="proposals"><thead><tr><th>step.<wbr>attempt.<wbr>variant</th>
 <th>batch</th><th>full</th><th>errored</th><th>outcome</th></tr></thead>
 <tbody>{proposals}</tbody></table></div>
-</body></html>
+{_pool_html(report)}</body></html>
 """

@@ -1,92 +1,23 @@
-"""The run report of `optimize`: JSON, a Markdown summary, and a score-per-step plot."""
+"""The run report of `optimize`: JSON, a Markdown summary, an HTML page and a plot."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ProposalRecord", "RunReport", "StepRecord", "fmt_score", "score_series", "step_outcome"]
+from ._plot import plot_scores
+from ._records import RunRecord
+from ._render import render_html, render_markdown
+
+__all__ = ["RunReport"]
 
 
 @dataclass
-class ProposalRecord:
-    """One proposed prompt and what became of it."""
-
-    step: int
-    attempt: int
-    variant: int
-    prompt: dict[str, Any] | None
-    accepted: bool = False
-    reason: str = ""
-    batch_score: float | None = None  # conservative: errored examples count as failures
-    full_score: float | None = None  # conservative, exact; None when racing cut it
-    full_mean: float | None = None  # mean over scored examples, for the report
-    batch_errors: int = 0
-    full_errors: int = 0
-    raced: dict[str, Any] | None = None  # {"completed", "total", "upper_bound"} when cut
-    raw: str | None = None  # the stage's raw output, kept for invalid proposals
-
-
-@dataclass
-class StepRecord:
-    """One batch of the trainer's loop."""
-
-    step: int
-    batch_ids: list[str]
-    batch_score: float
-    best_score: float
-    val_score: float | None = None
-    batch_errors: int = 0
-    perfect: bool = False
-    proposals: list[ProposalRecord] = field(default_factory=list)
-    gradients: list[str] = field(default_factory=list)  # accepted feedback, if any
-    gradient_errors: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunReport:
-    """Everything a run did; ``to_json``, ``to_markdown`` and ``plot`` render it."""
-
-    initial_prompt: dict[str, Any]
-    best_prompt: dict[str, Any]
-    initial_score: float
-    best_score: float
-    initial_val_score: float | None = None
-    val_score: float | None = None
-    initial_mean: float | None = None  # the initial prompt's mean over scored examples
-    initial_errors: int = 0
-    errors: int = 0  # errored examples over every evaluation of the run
-    task_description: str = ""
-    metric_description: str = ""
-    generated_descriptions: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    steps: list[StepRecord] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
-    tokens: dict[str, list[int]] = field(default_factory=dict)
-    cost: float | None = None
-    cache_hits: int = 0
-    stage_errors: dict[str, int] = field(default_factory=dict)  # failed stage calls, by stage
-    examples_skipped_by_racing: int = 0
-    full_evaluations: int = 0
-    raced_evaluations: int = 0
-    wall_time: float = 0.0
-    stopped_reason: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def proposals(self) -> list[ProposalRecord]:
-        return [p for s in self.steps for p in s.proposals]
-
-    def decisions(self) -> list[tuple[int, int, int, bool, str]]:
-        """(step, attempt, variant, accepted, reason kind) per proposal, in order."""
-        return [
-            (p.step, p.attempt, p.variant, p.accepted, p.reason.split(":")[0])
-            for p in self.proposals
-        ]
+class RunReport(RunRecord):
+    """Everything a run did; ``to_json``, ``to_markdown``, ``to_html`` and ``plot`` render it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,41 +27,13 @@ class RunReport:
 
     def to_markdown(self) -> str:
         """A Markdown summary: scores, what it cost, every step and proposal."""
-        from ._render import render_markdown
-
         return render_markdown(self)
 
     def to_html(self) -> str:
         """A self-contained HTML page: scores per step (inline SVG), the prompt diff,
         the steps and every proposal with its outcome.  No scripts, no external files."""
-        from ._render import render_html
-
         return render_html(self)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Write a PNG of best train score (and val score) per step; needs matplotlib."""
-        from ._plot import plot_scores
-
         return plot_scores(self, Path(path))
-
-
-def fmt_score(x: float | None) -> str:
-    """A score as the reports show it: three decimals, ``-`` when there is none."""
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
-def score_series(report: RunReport) -> list[tuple[str, list[float | None]]]:
-    """What every chart of a run draws: the best train score after each step (step 0 is
-    the initial prompt) and, with a validation set, the val score."""
-    series: list[tuple[str, list[float | None]]] = [
-        ("train (best)", [report.initial_score, *[s.best_score for s in report.steps]])
-    ]
-    if report.initial_val_score is not None:
-        series.append(("val", [report.initial_val_score, *[s.val_score for s in report.steps]]))
-    return series
-
-
-def step_outcome(step: StepRecord) -> str:
-    if step.perfect:
-        return "perfect batch"
-    return "accepted" if any(p.accepted for p in step.proposals) else "no improvement"

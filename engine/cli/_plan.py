@@ -24,11 +24,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._budget import Budget, Price
-from ._prompt import Prompt, render_value
-from ._types import Example
-from .cli._runfile import RunFile
-from .stages import APPLY_SYSTEM, GRADIENT_SYSTEM, OPTIMIZER_MAX_TOKENS
+from .._budget import Budget, Price
+from .._prompt import Prompt, render_value
+from .._types import Example
+from ..stages import APPLY_SYSTEM, GRADIENT_SYSTEM, OPTIMIZER_MAX_TOKENS
+from ._runfile import RunFile
 
 __all__ = ["CallKind", "plan", "plan_table"]
 

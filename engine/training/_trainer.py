@@ -22,7 +22,7 @@ never a number lowered by a stale error.
 
 With ``parallel_proposals=1`` this is exactly the sequential method; with ``k > 1``,
 each attempt makes ``k`` proposals at once and keeps the best one that is accepted.
-How proposals are made and judged lives in `engine._proposals`.
+How proposals are made and judged lives in `engine.training._proposals`.
 """
 
 from __future__ import annotations
@@ -35,33 +35,34 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import anyio
 
-from ._aggregate import GlobalMetricError, check_global_metric, conservative_score, is_mean
-from ._budget import Budget, BudgetMeter
-from ._concurrency import run_all
-from ._errors import (
+from .._aggregate import check_global_metric, conservative_score, is_mean
+from .._budget import Budget, BudgetMeter
+from .._concurrency import run_all
+from .._errors import (
     BadRequestError,
     BudgetExceededError,
     ConfigError,
+    GlobalMetricError,
     ProviderError,
+    StageError,
     TooManyErrorsError,
 )
-from ._evaluate import evaluate, validate_examples
-from ._events import Emitter, EventCallback
-from ._outcome import Evaluation, GlobalMetric, Outcome
-from ._prompt import Prompt, render_value
-from ._proposals import Proposer, best_accepted, undecided
-from ._protocols import ChatModel, Metric
-from ._scoring import MetricRunner, check_metric
-from ._settings import TrainerSettings
-from ._types import Example
-from .cache import Cache
-from .endpoint import Endpoint, Limits
-from .report import ProposalRecord, RunReport, StepRecord
-from .stages import (
+from .._evaluate import evaluate, validate_examples
+from .._events import Emitter, EventCallback
+from .._options import EvaluationBackend
+from .._outcome import Evaluation, GlobalMetric, Outcome
+from .._prompt import Prompt, render_value
+from .._protocols import ChatModel, Metric
+from .._scoring import MetricRunner, check_metric
+from .._types import Example
+from ..cache import Cache
+from ..endpoint import Endpoint, Limits
+from ..report import ProposalRecord, RunReport, StepRecord
+from ..stages import (
     ApplyStage,
     GradientContext,
     GradientStage,
@@ -69,14 +70,21 @@ from .stages import (
     LLMApply,
     LLMGradient,
     OptimizerCaller,
-    StageError,
     describe_metric_messages,
     describe_task_messages,
     escape_surrogates,
 )
-
-if TYPE_CHECKING:
-    from .cluster import RayCluster
+from ..tracing import run_span, span
+from ._proposals import Proposer, best_accepted, undecided
+from ._selection import (
+    Candidate,
+    ParetoPool,
+    TieKey,
+    cost_per_example,
+    prompt_length,
+    tie_key,
+)
+from ._settings import TrainerSettings
 
 __all__ = ["OptimizationResult", "TrainerSettings", "optimize"]
 
@@ -86,10 +94,12 @@ DEFAULTS = TrainerSettings()
 
 @dataclass(frozen=True, slots=True)
 class OptimizationResult:
-    """The best prompt, its training score, its validation score, the report.
+    """The best prompt, its score, its validation score, the report.
 
-    ``score`` is the conservative training score (errored examples count as failures),
-    the one every decision used; the report also shows the mean over scored examples.
+    ``score`` is the conservative score (errored examples count as failures) every
+    decision used: on the training set by default, on the validation set with
+    ``accept_on="val"`` or ``selection="pareto"`` (``report.judged_on`` says which);
+    the report also shows the mean over scored examples.
     """
 
     prompt: Prompt
@@ -115,7 +125,7 @@ class _Parts:
     events: Emitter
     metric_timeout: float | None
     metric_threads: int
-    cluster: RayCluster | None = None  # runs the whole-set evaluations; batches stay local
+    cluster: EvaluationBackend | None = None  # runs the whole-set evaluations; batches stay local
 
 
 def _metric_source(metric: Metric) -> str:
@@ -131,7 +141,8 @@ class _Trainer:
         self.initial = prompt
         self.settings = settings
         self.parts = parts
-        self.racing = settings.racing and is_mean(parts.global_metric)
+        self.pareto = settings.selection == "pareto"
+        self.racing = settings.racing and is_mean(parts.global_metric) and not self.pareto
         self.rng = random.Random(settings.seed)  # owned by this run; never the global RNG
         self.report = RunReport(
             initial_prompt=prompt.to_dict(),
@@ -146,7 +157,14 @@ class _Trainer:
                 "global_metric": _name(parts.global_metric),
             },
         )
-        if settings.racing and not self.racing:
+        self.report.judged_on = "val" if self.judge_set is parts.valset else "train"
+        if settings.racing and self.pareto:
+            self.report.notes.append(
+                'racing off: selection="pareto" needs every candidate\'s score on each '
+                "validation example, so every candidate runs on the whole validation set "
+                "(the cache makes re-scoring free)"
+            )
+        elif settings.racing and not self.racing:
             self.report.notes.append(
                 f"racing off: the global metric {_name(parts.global_metric)} has no known "
                 "bound, so every candidate is validated on the whole training set"
@@ -161,6 +179,53 @@ class _Trainer:
         self.val_measured: str | None = None  # hash of the prompt report.val_score measured
         self.task_description = settings.task_description
         self.metric_description = settings.metric_description
+        self.price = parts.meter.budget.price_table().get(prompt.model)
+        # pareto: the candidate pool, its parent draws by an RNG apart from the shuffle
+        self.pool: ParetoPool | None = None
+        if self.pareto:
+            assert parts.valset is not None  # optimize() checked it
+            self.pool = ParetoPool(
+                [e.id for e in parts.valset], random.Random(f"{settings.seed}:pareto")
+            )
+        self.best_val = math.nan  # patience: the best validation score seen so far
+        self.stale_steps = 0  # steps since it last improved
+
+    @property
+    def judge_set(self) -> list[Example]:
+        """The set of the whole-set step: training (the seed's rule) or validation."""
+        p = self.parts
+        if p.valset is not None and (self.pareto or self.settings.accept_on == "val"):
+            return p.valset
+        return p.trainset
+
+    def key_of(self, prompt: Prompt, outcomes: Sequence[Outcome]) -> TieKey:
+        """The tie-break key of ``prompt`` measured on ``outcomes`` (``()`` without one)."""
+        order = self.settings.tie_break
+        if not order:
+            return ()
+        return tie_key(order, cost_per_example(outcomes, self.price), prompt_length(prompt))
+
+    def best_key(self) -> TieKey:
+        return self.key_of(self.best, self.best_outcomes)
+
+    def pool_candidate(
+        self, prompt: Prompt, val: Evaluation, parents: tuple[int, ...], step: int
+    ) -> Candidate:
+        """A pool entry: ``prompt`` with its per-example conservative validation scores."""
+        assert self.pool is not None
+        cost = cost_per_example(val.outcomes, self.price)
+        length = prompt_length(prompt)
+        return Candidate(
+            id=self.pool.next_id(),
+            prompt=prompt,
+            parents=parents,
+            scores=tuple(o.score if o.score is not None else 0.0 for o in val.outcomes),
+            mean=val.conservative_score,
+            key=tie_key(self.settings.tie_break, cost, length),
+            step=step,
+            cost=cost,
+            length=length,
+        )
 
     async def evaluate(
         self, prompt: Prompt, data: Sequence[Example], *, must_beat: float | None = None
@@ -241,8 +306,8 @@ class _Trainer:
             errored = [i for i, o in enumerate(merged) if o.error is not None]
             if not errored:
                 return
-            train = self.parts.trainset
-            again = await self.evaluate(self.best, [train[i] for i in errored])
+            judged = self.judge_set
+            again = await self.evaluate(self.best, [judged[i] for i in errored])
             for i, outcome in zip(errored, again.outcomes, strict=True):
                 merged[i] = dataclasses.replace(outcome, index=i)
             before = self.best_score
@@ -259,7 +324,7 @@ class _Trainer:
     def _note_errors(self, winner: ProposalRecord) -> None:
         """An accepted candidate above ``max_error_rate`` is kept (its score already
         counts its errors as failures, and it still beat the best), and said so."""
-        total = len(self.parts.trainset)
+        total = len(self.judge_set)
         rate, limit = winner.full_errors / total, self.settings.max_error_rate
         if rate <= limit:
             return
@@ -310,6 +375,12 @@ class _Trainer:
 
     def finish_report(self) -> None:
         meter = self.parts.meter
+        if self.judge_set is self.parts.valset and not math.isnan(self.best_score):
+            # judged on validation: the best prompt's val score is its decision score
+            self.report.val_score = self.best_score
+            self.val_measured = self.best.hash
+        if self.pool is not None:
+            self.report.pool = self.pool.records()
         if self.parts.valset is not None and self.val_measured != self.best.hash:
             # the run stopped before the best prompt's validation run finished: a val
             # score is shown only for the prompt it measured
@@ -335,25 +406,39 @@ class _Trainer:
         # steps count from 1: step 0 is the initial prompt on the full set (charts, tables)
         for step, start in enumerate(range(0, len(order), self.settings.batch_size), start=1):
             batch = order[start : start + self.settings.batch_size]
-            record = await self._step(step, batch, history)
-            await self._close_step(record)
+            with span("step", **{"engine.step": step}):
+                record = await self._step(step, batch, history)
+                await self._close_step(record)
             if self.best_score >= MAX_SCORE:
                 self.report.stopped_reason = "maximum score reached"
                 return
+            patience = self.settings.patience
+            if patience is not None and self.stale_steps >= patience:
+                self.report.stopped_reason = (
+                    f"patience: {patience} steps without a validation improvement"
+                )
+                return
 
     async def _start(self) -> bool:
-        """Score the initial prompt (train, val); True when there is nothing to do."""
-        full = await self.evaluate(self.best, self.parts.trainset)
-        self.check_error_rate(full, "the initial prompt on the training set")
+        """Score the initial prompt (the judged set, then val if not the same); True
+        when there is nothing to do."""
+        valset = self.parts.valset
+        judged = self.judge_set
+        full = await self.evaluate(self.best, judged)
+        where = "validation" if judged is valset else "training"
+        self.check_error_rate(full, f"the initial prompt on the {where} set")
         self.best_score = full.conservative_score
         self.best_outcomes = full.outcomes
         report = self.report
         report.initial_score = report.best_score = full.conservative_score
         report.initial_mean, report.initial_errors = full.score, full.errors
-        if self.parts.valset is not None:
-            val = await self.evaluate(self.best, self.parts.valset)
+        if valset is not None:
+            val = full if judged is valset else await self.evaluate(self.best, valset)
             report.initial_val_score = report.val_score = val.conservative_score
             self.val_measured = self.best.hash
+            self.best_val = val.conservative_score
+        if self.pool is not None:
+            self.pool.add(self.pool_candidate(self.best, full, parents=(), step=-1))
         self.parts.events.emit("optimize.started", score=self.best_score, train=full.total)
         if self.best_score >= MAX_SCORE:
             report.stopped_reason = "initial prompt already at the maximum score"
@@ -364,10 +449,20 @@ class _Trainer:
         # the record is in the report since the step began: a budget stop in the
         # validation run below leaves it there, its val score marked as not measured
         record.best_score = self.report.best_score = self.best_score
-        if self.parts.valset is not None:
-            val = await self.evaluate(self.best, self.parts.valset)
-            record.val_score = self.report.val_score = val.conservative_score
+        valset = self.parts.valset
+        if valset is not None:
+            if self.judge_set is valset:
+                val_score = self.best_score  # judged on it: no second run
+            else:
+                val_score = (await self.evaluate(self.best, valset)).conservative_score
+            record.val_score = self.report.val_score = val_score
             self.val_measured = self.best.hash
+            if val_score > self.best_val:
+                self.best_val, self.stale_steps = val_score, 0
+            else:
+                self.stale_steps += 1
+        if self.pool is not None:
+            self.report.pool = self.pool.records()
         self.parts.events.emit(
             "optimize.step",
             step=record.step,
@@ -375,6 +470,8 @@ class _Trainer:
             val_score=record.val_score,
             proposals=len(record.proposals),
             perfect=record.perfect,
+            batch_score=record.batch_score,
+            calls=self.parts.meter.total_calls,
         )
 
     async def _describe(self) -> None:
@@ -403,12 +500,17 @@ class _Trainer:
     async def _step(
         self, step: int, batch: list[Example], history: deque[HistoryEntry]
     ) -> StepRecord:
-        current = await self.evaluate(self.best, batch)
+        # the prompt this step improves: the best (greedy) or a front member (pareto)
+        parent = self.pool.sample_parent() if self.pool is not None else None
+        prompt = parent.prompt if parent is not None else self.best
+        current = await self.evaluate(prompt, batch)
         record = StepRecord(
             step, [e.id for e in batch], current.conservative_score, self.best_score
         )
         record.batch_errors = current.errors
         self.report.steps.append(record)  # from now on: whatever stops the run, it is kept
+        if self.settings.merge and await self._merge(step, batch, history, record):
+            return record
         failed = [
             (example, outcome)
             for example, outcome in zip(batch, current.outcomes, strict=True)
@@ -419,35 +521,91 @@ class _Trainer:
             record.perfect = current.errors == 0
             return record
         feedback_history: dict[str, list[str]] = {}  # per example, reset every batch
-        proposer = Proposer(self, batch, current.conservative_score, history)
+        proposer = Proposer(
+            self,
+            batch,
+            current.conservative_score,
+            history,
+            current=prompt,
+            parents=(parent.id,) if parent is not None else None,
+            batch_key=self.key_of(prompt, current.outcomes),
+        )
         for attempt in range(self.settings.max_proposals_per_step):
-            gradients = await self._gradients(failed, feedback_history, record)
-            if not gradients:
-                break
-            for example_id, text in gradients:
-                feedback_history.setdefault(example_id, []).append(text)
-            feedback = tuple(text for _, text in gradients)
-            try:
-                proposals = await proposer.attempt(step, attempt, feedback, record.proposals)
-            except BudgetExceededError as exc:
-                undecided(record.proposals, attempt, exc.message)
-                raise
-            winner = best_accepted(proposals)
-            if winner is not None:
-                assert winner.prompt is not None and winner.full_score is not None
-                self.best = Prompt.from_dict(winner.prompt)
-                self.best_score = record.best_score = winner.full_score
-                self.best_outcomes = proposer.full_outcomes[winner.variant]
-                record.gradients = list(feedback)
-                self.parts.events.emit(
-                    "optimize.accepted", step=step, attempt=attempt, score=self.best_score
-                )
-                self._note_errors(winner)
-                break
+            with span("proposal", **{"engine.step": step, "engine.proposal.attempt": attempt}):
+                with span("gradient", **{"engine.examples.failed": len(failed)}):
+                    gradients = await self._gradients(prompt, failed, feedback_history, record)
+                if not gradients:
+                    break
+                for example_id, text in gradients:
+                    feedback_history.setdefault(example_id, []).append(text)
+                feedback = tuple(text for _, text in gradients)
+                try:
+                    proposals = await proposer.attempt(step, attempt, feedback, record.proposals)
+                except BudgetExceededError as exc:
+                    undecided(record.proposals, attempt, exc.message)
+                    raise
+                winner = self._adopt(proposals, proposer)
+                if winner is not None:
+                    record.best_score = self.best_score
+                    record.gradients = list(feedback)
+                    self.parts.events.emit(
+                        "optimize.accepted", step=step, attempt=attempt, score=self.best_score
+                    )
+                    self._note_errors(winner)
+                    break
         return record
+
+    async def _merge(
+        self, step: int, batch: list[Example], history: deque[HistoryEntry], record: StepRecord
+    ) -> bool:
+        """Pareto with ``merge=True``: when two front members share an ancestor (a pair
+        not tried before), propose their merge first; True when it joined the front
+        (the step is done, as after an accepted proposal)."""
+        assert self.pool is not None
+        pair = self.pool.merge_pair()
+        if pair is None:
+            return False
+        ancestor = self.pool.common_ancestor(pair[0].id, pair[1].id)
+        # the bar on the batch: the better of the two (ties: the first, the current)
+        scored = [(await self.evaluate(c.prompt, batch), c) for c in pair]
+        bar, first = max(scored, key=lambda s: s[0].conservative_score)
+        merger = Proposer(
+            self,
+            batch,
+            bar.conservative_score,
+            history,
+            current=pair[0].prompt,
+            parents=(pair[0].id, pair[1].id),
+            batch_key=self.key_of(first.prompt, bar.outcomes),
+        )
+        proposal = await merger.merge(step, pair, ancestor, record.proposals)
+        if not self._adopt([proposal], merger):
+            return False
+        record.best_score = self.best_score
+        self.parts.events.emit("optimize.accepted", step=step, attempt=-1, score=self.best_score)
+        return True
+
+    def _adopt(self, proposals: list[ProposalRecord], proposer: Proposer) -> ProposalRecord | None:
+        """The attempt's winner, which the best prompt now is, or None.  Greedy: the best
+        accepted proposal.  Pareto: the first that joined the front; the best prompt is
+        then the pool's best mean on validation (it may be an older candidate)."""
+        if self.pool is not None:
+            winner = next((p for p in proposals if p.accepted), None)
+            if winner is not None:
+                best = self.pool.best()
+                self.best, self.best_score = best.prompt, best.mean
+            return winner
+        winner = best_accepted(proposals, self.settings.tie_break)
+        if winner is not None:
+            assert winner.prompt is not None and winner.full_score is not None
+            self.best = Prompt.from_dict(winner.prompt)
+            self.best_score = winner.full_score
+            self.best_outcomes = proposer.full_outcomes[winner.variant]
+        return winner
 
     async def _gradients(
         self,
+        prompt: Prompt,
         failed: list[tuple[Example, Outcome]],
         feedback_history: dict[str, list[str]],
         record: StepRecord,
@@ -457,7 +615,7 @@ class _Trainer:
             GradientContext(
                 task_description=self.task_description,
                 metric_description=self.metric_description,
-                prompt=self.best,
+                prompt=prompt,
                 example=example,
                 prediction=outcome.prediction or "",
                 result=outcome.result,  # type: ignore[arg-type]  # failed: scored ones only
@@ -531,7 +689,13 @@ async def optimize(
     apply: ApplyStage | None = None,
     limits: Limits | None = None,
     optimizer_limits: Limits | None = None,
-    cluster: RayCluster | None = None,
+    cluster: EvaluationBackend | None = None,
+    selection: Literal["greedy", "pareto"] = "greedy",
+    accept_on: Literal["train", "val"] = "train",
+    tie_break: Sequence[Literal["cost", "length"]] = (),
+    patience: int | None = None,
+    merge: bool = False,
+    settings: TrainerSettings | None = None,
 ) -> OptimizationResult:
     """Optimize ``prompt`` on ``trainset`` with text gradients (TextGradientTrainer).
 
@@ -569,8 +733,29 @@ async def optimize(
         cluster: an `engine.cluster.RayCluster` for the whole-set evaluations (the
             training set, and the validation set); batches and optimizer calls stay
             here.  The decisions are the same as a local run's.
+        selection: ``"greedy"`` (default, the seed's rule: one best prompt) or
+            ``"pareto"``: a pool of candidates, each scored on the whole validation set
+            and kept while it is the best on at least one validation example; the next
+            parent is drawn from that front in proportion to the examples it leads; the
+            best mean on validation is returned.  Racing is off in this mode.
+        accept_on: ``"train"`` (default, the seed's rule) or ``"val"``: the whole-set
+            step judges a candidate on the validation set, and the best prompt on it is
+            returned (racing stays exact: the same bound on another set).
+        tie_break: second objectives for equal scores, e.g. ``("cost", "length")``:
+            measured cost per example, then prompt tokens; the lower wins the tie (by
+            default the older prompt keeps it).
+        patience: stop after this many steps without a validation improvement.
+        merge: pareto only: when two front members share an ancestor, a step may also
+            propose their merge (one optimizer call), judged like any candidate.
+        settings: the method's settings as one `TrainerSettings` value instead of the
+            keywords above (batch_size ... merge).  It replaces their defaults; a
+            keyword given alongside it with a value other than its default must agree
+            with it, or `ConfigError` (no silent precedence).
+
+    ``selection="pareto"``, ``accept_on="val"`` and ``patience`` need a ``valset``;
+    without one they raise `ConfigError` before any call.
     """
-    settings = TrainerSettings(
+    given = TrainerSettings(
         batch_size=batch_size,
         max_proposals_per_step=max_proposals_per_step,
         history_size=history_size,
@@ -580,8 +765,17 @@ async def optimize(
         max_error_rate=max_error_rate,
         task_description=task_description,
         metric_description=metric_description,
+        selection=selection,
+        accept_on=accept_on,
+        tie_break=tuple(tie_break) if isinstance(tie_break, list | tuple) else tie_break,  # type: ignore[arg-type]
+        patience=patience,
+        merge=merge,
     )
+    settings = _settings_of(given, settings)
     train, val = _checked_data(prompt, trainset, valset)
+    needs = settings.needs_valset
+    if needs is not None and not val:
+        raise ConfigError(f"{needs}: pass a non-empty valset")
     task = Endpoint.of(model, limits=limits)
     opt = (
         task if optimizer_model is model else Endpoint.of(optimizer_model, limits=optimizer_limits)
@@ -611,7 +805,26 @@ async def optimize(
         metric_threads=metric_threads,
         cluster=cluster,
     )
-    return await _Trainer(prompt, settings, parts).run()
+    with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
+        return await _Trainer(prompt, settings, parts).run()
+
+
+def _settings_of(given: TrainerSettings, settings: TrainerSettings | None) -> TrainerSettings:
+    """The run's settings: ``settings`` when passed, else the keywords (``given``).
+    A keyword set away from its default that disagrees with ``settings`` is an error."""
+    if settings is None:
+        return given
+    if not isinstance(settings, TrainerSettings):
+        raise ConfigError(f"settings must be a TrainerSettings, got {type(settings).__name__}")
+    conflicts = [
+        f"{name}={getattr(given, name)!r} (settings has {getattr(settings, name)!r})"
+        for name in (f.name for f in dataclasses.fields(TrainerSettings))
+        if getattr(given, name) != getattr(DEFAULTS, name)
+        and getattr(given, name) != getattr(settings, name)
+    ]
+    if conflicts:
+        raise ConfigError("optimize() keywords conflict with settings: " + ", ".join(conflicts))
+    return settings
 
 
 async def preflight_global_metric(

@@ -1,0 +1,211 @@
+"""What every dialect of the simulated provider shares: its configuration, its
+statistics, and the few ASGI helpers that write answers and faults by hand."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NoReturn
+
+import anyio
+from starlette.types import Receive, Send
+
+__all__ = [
+    "Answer",
+    "ServerConfig",
+    "ServerStats",
+    "drop_connection",
+    "echo_answer",
+    "read_body",
+    "send_json",
+    "send_raw",
+    "sleep_or_disconnect",
+]
+
+Answer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], str]
+
+
+def echo_answer(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+    """The default behaviour: answer with the last message's content."""
+    return str(messages[-1].get("content", "")) if messages else ""
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """What the simulated provider enforces and injects.
+
+    Rates are probabilities per request; ``retry_after`` is ``"seconds"``, ``"ms"`` or
+    ``"none"`` (how 429s tell the client when to come back).  ``api_key`` makes the
+    server check ``Authorization: Bearer KEY``, and with ``api_key_header`` also
+    Azure's ``api-key: KEY``.  ``quota_exhausted`` answers every chat request with
+    OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
+    without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
+    ``content_filter``), in chat and in batches alike.
+
+    ``announce_limit_requests`` (and ``announce_limit_tokens``) are sent verbatim as
+    ``x-ratelimit-limit-*`` on every answer, whatever the real limit: a provider or
+    gateway that announces a wrong, absurd or unparsable limit (``"1000000000"``,
+    ``"-5"``, ``"inf"``).  ``usage`` overrides the billed counts in every answer
+    (``{"prompt_tokens": -300}``); ``body`` answers every request with these raw bytes
+    (status 200): a body of a shape or encoding the client must cope with; with
+    ``chunked`` it goes in 64 KiB pieces without a Content-Length.
+    """
+
+    rpm: float | None = None
+    tpm: float | None = None
+    latency_median: float = 0.0
+    latency_sigma: float = 0.0
+    latency_cap: float = 30.0
+    error_rate: float = 0.0
+    hang_rate: float = 0.0
+    hang_seconds: float = 30.0
+    drop_rate: float = 0.0
+    malformed_rate: float = 0.0
+    retry_after: str = "seconds"
+    api_key: str | None = None
+    api_key_header: bool = False
+    quota_exhausted: bool = False
+    null_content_rate: float = 0.0
+    null_content_kind: str = "refusal"
+    reject_json_schema: bool = False
+    headers: bool = True
+    announce_limit_requests: str | None = None
+    announce_limit_tokens: str | None = None
+    usage: Mapping[str, Any] | None = None
+    body: bytes | None = None
+    chunked: bool = False
+    answer: Answer = echo_answer
+    seed: int = 0
+    batch_delay: float = 0.5
+    batch_failure_rate: float = 0.0
+    batch_expire: bool = False
+    # the native dialects (adapters._simulated_native): see its docstring
+    dialects: tuple[str, ...] = ("openai", "anthropic", "gemini")
+    input_tpm: float | None = None
+    output_tpm: float | None = None
+    overloaded_rate: float = 0.0
+    spend_limit: bool = False
+    daily_quota: bool = False
+    throttle_after: int | None = None
+    throttle_seconds: float = 3.0
+
+
+@dataclass
+class ServerStats:
+    """What the server saw.  ``paid`` counts answered requests (what a provider bills).
+
+    ``routes`` counts requests per path; ``last_request`` is the last one's path, query
+    and headers (credential headers only by name); ``client_ports`` are the client
+    ends of the connections used (keep-alive reuses them).
+    """
+
+    received: int = 0
+    paid: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    hangs: int = 0
+    drops: int = 0
+    malformed: int = 0
+    unauthorized: int = 0
+    rejected_format: int = 0
+    outage_refusals: int = 0
+    quota_refusals: int = 0
+    not_found: int = 0
+    null_contents: int = 0
+    disconnects: int = 0
+    repeats: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    arrivals: list[float] = field(default_factory=list)
+    paid_arrivals: list[float] = field(default_factory=list)
+    routes: dict[str, int] = field(default_factory=dict)
+    last_request: dict[str, Any] | None = None
+    client_ports: set[int] = field(default_factory=set)
+    overloaded: int = 0  # Anthropic 529s and Gemini 503s injected (native dialects)
+
+    @property
+    def connections(self) -> int:
+        """Distinct client connections seen (by source port)."""
+        return len(self.client_ports)
+
+    def max_in_window(self, window: float = 1.0, *, paid_only: bool = False) -> int:
+        """Most requests that arrived within any ``window`` seconds."""
+        times = sorted(self.paid_arrivals if paid_only else self.arrivals)
+        best = lo = 0
+        for hi, t in enumerate(times):
+            while t - times[lo] >= window:
+                lo += 1
+            best = max(best, hi - lo + 1)
+        return best
+
+    def summary(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("arrivals", "paid_arrivals", "client_ports", "last_request"):
+            data.pop(name)
+        data["connections"] = self.connections
+        data["max_per_second"] = self.max_in_window(1.0)
+        return data
+
+
+# -- ASGI helpers ------------------------------------------------------------------
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or ``None`` if the client went away first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def drop_connection(send: Send) -> NoReturn:
+    """Start a 200 promising 4 KB, send a few bytes, and abort the connection."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b'{"id": "chat', "more_body": True})
+    raise ConnectionAbortedError("injected dropped connection")
+
+
+async def sleep_or_disconnect(delay: float, receive: Receive) -> bool:
+    """Sleep ``delay`` seconds; True if the client went away first."""
+    if delay <= 0:
+        return False
+    disconnected = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal disconnected
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        await anyio.sleep(delay)
+        tg.cancel_scope.cancel()
+    return disconnected
+
+
+async def send_raw(
+    send: Send, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    pairs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    pairs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": pairs})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_json(
+    send: Send, status: int, data: Any, headers: Mapping[str, str] | None = None
+) -> None:
+    await send_raw(send, status, json.dumps(data).encode(), headers)
