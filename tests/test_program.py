@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,3 +308,125 @@ async def test_a_program_asks_for_what_it_cannot_do_yet() -> None:
             metric=two_halves, cluster=object(),  # type: ignore[arg-type]
         )  # fmt: skip
     assert chat.calls == 0
+
+
+# -- rate, faults and resume through a real provider -----------------------------------
+ECHO_PROMPTS = {
+    "extract": Prompt(
+        [{"role": "system", "content": "List the facts."}, {"role": "user", "content": "{text}"}],
+        model="sim",
+    ),
+    "answer": Prompt(
+        [
+            {"role": "system", "content": "Answer from the facts."},
+            {"role": "user", "content": "{facts}"},
+        ],
+        model="sim",
+    ),
+}
+
+
+async def echo_pipeline(lm: Any, example: Example) -> str:
+    facts = await lm("extract", text=example.inputs["text"])
+    return str(await lm("answer", facts=facts))
+
+
+def echo_rows(n: int) -> list[Example]:
+    return [Example({"text": f"row {i}"}, f"row {i}", id=f"r{i}") for i in range(n)]
+
+
+@pytest.mark.slow
+async def test_a_thousand_two_call_examples_reach_the_rate_bound_through_openai_chat() -> None:
+    """1,000 examples of a two-call program through OpenAIChat against the simulated
+    provider at RPM 3000: nothing lost, <= 2% 429s, >= 0.95 of the rate bound."""
+    import time
+
+    from adapters.openai_chat import OpenAIChat
+    from adapters.simulated_server import ServerConfig, SimulatedServer
+    from engine import Limits
+    from engine.metrics import ExactMatch
+
+    config = ServerConfig(rpm=3000, latency_median=0.05, latency_sigma=0.3, seed=5)
+    async with SimulatedServer(config) as server:
+        async with OpenAIChat(
+            base_url=server.base_url, limits=Limits(rpm=3000, concurrency=64)
+        ) as chat:
+            started = time.monotonic()
+            result = await evaluate(
+                ECHO_PROMPTS, echo_rows(1000), program=echo_pipeline, model=chat,
+                metric=ExactMatch(), cache=Cache(),
+            )  # fmt: skip
+            wall = time.monotonic() - started
+    stats = server.stats
+    assert result.completed == 1000 and result.errors == 0 and result.score == 1.0
+    assert stats.paid == 2000
+    assert stats.rate_limited <= 0.02 * stats.received
+    bound = stats.paid / (3000 / 60)  # the time the provider's rate needs for this work
+    assert bound / wall >= 0.95, (bound, wall, stats.paid)
+
+
+RESUME_SCRIPT = """
+import asyncio, json, sys
+from adapters.openai_chat import OpenAIChat
+from engine import Cache, Example, Limits, Prompt, evaluate
+from engine.metrics import ExactMatch
+
+PROMPTS = {
+    "extract": Prompt([{"role": "user", "content": "Facts: {text}"}], model="sim"),
+    "answer": Prompt([{"role": "user", "content": "{facts}"}], model="sim"),
+}
+
+async def pipeline(lm, example):
+    facts = await lm("extract", text=example.inputs["text"])
+    return await lm("answer", facts=facts)
+
+async def main(url, path, n):
+    rows = [Example({"text": f"row {i}"}, f"Facts: row {i}", id=f"r{i}") for i in range(n)]
+    async with Cache.sqlite(path) as cache, OpenAIChat(
+        base_url=url, limits=Limits(rpm=6000, concurrency=16)
+    ) as chat:
+        result = await evaluate(PROMPTS, rows, program=pipeline, model=chat,
+                                metric=ExactMatch(), cache=cache)
+    print(json.dumps({"completed": result.completed, "errors": result.errors,
+                      "score": result.score, "calls": result.calls}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_program_then_resume_pays_no_finished_call_twice(tmp_path: Path) -> None:
+    """A real subprocess runs a two-call program on 1,000 examples into a SQLite cache;
+    kill -9 halfway; the rerun completes everything and the provider is paid at most
+    the calls in flight at the kill (16) beyond the 2,000 a single run needs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from adapters.simulated_server import ServerConfig, SimulatedServer
+
+    n, concurrency = 1000, 16
+    script = tmp_path / "run_program.py"
+    script.write_text(RESUME_SCRIPT)
+    cache = tmp_path / "cache.sqlite"
+    root = Path(__file__).resolve().parents[1]
+    with SimulatedServer(ServerConfig(latency_median=0.02, latency_sigma=0.3)) as server:
+        command = [sys.executable, str(script), server.base_url, str(cache), str(n)]
+        proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while server.stats.paid < n:  # half of the 2n calls
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        paid_before = server.stats.paid
+        assert paid_before < 2 * n
+        rerun = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=180)
+        assert rerun.returncode == 0, rerun.stderr
+        summary = json.loads(rerun.stdout)
+        assert summary["completed"] == n and summary["errors"] == 0 and summary["score"] == 1.0
+        assert server.stats.paid <= 2 * n + concurrency
+        assert summary["calls"] == server.stats.paid - paid_before
