@@ -430,3 +430,69 @@ def test_kill_9_mid_program_then_resume_pays_no_finished_call_twice(tmp_path: Pa
         assert summary["completed"] == n and summary["errors"] == 0 and summary["score"] == 1.0
         assert server.stats.paid <= 2 * n + concurrency
         assert summary["calls"] == server.stats.paid - paid_before
+
+
+# -- run files ----------------------------------------------------------------------------
+def program_run_file(folder: Path, extra: str = "", adapter_line: str = "") -> Path:
+    """The example's run file, its outputs and cache moved into ``folder``."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "examples" / "program" / "run.toml").read_text()
+    text = text.replace('train = "data.jsonl"', f'train = "{root}/examples/program/data.jsonl"')
+    text = text.replace("../../out/program/cache.sqlite", "cache.sqlite")
+    text = text.replace('dir = "../../out/program"', 'dir = "out"')
+    if adapter_line:
+        text = text.replace(
+            'model = "demo"\ntemperature = 0.0\n\n[data]', adapter_line + "\n\n[data]"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    run = folder / "run.toml"
+    run.write_text(text + extra)
+    return run
+
+
+def test_the_program_example_optimizes_offline_from_its_run_file(tmp_path: Path) -> None:
+    from .support import run_cli
+
+    run = program_run_file(tmp_path / "run")
+    done = run_cli("optimize", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["score"] == 1.0 and summary["initial_score"] == 0.0
+    out = tmp_path / "run" / "out"
+    best = json.loads((out / "best_prompt.json").read_text())
+    assert "UPPERCASE" in best["extract"]["messages"][0]["content"]
+    assert "ONLY" in best["answer"]["messages"][0]["content"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["program"]["component"] == "blame"
+    assert {s["stage"] for s in report["steps"] if s["stage"]} == {"extract", "answer"}
+    assert "## Program" in (out / "report.md").read_text()
+    again = run_cli("evaluate", str(run), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["completed"] == 12
+
+
+def test_dry_run_bounds_a_programs_calls_with_calls_per_example(tmp_path: Path) -> None:
+    from .support import run_cli
+
+    run = program_run_file(tmp_path / "one")
+    plan = json.loads(run_cli("evaluate", str(run), "--dry-run").stdout)
+    assert plan["max_calls"] == 12 * 2  # one call of each prompt per example
+    text = run.read_text().replace(
+        "calls_per_example = { extract = 1, answer = 1 }", "calls_per_example = 5"
+    )
+    run.write_text(text)
+    plan = json.loads(run_cli("evaluate", str(run), "--dry-run").stdout)
+    assert plan["max_calls"] == 12 * 10
+
+
+def test_a_prompts_adapter_must_name_an_adapters_table(tmp_path: Path) -> None:
+    from .support import run_cli
+
+    line = 'model = "demo"\ntemperature = 0.0\nadapter = "small"'
+    run = program_run_file(tmp_path / "bad", adapter_line=line)
+    done = run_cli("evaluate", str(run), "--dry-run")
+    assert done.returncode == 2 and "no [adapters.small] table" in done.stderr
+    table = '\n[adapters.small]\nadapter = "examples.program.pipeline:TaskModel"\n'
+    run.write_text(run.read_text() + table)
+    done = run_cli("evaluate", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr

@@ -180,21 +180,46 @@ async def _cache(run: RunFile) -> AsyncIterator[Cache]:
         yield cache
 
 
+async def _program_models(
+    stack: AsyncExitStack, run: RunFile, task: Endpoint
+) -> dict[str, Endpoint] | None:
+    """A program's endpoint per prompt: ``[model]``, or the ``[adapters.NAME]`` its
+    ``[prompts.NAME] adapter`` names (each opened once); None for one prompt."""
+    if run.prompts is None:
+        return None
+    opened = {
+        name: await _endpoint(stack, run.adapters[name])
+        for name in set(run.prompt_adapters.values())
+    }
+    return {
+        name: opened[run.prompt_adapters[name]] if name in run.prompt_adapters else task
+        for name in run.prompts
+    }
+
+
 def _plan(run: RunFile, command: str) -> dict[str, Any]:
-    """Upper bounds of the calls a run can make, and what they may cost."""
+    """Upper bounds of the calls a run can make, and what they may cost.  A program's
+    example costs its declared ``calls_per_example`` (default one call per prompt)."""
     n, v = len(run.train), len(run.val or [])
+    per = sum(run.calls_per_example.values()) if run.prompts is not None else 1
     if command == "evaluate":
-        calls = n
+        calls = n * per
     else:
         t = run.trainer
         b = int(t.get("batch_size", 4))
         k = int(t.get("max_proposals_per_step", 5)) * int(t.get("parallel_proposals", 1))
         steps = math.ceil(n / b)
-        # per attempt: b gradients + 1 apply (optimizer) + b batch + n full (task)
-        calls = n + v + 2 + steps * (k * (2 * b + 1 + n) + v)
-    sample = run.prompt.render(run.train[0].inputs)
+        # per attempt: b gradients + 1 apply (optimizer) + b batch + n full (task);
+        # a program's blame pass adds b gradients per step
+        blame = b if t.get("component") == "blame" else 0
+        calls = (n + v) * per + 2 + steps * (k * (b + 1 + (b + n) * per) + v * per + blame)
+    if run.prompts is None:
+        sample = run.prompt.render(run.train[0].inputs)
+    else:  # the templates beside the example's inputs: what a call sends, roughly
+        text = " ".join(m["content"] for p in run.prompts.values() for m in p.messages)
+        sample = [{"role": "user", "content": text + json.dumps(dict(run.train[0].inputs))}]
     per_call = estimate_request_tokens(sample, int(run.prompt.params.get("max_tokens", 256)))
-    names = [run.prompt.model]
+    names = [p.model for p in (run.prompts or {"": run.prompt}).values()]
     if run.optimizer is not None and run.optimizer.model_name:
         names.append(run.optimizer.model_name)
     BudgetMeter(run.budget, names)  # a money budget without prices fails here, as in a run
@@ -245,12 +270,15 @@ async def _optimize(
             enabled=args.log_mode == "progress",
         )
         tracker = mlflow_logger(run, job.out)  # [tracking] mlflow: None without it
+        models = await _program_models(stack, run, task)
+        program = {} if models is None else {"program": run.build_program()}
         result = await optimize(
-            job.prompt,
+            job.prompts or job.prompt,
             job.data,
             valset=run.val,
             **_metric_options(run),
-            model=task,
+            **program,
+            model=models or task,
             optimizer_model=opt,
             optimizer_model_name=run.optimizer.model_name,
             cache=cache,
@@ -266,7 +294,12 @@ async def _optimize(
 
 def _write_optimize_outputs(out: Path, result: OptimizationResult) -> None:
     report = result.report
-    write_private(out / "best_prompt.json", json.dumps(result.prompt.to_dict(), indent=2))
+    best = (
+        {name: p.to_dict() for name, p in result.prompts.items()}  # a program: every prompt
+        if result.prompts
+        else result.prompt.to_dict()
+    )
+    write_private(out / "best_prompt.json", json.dumps(best, indent=2))
     write_private(out / "report.json", redact_text(report.to_json()))
     write_private(out / "report.md", redact_text(report.to_markdown()))
     write_private(out / "report.html", redact_text(report.to_html()))
@@ -368,10 +401,13 @@ async def _evaluate(
             enabled=args.log_mode == "progress",
         )
         streamed = isinstance(job.data, FileDataset)
+        models = await _program_models(stack, run, task)
+        program = {} if models is None else {"program": run.build_program()}
         return await evaluate(
-            job.prompt,
+            job.prompts or job.prompt,
             job.data,
-            model=task,
+            **program,
+            model=models or task,
             **_metric_options(run),
             # a streamed file can only use a cache every worker opens ([cache] url)
             cache=None if streamed and run.cache_url is None else cache,
