@@ -34,6 +34,7 @@ from ._errors import (
     MetricTimeoutError,
     NoContentError,
     PermanentError,
+    ProgramError,
     ProviderError,
     QuotaExceededError,
     RateLimitedError,
@@ -48,7 +49,15 @@ from ._outcome import Evaluation, GlobalMetric, Outcome
 from ._prompt import Prompt
 from ._protocols import CacheStore, ChatModel, Metric
 from ._redact import redact_event, register_secret
-from ._types import Completion, ErrorInfo, Example, MetricResult, RateLimitSnapshot, Usage
+from ._types import (
+    Completion,
+    ErrorInfo,
+    Example,
+    MetricResult,
+    ProgramCall,
+    RateLimitSnapshot,
+    Usage,
+)
 from .cache import (
     Cache,
     CachedPrediction,
@@ -111,6 +120,8 @@ __all__ = [
     "PermanentError",
     "PostgresStore",
     "Price",
+    "ProgramCall",
+    "ProgramError",
     "Prompt",
     "ProposalError",
     "ProposalRecord",

@@ -22,6 +22,7 @@
     ├── BudgetExceededError              a call, token or money cap was reached
     ├── TooManyErrorsError               the best prompt's score rests on too many errors
     ├── StageError                       a trainer stage failing for good (report attached)
+    ├── ProgramError                     a program raised on one example: that example's error
     └── StrayCancellationError           a CancelledError nobody asked for: one example's error
 
 Adapters translate their SDK's errors into this tree with ``raise ... from exc`` so the
@@ -55,6 +56,7 @@ __all__ = [
     "MetricTimeoutError",
     "NoContentError",
     "PermanentError",
+    "ProgramError",
     "ProviderError",
     "QuotaExceededError",
     "RateLimitedError",
@@ -200,6 +202,15 @@ class EndpointUnreachableError(ProviderError):
     success since.  Every waiting call fails at once; fatal for the run."""
 
     fatal = True
+
+
+class ProgramError(EngineError):
+    """A program (``evaluate(..., program=...)``) raised on one example.
+
+    Like a provider error, it ends that example with an error outcome (stage
+    ``"program"``); the cause is chained.  A `ConfigError` raised by its ``lm`` (an
+    unknown prompt name, a missing variable) is not one: it stops the evaluation.
+    """
 
 
 class MetricError(EngineError):

@@ -21,7 +21,7 @@ import asyncio
 import inspect
 import math
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from ._errors import (
     EngineError,
     MetricError,
     MetricTimeoutError,
+    ProgramError,
     ProviderError,
     StrayCancellationError,
 )
@@ -46,9 +47,10 @@ from ._prompt import Prompt, canonical_json
 from ._protocols import ChatModel, Metric
 from ._scoring import MetricRunner, check_metric
 from ._tally import Tally
-from ._types import ErrorInfo, Example, MetricResult
+from ._types import ErrorInfo, Example, MetricResult, ProgramCall
 from .cache import Cache, CachedPrediction, metric_identity, request_hash
 from .endpoint import Endpoint, Limits
+from .program import Program, ProgramRunner, ProgramSetup, dry_run, program_setup
 from .tracing import mark_example, run_span
 
 __all__ = [
@@ -89,9 +91,11 @@ async def _uncancelled(call: Awaitable[Any], who: str) -> Any:
         ) from exc
 
 
-def _check_example(prompt: Prompt, example: object, index: int) -> Example:
+def _check_example(prompt: Prompt | Mapping[str, Prompt], example: object, index: int) -> Example:
     if not isinstance(example, Example):
         raise ConfigError(f"example #{index} is a {type(example).__name__}, not an engine.Example")
+    if not isinstance(prompt, Prompt):
+        return example  # a program's prompts: what each is rendered with is the program's
     names = set(example.inputs)
     missing = prompt.placeholders - names
     if missing:
@@ -107,9 +111,10 @@ def _check_example(prompt: Prompt, example: object, index: int) -> Example:
     return example
 
 
-def validate_examples(prompt: Prompt, examples: Sequence[Example]) -> None:
+def validate_examples(prompt: Prompt | Mapping[str, Prompt], examples: Sequence[Example]) -> None:
     """Check a dataset against a prompt before any call: non-empty, unique ids,
-    inputs matching the placeholders.  Raises `ConfigError` naming the row."""
+    inputs matching the placeholders (a program's prompts: no placeholder check, the
+    program renders them).  Raises `ConfigError` naming the row."""
     if len(examples) == 0:
         raise ConfigError("the dataset is empty")
     seen: dict[str, int] = {}
@@ -128,6 +133,7 @@ class _Predicted:
     example: Example
     prediction: CachedPrediction
     cached: bool
+    trace: tuple[ProgramCall, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -149,6 +155,12 @@ class _Settings:
     meter: BudgetMeter | None
     prevalidated: bool
     preflighted: bool
+    program: ProgramSetup | None = None
+
+    @property
+    def identity(self) -> str:
+        """The identity of the predictions: the prompt's hash, or the program's."""
+        return self.program.identity if self.program is not None else self.prompt.hash
 
 
 class _EvaluationRun:
@@ -168,6 +180,19 @@ class _EvaluationRun:
         self.requests: dict[str, str] = {}  # format sent (canonical JSON) -> request hash
         self.started = time.monotonic()
         self.last_progress = self.started
+        program = settings.program
+        self.prompts = program.prompts if program is not None else settings.prompt
+        self.runner = (
+            ProgramRunner(
+                settings.program,
+                cache=settings.cache,
+                meter=settings.meter,
+                emitter=settings.emitter,
+                paid=self.tally.paid,
+            )
+            if settings.program is not None
+            else None
+        )
 
     def _metric_id(self) -> str | None:
         cache, metric = self.s.cache, self.s.scorer.metric
@@ -199,8 +224,15 @@ class _EvaluationRun:
         sent = self.s.endpoint.format_sent(self.s.prompt.response_format)
         return dict(sent) if sent is not None else None
 
-    async def _predict(self, example: Example) -> tuple[CachedPrediction, bool]:
+    async def _predict(
+        self, example: Example, trace: list[ProgramCall]
+    ) -> tuple[CachedPrediction, bool]:
         s, tally = self.s, self.tally
+        if self.runner is not None:  # a program: its lm calls go through the cache
+            program: tuple[CachedPrediction, bool] = await _uncancelled(
+                self.runner.predict(example, trace), "the program"
+            )
+            return program
 
         async def call() -> CachedPrediction:
             # rendered only on a miss: most of a training run's evaluations are hits
@@ -226,20 +258,21 @@ class _EvaluationRun:
 
     async def _predicted(self, index: int, example: Example) -> _Predicted | Outcome:
         """Stage 1: the prediction, or the outcome of an example that failed there."""
+        calls: list[ProgramCall] = []  # a program's lm calls, as they end
         try:
-            prediction, cached = await self._predict(example)
+            prediction, cached = await self._predict(example, calls)
         except ProviderError as exc:
             if exc.fatal or self.s.on_error == "raise":
                 raise
             error = ErrorInfo.from_exception("predict", exc, exc.attempts)
-            return Outcome(index, example.id, None, None, error, False)
-        except StrayCancellationError as exc:
+            return Outcome(index, example.id, None, None, error, False, trace=tuple(calls))
+        except (StrayCancellationError, ProgramError) as exc:
             if self.s.on_error == "raise":
                 raise
-            return Outcome(
-                index, example.id, None, None, ErrorInfo.from_exception("predict", exc), False
-            )
-        return _Predicted(index, example, prediction, cached)
+            stage = "program" if isinstance(exc, ProgramError) else "predict"
+            error = ErrorInfo.from_exception(stage, exc)
+            return Outcome(index, example.id, None, None, error, False, trace=tuple(calls))
+        return _Predicted(index, example, prediction, cached, tuple(calls))
 
     # -- the metric -------------------------------------------------------------------
     async def _score(self, example: Example, prediction: str) -> MetricResult:
@@ -288,10 +321,24 @@ class _EvaluationRun:
             error = ErrorInfo.from_exception("metric", exc)
         else:
             return Outcome(
-                item.index, example.id, prediction.text, result, None, item.cached, prediction.usage
+                item.index,
+                example.id,
+                prediction.text,
+                result,
+                None,
+                item.cached,
+                prediction.usage,
+                item.trace,
             )
         return Outcome(
-            item.index, example.id, prediction.text, None, error, item.cached, prediction.usage
+            item.index,
+            example.id,
+            prediction.text,
+            None,
+            error,
+            item.cached,
+            prediction.usage,
+            item.trace,
         )
 
     # -- accounting -------------------------------------------------------------------
@@ -345,9 +392,11 @@ class _EvaluationRun:
                 # in-process one) would otherwise keep this worker from ever yielding,
                 # starving the others, cancellation and the loop's timer upkeep.
                 await anyio.lowlevel.checkpoint()
-                example = item if s.prevalidated else _check_example(s.prompt, item, index)
+                example = item if s.prevalidated else _check_example(self.prompts, item, index)
                 if not self.preflighted:
                     self.preflighted = True
+                    if s.program is not None:
+                        await dry_run(s.program, example)
                     await check_metric(s.scorer, example)
                 done = await self._predicted(index, example)
                 if out is not None:
@@ -373,7 +422,7 @@ class _EvaluationRun:
 
     async def run(self) -> Evaluation:
         s = self.s
-        with run_span("evaluate", s.endpoint.name, **{"engine.prompt.hash": s.prompt.hash}):
+        with run_span("evaluate", s.endpoint.name, **{"engine.prompt.hash": s.identity}):
             return await self._run()
 
     async def _run(self) -> Evaluation:
@@ -444,7 +493,7 @@ class _EvaluationRun:
             score, conservative = t.mean(), t.conservative_mean()
         self.outcomes.sort(key=lambda o: o.index)
         evaluation = Evaluation(
-            prompt_hash=self.s.prompt.hash,
+            prompt_hash=self.s.identity,
             score=score,
             conservative_score=conservative,
             **t.counts(),
@@ -459,10 +508,10 @@ class _EvaluationRun:
 
 
 async def evaluate(
-    prompt: Prompt,
+    prompt: Prompt | Mapping[str, Prompt],
     examples: Iterable[Example],
     *,
-    model: ChatModel | Endpoint,
+    model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
     metric: Metric,
     cache: Cache | None = None,
     limits: Limits | None = None,
@@ -481,15 +530,17 @@ async def evaluate(
     meter: BudgetMeter | None = None,
     validate: bool = True,
     cluster: EvaluationBackend | None = None,
+    program: Program | ProgramSetup | None = None,
 ) -> Evaluation:
     """Score ``prompt`` on ``examples`` with ``metric``.
 
     Parameters:
-        prompt: the prompt to evaluate.
+        prompt: the prompt to evaluate; with ``program``, a mapping of prompt name ->
+            `Prompt` (the program's prompts).
         examples: a sequence (validated whole before the first call) or any iterable
             (validated row by row as it streams; duplicate ids are not detected).
         model: a `ChatModel` (its shared `Endpoint` is used, see `Endpoint.of`), or an
-            `Endpoint`.
+            `Endpoint`; with ``program``, also a mapping of prompt name -> model.
         metric: ``(example, prediction) -> MetricResult | float``, sync or async.
             Synchronous metrics run in worker threads unless they set ``inline = True``.
         cache: a `Cache`; ``None`` disables caching.
@@ -519,7 +570,21 @@ async def evaluate(
             that already did (the trainer, once per run) turn it off.
         cluster: an `EvaluationBackend` such as `engine.cluster.RayCluster`: run on
             its workers instead of here (same arguments, same result).
+        program: ``async def program(lm, example) -> answer``: the prediction of an
+            example is the program's answer; ``await lm(name, **variables)`` renders
+            prompt ``name`` and sends it through its endpoint, the budget and the cache
+            (each call cached by what was sent, so an unchanged stage is free).  Its
+            calls are the outcome's ``trace``; a program that raises gives that example
+            an error outcome (stage ``"program"``).  With ``validate``, a dry pass runs
+            it on the first example with a placeholder ``lm`` that pays nothing: an
+            unknown prompt name or a missing variable is a `ConfigError` before any
+            paid call.  ``Evaluation.prompt_hash`` is then the program's identity (its
+            code, every prompt, every endpoint).
     """
+    setup = _program_of(prompt, model, program, limits, cluster)
+    if setup is not None:  # the first prompt and endpoint name the run and size it
+        prompt, model = next(iter(setup.prompts.values())), setup.first
+    assert isinstance(prompt, Prompt) and not isinstance(model, Mapping)
     options = EvaluationOptions(
         model=model, metric=metric, cache=cache, limits=limits, on_error=on_error,
         must_beat=must_beat, on_event=on_event, on_outcome=on_outcome,
@@ -531,12 +596,38 @@ async def evaluate(
     if cluster is not None:
         # Scale-out wraps the core: the cluster's workers run this same function.
         return await cluster.run_evaluation(prompt, examples, options)
-    settings, total = await _settle(prompt, examples, options)
+    settings, total = await _settle(prompt, examples, options, setup)
     return await _EvaluationRun(settings, examples, Tally(total, must_beat)).run()
 
 
+def _program_of(
+    prompt: Prompt | Mapping[str, Prompt],
+    model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
+    program: Program | ProgramSetup | None,
+    limits: Limits | None,
+    cluster: EvaluationBackend | None,
+) -> ProgramSetup | None:
+    """The checked program, or None for one prompt (then ``prompt`` must be one)."""
+    if program is None:
+        if not isinstance(prompt, Prompt):
+            raise ConfigError("a mapping of prompts needs program= (the code that calls them)")
+        if isinstance(model, Mapping):
+            raise ConfigError("model= as a mapping of prompt names needs program=")
+        return None
+    if cluster is not None:
+        raise ConfigError("programs do not run on a cluster yet; evaluate them without cluster=")
+    if isinstance(program, ProgramSetup):  # the trainer's, checked once per run
+        return program.with_prompts(prompt) if isinstance(prompt, Mapping) else program
+    if isinstance(prompt, Prompt):
+        raise ConfigError("program= needs a mapping of prompt name -> Prompt")
+    return program_setup(prompt, program, model, limits=limits)
+
+
 async def _settle(
-    prompt: Prompt, examples: Iterable[Example], options: EvaluationOptions
+    prompt: Prompt,
+    examples: Iterable[Example],
+    options: EvaluationOptions,
+    program: ProgramSetup | None = None,
 ) -> tuple[_Settings, int | None]:
     """Check every argument of `evaluate` (and the data and metric, once) before any
     call is made; return the settings of the run and the dataset's size if known."""
@@ -548,9 +639,13 @@ async def _settle(
     runner = MetricRunner(o.metric, timeout=o.metric_timeout, threads=o.metric_threads)
     prevalidated = isinstance(examples, Sequence)
     if prevalidated and o.validate:
-        validate_examples(prompt, examples)  # type: ignore[arg-type]
+        validate_examples(program.prompts if program else prompt, examples)  # type: ignore[arg-type]
+        if program is not None:
+            await dry_run(program, examples[0])  # type: ignore[index]
         await check_metric(runner, examples[0])  # type: ignore[index]
     workers = o.concurrency if o.concurrency is not None else endpoint.limits.concurrency
+    if program is not None and o.concurrency is None:
+        workers = max(e.limits.concurrency for e in program.endpoints.values())
     if workers < 1:
         raise ConfigError("concurrency must be at least 1")
     if total is not None:
@@ -576,5 +671,6 @@ async def _settle(
         meter=o.meter,
         prevalidated=prevalidated,
         preflighted=prevalidated or not o.validate,
+        program=program,
     )
     return settings, total

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._types import ErrorInfo, MetricResult, Usage
+from ._types import ErrorInfo, MetricResult, ProgramCall, Usage
 
 __all__ = ["Evaluation", "GlobalMetric", "Outcome"]
 
@@ -20,7 +20,10 @@ is passed as ``MetricResult(0.0, feedback="error: ...", trace={"error": True})``
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What happened to one example: a metric result, or an error; never both."""
+    """What happened to one example: a metric result, or an error; never both.
+
+    ``trace``: a program's ``lm`` calls on this example, in order (empty for a prompt).
+    """
 
     index: int
     example_id: str
@@ -29,12 +32,19 @@ class Outcome:
     error: ErrorInfo | None
     cached: bool
     usage: Usage = field(default_factory=Usage)
+    trace: tuple[ProgramCall, ...] = ()
 
     @property
     def score(self) -> float | None:
         return self.result.score if self.result is not None else None
 
     def to_dict(self) -> dict[str, Any]:
+        data = self._fields()
+        if self.trace:  # a prompt's outcome reads exactly as before programs existed
+            data["trace"] = [call.to_dict() for call in self.trace]
+        return data
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "id": self.example_id,

@@ -19,6 +19,7 @@ __all__ = [
     "ErrorInfo",
     "Example",
     "MetricResult",
+    "ProgramCall",
     "RateLimitSnapshot",
     "Usage",
     "as_score",
@@ -161,6 +162,28 @@ class MetricResult:
             "score": self.score,
             "feedback": self.feedback,
             "trace": dict(self.trace) if self.trace is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramCall:
+    """One ``lm`` call of a program on one example: the prompt's name, the variables it
+    was rendered with (as sent), its output, or the error it ended with.  ``cached``:
+    nothing was paid for it."""
+
+    prompt: str
+    variables: Mapping[str, str]
+    output: str | None
+    error: str | None = None
+    cached: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "variables": dict(self.variables),
+            "output": self.output,
+            "error": self.error,
+            "cached": self.cached,
         }
 
 

@@ -26,11 +26,12 @@ from ._errors import ConfigError, EngineError, StageError
 from ._events import Emitter
 from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
-from ._types import Example, MetricResult
+from ._types import Example, MetricResult, ProgramCall
 from .cache import Cache
 from .endpoint import Endpoint
 
 __all__ = [
+    "BLAME_LINE",
     "OPTIMIZER_MAX_TOKENS",
     "ApplyContext",
     "ApplyStage",
@@ -81,6 +82,11 @@ class GradientContext:
     prediction: str
     result: MetricResult
     earlier_feedback: tuple[str, ...]  # this example's feedback earlier in this batch
+    # a program: every lm call of this example, every prompt by name, and the prompt this
+    # step improves ("" when the gradient is asked to name the prompt at fault: blame)
+    trace: tuple[ProgramCall, ...] = ()
+    program_prompts: Mapping[str, Prompt] | None = None
+    stage: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,10 +273,15 @@ class LLMGradient(OptimizerCaller):
     """The default gradient stage: one optimizer call per failed example."""
 
     def messages(self, ctx: GradientContext) -> list[dict[str, str]]:
+        shown = (
+            [f"## Current prompt\n{_messages_json(ctx.prompt)}"]
+            if ctx.program_prompts is None
+            else _program_parts(ctx, ctx.program_prompts)
+        )
         parts = [
             f"## Task\n{ctx.task_description}",
             f"## Metric\n{ctx.metric_description}",
-            f"## Current prompt\n{_messages_json(ctx.prompt)}",
+            *shown,
             f"## Inputs\n{render_value(dict(ctx.example.inputs))}",
             f"## Expected output\n{render_value(ctx.example.expected)}",
             f"## Prediction\n{ctx.prediction}",
@@ -292,6 +303,35 @@ class LLMGradient(OptimizerCaller):
         params = {"model": self.model, "temperature": self.temperature}
         text = await self.ask(self.messages(ctx), params)
         return text.strip()
+
+
+BLAME_LINE = "STAGE:"  # the first line of a blame gradient: ``STAGE: <prompt name>``
+
+
+def _program_parts(ctx: GradientContext, prompts: Mapping[str, Prompt]) -> list[str]:
+    """A program's prompts, the example's whole trace, and which prompt to work on."""
+    listed = "\n\n".join(f"### {name}\n{_messages_json(p)}" for name, p in prompts.items())
+    calls = "\n".join(
+        f"{i}. lm({call.prompt!r}, {render_value(dict(call.variables))}) -> "
+        + (call.output if call.output is not None else f"error: {call.error}")
+        for i, call in enumerate(ctx.trace, 1)
+    )
+    if ctx.stage:
+        target = (
+            f"## Prompt to improve\n{ctx.stage}: give feedback on this prompt only (the "
+            "others stay as they are)."
+        )
+    else:
+        target = (
+            f"## Prompt at fault\nStart your answer with one line `{BLAME_LINE} <name>` "
+            f"naming the prompt most to blame for this failure (one of {sorted(prompts)}), "
+            "then give feedback on that prompt only."
+        )
+    return [
+        f"## The program's prompts (a pipeline; each is called by name)\n{listed}",
+        f"## Trace of this example (every call, in order)\n{calls or '(no call)'}",
+        target,
+    ]
 
 
 class LLMApply(OptimizerCaller):

@@ -201,6 +201,23 @@ async def _cache(run: RunFile) -> AsyncIterator[Cache]:
         yield cache
 
 
+async def _program_models(
+    stack: AsyncExitStack, run: RunFile, task: Endpoint
+) -> dict[str, Endpoint] | None:
+    """A program's endpoint per prompt: ``[model]``, or the ``[adapters.NAME]`` its
+    ``[prompts.NAME] adapter`` names (each opened once); None for one prompt."""
+    if run.prompts is None:
+        return None
+    opened = {
+        name: await _endpoint(stack, run.adapters[name])
+        for name in set(run.prompt_adapters.values())
+    }
+    return {
+        name: opened[run.prompt_adapters[name]] if name in run.prompt_adapters else task
+        for name in run.prompts
+    }
+
+
 # [trainer] keys the run file validates but optimize() does not take yet on this branch;
 # they reach it once the trainer grows them (filtered here, never silently dropped there).
 def _print_json(summary: dict[str, Any], notes: dict[str, str]) -> None:
@@ -235,12 +252,15 @@ async def _optimize(
             enabled=args.log_mode == "progress",
         )
         tracker = mlflow_logger(run, job.out)  # [tracking] mlflow: None without it
+        models = await _program_models(stack, run, task)
+        program = {} if models is None else {"program": run.build_program()}
         result = await optimize(
-            job.prompt,
+            job.prompts or job.prompt,
             job.data,
             valset=run.val,
             **_metric_options(run),
-            model=task,
+            **program,
+            model=models or task,
             optimizer_model=opt,
             optimizer_model_name=run.optimizer.model_name,
             cache=cache,
@@ -256,7 +276,12 @@ async def _optimize(
 
 def _write_optimize_outputs(out: Path, result: OptimizationResult) -> None:
     report = result.report
-    write_private(out / "best_prompt.json", json.dumps(result.prompt.to_dict(), indent=2))
+    best = (
+        {name: p.to_dict() for name, p in result.prompts.items()}  # a program: every prompt
+        if result.prompts
+        else result.prompt.to_dict()
+    )
+    write_private(out / "best_prompt.json", json.dumps(best, indent=2))
     write_private(out / "report.json", redact_text(report.to_json()))
     write_private(out / "report.md", redact_text(report.to_markdown()))
     write_private(out / "report.html", redact_text(report.to_html()))
@@ -359,10 +384,13 @@ async def _evaluate(
             enabled=args.log_mode == "progress",
         )
         streamed = isinstance(job.data, FileDataset)
+        models = await _program_models(stack, run, task)
+        program = {} if models is None else {"program": run.build_program()}
         return await evaluate(
-            job.prompt,
+            job.prompts or job.prompt,
             job.data,
-            model=task,
+            **program,
+            model=models or task,
             **_metric_options(run),
             # a streamed file can only use a cache every worker opens ([cache] url)
             cache=None if streamed and run.cache_url is None else cache,

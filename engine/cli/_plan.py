@@ -104,23 +104,29 @@ class _Sizes:
 
 def _sizes(run: RunFile, rows: Iterable[Example]) -> _Sizes:
     prompt = run.prompt
+    prompts = list(run.prompts.values()) if run.prompts is not None else [prompt]
     template = sum(_bytes(m["content"]) for m in prompt.messages)
     rendered = row = 0
     for example in rows:
-        sent = sum(_bytes(m["content"]) for m in prompt.render(example.inputs))
-        rendered = max(rendered, sent - template)  # what the row adds to the template
+        if run.prompts is None:
+            sent = sum(_bytes(m["content"]) for m in prompt.render(example.inputs))
+            rendered = max(rendered, sent - template)  # what the row adds to the template
+        else:  # a program may put any of the example's inputs into any of its prompts
+            every = sum(_bytes(render_value(v)) for v in example.inputs.values())
+            rendered = max(rendered, every)
         row = max(row, _bytes(render_value(dict(example.inputs)) + render_value(example.expected)))
-    cap = prompt.params.get("max_tokens") or prompt.params.get("max_completion_tokens")
+    caps = [p.params.get("max_tokens") or p.params.get("max_completion_tokens") for p in prompts]
+    cap = None if None in caps else max(int(c) for c in caps if c is not None)
     # a proposal is at most the apply call's completion: that many tokens, each of which
     # we count as a byte on the way back in (the byte rule bounds tokens, not the reverse)
-    longest = max(_prompt_bytes(prompt), OPTIMIZER_MAX_TOKENS)
+    longest = max(*(_prompt_bytes(p) for p in prompts), OPTIMIZER_MAX_TOKENS)
     return _Sizes(
         prompt=longest,
         rendered_rows=longest + rendered,
         row=row,
         task_out=int(cap) if cap is not None else None,
         opt_out=OPTIMIZER_MAX_TOKENS,
-        messages=len(prompt.messages),
+        messages=max(len(p.messages) for p in prompts),
     )
 
 
@@ -169,22 +175,27 @@ def _call_kinds(run: RunFile, command: str) -> list[CallKind]:
     sizes = _sizes(run, rows)
     task = run.prompt.model
     n, v = len(run.train), len(run.val or [])
+    # A program's example makes its declared calls; any of them may carry the others'
+    # answers as variables, so each call's prompt bound grows by their completion caps.
+    per = sum(run.calls_per_example.values()) if run.prompts is not None else 1
+    answers = (per - 1) * (sizes.task_out or 0)
     if command == "evaluate":
         template = sum(_bytes(m["content"]) for m in run.prompt.messages)
-        each = _tokens(template + sizes.rendered_rows - sizes.prompt, sizes.messages)
-        return [CallKind("full set", task, n, each, sizes.task_out)]
+        each = _tokens(template + sizes.rendered_rows - sizes.prompt + answers, sizes.messages)
+        return [CallKind("full set", task, n * per, each, sizes.task_out)]
     t = run.trainer
     b = int(t.get("batch_size", 4))
     m = int(t.get("max_proposals_per_step", 5))
     p = int(t.get("parallel_proposals", 1))
     steps = math.ceil(n / b)
-    each = _tokens(sizes.rendered_rows, sizes.messages)
-    counts = {"description": 2, "gradient": steps * m * b, "apply": steps * m * p}
+    each = _tokens(sizes.rendered_rows + answers, sizes.messages)
+    blame = steps * b if t.get("component") == "blame" else 0  # a program's blame pass
+    counts = {"description": 2, "gradient": steps * m * b + blame, "apply": steps * m * p}
     return [
-        CallKind("initial", task, n + v, each, sizes.task_out),
-        CallKind("batch", task, steps * (b + m * p * b), each, sizes.task_out),
-        CallKind("full set", task, steps * m * p * n, each, sizes.task_out),
-        CallKind("validation", task, steps * v, each, sizes.task_out),
+        CallKind("initial", task, (n + v) * per, each, sizes.task_out),
+        CallKind("batch", task, steps * (b + m * p * b) * per, each, sizes.task_out),
+        CallKind("full set", task, steps * m * p * n * per, each, sizes.task_out),
+        CallKind("validation", task, steps * v * per, each, sizes.task_out),
         *_optimizer_kinds(run, sizes, counts, m),
     ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,9 +48,12 @@ class Job:
     data: list[Example] | FileDataset
     out: Path
     out_option: str  # how the user named ``out``, for messages
+    prompts: Mapping[str, Prompt] | None = None  # a program's prompts (``prompt``: the first)
 
 
-def _check_rows(prompt: Prompt, examples: list[Example], path: Path | None, split: str) -> None:
+def _check_rows(
+    prompt: Prompt | Mapping[str, Prompt], examples: list[Example], path: Path | None, split: str
+) -> None:
     try:
         validate_examples(prompt, examples)
     except ConfigError as exc:
@@ -79,7 +83,10 @@ def _check_endpoints(run: RunFile, command: str) -> None:
     for name, spec in (("model", run.model), ("optimizer", run.optimizer), ("batch", run.batch)):
         if spec is not None:
             resolve(spec.adapter, f"{source_line(run, [name, 'adapter'])}: [{name}] adapter")
-    models = [run.prompt.model]
+    for name, spec in run.adapters.items():
+        where = source_line(run, ["adapters", name, "adapter"])
+        resolve(spec.adapter, f"{where}: [adapters.{name}] adapter")
+    models = [p.model for p in (run.prompts or {"": run.prompt}).values()]
     if run.optimizer is not None and run.optimizer.model_name:
         models.append(run.optimizer.model_name)
     try:
@@ -137,6 +144,8 @@ def prepare(
     _check_endpoints(run, command)
     if check_keys:
         _check_keys(run)
+    if run.prompts is not None:
+        return _program_job(run, command, out, split, prompt_path)
     used = prompt or run.prompt
     if not run.data_loaded:
         return _streamed(run, command, used, out, split, prompt_path)
@@ -151,6 +160,37 @@ def prepare(
     data = splits[split if command == "evaluate" else "train"][0]
     assert data is not None
     return Job(command=command, prompt=used, data=data, out=target, out_option=option)
+
+
+def _program_job(
+    run: RunFile,
+    command: Literal["optimize", "evaluate"],
+    out: str | None,
+    split: str,
+    prompt_path: str | None,
+) -> Job:
+    """`prepare` for a run file with a ``[program]``: its prompts, the program
+    importable, and what programs do not do yet refused before anything is opened."""
+    assert run.prompts is not None
+    for what, given in (
+        ("--prompt", prompt_path is not None),
+        ("[batch]", run.batch is not None),
+        ("[cluster]", run.cluster is not None or not run.data_loaded),
+    ):
+        if given:
+            raise ConfigError(f"{run.path}: {what} does not apply to a [program] run (yet)")
+    run.build_program()
+    splits = {"train": (run.train, run.train_path), "val": (run.val, run.val_path)}
+    if command == "evaluate" and splits[split][0] is None:
+        raise ConfigError(f"{run.path}: no [data] val to evaluate")
+    for name in ("train", "val") if command == "optimize" else (split,):
+        rows, path = splits[name]
+        if rows is not None:
+            _check_rows(run.prompts, rows, path, name)
+    target, option = _checked_outputs(run, command, out, split, prompt_path)
+    data = splits[split if command == "evaluate" else "train"][0]
+    assert data is not None
+    return Job(command, run.prompt, data, target, option, prompts=run.prompts)
 
 
 def _checked_outputs(

@@ -179,6 +179,21 @@ class RunFile:
     cache_table: str = "engine_cache"  # the table of a PostgreSQL cache
     columns: ColumnMap = field(default_factory=ColumnMap)  # how [data] rows map to examples
     data_loaded: bool = True  # False: train/val are empty, read where the work runs
+    # a program: [program] use, its [prompts.NAME] (``prompt`` is the first), the
+    # endpoint section each runs on (absent: [model]), [adapters.NAME], its calls bound
+    program_spec: str | None = None
+    prompts: Mapping[str, Prompt] | None = None
+    prompt_adapters: Mapping[str, str] = field(default_factory=dict)
+    adapters: Mapping[str, EndpointSpec] = field(default_factory=dict)
+    calls_per_example: Mapping[str, int] = field(default_factory=dict)
+
+    def build_program(self) -> Any:
+        """Resolve ``[program] use`` (an async callable ``(lm, example) -> answer``)."""
+        assert self.program_spec is not None
+        target = resolve(self.program_spec, "[program].use")
+        if not callable(target):
+            raise ConfigError(f"[program].use {self.program_spec} is not callable")
+        return target
 
     @property
     def input_paths(self) -> dict[Path, str]:
@@ -280,6 +295,53 @@ def _prompt(section: PromptSection, base: Path, source: TomlSource) -> tuple[Pro
     except ConfigError as exc:
         raise _fail(source, ["prompt"], f"[prompt]: {exc.message}") from None
     return prompt, prompt_path
+
+
+def _prompts(
+    schema: RunFileSchema, base: Path, source: TomlSource
+) -> tuple[Prompt, Path | None, dict[str, Any]]:
+    """``[prompt]``, or a ``[program]`` with its ``[prompts.NAME]``: the prompt (a
+    program's first), its file, and the program's `RunFile` fields."""
+    if schema.prompts is None and schema.program is None:
+        if schema.prompt is None:
+            raise _fail(source, [], "the run file needs [prompt] (or [program] and [prompts.NAME])")
+        return (*_prompt(schema.prompt, base, source), {})
+    if schema.prompt is not None or schema.program is None or not schema.prompts:
+        raise _fail(
+            source, ["program"], "a program needs [program] use and [prompts.NAME] tables, "
+            "and no [prompt]",
+        )  # fmt: skip
+    if not _SPEC.match(schema.program.use):
+        raise _fail(source, ["program", "use"], "[program] use must be 'module:callable'")
+    prompts = {name: _prompt(section, base, source)[0] for name, section in schema.prompts.items()}
+    adapters: dict[str, EndpointSpec] = {}
+    for name, section in schema.adapters.items():
+        spec = _endpoint(section, f"adapters.{name}", source)
+        assert spec is not None
+        adapters[name] = spec
+    placed = {n: s.adapter for n, s in schema.prompts.items() if s.adapter not in (None, "model")}
+    for name, table in placed.items():
+        if table not in adapters:
+            raise _fail(
+                source, ["prompts", name, "adapter"],
+                f"[prompts.{name}] adapter {table!r}: no [adapters.{table}] table",
+            )  # fmt: skip
+    declared = schema.program.calls_per_example
+    unknown = sorted(set(declared) - set(prompts)) if isinstance(declared, dict) else []
+    if unknown:
+        raise _fail(
+            source, ["program", "calls_per_example"],
+            f"[program] calls_per_example names no prompt: {unknown}",
+        )  # fmt: skip
+    calls = (
+        dict.fromkeys(prompts, declared) if isinstance(declared, int)
+        else {**dict.fromkeys(prompts, 1), **(declared or {})}
+    )  # fmt: skip
+    fields = {
+        "program_spec": schema.program.use, "prompts": prompts, "prompt_adapters": placed,
+        "adapters": adapters, "calls_per_example": calls,
+    }  # fmt: skip
+    return next(iter(prompts.values())), None, fields
 
 
 def _retry(section: RetrySection | None, source: TomlSource, name: str) -> RetryPolicy | None:
@@ -467,7 +529,7 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
     _metric(schema.metric, source)
     cache, cache_url = schema.cache, _cache_url(schema.cache, source)
     cluster = _cluster(schema.cluster, source)
-    prompt, prompt_file = _prompt(schema.prompt, base, source)
+    prompt, prompt_file, program = _prompts(schema, base, source)
     model, optimizer, batch = (
         _endpoint(getattr(schema, name), name, source) for name in ("model", "optimizer", "batch")
     )
@@ -501,4 +563,5 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
         raw=data,
         columns=_columns(schema),
         data_loaded=load_data,
+        **program,
     )

@@ -26,6 +26,8 @@ __all__ = [
     "LimitsSection",
     "MetricSection",
     "OutputSection",
+    "ProgramPromptSection",
+    "ProgramSection",
     "PromptSection",
     "RetrySection",
     "RunFileSchema",
@@ -55,6 +57,22 @@ class PromptSection(_Section, frozen=True):
     temperature: NonNegativeFloat | None = None
     params: dict[str, Any] = {}
     response_format: dict[str, Any] | None = None
+
+
+class ProgramPromptSection(PromptSection, frozen=True):
+    """``[prompts.NAME]``: one prompt of a program; ``adapter`` names the endpoint
+    section it runs on (``model``, the default, or an ``[adapters.NAME]`` table)."""
+
+    adapter: str | None = None
+
+
+class ProgramSection(_Section, frozen=True):
+    """``[program]``: the async pipeline (``use = "module:callable"``) calling the
+    ``[prompts.NAME]``; ``calls_per_example`` bounds its calls for ``--dry-run``
+    (a number, or one per prompt name; default: one call of each prompt)."""
+
+    use: str
+    calls_per_example: PositiveInt | dict[str, PositiveInt] | None = None
 
 
 class DataSection(_Section, frozen=True):
@@ -130,6 +148,7 @@ class TrainerSection(_Section, frozen=True):
     tie_break: list[Literal["cost", "length"]] | None = None
     patience: PositiveInt | None = None
     merge: bool | None = None
+    component: Literal["round_robin", "blame"] | None = None  # a program's step
 
 
 class BudgetSection(_Section, frozen=True):
@@ -173,9 +192,9 @@ class TrackingSection(_Section, frozen=True):
 
 
 class RunFileSchema(_Section, frozen=True):
-    """A whole run file.  ``[prompt]``, ``[data]`` and ``[model]`` are required."""
+    """A whole run file.  ``[data]``, ``[model]`` and either ``[prompt]`` or a
+    ``[program]`` with its ``[prompts.NAME]`` tables are required."""
 
-    prompt: PromptSection
     data: DataSection
     model: EndpointSection
     metric: MetricSection = msgspec.field(default_factory=MetricSection)
@@ -187,3 +206,7 @@ class RunFileSchema(_Section, frozen=True):
     cluster: ClusterSection | None = None
     output: OutputSection = msgspec.field(default_factory=OutputSection)
     tracking: TrackingSection | None = None
+    prompt: PromptSection | None = None
+    program: ProgramSection | None = None
+    prompts: dict[str, ProgramPromptSection] | None = None
+    adapters: dict[str, EndpointSection] = {}

@@ -73,6 +73,7 @@ class StepRecord:
     proposals: list[ProposalRecord] = field(default_factory=list)
     gradients: list[str] = field(default_factory=list)  # accepted feedback, if any
     gradient_errors: list[str] = field(default_factory=list)
+    stage: str | None = None  # a program: the name of the prompt this step updated
 
 
 @dataclass
@@ -107,6 +108,9 @@ class RunRecord:
     judged_on: str = "train"  # the set best_score and every whole-set decision used
     pool: list[PoolRecord] = field(default_factory=list)  # pareto only
     tracking: dict[str, str] = field(default_factory=dict)  # {"mlflow_run_id": ...}
+    # a program: {"prompts": {name: {"initial", "best", "changed_at"}}, "component",
+    # "stages": {name: {"calls", "cache_hits"}}}; empty for one prompt
+    program: dict[str, Any] = field(default_factory=dict)
 
     @property
     def proposals(self) -> list[ProposalRecord]:

@@ -84,6 +84,40 @@ def _pool(report: RunRecord) -> list[str]:
     return lines
 
 
+def _program(report: RunRecord) -> list[str]:
+    """A program's prompts: the step that changed each, its calls and cache hits, and
+    its diff from the initial version (nothing for one prompt)."""
+    if not report.program:
+        return []
+    stages = report.program.get("stages", {})
+    lines = [
+        "",
+        f"## Program (one prompt per step: {report.program.get('component')})",
+        "",
+        "| prompt | changed at step | paid calls | cache hits |",
+        "|---|---|---:|---:|",
+    ]
+    prompts: dict[str, Any] = report.program.get("prompts", {})
+    for name, entry in prompts.items():
+        counts = stages.get(name, {})
+        changed = ", ".join(str(step) for step in entry["changed_at"]) or "-"
+        lines.append(
+            f"| {name} | {changed} | {counts.get('calls', 0)} | {counts.get('cache_hits', 0)} |"
+        )
+    for name, entry in prompts.items():
+        diff = list(
+            difflib.unified_diff(
+                _prompt_text(entry["initial"]),
+                _prompt_text(entry["best"]),
+                f"{name} (initial)",
+                f"{name} (best)",
+                lineterm="",
+            )
+        )
+        lines += ["", f"### {name}", "", "```diff", *(diff or ["(unchanged)"]), "```"]
+    return lines
+
+
 def _val_score(report: RunRecord) -> str:
     """The best prompt's val score; with a validation set but none for the best prompt
     (the run stopped before its validation run), say so rather than show another's."""
@@ -135,6 +169,7 @@ def render_markdown(report: RunRecord) -> str:
         for p in report.proposals
     ]
     lines += _pool(report)
+    lines += _program(report)
     lines += ["", "## Best prompt", ""]
     for m in report.best_prompt.get("messages", []):
         lines += [f"**{m['role']}**", "", "```", m["content"], "```", ""]
@@ -331,6 +366,14 @@ def _pool_html(report: RunRecord) -> str:
     )
 
 
+def _program_html(report: RunRecord) -> str:
+    """A program's section: the Markdown one, preformatted (empty for one prompt)."""
+    lines = _program(report)
+    if not lines:
+        return ""
+    return f"<h2>Program</h2>\n<pre>{html.escape(chr(10).join(lines[2:]))}</pre>\n"
+
+
 def render_html(report: RunRecord) -> str:
     """The report as one self-contained HTML page (no scripts), readable from a phone's
     width up."""
@@ -355,5 +398,5 @@ def render_html(report: RunRecord) -> str:
 <div class="wide"><table class="proposals"><thead><tr><th>step.<wbr>attempt.<wbr>variant</th>
 <th>batch</th><th>full</th><th>errored</th><th>outcome</th></tr></thead>
 <tbody>{proposals}</tbody></table></div>
-{_pool_html(report)}</body></html>
+{_pool_html(report)}{_program_html(report)}</body></html>
 """

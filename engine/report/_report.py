@@ -20,7 +20,12 @@ class RunReport(RunRecord):
     """Everything a run did; ``to_json``, ``to_markdown``, ``to_html`` and ``plot`` render it."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.program:  # one prompt: the report reads exactly as before programs
+            del data["program"]
+            for step in data["steps"]:
+                del step["stage"]
+        return data
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=2, **kwargs)

@@ -33,8 +33,8 @@ import math
 import random
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
@@ -61,6 +61,15 @@ from .._scoring import MetricRunner, check_metric
 from .._types import Example
 from ..cache import Cache
 from ..endpoint import Endpoint, Limits
+from ..program import (
+    Component,
+    Program,
+    ProgramSetup,
+    blamed_stage,
+    check_component,
+    dry_run,
+    program_setup,
+)
 from ..report import ProposalRecord, RunReport, StepRecord
 from ..stages import (
     ApplyStage,
@@ -100,12 +109,16 @@ class OptimizationResult:
     decision used: on the training set by default, on the validation set with
     ``accept_on="val"`` or ``selection="pareto"`` (``report.judged_on`` says which);
     the report also shows the mean over scored examples.
+
+    A program's run: ``prompts`` holds the best version of every prompt by name
+    (``prompt`` is the first of them); for one prompt it is empty.
     """
 
     prompt: Prompt
     score: float
     val_score: float | None
     report: RunReport
+    prompts: Mapping[str, Prompt] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,6 +139,8 @@ class _Parts:
     metric_timeout: float | None
     metric_threads: int
     cluster: EvaluationBackend | None = None  # runs the whole-set evaluations; batches stay local
+    program: ProgramSetup | None = None  # a program's prompts: one of them is updated per step
+    component: Component = "round_robin"
 
 
 def _metric_source(metric: Metric) -> str:
@@ -169,7 +184,15 @@ class _Trainer:
                 f"racing off: the global metric {_name(parts.global_metric)} has no known "
                 "bound, so every candidate is validated on the whole training set"
             )
-        self.best = prompt
+        # every prompt by name (one prompt: the name ""); `best` is the one this step updates
+        self.prompts: dict[str, Prompt] = (
+            dict(parts.program.prompts) if parts.program is not None else {"": prompt}
+        )
+        self.initial_prompts = dict(self.prompts)
+        self.stage = next(iter(self.prompts))
+        self.turn = 0  # round robin: steps that updated a prompt so far
+        self.blamed: list[tuple[str, str]] | None = None  # blame: the next attempt's gradients
+        self.changed_at: dict[str, list[int]] = {name: [] for name in self.prompts}
         self.best_score = math.nan
         # the best prompt's outcomes on the whole training set, in dataset order: its
         # errored examples are re-run before a candidate is compared with it
@@ -189,6 +212,21 @@ class _Trainer:
             )
         self.best_val = math.nan  # patience: the best validation score seen so far
         self.stale_steps = 0  # steps since it last improved
+
+    @property
+    def best(self) -> Prompt:
+        """The best version of the prompt being improved (a program's: this stage's)."""
+        return self.prompts[self.stage]
+
+    @best.setter
+    def best(self, prompt: Prompt) -> None:
+        self.prompts[self.stage] = prompt
+
+    def best_id(self) -> str:
+        """What the best score measures: the prompt, or every prompt of the program."""
+        if self.parts.program is None:
+            return self.best.hash
+        return ":".join(self.prompts[n].hash for n in sorted(self.prompts))
 
     @property
     def judge_set(self) -> list[Example]:
@@ -232,8 +270,9 @@ class _Trainer:
     ) -> Evaluation:
         p = self.parts
         whole = data is p.trainset or data is p.valset
+        program = p.program
         result = await evaluate(
-            prompt,
+            prompt if program is None else {**self.prompts, self.stage: prompt},
             data,
             model=p.task,
             metric=p.metric,
@@ -246,6 +285,7 @@ class _Trainer:
             metric_threads=p.metric_threads,
             validate=False,  # optimize() validated the data and the metric once
             cluster=p.cluster if whole else None,
+            program=program,
         )
         self.report.cache_hits += result.cache_hits
         self.report.errors += result.errors
@@ -371,17 +411,24 @@ class _Trainer:
             calls=self.parts.meter.total_calls,
             reason=self.report.stopped_reason,
         )
-        return OptimizationResult(self.best, self.best_score, self.report.val_score, self.report)
+        if self.parts.program is None:
+            return OptimizationResult(
+                self.best, self.best_score, self.report.val_score, self.report
+            )
+        first = next(iter(self.prompts.values()))
+        return OptimizationResult(
+            first, self.best_score, self.report.val_score, self.report, dict(self.prompts)
+        )
 
     def finish_report(self) -> None:
         meter = self.parts.meter
         if self.judge_set is self.parts.valset and not math.isnan(self.best_score):
             # judged on validation: the best prompt's val score is its decision score
             self.report.val_score = self.best_score
-            self.val_measured = self.best.hash
+            self.val_measured = self.best_id()
         if self.pool is not None:
             self.report.pool = self.pool.records()
-        if self.parts.valset is not None and self.val_measured != self.best.hash:
+        if self.parts.valset is not None and self.val_measured != self.best_id():
             # the run stopped before the best prompt's validation run finished: a val
             # score is shown only for the prompt it measured
             self.report.val_score = None
@@ -390,11 +437,29 @@ class _Trainer:
                 self.report.notes.append(note)
         self.report.best_prompt = self.best.to_dict()
         self.report.best_score = self.best_score
+        if self.parts.program is not None:
+            self._program_report(self.parts.program)
         self.report.calls = dict(meter.calls)
         self.report.tokens = {
             m: [u.prompt_tokens, u.completion_tokens] for m, u in meter.usage.items()
         }
         self.report.cost = meter.cost
+
+    def _program_report(self, program: ProgramSetup) -> None:
+        """Every prompt before and after, the steps that changed it, calls per stage."""
+        self.report.best_prompt = next(iter(self.prompts.values())).to_dict()
+        self.report.program = {
+            "component": self.parts.component,
+            "prompts": {
+                name: {
+                    "initial": self.initial_prompts[name].to_dict(),
+                    "best": prompt.to_dict(),
+                    "changed_at": list(self.changed_at[name]),
+                }
+                for name, prompt in self.prompts.items()
+            },
+            "stages": program.counts.to_dict(),
+        }
 
     async def _run(self) -> None:
         await self._describe()
@@ -435,7 +500,7 @@ class _Trainer:
         if valset is not None:
             val = full if judged is valset else await self.evaluate(self.best, valset)
             report.initial_val_score = report.val_score = val.conservative_score
-            self.val_measured = self.best.hash
+            self.val_measured = self.best_id()
             self.best_val = val.conservative_score
         if self.pool is not None:
             self.pool.add(self.pool_candidate(self.best, full, parents=(), step=-1))
@@ -456,7 +521,7 @@ class _Trainer:
             else:
                 val_score = (await self.evaluate(self.best, valset)).conservative_score
             record.val_score = self.report.val_score = val_score
-            self.val_measured = self.best.hash
+            self.val_measured = self.best_id()
             if val_score > self.best_val:
                 self.best_val, self.stale_steps = val_score, 0
             else:
@@ -521,6 +586,8 @@ class _Trainer:
             record.perfect = current.errors == 0
             return record
         feedback_history: dict[str, list[str]] = {}  # per example, reset every batch
+        if self.parts.program is not None:
+            prompt = await self._pick_stage(failed, feedback_history, record)
         proposer = Proposer(
             self,
             batch,
@@ -552,8 +619,33 @@ class _Trainer:
                         "optimize.accepted", step=step, attempt=attempt, score=self.best_score
                     )
                     self._note_errors(winner)
+                    self.changed_at[self.stage].append(step)
                     break
         return record
+
+    async def _pick_stage(
+        self,
+        failed: list[tuple[Example, Outcome]],
+        feedback_history: dict[str, list[str]],
+        record: StepRecord,
+    ) -> Prompt:
+        """A program's step: choose the prompt it updates (``self.stage``) and return
+        it.  Round robin: the next in turn.  Blame: the one most gradients name (their
+        first line), those gradients kept for the first attempt (``self.blamed``);
+        none named: the next in turn."""
+        names = list(self.prompts)
+        self.stage = names[self.turn % len(names)]
+        self.turn += 1
+        if self.parts.component == "blame":
+            gradients = await self._gradients(
+                self.best, failed, feedback_history, record, blame=True
+            )
+            stage, self.blamed = blamed_stage(gradients, names)
+            if stage is not None:
+                self.stage = stage
+        record.stage = self.stage
+        self.parts.events.emit("optimize.stage", step=record.step, stage=self.stage)
+        return self.best
 
     async def _merge(
         self, step: int, batch: list[Example], history: deque[HistoryEntry], record: StepRecord
@@ -609,8 +701,14 @@ class _Trainer:
         failed: list[tuple[Example, Outcome]],
         feedback_history: dict[str, list[str]],
         record: StepRecord,
+        *,
+        blame: bool = False,
     ) -> list[tuple[str, str]]:
         assert self.task_description is not None and self.metric_description is not None
+        if self.blamed is not None:  # the blame pass made this attempt's gradients
+            blamed, self.blamed = self.blamed, None
+            return blamed
+        program = dict(self.prompts) if self.parts.program is not None else None
         contexts = [
             GradientContext(
                 task_description=self.task_description,
@@ -620,6 +718,9 @@ class _Trainer:
                 prediction=outcome.prediction or "",
                 result=outcome.result,  # type: ignore[arg-type]  # failed: scored ones only
                 earlier_feedback=tuple(feedback_history.get(example.id, ())),
+                trace=outcome.trace,
+                program_prompts=program,
+                stage="" if blame else self.stage,
             )
             for example, outcome in failed
         ]
@@ -662,12 +763,12 @@ def _name(global_metric: GlobalMetric | None) -> str:
 
 
 async def optimize(
-    prompt: Prompt,
+    prompt: Prompt | Mapping[str, Prompt],
     trainset: Iterable[Example],
     *,
     valset: Iterable[Example] | None = None,
     metric: Metric,
-    model: ChatModel | Endpoint,
+    model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
     optimizer_model: ChatModel | Endpoint,
     optimizer_model_name: str | None = None,
     batch_size: int = DEFAULTS.batch_size,
@@ -696,6 +797,8 @@ async def optimize(
     patience: int | None = None,
     merge: bool = False,
     settings: TrainerSettings | None = None,
+    program: Program | None = None,
+    component: Component = "round_robin",
 ) -> OptimizationResult:
     """Optimize ``prompt`` on ``trainset`` with text gradients (TextGradientTrainer).
 
@@ -752,6 +855,15 @@ async def optimize(
             keyword given alongside it with a value other than its default must agree
             with it, or `ConfigError` (no silent precedence).
 
+        program: ``async def program(lm, example) -> answer`` (see `evaluate`):
+            ``prompt`` is then a mapping of prompt name -> `Prompt` and ``model`` one
+            adapter or a mapping of prompt name -> adapter.  The program's final answer
+            is scored; each step updates one prompt, the others stay; acceptance is the
+            method's rule on the program's score.  ``result.prompts`` has every prompt.
+        component: a program's step updates ``"round_robin"`` (each prompt in turn) or
+            ``"blame"`` (the prompt the gradient stage names as at fault, shown every
+            failed example's whole trace).
+
     ``selection="pareto"``, ``accept_on="val"`` and ``patience`` need a ``valset``;
     without one they raise `ConfigError` before any call.
     """
@@ -772,16 +884,18 @@ async def optimize(
         merge=merge,
     )
     settings = _settings_of(given, settings)
-    train, val = _checked_data(prompt, trainset, valset)
+    setup = _program_of(prompt, model, program, limits, (settings, component, cluster))
+    train, val = _checked_data(setup.prompts if setup else prompt, trainset, valset)
     needs = settings.needs_valset
     if needs is not None and not val:
         raise ConfigError(f"{needs}: pass a non-empty valset")
-    task = Endpoint.of(model, limits=limits)
+    prompt, task = await _task_of(prompt, model, setup, limits, train[0])
     opt = (
         task if optimizer_model is model else Endpoint.of(optimizer_model, limits=optimizer_limits)
     )
     opt_name = optimizer_model_name or prompt.model
-    meter = BudgetMeter(budget, models=[prompt.model, opt_name])
+    models = [p.model for p in setup.prompts.values()] if setup else [prompt.model]
+    meter = BudgetMeter(budget, models=[*dict.fromkeys(models), opt_name])
     await check_metric(metric, train[0])  # a broken metric fails before the first paid call
     await preflight_global_metric(metric, global_metric, train)
     run_cache = None if cache is False else (cache if cache is not None else Cache())
@@ -804,9 +918,51 @@ async def optimize(
         metric_timeout=metric_timeout,
         metric_threads=metric_threads,
         cluster=cluster,
+        program=setup,
+        component=component,
     )
     with run_span("optimize", task.name, **{"engine.train.size": len(train)}):
         return await _Trainer(prompt, settings, parts).run()
+
+
+async def _task_of(
+    prompt: Prompt | Mapping[str, Prompt],
+    model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
+    setup: ProgramSetup | None,
+    limits: Limits | None,
+    first: Example,
+) -> tuple[Prompt, Endpoint]:
+    """The prompt and endpoint that name the run (a program's first); a program's dry
+    pass on the first example, so a bad ``lm`` call fails before the first paid call."""
+    if setup is None:
+        assert isinstance(prompt, Prompt) and not isinstance(model, Mapping)
+        return prompt, Endpoint.of(model, limits=limits)
+    await dry_run(setup, first)
+    return next(iter(setup.prompts.values())), setup.first
+
+
+def _program_of(
+    prompt: Prompt | Mapping[str, Prompt],
+    model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
+    program: Program | None,
+    limits: Limits | None,
+    run: tuple[TrainerSettings, str, EvaluationBackend | None],
+) -> ProgramSetup | None:
+    """A program's checked setup (None for one prompt); `ConfigError` for what a
+    program's run cannot do yet (a cluster, the Pareto pool)."""
+    settings, component, cluster = run
+    if program is None:
+        if not isinstance(prompt, Prompt) or isinstance(model, Mapping):
+            raise ConfigError("a mapping of prompts or models needs program= (the code)")
+        return None
+    check_component(component)
+    if cluster is not None:
+        raise ConfigError("programs do not run on a cluster yet; optimize them without cluster=")
+    if settings.selection != "greedy" or settings.merge:
+        raise ConfigError('a program is optimized with selection="greedy" (one prompt per step)')
+    if isinstance(prompt, Prompt):
+        raise ConfigError("program= needs a mapping of prompt name -> Prompt")
+    return program_setup(prompt, program, model, limits=limits)
 
 
 def _settings_of(given: TrainerSettings, settings: TrainerSettings | None) -> TrainerSettings:
@@ -846,7 +1002,9 @@ async def preflight_global_metric(
 
 
 def _checked_data(
-    prompt: Prompt, trainset: Iterable[Example], valset: Iterable[Example] | None
+    prompt: Prompt | Mapping[str, Prompt],
+    trainset: Iterable[Example],
+    valset: Iterable[Example] | None,
 ) -> tuple[list[Example], list[Example] | None]:
     train = list(trainset)
     validate_examples(prompt, train)
