@@ -36,7 +36,7 @@ _FRAMING = 8  # tokens per chat message (role markers, separators), generously
 _HEADINGS = 600  # bytes of section headings and labels the stages add around the parts
 _FEEDBACK_BYTES = 2000  # a metric's feedback text, at most (assumed)
 _DESCRIBE_SAMPLE = 3  # examples shown when the task description is generated
-UNBOUNDED = "unbounded: set max_tokens in [prompt] params"
+UNBOUNDED = "unbounded: set max_tokens in [prompt] params (a program: in every [prompts.NAME])"
 
 
 @dataclass(frozen=True, slots=True)
