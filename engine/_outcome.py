@@ -20,7 +20,10 @@ is passed as ``MetricResult(0.0, feedback="error: ...", trace={"error": True})``
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What happened to one example: a metric result, or an error; never both."""
+    """What happened to one example: a metric result, or an error; never both.
+
+    ``truncated``: the answer was cut at the length cap (finish reason ``length``).
+    """
 
     index: int
     example_id: str
@@ -29,6 +32,7 @@ class Outcome:
     error: ErrorInfo | None
     cached: bool
     usage: Usage = field(default_factory=Usage)
+    truncated: bool = False
 
     @property
     def score(self) -> float | None:
@@ -52,6 +56,7 @@ class Outcome:
             ),
             "cached": self.cached,
             "usage": [self.usage.prompt_tokens, self.usage.completion_tokens],
+            "truncated": self.truncated,
         }
 
 
@@ -66,6 +71,8 @@ _SUMMARY_FIELDS = (
     "calls",
     "cache_hits",
     "retries",
+    "timeouts",
+    "truncated",
     "wall_time",
     "stopped_early",
     "upper_bound",
@@ -88,6 +95,10 @@ class Evaluation:
     When racing cut the evaluation (``stopped_early``), both cover what completed and
     ``upper_bound`` is the best conservative score the full evaluation could have
     reached (``<= must_beat``).
+
+    ``timeouts`` counts attempts that timed out (each is also in ``retries`` when it was
+    retried); ``truncated`` counts answers cut at the length cap (finish reason
+    ``length``): a prompt that rambles, or a ``max_tokens`` too small for the answer.
     """
 
     prompt_hash: str
@@ -106,6 +117,8 @@ class Evaluation:
     must_beat: float | None = None
     outcomes: tuple[Outcome, ...] = field(default=(), repr=False)
     conservative_score: float = float("nan")
+    timeouts: int = 0
+    truncated: int = 0
 
     @property
     def lost(self) -> int:

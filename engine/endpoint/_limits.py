@@ -27,6 +27,7 @@ from aiolimiter import AsyncLimiter
 from .._clock import Clock, loop_time
 from .._errors import ConfigError
 from .._types import RateLimitSnapshot
+from ._adaptive import AdaptiveConcurrency
 
 __all__ = ["LimiterStatistics", "Limits", "RateLimiter"]
 
@@ -44,7 +45,12 @@ class Limits:
             ``x-ratelimit-limit-requests`` headers, see `RateLimiter.observe`).
         tpm: tokens per minute (prompt + completion, estimated before the call and
             reconciled with the usage the provider reports), or ``None``.
-        concurrency: calls in flight at once.
+        concurrency: calls in flight at once: a ceiling when ``adaptive_concurrency``.
+        adaptive_concurrency: below ``concurrency``, follow what the server really
+            serves at a time, learned from round trips (`AdaptiveConcurrency`): a local
+            model server that queues gets about what it serves, and no call waits out
+            its timeout in its queue.  A server that does not queue keeps the ceiling.
+            ``False``: always ``concurrency`` in flight.
         burst: requests admitted back to back from an idle bucket; defaults to a tenth
             of a second's worth of ``rpm`` (at least 1).
     """
@@ -53,6 +59,7 @@ class Limits:
     tpm: float | None = None
     concurrency: int = 32
     burst: float | None = None
+    adaptive_concurrency: bool = True
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "burst"):
@@ -80,6 +87,8 @@ class LimiterStatistics:
     pauses: int
     learned: bool
     announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
+    level: int | None = None  # the adaptive level in force (None: adaptive is off)
+    serves: float | None = None  # the server's requests at a time, once seen queueing
 
 
 def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
@@ -133,6 +142,7 @@ class RateLimiter:
         "_rpm",
         "_tokens",
         "_tpm",
+        "adaptive",
     )
 
     def __init__(self, limits: Limits | None = None, *, clock: Clock | None = None) -> None:
@@ -149,6 +159,11 @@ class RateLimiter:
         self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
         self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
         self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
+        self.adaptive = (  # the level below the ceiling, learned from round trips
+            AdaptiveConcurrency(self._limits.concurrency)
+            if self._limits.adaptive_concurrency
+            else None
+        )
         if self._limits.rpm is not None:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
@@ -233,6 +248,16 @@ class RateLimiter:
         """Give back the concurrency slot taken by `acquire`."""
         self._capacity.release()
 
+    @property
+    def in_flight(self) -> int:
+        """Slots taken now."""
+        return int(self._capacity.borrowed_tokens)
+
+    def set_level(self, level: int) -> None:
+        """Allow ``level`` calls in flight (between 1 and ``Limits.concurrency``); calls
+        already in flight above it finish, and no new one starts until below it."""
+        self._capacity.total_tokens = max(1, min(level, self._limits.concurrency))
+
     @asynccontextmanager
     async def slot(
         self, *, estimated_tokens: int = 0, admit: Callable[[float], None] | None = None
@@ -309,6 +334,8 @@ class RateLimiter:
             pauses=self._pauses,
             learned=self._learned,
             announced=self._announced,
+            level=self.adaptive.level if self.adaptive is not None else None,
+            serves=self.adaptive.serves if self.adaptive is not None else None,
         )
 
     def __repr__(self) -> str:
