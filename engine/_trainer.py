@@ -250,6 +250,9 @@ class _Trainer:
         )
         self.report.cache_hits += result.cache_hits
         self.report.errors += result.errors
+        self.report.answers += result.completed - result.cache_hits
+        self.report.truncated += result.truncated
+        self.report.timeouts += result.timeouts
         return result
 
     def check_error_rate(self, evaluation: Evaluation, what: str) -> None:
@@ -620,6 +623,7 @@ class _Trainer:
                 prediction=outcome.prediction or "",
                 result=outcome.result,  # type: ignore[arg-type]  # failed: scored ones only
                 earlier_feedback=tuple(feedback_history.get(example.id, ())),
+                truncated=outcome.truncated,
             )
             for example, outcome in failed
         ]

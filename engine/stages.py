@@ -28,9 +28,12 @@ from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
 from ._types import Example, MetricResult
 from .cache import Cache
-from .endpoint import Endpoint
+from .endpoint import Endpoint, estimate_text_tokens
 
 __all__ = [
+    "APPLY_ROOM_TOKENS",
+    "DESCRIBE_MAX_TOKENS",
+    "GRADIENT_MAX_TOKENS",
     "ApplyContext",
     "ApplyStage",
     "GradientContext",
@@ -41,6 +44,7 @@ __all__ = [
     "OptimizerCaller",
     "ProposalError",
     "StageError",
+    "apply_max_tokens",
     "describe_metric_messages",
     "describe_task_messages",
     "escape_surrogates",
@@ -91,6 +95,7 @@ class GradientContext:
     prediction: str
     result: MetricResult
     earlier_feedback: tuple[str, ...]  # this example's feedback earlier in this batch
+    truncated: bool = False  # the prediction was cut at the length cap (max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,22 @@ class ApplyContext:
 
 GradientStage = Callable[[GradientContext], Awaitable[str]]
 ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
+
+
+# Default ``max_tokens`` of the engine's own calls, sized to what each answer holds: a
+# model without a cap (a small local one) may otherwise ramble to its context's end.
+DESCRIBE_MAX_TOKENS = 300
+"""A task or metric description: two or three sentences, with room to spare."""
+GRADIENT_MAX_TOKENS = 400
+"""Feedback on one failure: two to four sentences (about 100 tokens), with room."""
+APPLY_ROOM_TOKENS = 1024
+"""A new prompt: the current prompt's length twice over (JSON quoting, additions) plus
+this much room."""
+
+
+def apply_max_tokens(prompt: Prompt) -> int:
+    """The default ``max_tokens`` of the apply call rewriting ``prompt``."""
+    return 2 * estimate_text_tokens(_messages_json(prompt)) + APPLY_ROOM_TOKENS
 
 
 def _messages_json(prompt: Prompt) -> str:
@@ -215,6 +236,8 @@ class OptimizerCaller:
         meter, events: the run's budget meter and event emitter.
         cache, request_counts: replay of identical requests on a resumed run (see
             `optimizer_text`).
+        max_tokens: the cap on each answer; ``None``: the stage's default
+            (`DESCRIBE_MAX_TOKENS`, `GRADIENT_MAX_TOKENS`, `apply_max_tokens`).
     """
 
     def __init__(
@@ -227,7 +250,11 @@ class OptimizerCaller:
         events: Emitter | None = None,
         cache: Cache | None = None,
         request_counts: dict[str, int] | None = None,
+        max_tokens: int | None = None,
     ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {max_tokens!r}")
+        self.max_tokens = max_tokens
         self.endpoint = endpoint
         self.model = model
         self.temperature = temperature
@@ -248,6 +275,7 @@ class OptimizerCaller:
             events=caller.events,
             cache=caller.cache,
             request_counts=caller.request_counts,
+            max_tokens=caller.max_tokens,
         )
 
     async def ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
@@ -264,7 +292,11 @@ class OptimizerCaller:
 
     async def ask_text(self, messages: list[dict[str, str]]) -> str:
         """The stripped answer to ``messages`` with this caller's model and temperature."""
-        params = {"model": self.model, "temperature": self.temperature}
+        params = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens or DESCRIBE_MAX_TOKENS,
+        }
         return (await self.ask(messages, params)).strip()
 
 
@@ -278,7 +310,13 @@ class LLMGradient(OptimizerCaller):
             f"## Current prompt\n{_messages_json(ctx.prompt)}",
             f"## Inputs\n{render_value(dict(ctx.example.inputs))}",
             f"## Expected output\n{render_value(ctx.example.expected)}",
-            f"## Prediction\n{ctx.prediction}",
+            f"## Prediction\n{ctx.prediction}"
+            + (
+                "\n(This answer was cut at the length limit, max_tokens: the model did "
+                "not finish it. A prompt that asks for a brief answer may fix it.)"
+                if ctx.truncated
+                else ""
+            ),
             f"## Metric result\nscore: {ctx.result.score:g}\n"
             f"feedback: {ctx.result.feedback or '-'}",
         ]
@@ -294,7 +332,11 @@ class LLMGradient(OptimizerCaller):
         ]
 
     async def __call__(self, ctx: GradientContext) -> str:
-        params = {"model": self.model, "temperature": self.temperature}
+        params = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens or GRADIENT_MAX_TOKENS,
+        }
         text = await self.ask(self.messages(ctx), params)
         return text.strip()
 
@@ -328,6 +370,7 @@ class LLMApply(OptimizerCaller):
         params: dict[str, Any] = {
             "model": self.model,
             "temperature": temperature,
+            "max_tokens": self.max_tokens or apply_max_tokens(ctx.prompt),
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},

@@ -31,6 +31,31 @@ def _initial(report: RunReport) -> str:
     return text
 
 
+def _truncation_note(truncated: int, answers: int | None) -> str:
+    """What to say about answers cut at the length cap ('' when none was)."""
+    if not truncated:
+        return ""
+    of = f" of {answers}" if answers else ""
+    return (
+        f"{truncated}{of} answers cut at the length limit: set max_tokens or tell the "
+        "prompt to be brief"
+    )
+
+
+def _warnings(report: RunReport) -> list[str]:
+    """Lines about what the model did that the scores alone do not show."""
+    out = []
+    if report.truncated:
+        out.append(_truncation_note(report.truncated, report.answers))
+    if report.timeouts:
+        out.append(
+            f"{report.timeouts} model calls timed out (counted apart from other retries); "
+            "a local server that serves one request at a time needs a lower concurrency "
+            "or a longer timeout"
+        )
+    return out
+
+
 def _cost(report: RunReport) -> str:
     return f"${report.cost:.4f}" if report.cost is not None else "unknown (no price)"
 
@@ -99,6 +124,7 @@ def render_markdown(report: RunReport) -> str:
     lines += [
         f"- stopped: {report.stopped_reason}",
         *(f"- note: {note}" for note in report.notes),
+        *(f"- warning: {line}" for line in _warnings(report)),
         f"- steps: {len(report.steps)}, proposals: {len(report.proposals)}, "
         f"accepted: {sum(p.accepted for p in report.proposals)}",
         f"- calls: {_calls(report)}, cache hits: {report.cache_hits}, "
@@ -193,6 +219,7 @@ td.diff_next { display: none; } .diff_add { background: #e6ffec; }
 def _summary(report: RunReport) -> str:
     esc = html.escape
     notes = "".join(f"<p><b>Note:</b> {esc(note)}</p>" for note in report.notes)
+    notes += "".join(f"<p><b>Warning:</b> {esc(line)}</p>" for line in _warnings(report))
     return (
         f'<div class="kpi">'
         f"<div>train<b>{fmt_score(report.initial_score)} &rarr; "
