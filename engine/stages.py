@@ -134,11 +134,11 @@ ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
 
 # Default ``max_tokens`` of the engine's own calls, sized to what each answer holds: a
 # model without a cap (a small local one) may otherwise ramble to its context's end.
-DESCRIBE_MAX_TOKENS = 300
+DESCRIBE_MAX_TOKENS = 200
 """A task or metric description: two or three sentences, with room to spare."""
-GRADIENT_MAX_TOKENS = 400
+GRADIENT_MAX_TOKENS = 256
 """Feedback on one failure: two to four sentences (about 100 tokens), with room."""
-APPLY_ROOM_TOKENS = 1024
+APPLY_ROOM_TOKENS = 512
 """A new prompt: the current prompt's length twice over (JSON quoting, additions) plus
 this much room."""
 

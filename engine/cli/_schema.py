@@ -85,6 +85,7 @@ class LimitsSection(_Section, frozen=True):
     tpm: PositiveFloat | None = None
     concurrency: PositiveInt | None = None
     burst: PositiveFloat | None = None
+    adaptive_concurrency: bool | None = None
 
 
 class RetrySection(_Section, frozen=True):
