@@ -33,7 +33,14 @@ from engine import (
 from engine.cli._main import _truncated
 from engine.metrics import ExactMatch
 from engine.report import RunReport
-from engine.stages import GradientContext, LLMGradient
+from engine.stages import (
+    APPLY_ROOM_TOKENS,
+    DESCRIBE_MAX_TOKENS,
+    GRADIENT_MAX_TOKENS,
+    GradientContext,
+    LLMGradient,
+    apply_max_tokens,
+)
 from engine.testing import EventRecorder
 
 from .conftest import echo_examples, echo_model, qa_prompt
@@ -418,3 +425,26 @@ def test_the_gradient_stage_is_told_an_answer_was_cut() -> None:
     assert "cut at the length limit" in text
     whole = stage.messages(dataclasses.replace(context, truncated=False))[1]["content"]
     assert "cut at the length limit" not in whole
+
+
+async def test_the_engines_own_calls_cap_their_length_and_the_cap_can_be_changed() -> None:
+    """Gradient, apply and description calls send the documented default max_tokens
+    (a model without a cap would write to its context's end); a caller's own wins."""
+    model = echo_model()
+    endpoint = Endpoint(model)
+    example = echo_examples(1)[0]
+    context = GradientContext(
+        task_description="t",
+        metric_description="m",
+        prompt=qa_prompt(),
+        example=example,
+        prediction="x",
+        result=MetricResult(0.0),
+        earlier_feedback=(),
+    )
+    await LLMGradient(endpoint, model="demo")(context)
+    await LLMGradient(endpoint, model="demo").ask_text([{"role": "user", "content": "d"}])
+    await LLMGradient(endpoint, model="demo", max_tokens=77)(context)
+    sent = [r.params.get("max_tokens") for r in model.requests]
+    assert sent == [GRADIENT_MAX_TOKENS, DESCRIBE_MAX_TOKENS, 77]
+    assert apply_max_tokens(qa_prompt()) > APPLY_ROOM_TOKENS
