@@ -149,26 +149,26 @@ def test_the_demo_run_file_finishes_an_evaluation_and_a_step_on_the_local_llm(
     (one request at a time) with the user's run file: the first full evaluation and one
     step finish within 10 minutes with no errored example and no timed-out call.  The
     run is stopped (SIGINT) after its first step: the other nine would say nothing new."""
-    process = subprocess.Popen(
+    events: list[dict[str, object]] = []
+    deadline = time.monotonic() + 600
+    with subprocess.Popen(
         [sys.executable, "-m", "engine", "optimize", str(_user_run_file(tmp_path)), "--json-logs"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    events: list[dict[str, object]] = []
-    deadline = time.monotonic() + 600
-    try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if line.startswith("{"):
-                events.append(json.loads(line))
-            if events and events[-1].get("event") == "optimize.step":
-                break
-            assert time.monotonic() < deadline, "no step within 10 minutes"
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+    ) as process:
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:
+                if line.startswith("{"):
+                    events.append(json.loads(line))
+                if events and events[-1].get("event") == "optimize.step":
+                    break
+                assert time.monotonic() < deadline, "no step within 10 minutes"
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=60)  # drains stderr, so the exit is not blocked
     names = [e.get("event") for e in events]
     assert "optimize.step" in names, names[-20:]
     finished = [e for e in events if e.get("event") == "evaluation.finished"]
