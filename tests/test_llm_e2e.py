@@ -141,16 +141,17 @@ dir = "{tmp_path / "out"}"
     return run
 
 
-@pytest.mark.timeout(660)
+@pytest.mark.timeout(960)
 def test_the_demo_run_file_finishes_an_evaluation_and_a_step_on_the_local_llm(
     tmp_path: Path,
 ) -> None:
     """``python -m engine optimize`` on the demo task against the local llama.cpp server
     (one request at a time) with the user's run file: the first full evaluation and one
-    step finish within 10 minutes with no errored example and no timed-out call.  The
+    step finish within 15 minutes with no errored example and no timed-out call (479 s
+    and 584 s measured on a loaded 2-core machine: benchmarks/RESULTS_local.md).  The
     run is stopped (SIGINT) after its first step: the other nine would say nothing new."""
     events: list[dict[str, object]] = []
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     with subprocess.Popen(
         [sys.executable, "-m", "engine", "optimize", str(_user_run_file(tmp_path)), "--json-logs"],
         cwd=ROOT,
@@ -165,7 +166,7 @@ def test_the_demo_run_file_finishes_an_evaluation_and_a_step_on_the_local_llm(
                     events.append(json.loads(line))
                 if events and events[-1].get("event") == "optimize.step":
                     break
-                assert time.monotonic() < deadline, "no step within 10 minutes"
+                assert time.monotonic() < deadline, "no step within 15 minutes"
         finally:
             process.send_signal(signal.SIGINT)
             process.communicate(timeout=60)  # drains stderr, so the exit is not blocked
