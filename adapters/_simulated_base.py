@@ -41,7 +41,10 @@ class ServerConfig:
     Azure's ``api-key: KEY``.  ``quota_exhausted`` answers every chat request with
     OpenAI's 429 ``insufficient_quota``.  ``null_content_rate`` of the answers come
     without text, of ``null_content_kind`` (``refusal``, ``tool_calls`` or
-    ``content_filter``), in chat and in batches alike.
+    ``content_filter``), in chat and in batches alike.  ``slots`` makes the server
+    serve that many chat requests at a time and queue the rest, as a local model
+    server does (llama.cpp's ``--parallel``): a request whose client gave up while it
+    was queued or served is still served to the end, and paid.
 
     ``announce_limit_requests`` (and ``announce_limit_tokens``) are sent verbatim as
     ``x-ratelimit-limit-*`` on every answer, whatever the real limit: a provider or
@@ -89,6 +92,7 @@ class ServerConfig:
     daily_quota: bool = False
     throttle_after: int | None = None
     throttle_seconds: float = 3.0
+    slots: int | None = None
 
 
 @dataclass

@@ -119,6 +119,12 @@ class _Provider:
         self.tokens = _Bucket(config.tpm) if config.tpm else None
         self.seen: set[str] = set()
         self.down_until = 0.0
+        self._slots: anyio.Semaphore | None = None  # made on the server's loop, on first use
+
+    def _slot(self) -> anyio.Semaphore:
+        if self._slots is None:
+            self._slots = anyio.Semaphore(self.config.slots or 1, fast_acquire=True)
+        return self._slots
 
     def _latency(self) -> float:
         c = self.config
@@ -164,7 +170,16 @@ class _Provider:
         if wait:
             await self._rate_limited(send, wait, limit_headers)
             return
-        await self._serve(send, receive, body, answer, digest, now, limit_headers)
+        if self.config.slots is None:
+            await self._serve(send, receive, body, answer, digest, now, limit_headers)
+            return
+        # A one-slot (or N-slot) server: queue for a slot, then serve to the end even
+        # if the client is gone by then (llama.cpp works off its queue the same way).
+        with anyio.CancelScope(shield=True):
+            async with self._slot():
+                await self._serve(
+                    send, _never_disconnects, body, answer, digest, now, limit_headers
+                )
 
     def _arrive(self, scope: Scope, headers: Mapping[str, str], raw: bytes, now: float) -> str:
         """Count the request as received; its digest names repeats."""
@@ -324,6 +339,12 @@ class _Provider:
             )
             return True
         return False
+
+
+async def _never_disconnects() -> dict[str, Any]:
+    """A `Receive` for a request served whatever the client does."""
+    await anyio.sleep_forever()
+    raise AssertionError("unreachable")
 
 
 def _parse_request(raw: bytes) -> dict[str, Any] | None:
@@ -530,6 +551,9 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name}", type=float, default=default)
     parser.add_argument("--null-content-kind", choices=_fake.NULL_CONTENT_KINDS, default="refusal")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--slots", type=int, help="serve this many requests at a time, queue the rest"
+    )
     parser.add_argument("--retry-after", choices=("seconds", "ms", "none"), default="seconds")
     parser.add_argument("--reject-json-schema", action="store_true")
     parser.add_argument("--quota-exhausted", action="store_true", help="429 insufficient_quota")

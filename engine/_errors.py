@@ -100,6 +100,7 @@ class ProviderError(EngineError):
     retryable: bool = False
     fatal: bool = False
     attempts: int = 1  # set by the endpoint to the attempts made before giving up
+    timeouts: int = 0  # set by the endpoint: how many of those attempts timed out
     sent: bool = True  # False when the engine refused before sending (a bounded wait)
     # tokens the provider billed for this failed attempt (an answer with usage but no
     # usable choice): the endpoint charges them like a success's

@@ -244,13 +244,15 @@ class _EvaluationRun:
                     "the model",
                 )
             except ProviderError as exc:
-                tally.paid(exc.attempts)
+                tally.paid(exc.attempts, None, exc.timeouts)
                 raise
             completion = result.completion
-            tally.paid(result.attempts, completion.usage)
+            tally.paid(result.attempts, completion.usage, result.timeouts)
             sent = completion.sent_response_format
             answered = self._request(dict(sent)) if sent is not None else None
-            return CachedPrediction(completion.text, completion.usage, answered)
+            return CachedPrediction(
+                completion.text, completion.usage, answered, completion.finish_reason
+            )
 
         if s.cache is None:
             return await call(), False
@@ -303,6 +305,7 @@ class _EvaluationRun:
     async def _scored(self, item: _Predicted) -> Outcome:
         """Stage 2: the metric on a prediction, or the error it ended with."""
         example, prediction = item.example, item.prediction
+        cut = prediction.finish_reason == "length"
         try:
             result = await self._score(example, prediction.text)
         except MetricTimeoutError as exc:
@@ -329,6 +332,7 @@ class _EvaluationRun:
                 item.cached,
                 prediction.usage,
                 item.trace,
+                cut,
             )
         return Outcome(
             item.index,
@@ -339,6 +343,7 @@ class _EvaluationRun:
             item.cached,
             prediction.usage,
             item.trace,
+            cut,
         )
 
     # -- accounting -------------------------------------------------------------------

@@ -23,6 +23,7 @@ class Outcome:
     """What happened to one example: a metric result, or an error; never both.
 
     ``trace``: a program's ``lm`` calls on this example, in order (empty for a prompt).
+    ``truncated``: the answer was cut at the length cap (finish reason ``length``).
     """
 
     index: int
@@ -33,6 +34,7 @@ class Outcome:
     cached: bool
     usage: Usage = field(default_factory=Usage)
     trace: tuple[ProgramCall, ...] = ()
+    truncated: bool = False
 
     @property
     def score(self) -> float | None:
@@ -62,6 +64,7 @@ class Outcome:
             ),
             "cached": self.cached,
             "usage": [self.usage.prompt_tokens, self.usage.completion_tokens],
+            "truncated": self.truncated,
         }
 
 
@@ -76,6 +79,8 @@ _SUMMARY_FIELDS = (
     "calls",
     "cache_hits",
     "retries",
+    "timeouts",
+    "truncated",
     "wall_time",
     "stopped_early",
     "upper_bound",
@@ -98,6 +103,10 @@ class Evaluation:
     When racing cut the evaluation (``stopped_early``), both cover what completed and
     ``upper_bound`` is the best conservative score the full evaluation could have
     reached (``<= must_beat``).
+
+    ``timeouts`` counts attempts that timed out (each is also in ``retries`` when it was
+    retried); ``truncated`` counts answers cut at the length cap (finish reason
+    ``length``): a prompt that rambles, or a ``max_tokens`` too small for the answer.
     """
 
     prompt_hash: str
@@ -116,6 +125,8 @@ class Evaluation:
     must_beat: float | None = None
     outcomes: tuple[Outcome, ...] = field(default=(), repr=False)
     conservative_score: float = float("nan")
+    timeouts: int = 0
+    truncated: int = 0
 
     @property
     def lost(self) -> int:

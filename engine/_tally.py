@@ -31,7 +31,9 @@ class Tally:
         "retries",
         "scored",
         "stopped_early",
+        "timeouts",
         "total",
+        "truncated",
         "upper_bound",
         "usage",
     )
@@ -47,6 +49,8 @@ class Tally:
         self.calls = 0  # provider attempts paid for, retries included
         self.cache_hits = 0
         self.retries = 0
+        self.timeouts = 0  # attempts that timed out (each also a retry, or the last try)
+        self.truncated = 0  # answers cut at the length cap (finish_reason "length")
         self.usage = Usage()
         self.stopped_early = False
         self.upper_bound: Fraction | None = None  # set when racing cut the evaluation
@@ -55,6 +59,8 @@ class Tally:
         self.completed += 1
         if outcome.cached:
             self.cache_hits += 1
+        if outcome.truncated:
+            self.truncated += 1
         if outcome.result is None:
             self.errors += 1
         else:
@@ -70,10 +76,12 @@ class Tally:
         """The exact sum of the scores so far (independent of completion order)."""
         return self._fractional + self._ones
 
-    def paid(self, attempts: int, usage: Usage | None = None) -> None:
-        """Count ``attempts`` provider calls for one prediction (and the tokens paid)."""
+    def paid(self, attempts: int, usage: Usage | None = None, timeouts: int = 0) -> None:
+        """Count ``attempts`` provider calls for one prediction (and the tokens paid),
+        ``timeouts`` of which timed out."""
         self.calls += attempts
         self.retries += attempts - 1
+        self.timeouts += timeouts
         if usage is not None:
             self.usage = self.usage + usage
 
@@ -107,6 +115,8 @@ class Tally:
             "cache_hits": self.cache_hits,
             "retries": self.retries,
             "usage": self.usage,
+            "timeouts": self.timeouts,
+            "truncated": self.truncated,
         }
 
     def progress(self) -> dict[str, Any]:
@@ -118,6 +128,8 @@ class Tally:
             "cache_hits": self.cache_hits,
             "errors": self.errors,
             "retries": self.retries,
+            "timeouts": self.timeouts,
+            "truncated": self.truncated,
             "tokens": self.usage.total_tokens,
         }
 

@@ -28,10 +28,13 @@ from ._parsing import parse_json_object
 from ._prompt import Prompt, canonical_json, normalise_numbers, render_value
 from ._types import Example, MetricResult, ProgramCall
 from .cache import Cache
-from .endpoint import Endpoint
+from .endpoint import Endpoint, estimate_text_tokens
 
 __all__ = [
+    "APPLY_ROOM_TOKENS",
     "BLAME_LINE",
+    "DESCRIBE_MAX_TOKENS",
+    "GRADIENT_MAX_TOKENS",
     "OPTIMIZER_MAX_TOKENS",
     "ApplyContext",
     "ApplyStage",
@@ -43,6 +46,7 @@ __all__ = [
     "OptimizerCaller",
     "ProposalError",
     "StageError",
+    "apply_max_tokens",
     "describe_metric_messages",
     "describe_task_messages",
     "escape_surrogates",
@@ -87,6 +91,7 @@ class GradientContext:
     trace: tuple[ProgramCall, ...] = ()
     program_prompts: Mapping[str, Prompt] | None = None
     stage: str = ""
+    truncated: bool = False  # the prediction was cut at the length cap (max_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,25 @@ GradientStage = Callable[[GradientContext], Awaitable[str]]
 # this many completion tokens, so a dry run can bound what they cost (engine.cli._plan).
 OPTIMIZER_MAX_TOKENS = 4096
 ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
+
+
+# Default ``max_tokens`` of the engine's own calls, sized to what each answer holds: a
+# model without a cap (a small local one) may otherwise ramble to its context's end.
+DESCRIBE_MAX_TOKENS = 200
+"""A task or metric description: two or three sentences, with room to spare."""
+GRADIENT_MAX_TOKENS = 256
+"""Feedback on one failure: two to four sentences (about 100 tokens), with room."""
+APPLY_ROOM_TOKENS = 512
+"""A new prompt: the current prompt's length twice over (JSON quoting, additions) plus
+this much room."""
+
+
+def apply_max_tokens(prompt: Prompt) -> int:
+    """The default ``max_tokens`` of the apply call rewriting ``prompt``, at most
+    `OPTIMIZER_MAX_TOKENS` (so a dry run's bound holds however long prompts grow)."""
+    return min(
+        2 * estimate_text_tokens(_messages_json(prompt)) + APPLY_ROOM_TOKENS, OPTIMIZER_MAX_TOKENS
+    )
 
 
 def _messages_json(prompt: Prompt) -> str:
@@ -215,6 +239,8 @@ class OptimizerCaller:
         meter, events: the run's budget meter and event emitter.
         cache, request_counts: replay of identical requests on a resumed run (see
             `optimizer_text`).
+        max_tokens: the cap on each answer; ``None``: the stage's default
+            (`DESCRIBE_MAX_TOKENS`, `GRADIENT_MAX_TOKENS`, `apply_max_tokens`).
     """
 
     def __init__(
@@ -227,7 +253,11 @@ class OptimizerCaller:
         events: Emitter | None = None,
         cache: Cache | None = None,
         request_counts: dict[str, int] | None = None,
+        max_tokens: int | None = None,
     ) -> None:
+        if max_tokens is not None and max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {max_tokens!r}")
+        self.max_tokens = max_tokens
         self.endpoint = endpoint
         self.model = model
         self.temperature = temperature
@@ -248,6 +278,7 @@ class OptimizerCaller:
             events=caller.events,
             cache=caller.cache,
             request_counts=caller.request_counts,
+            max_tokens=caller.max_tokens,
         )
 
     async def ask(self, messages: list[dict[str, str]], params: Mapping[str, Any]) -> str:
@@ -265,7 +296,11 @@ class OptimizerCaller:
 
     async def ask_text(self, messages: list[dict[str, str]]) -> str:
         """The stripped answer to ``messages`` with this caller's model and temperature."""
-        params = {"model": self.model, "temperature": self.temperature}
+        params = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens or DESCRIBE_MAX_TOKENS,
+        }
         return (await self.ask(messages, params)).strip()
 
 
@@ -284,7 +319,13 @@ class LLMGradient(OptimizerCaller):
             *shown,
             f"## Inputs\n{render_value(dict(ctx.example.inputs))}",
             f"## Expected output\n{render_value(ctx.example.expected)}",
-            f"## Prediction\n{ctx.prediction}",
+            f"## Prediction\n{ctx.prediction}"
+            + (
+                "\n(This answer was cut at the length limit, max_tokens: the model did "
+                "not finish it. A prompt that asks for a brief answer may fix it.)"
+                if ctx.truncated
+                else ""
+            ),
             f"## Metric result\nscore: {ctx.result.score:g}\n"
             f"feedback: {ctx.result.feedback or '-'}",
         ]
@@ -300,7 +341,11 @@ class LLMGradient(OptimizerCaller):
         ]
 
     async def __call__(self, ctx: GradientContext) -> str:
-        params = {"model": self.model, "temperature": self.temperature}
+        params = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens or GRADIENT_MAX_TOKENS,
+        }
         text = await self.ask(self.messages(ctx), params)
         return text.strip()
 
@@ -363,6 +408,7 @@ class LLMApply(OptimizerCaller):
         params: dict[str, Any] = {
             "model": self.model,
             "temperature": temperature,
+            "max_tokens": self.max_tokens or apply_max_tokens(ctx.prompt),
             "response_format": {
                 "type": "json_schema",
                 "json_schema": {"name": "prompt", "schema": dict(PROMPT_SCHEMA)},

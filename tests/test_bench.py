@@ -24,8 +24,8 @@ from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import Example, Limits, Prompt, RetryPolicy
 from engine.bench import BenchSettings, bench_endpoint, percentile, recommend
 from engine.bench._record import Attempt
-from engine.bench._report import Recommendation
-from engine.bench._stats import summarize_level
+from engine.bench._report import Recommendation, serves_at_a_time
+from engine.bench._stats import LevelResult, summarize_level
 from engine.cli._bench import LimitsInFile, limits_in_file
 from engine.cli._runfile import load_run_file
 from tests.conftest import screenshot_in_chromium
@@ -520,3 +520,39 @@ def test_bench_html_renders_in_headless_chromium(tmp_path: Path) -> None:
         tmp_path / "bench.html", tmp_path / "bench.png", tmp_path / "profile"
     )
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000  # a blank page is ~9 KB
+
+
+@pytest.mark.slow
+def test_a_server_that_queues_is_named_with_its_width(tmp_path: Path) -> None:
+    """A one-slot server (0.2 s per request): past one in flight the rate stays flat and
+    the latency grows with concurrency; the bench says the server serves about 1
+    request at a time and recommends concurrency 1."""
+    with SimulatedServer(ServerConfig(slots=1, latency_median=0.2)) as provider:
+        run = write_run(tmp_path, provider.base_url)
+        done, report = bench(run, "--concurrency", "1,2,4", "--requests", "16")
+    assert done.returncode == 0, done.stderr
+    toml = report["recommendation"]["toml"]
+    assert "the server serves about 1 request(s) at a time" in toml
+    assert "concurrency = 1" in toml
+    assert "serves about 1 request(s) at a time" in done.stdout
+
+
+def test_a_wide_server_is_not_called_a_queue() -> None:
+    """Latency flat with concurrency and the rate growing: no width is claimed."""
+    assert (
+        serves_at_a_time([_level(1, 5.0, 0.2), _level(2, 10.0, 0.2), _level(4, 19.0, 0.21)]) is None
+    )
+    assert serves_at_a_time([_level(1, 5.0, 0.2), _level(2, 5.0, 0.4), _level(4, 5.0, 0.8)]) == 1
+    assert serves_at_a_time([_level(2, 10.0, 0.2), _level(4, 10.0, 0.4), _level(8, 10.0, 0.8)]) == 2
+
+
+def _level(concurrency: int, rate: float, p50: float) -> LevelResult:
+    return LevelResult(
+        concurrency=concurrency, planned=100, requests=100, failed=0, attempts=100,
+        wall_s=100 / rate, requests_per_s=rate, tokens_per_s=None, steady_requests=100,
+        steady_s=100 / rate, limit_requests_per_min=None, limit_tokens_per_min=None,
+        fraction_of_request_limit=None, fraction_of_token_limit=None, share_429=0.0,
+        retry_after_max_s=None, retry_after_seen=0, p50_s=p50, p95_s=p50, p99_s=p50,
+        max_s=p50, mean_s=p50, errors={}, error_examples={}, prompt_tokens_mean=None,
+        completion_tokens_mean=None, cost_usd=None, cost_per_1000_usd=None,
+    )  # fmt: skip

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapters import ArithmeticModel, ScriptedModel, ScriptedRequest, transient_faults
+from adapters import ArithmeticModel, OpenAIChat, ScriptedModel, ScriptedRequest, transient_faults
+from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     AuthenticationError,
     Cache,
@@ -31,7 +32,17 @@ from engine import (
     evaluate,
 )
 from engine._options import EvaluationOptions
+from engine.cli._main import _truncated
 from engine.metrics import ExactMatch
+from engine.report import RunReport
+from engine.stages import (
+    APPLY_ROOM_TOKENS,
+    DESCRIBE_MAX_TOKENS,
+    GRADIENT_MAX_TOKENS,
+    GradientContext,
+    LLMGradient,
+    apply_max_tokens,
+)
 from engine.testing import EventRecorder
 
 from .conftest import echo_examples, echo_model, qa_prompt
@@ -383,3 +394,96 @@ async def test_a_backend_gets_one_options_value_checked_once_at_the_entry() -> N
             on_error="ignore",  # type: ignore[arg-type]
         )  # fmt: skip
     assert len(backend.received) == 1
+
+
+# -- answers cut at the length cap are visible (issue #26) ----------------------------
+
+
+def _rambling(messages: object, params: object) -> str:
+    return "and then " * 200  # a model that never stops: every answer hits max_tokens
+
+
+async def test_answers_cut_at_the_length_cap_are_counted_fresh_and_cached() -> None:
+    """A server whose answers run to ``max_tokens``: every cut answer is counted in
+    ``Evaluation.truncated`` and its outcome says so, read back from the cache too;
+    answers that fit are not counted."""
+    async with (
+        SimulatedServer(ServerConfig(answer=_rambling)) as server,
+        OpenAIChat(base_url=server.base_url) as chat,
+    ):
+        cache = Cache()
+        capped = qa_prompt(params={"max_tokens": 16})
+        first = await evaluate(
+            capped, echo_examples(12), model=chat, metric=ExactMatch(), cache=cache
+        )
+        again = await evaluate(
+            capped, echo_examples(12), model=chat, metric=ExactMatch(), cache=cache
+        )
+        roomy = qa_prompt(params={"max_tokens": 4096})
+        whole = await evaluate(roomy, echo_examples(5), model=chat, metric=ExactMatch())
+    assert first.truncated == 12 and all(o.truncated for o in first.outcomes)
+    assert again.cache_hits == 12 and again.truncated == 12
+    assert whole.truncated == 0
+    assert first.to_dict()["truncated"] == 12
+
+
+def test_the_report_and_progress_line_say_answers_were_cut() -> None:
+    """The run report warns with the count and the remedy; so does the CLI's line."""
+    report = RunReport(
+        initial_prompt={},
+        best_prompt={},
+        initial_score=0.5,
+        best_score=0.5,
+        answers=40,
+        truncated=12,
+    )
+    message = (
+        "12 of 40 answers cut at the length limit: set max_tokens or tell the prompt to be brief"
+    )
+    assert message in report.to_markdown()
+    assert message in report.to_html()
+    assert message in _truncated({"truncated": 12, "done": 40})
+    assert _truncated({"truncated": 0, "done": 40}) == ""
+
+
+def test_the_gradient_stage_is_told_an_answer_was_cut() -> None:
+    """The default gradient prompt says the prediction was cut at the length limit."""
+    example = echo_examples(1)[0]
+    context = GradientContext(
+        task_description="t",
+        metric_description="m",
+        prompt=qa_prompt(),
+        example=example,
+        prediction="and then and then",
+        result=MetricResult(0.0),
+        earlier_feedback=(),
+        truncated=True,
+    )
+    stage = LLMGradient(Endpoint(echo_model()), model="demo")
+    text = stage.messages(context)[1]["content"]
+    assert "cut at the length limit" in text
+    whole = stage.messages(dataclasses.replace(context, truncated=False))[1]["content"]
+    assert "cut at the length limit" not in whole
+
+
+async def test_the_engines_own_calls_cap_their_length_and_the_cap_can_be_changed() -> None:
+    """Gradient, apply and description calls send the documented default max_tokens
+    (a model without a cap would write to its context's end); a caller's own wins."""
+    model = echo_model()
+    endpoint = Endpoint(model)
+    example = echo_examples(1)[0]
+    context = GradientContext(
+        task_description="t",
+        metric_description="m",
+        prompt=qa_prompt(),
+        example=example,
+        prediction="x",
+        result=MetricResult(0.0),
+        earlier_feedback=(),
+    )
+    await LLMGradient(endpoint, model="demo")(context)
+    await LLMGradient(endpoint, model="demo").ask_text([{"role": "user", "content": "d"}])
+    await LLMGradient(endpoint, model="demo", max_tokens=77)(context)
+    sent = [r.params.get("max_tokens") for r in model.requests]
+    assert sent == [GRADIENT_MAX_TOKENS, DESCRIBE_MAX_TOKENS, 77]
+    assert apply_max_tokens(qa_prompt()) > APPLY_ROOM_TOKENS

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +22,17 @@ __all__ = [
     "format_table",
     "project",
     "recommend",
+    "serves_at_a_time",
 ]
 
 # A level within this fraction of the best rate counts as reaching it (the knee).
 _NEAR_BEST = 0.95
 # Fewer answers than this per slot and a level hardly leaves its ramp-up.
 _STEADY_PER_SLOT = 4
+# A queueing server: past its width, throughput within this share of the best while
+# the median latency grows in proportion to concurrency (within these ratios).
+_FLAT_RATE = 0.85
+_LINEAR = (0.7, 1.4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,35 @@ def best_level(levels: Sequence[LevelResult]) -> LevelResult | None:
     return min(near, key=lambda lv: lv.concurrency)
 
 
+def serves_at_a_time(levels: Sequence[LevelResult]) -> int | None:
+    """How many requests a server that queues serves at a time, or ``None``.
+
+    A local model server (llama.cpp, Ollama) serves a few requests and queues the rest:
+    past that width the throughput stays flat and each request waits for the ones
+    ahead, so the median latency grows in proportion to concurrency.  Seen on at least
+    two levels past the best one, the width is the best rate times one service time
+    (Little's law; the service time is the median latency of the lowest level).
+    """
+    best = best_level(levels)
+    measured = sorted(
+        (lv for lv in levels if lv.requests_per_s and lv.p50_s), key=lambda lv: lv.concurrency
+    )
+    if best is None or best.p50_s is None or len(measured) < 3:
+        return None
+    top = max(lv.requests_per_s or 0.0 for lv in measured)
+    past = [lv for lv in measured if lv.concurrency > best.concurrency]
+    if len(past) < 2:
+        return None
+    for lv in past:
+        assert lv.p50_s is not None and lv.requests_per_s is not None
+        grew = (lv.p50_s / best.p50_s) / (lv.concurrency / best.concurrency)
+        if lv.requests_per_s < _FLAT_RATE * top or not _LINEAR[0] <= grew <= _LINEAR[1]:
+            return None
+    service = measured[0].p50_s
+    assert service is not None
+    return max(1, round(top * service))
+
+
 def recommend(levels: Sequence[LevelResult], configured: Limits | None = None) -> Recommendation:
     """The concurrency and rates to configure, from a sweep's levels.
 
@@ -71,6 +106,15 @@ def recommend(levels: Sequence[LevelResult], configured: Limits | None = None) -
         f"concurrency {best.concurrency}: the smallest level within 5% of the highest rate "
         f"measured ({top_rate:.1f} requests/s)"
     ]
+    width = serves_at_a_time(levels)
+    if width is not None:
+        best = next((lv for lv in levels if lv.concurrency >= width), best)
+        best = dataclasses.replace(best, concurrency=width)
+        notes = [
+            f"the server serves about {width} request(s) at a time: past that, latency "
+            "grows with concurrency at flat throughput (requests wait in its queue); "
+            f"concurrency {width}"
+        ]
     rpm = next(
         (lv.limit_requests_per_min for lv in reversed(levels) if lv.limit_requests_per_min), None
     )

@@ -193,6 +193,7 @@ class Sweep:
                 tpm=self.limits.tpm,
                 burst=self.limits.burst,
                 concurrency=concurrency,
+                adaptive_concurrency=False,  # the sweep measures each level as given
             ),
             retry=self.retry,
             name=self.recorder.name,

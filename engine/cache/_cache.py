@@ -76,11 +76,14 @@ class CachedPrediction:
 
     ``request`` is set on a freshly computed prediction whose request differs from
     the one it was looked up under (see `Cache.prediction`); it is not stored.
+    ``finish_reason`` is stored when it is ``"length"`` (a cut answer stays visibly
+    cut when it is read back).
     """
 
     text: str
     usage: Usage
     request: str | None = None
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +202,7 @@ class Cache(AsyncCloseable):
             await self._check_example(example)
             value = await compute()
             answered = value.request or request
-            stored = CachedPrediction(value.text, value.usage)
+            stored = CachedPrediction(value.text, value.usage, None, value.finish_reason)
             return (
                 stored,
                 self._encode_prediction(stored, example),
@@ -235,17 +238,24 @@ class Cache(AsyncCloseable):
         if data.get("inputs") != example.inputs_hash:
             raise _conflict(example)
         usage = data.get("usage") or [0, 0]
-        return CachedPrediction(str(data["text"]), Usage(int(usage[0]), int(usage[1])))
+        finish = data.get("finish")
+        return CachedPrediction(
+            str(data["text"]),
+            Usage(int(usage[0]), int(usage[1])),
+            None,
+            str(finish) if finish is not None else None,
+        )
 
     @staticmethod
     def _encode_prediction(value: CachedPrediction, example: Example) -> str:
-        return dump_value(
-            {
-                "text": value.text,
-                "usage": [value.usage.prompt_tokens, value.usage.completion_tokens],
-                "inputs": example.inputs_hash,
-            }
-        )
+        row: dict[str, object] = {
+            "text": value.text,
+            "usage": [value.usage.prompt_tokens, value.usage.completion_tokens],
+            "inputs": example.inputs_hash,
+        }
+        if value.finish_reason == "length":  # rows of whole answers stay as they were
+            row["finish"] = value.finish_reason
+        return dump_value(row)
 
     @staticmethod
     def example_key(example: Example) -> str:

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -40,7 +40,7 @@ from .._prompt import Prompt
 from .._redact import redact_event, redact_text
 from ..cache import Cache, PostgresStore
 from ..cluster import FileDataset, RayCluster
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, EndpointStatistics
 from ..report import RunReport
 from ..training import OptimizationResult, optimize, preflight_global_metric
 from ._bench import add_bench_arguments, run_bench
@@ -128,6 +128,7 @@ class _Progress:
                 f"tokens {data.get('tokens', 0)}  cost {cost}  errors {data.get('errors', 0)}  "
                 f"ETA {eta}"
             )
+            line += _concurrency([s for s, _ in stats]) + _truncated(data)
             self._write(line + _per_worker(data.get("workers"), rate))
         elif event.name == "endpoint.paused" and float(data.get("seconds", 0.0)) >= 1.0:
             self._write(
@@ -147,6 +148,29 @@ class _Progress:
 
     def _write(self, line: str, *, final: bool = False) -> None:
         self.status.write(line, final=final)
+
+
+def _concurrency(stats: Sequence[EndpointStatistics]) -> str:
+    """The adaptive level of each endpoint below its ceiling (what a queueing server
+    takes), or ''."""
+    parts = []
+    for s in stats:
+        level, ceiling = s.limiter.level, s.limiter.concurrency
+        if level is not None and level < ceiling:
+            serves = f", serves ~{s.limiter.serves:.0f}" if s.limiter.serves else ""
+            parts.append(f"{s.name} {level}/{ceiling}{serves}")
+    return f"  concurrency {'; '.join(parts)}" if parts else ""
+
+
+def _truncated(data: Mapping[str, Any]) -> str:
+    """The answers cut at the length cap so far, and what to do about it, or ''."""
+    cut, done = int(data.get("truncated") or 0), int(data.get("done") or 0)
+    if not cut:
+        return ""
+    return (
+        f"  {cut} of {done} answers cut at the length limit: set max_tokens or tell the "
+        "prompt to be brief"
+    )
 
 
 def _per_worker(workers: Any, total_rate: float) -> str:

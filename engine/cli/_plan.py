@@ -27,7 +27,13 @@ from typing import Any
 from .._budget import Budget, Price
 from .._prompt import Prompt, render_value
 from .._types import Example
-from ..stages import APPLY_SYSTEM, GRADIENT_SYSTEM, OPTIMIZER_MAX_TOKENS
+from ..stages import (
+    APPLY_SYSTEM,
+    DESCRIBE_MAX_TOKENS,
+    GRADIENT_MAX_TOKENS,
+    GRADIENT_SYSTEM,
+    OPTIMIZER_MAX_TOKENS,
+)
 from ._runfile import RunFile
 
 __all__ = ["CallKind", "plan", "plan_table"]
@@ -163,9 +169,19 @@ def _optimizer_kinds(
         20_000,  # the metric's source
     )
     gradient_out: int | None = out if sizes.task_out is not None else None
+    # each kind's answer is capped by its own default (stages.*_MAX_TOKENS); what goes
+    # into the prompts above is still counted at the overall cap, a looser true bound
     return [
-        CallKind("description", name, counts["description"], _tokens(describe, 2), out),
-        CallKind("gradient", name, counts["gradient"], _tokens(gradient, 2), gradient_out),
+        CallKind(
+            "description", name, counts["description"], _tokens(describe, 2), DESCRIBE_MAX_TOKENS
+        ),
+        CallKind(
+            "gradient",
+            name,
+            counts["gradient"],
+            _tokens(gradient, 2),
+            GRADIENT_MAX_TOKENS if gradient_out is not None else None,
+        ),
         CallKind("apply", name, counts["apply"], _tokens(apply, 2), out),
     ]
 

@@ -105,6 +105,7 @@ class LimitsSection(_Section, frozen=True):
     burst: PositiveFloat | None = None
     input_tpm: PositiveFloat | None = None  # Anthropic's ITPM
     output_tpm: PositiveFloat | None = None  # Anthropic's OTPM
+    adaptive_concurrency: bool | None = None
 
 
 class RetrySection(_Section, frozen=True):

@@ -45,6 +45,7 @@ from .._protocols import ChatModel
 from .._types import Completion, Usage
 from ..cache import request_hash
 from ..tracing import attempt_span, instrumented
+from ._adaptive import LevelChange, LiveAttempts
 from ._breaker import CircuitBreaker
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
@@ -71,6 +72,7 @@ class CallResult:
 
     completion: Completion
     attempts: int
+    timeouts: int = 0  # attempts that timed out (counted apart from other retries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,7 @@ class _Attempts:
         "pauses_seen",
         "split",
         "successes_seen",
+        "timeouts",
     )
 
     def __init__(
@@ -124,6 +127,7 @@ class _Attempts:
         events: Emitter | None,
     ) -> None:
         self.count = 0
+        self.timeouts = 0  # attempts that timed out
         self.estimate = 0  # tokens charged up front for the current attempt
         self.epoch = 0  # the limiter's rate epoch when the current attempt was sent
         self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
@@ -189,6 +193,7 @@ class Endpoint:
         self._escalations = 0  # escalations of the 429 backoff ever (never reset)
         self._noticed: set[str] = set()  # kinds of provider mistake announced already
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop the limiter is of
+        self._live = LiveAttempts()  # attempts in flight, whose deadlines may move later
 
     @classmethod
     def of(cls, model: ChatModel | Endpoint, *, limits: Limits | None = None) -> Endpoint:
@@ -260,6 +265,7 @@ class Endpoint:
             try:
                 completion = await self._attempt_under_limits(messages, params, call)
             except ProviderError as exc:
+                exc.timeouts = call.timeouts
                 if not exc.sent:  # the gate refused to wait: nothing to count or retry
                     exc.attempts = call.count - 1
                     self._counters.failed += 1
@@ -274,7 +280,7 @@ class Endpoint:
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
             if call.split != (0, 0):
                 await self._settle_split(call.split, completion.usage)
-            return CallResult(completion, call.count)
+            return CallResult(completion, call.count, call.timeouts)
 
     def _move_to_running_loop(self) -> None:
         """Bind to the running event loop: at first use, or when the loop this endpoint
@@ -323,27 +329,45 @@ class Endpoint:
                 call.meter.charge_call(call.model_name)
             self._counters.calls += 1
             call.epoch, call.pauses_seen = limiter.epoch, self._escalations
-            timeout = self.retry.timeout
-            if call.give_up_at is not None:  # no attempt may outlive the deadline
-                left = max(0.001, call.give_up_at - self._clock())
-                timeout = left if timeout is None else min(timeout, left)
-            attempt = self._attempt(messages, params, timeout)
+            attempt = self._attempt(messages, params, self._timeout(call), call)
             return await attempt_span(attempt, self, messages, params, call.count, queued)
         finally:
             limiter.release()
+
+    def _timeout(self, call: _Attempts) -> float | None:
+        """This attempt's timeout: the policy's, doubled for each timeout this call had
+        against a server seen queueing (it will serve the call, only later), never past
+        the call's deadline."""
+        timeout = self.retry.timeout
+        adaptive = self.limiter.adaptive
+        if timeout is not None and call.timeouts and adaptive is not None and adaptive.serves:
+            timeout *= 2**call.timeouts
+        if call.give_up_at is not None:  # no attempt may outlive the deadline
+            left = max(0.001, call.give_up_at - self._clock())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
 
     async def _attempt(
         self,
         messages: Sequence[Mapping[str, str]],
         params: Mapping[str, Any],
         seconds: float | None,
+        call: _Attempts,
     ) -> Completion:
         # A cancel scope with a deadline on the loop's clock: anyio's fail_after, without
         # its context-manager wrapper and backend lookups (this runs once per call).
-        deadline = self._clock() + seconds if seconds is not None else math.inf
+        started = self._clock()
+        deadline = started + seconds if seconds is not None else math.inf
+        adaptive = self.limiter.adaptive
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
-                answer: Any = await self.model.complete(messages, **params)
+                if adaptive is None:
+                    answer: Any = await self.model.complete(messages, **params)
+                else:
+                    n = self.limiter.in_flight
+                    with self._live.track(scope, n, adaptive, call.give_up_at):
+                        answer = await self.model.complete(messages, **params)
+                    self._on_round_trip(n, self._clock() - started, call)
             if scope.cancelled_caught:
                 raise TimeoutError
         except TimeoutError as exc:
@@ -458,12 +482,41 @@ class Endpoint:
                 self._pause(wait, "429 without Retry-After", call)
         elif isinstance(exc, CallTimeoutError):
             self._counters.timeouts += 1
+            call.timeouts += 1
+            if self.limiter.adaptive is not None:
+                self._announce(self.limiter.adaptive.on_timeout(), call)
         try:
             self.breaker.on_failure(exc, self.name)
         except ProviderError as opened:
             opened.attempts = call.count
             self._counters.failed += 1
             raise
+
+    def _on_round_trip(self, n: int, rtt: float, call: _Attempts) -> None:
+        """An answer came ``rtt`` seconds after it was sent with ``n`` calls in flight."""
+        adaptive = self.limiter.adaptive
+        assert adaptive is not None
+        change = adaptive.on_answer(n, rtt)
+        self._announce(change, call)
+        if change is not None and change.serves is not None:
+            self._live.extend(adaptive)  # the calls queued behind may take their time
+
+    def _announce(self, change: LevelChange | None, call: _Attempts) -> None:
+        """Apply a new adaptive level and say so (``endpoint.concurrency``)."""
+        if change is None:
+            return
+        self.limiter.set_level(change.level)
+        if call.events is not None:
+            call.events.emit(
+                "endpoint.concurrency",
+                level="info" if change.level < change.previous else "debug",
+                endpoint=self.name,
+                concurrency=change.level,
+                previous=change.previous,
+                ceiling=self.limits.concurrency,
+                serves=round(change.serves, 1) if change.serves is not None else None,
+                reason=change.reason,
+            )
 
     def _pause(self, seconds: float, reason: str, call: _Attempts) -> None:
         if not self.limiter.pause(seconds) or call.events is None:

@@ -33,6 +33,7 @@ from aiolimiter import AsyncLimiter
 from .._clock import Clock, loop_time
 from .._errors import ConfigError
 from .._types import RateLimitSnapshot
+from ._adaptive import AdaptiveConcurrency
 
 __all__ = ["LimiterStatistics", "Limits", "RateLimiter", "SplitBucket"]
 
@@ -81,7 +82,12 @@ class Limits:
         output_tpm: completion tokens per minute (Anthropic's OTPM): ``max_tokens`` is
             reserved before the call (as the provider does) and what the answer did
             not use is given back after it.
-        concurrency: calls in flight at once.
+        concurrency: calls in flight at once: a ceiling when ``adaptive_concurrency``.
+        adaptive_concurrency: below ``concurrency``, follow what the server really
+            serves at a time, learned from round trips (`AdaptiveConcurrency`): a local
+            model server that queues gets about what it serves, and no call waits out
+            its timeout in its queue.  A server that does not queue keeps the ceiling.
+            ``False``: always ``concurrency`` in flight.
         burst: requests admitted back to back from an idle bucket; defaults to a tenth
             of a second's worth of ``rpm`` (at least 1).
     """
@@ -92,6 +98,7 @@ class Limits:
     burst: float | None = None
     input_tpm: float | None = None
     output_tpm: float | None = None
+    adaptive_concurrency: bool = True
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "burst", "input_tpm", "output_tpm"):
@@ -121,6 +128,8 @@ class LimiterStatistics:
     announced: RateLimitSnapshot | None = None  # the provider's last x-ratelimit-* headers
     input_tpm: float | None = None  # the input-token rate in force (configured or learned)
     output_tpm: float | None = None  # the output-token rate in force
+    level: int | None = None  # the adaptive level in force (None: adaptive is off)
+    serves: float | None = None  # the server's requests at a time, once seen queueing
 
 
 def _bucket(per_minute: float, capacity: float) -> AsyncLimiter:
@@ -205,6 +214,7 @@ class RateLimiter:
         "_rpm",
         "_tokens",
         "_tpm",
+        "adaptive",
     )
 
     def __init__(self, limits: Limits | None = None, *, clock: Clock | None = None) -> None:
@@ -224,6 +234,11 @@ class RateLimiter:
         self._ceiling_since = -math.inf  # clock time the ceiling last moved
         self._ceiling: float | None = None  # a request rate a 429 proved too high, minus
         self._epoch = 0  # bumped whenever the request rate in force changes
+        self.adaptive = (  # the level below the ceiling, learned from round trips
+            AdaptiveConcurrency(self._limits.concurrency)
+            if self._limits.adaptive_concurrency
+            else None
+        )
         if self._limits.rpm is not None:
             self._set_rpm(self._limits.rpm)
         if self._limits.tpm is not None:
@@ -388,6 +403,16 @@ class RateLimiter:
     def release(self) -> None:
         """Give back the concurrency slot taken by `acquire`."""
         self._capacity.release()
+
+    @property
+    def in_flight(self) -> int:
+        """Slots taken now."""
+        return int(self._capacity.borrowed_tokens)
+
+    def set_level(self, level: int) -> None:
+        """Allow ``level`` calls in flight (between 1 and ``Limits.concurrency``); calls
+        already in flight above it finish, and no new one starts until below it."""
+        self._capacity.total_tokens = max(1, min(level, self._limits.concurrency))
 
     @asynccontextmanager
     async def slot(
@@ -556,6 +581,8 @@ class RateLimiter:
             announced=self._announced,
             input_tpm=self._input.per_minute if self._input is not None else None,
             output_tpm=self._output.per_minute if self._output is not None else None,
+            level=self.adaptive.level if self.adaptive is not None else None,
+            serves=self.adaptive.serves if self.adaptive is not None else None,
         )
 
     def __repr__(self) -> str:

@@ -89,6 +89,9 @@ class RunRecord:
     initial_mean: float | None = None  # the initial prompt's mean over scored examples
     initial_errors: int = 0
     errors: int = 0  # errored examples over every evaluation of the run
+    answers: int = 0  # examples answered by the model (not from the cache) over the run
+    truncated: int = 0  # ... of which cut at the length cap (finish_reason "length")
+    timeouts: int = 0  # task-model attempts that timed out
     task_description: str = ""
     metric_description: str = ""
     generated_descriptions: list[str] = field(default_factory=list)

@@ -38,6 +38,31 @@ def _initial(report: RunRecord) -> str:
     return text
 
 
+def _truncation_note(truncated: int, answers: int | None) -> str:
+    """What to say about answers cut at the length cap ('' when none was)."""
+    if not truncated:
+        return ""
+    of = f" of {answers}" if answers else ""
+    return (
+        f"{truncated}{of} answers cut at the length limit: set max_tokens or tell the "
+        "prompt to be brief"
+    )
+
+
+def _warnings(report: RunRecord) -> list[str]:
+    """Lines about what the model did that the scores alone do not show."""
+    out = []
+    if report.truncated:
+        out.append(_truncation_note(report.truncated, report.answers))
+    if report.timeouts:
+        out.append(
+            f"{report.timeouts} model calls timed out (counted apart from other retries); "
+            "a local server that serves one request at a time needs a lower concurrency "
+            "or a longer timeout"
+        )
+    return out
+
+
 def _cost(report: RunRecord) -> str:
     return f"${report.cost:.4f}" if report.cost is not None else "unknown (no price)"
 
@@ -140,6 +165,7 @@ def render_markdown(report: RunRecord) -> str:
     lines += [
         f"- stopped: {report.stopped_reason}",
         *(f"- note: {note}" for note in report.notes),
+        *(f"- warning: {line}" for line in _warnings(report)),
         f"- steps: {len(report.steps)}, proposals: {len(report.proposals)}, "
         f"accepted: {sum(p.accepted for p in report.proposals)}",
         f"- calls: {_calls(report)}, cache hits: {report.cache_hits}, "
@@ -326,6 +352,7 @@ tr.del td.new, tr.add td.old { background: #f6f8fa; }
 def _summary(report: RunRecord) -> str:
     esc = html.escape
     notes = "".join(f"<p><b>Note:</b> {esc(note)}</p>" for note in report.notes)
+    notes += "".join(f"<p><b>Warning:</b> {esc(line)}</p>" for line in _warnings(report))
     return (
         f'<div class="kpi">'
         f"<div>train<b>{fmt_score(report.initial_score)} &rarr; "

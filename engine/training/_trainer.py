@@ -289,6 +289,9 @@ class _Trainer:
         )
         self.report.cache_hits += result.cache_hits
         self.report.errors += result.errors
+        self.report.answers += result.completed - result.cache_hits
+        self.report.truncated += result.truncated
+        self.report.timeouts += result.timeouts
         return result
 
     def check_error_rate(self, evaluation: Evaluation, what: str) -> None:
@@ -721,6 +724,7 @@ class _Trainer:
                 trace=outcome.trace,
                 program_prompts=program,
                 stage="" if blame else self.stage,
+                truncated=outcome.truncated,
             )
             for example, outcome in failed
         ]
