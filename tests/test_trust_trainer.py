@@ -505,3 +505,31 @@ async def test_an_async_metric_that_blocks_past_its_timeout_is_timed_out() -> No
     error = evaluation.outcomes[1].error
     assert error is not None and error.type == "MetricTimeoutError"
     assert "0.1s" in error.message
+
+
+async def test_one_bad_request_from_the_gradient_stage_is_a_failed_call_not_the_end() -> None:
+    """One example too long for a small optimizer's context is a 400 on that example's
+    gradient alone: counted and announced, and the run goes on (a stage ends the run
+    only when its bad requests repeat, as a misspelled model's do)."""
+    raised: list[str] = []
+
+    async def gradient(ctx: GradientContext) -> str:
+        if not raised:
+            raised.append(ctx.example.id)
+            raise BadRequestError("maximum context length is 2048 tokens", status=400)
+        return "answer ok"
+
+    async def apply(ctx: ApplyContext) -> Prompt:
+        return _prompt("1")
+
+    result = await optimize(
+        _prompt("0"),
+        _data(8),
+        metric=ExactMatch(),
+        model=_levels_model(),
+        optimizer_model=ScriptedModel(_not_found, name="optimizer"),
+        gradient=gradient,
+        apply=apply,
+        **DESCRIPTIONS,
+    )
+    assert result.score == 1.0 and result.report.stage_errors == {"gradient": 1}

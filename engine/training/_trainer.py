@@ -151,6 +151,10 @@ def _metric_source(metric: Metric) -> str:
         return inspect.getdoc(target) or repr(metric)
 
 
+# Bad requests from a stage that never worked, after which the run ends (StageError).
+_FATAL_REPEATS = 3
+
+
 class _Trainer:
     def __init__(self, prompt: Prompt, settings: TrainerSettings, parts: _Parts) -> None:
         self.initial = prompt
@@ -199,6 +203,7 @@ class _Trainer:
         self.best_outcomes: tuple[Outcome, ...] = ()
         self.refresh_lock = anyio.Lock()
         self.stage_worked: set[str] = set()  # stages with at least one good call
+        self.stage_bad_requests: dict[str, int] = {}  # ... and their bad requests so far
         self.val_measured: str | None = None  # hash of the prompt report.val_score measured
         self.task_description = settings.task_description
         self.metric_description = settings.metric_description
@@ -322,7 +327,14 @@ class _Trainer:
         self.parts.events.emit("optimize.stage_error", level="warning", stage=stage, error=error)
 
     def check_stage(self, stage: str, exc: ProviderError) -> None:
-        if isinstance(exc, BadRequestError) and stage not in self.stage_worked:
+        """A bad request from a stage that never worked ends the run once it repeats
+        (`_FATAL_REPEATS` calls): a misspelled model fails every call alike, while one
+        example too long for a small model's context is one failed call among others.
+        A description is asked once, so its first bad request is final."""
+        if not isinstance(exc, BadRequestError) or stage in self.stage_worked:
+            return
+        self.stage_bad_requests[stage] = self.stage_bad_requests.get(stage, 0) + 1
+        if stage == "describe" or self.stage_bad_requests[stage] >= _FATAL_REPEATS:
             raise self.fatal_stage(stage, exc)
 
     def fatal_stage(self, stage: str, exc: ProviderError) -> StageError:
@@ -751,8 +763,8 @@ class _Trainer:
         texts = await run_all([lambda ctx=ctx: feedback_on(ctx) for ctx in contexts])  # type: ignore[misc]
         for exc in failures:  # all counted first: one call of them may have worked
             self.count_stage_error("gradient", exc.message)
-        if failures:
-            self.check_stage("gradient", failures[0])
+        for exc in failures:
+            self.check_stage("gradient", exc)
         return [
             (ctx.example.id, text.strip())
             for ctx, text in zip(contexts, texts, strict=True)
