@@ -507,14 +507,14 @@ async def test_an_async_metric_that_blocks_past_its_timeout_is_timed_out() -> No
     assert "0.1s" in error.message
 
 
-async def test_one_bad_request_from_the_gradient_stage_is_a_failed_call_not_the_end() -> None:
+async def test_two_bad_requests_from_the_gradient_stage_are_failed_calls_not_the_end() -> None:
     """One example too long for a small optimizer's context is a 400 on that example's
     gradient alone: counted and announced, and the run goes on (a stage ends the run
     only when its bad requests repeat, as a misspelled model's do)."""
     raised: list[str] = []
 
     async def gradient(ctx: GradientContext) -> str:
-        if not raised:
+        if len(raised) < 2:  # before any gradient worked
             raised.append(ctx.example.id)
             raise BadRequestError("maximum context length is 2048 tokens", status=400)
         return "answer ok"
@@ -530,6 +530,7 @@ async def test_one_bad_request_from_the_gradient_stage_is_a_failed_call_not_the_
         optimizer_model=ScriptedModel(_not_found, name="optimizer"),
         gradient=gradient,
         apply=apply,
+        batch_size=2,  # at most two failed examples a batch: no success hides the two
         **DESCRIPTIONS,
     )
-    assert result.score == 1.0 and result.report.stage_errors == {"gradient": 1}
+    assert result.score == 1.0 and result.report.stage_errors == {"gradient": 2}
