@@ -584,9 +584,12 @@ async def evaluate(
             it on the first example with a placeholder ``lm`` that pays nothing: an
             unknown prompt name or a missing variable is a `ConfigError` before any
             paid call.  ``Evaluation.prompt_hash`` is then the program's identity (its
-            code, every prompt, every endpoint).
+            code, every prompt, every endpoint).  On a cluster the program must be
+            importable by module path on the workers (``module:function``), as a
+            metric's code is; its cache must be one every worker opens
+            (``Cache(PostgresStore(url))``) or none.
     """
-    setup = _program_of(prompt, model, program, limits, cluster)
+    setup = _program_of(prompt, model, program, limits)
     if setup is not None:  # the first prompt and endpoint name the run and size it
         prompt, model = next(iter(setup.prompts.values())), setup.first
     assert isinstance(prompt, Prompt) and not isinstance(model, Mapping)
@@ -596,7 +599,7 @@ async def evaluate(
         global_metric=global_metric, keep_outcomes=keep_outcomes, concurrency=concurrency,
         metric_concurrency=metric_concurrency, metric_timeout=metric_timeout,
         metric_threads=metric_threads, progress_interval=progress_interval, events=events,
-        meter=meter, validate=validate,
+        meter=meter, validate=validate, program=setup,
     )  # fmt: skip
     if cluster is not None:
         # Scale-out wraps the core: the cluster's workers run this same function.
@@ -610,7 +613,6 @@ def _program_of(
     model: ChatModel | Endpoint | Mapping[str, ChatModel | Endpoint],
     program: Program | ProgramSetup | None,
     limits: Limits | None,
-    cluster: EvaluationBackend | None,
 ) -> ProgramSetup | None:
     """The checked program, or None for one prompt (then ``prompt`` must be one)."""
     if program is None:
@@ -619,8 +621,6 @@ def _program_of(
         if isinstance(model, Mapping):
             raise ConfigError("model= as a mapping of prompt names needs program=")
         return None
-    if cluster is not None:
-        raise ConfigError("programs do not run on a cluster yet; evaluate them without cluster=")
     if isinstance(program, ProgramSetup):  # the trainer's, checked once per run
         return program.with_prompts(prompt) if isinstance(prompt, Mapping) else program
     if isinstance(prompt, Prompt):

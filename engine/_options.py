@@ -22,6 +22,7 @@ from ._protocols import ChatModel, Metric
 from ._types import Example
 from .cache import Cache
 from .endpoint import Endpoint, Limits
+from .program import ProgramSetup
 
 __all__ = ["ErrorPolicy", "EvaluationBackend", "EvaluationOptions", "OutcomeCallback"]
 
@@ -51,6 +52,9 @@ class EvaluationOptions:
     events: Emitter | None = None
     meter: BudgetMeter | None = None
     validate: bool = True
+    # a program's checked setup (its prompts, the endpoint of each): with it, the
+    # evaluated prompt and ``model`` are its first prompt and endpoint
+    program: ProgramSetup | None = None
 
     def __post_init__(self) -> None:
         # the one place the policy is checked, whichever backend runs the evaluation

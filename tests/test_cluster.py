@@ -44,6 +44,7 @@ from engine.cluster._leased import LeasedModel
 from engine.cluster._rates import LEASE_LIFE, Ask, RateBudget
 from engine.data import ColumnMap, load_dataset
 from engine.metrics import ExactMatch
+from engine.program import program_setup
 from engine.testing import ScriptedModel, ScriptedRequest
 
 from .conftest import echo_examples, qa_prompt
@@ -1038,3 +1039,120 @@ async def test_optimize_with_the_shared_cache_pays_each_call_once(
     async with Cache(PostgresStore(pg_url, table=table)) as cache:
         remote = await run(cluster=cluster, cache=cache)
     assert remote == local
+
+
+# -- programs ---------------------------------------------------------------------------
+# The program lives at module level: the workers import it by module path.
+TWO_STAGES = {
+    "extract": Prompt(
+        [{"role": "system", "content": "List the facts."}, {"role": "user", "content": "{text}"}],
+        model="sim",
+    ),
+    "answer": Prompt(
+        [
+            {"role": "system", "content": "Answer from the facts."},
+            {"role": "user", "content": "{facts}"},
+        ],
+        model="sim",
+    ),
+}
+
+
+async def two_stage_program(lm: object, example: Example) -> str:
+    facts = await lm("extract", text=example.inputs["text"])  # type: ignore[operator]
+    return str(await lm("answer", facts=facts))  # type: ignore[operator]
+
+
+def program_rows(n: int) -> list[Example]:
+    return [Example({"text": f"row {i}"}, f"row {i}", id=f"r{i}") for i in range(n)]
+
+
+def with_trace(outcomes: object) -> list[tuple[object, ...]]:
+    return [(*row, o.trace) for row, o in zip(lean(outcomes), outcomes, strict=True)]  # type: ignore[call-overload]
+
+
+@pytest.mark.slow
+async def test_a_program_on_the_cluster_equals_the_local_run_paying_each_call_once(
+    cluster: RayCluster,
+) -> None:
+    """A two-stage program on two workers: the score, the outcomes and their traces of a
+    local run, every lm call paid once (counted by the provider), the program's identity."""
+    data = program_rows(40)
+    with SimulatedServer(ServerConfig()) as here:
+        model = chat(here)
+        try:
+            local = await evaluate(
+                TWO_STAGES, data, program=two_stage_program, model=model, metric=ExactMatch()
+            )
+        finally:
+            await model.aclose()
+    with SimulatedServer(ServerConfig()) as there:
+        model = chat(there, concurrency=4)
+        try:
+            remote = await evaluate(
+                TWO_STAGES, data, program=two_stage_program, model=model,
+                metric=ExactMatch(), cluster=cluster,
+            )  # fmt: skip
+            identity = program_setup(TWO_STAGES, two_stage_program, model).identity
+        finally:
+            await model.aclose()
+        paid = there.stats.paid
+    assert with_trace(remote.outcomes) == with_trace(local.outcomes)
+    assert all(len(o.trace) == 2 for o in remote.outcomes)
+    for name in ("score", "conservative_score", "completed", "errors", "calls"):
+        assert getattr(remote, name) == getattr(local, name), name
+    assert paid == remote.calls == 80
+    assert remote.prompt_hash == identity  # the program's, as a local run names it
+
+
+@pytest.mark.slow
+async def test_racing_a_program_on_the_cluster_decides_as_locally(cluster: RayCluster) -> None:
+    """must_beat over a program's final answers: a loser is cut with its bound under the
+    bar, as locally; a winner runs to the end with the local score."""
+    data, prompts = echo_examples(200), {"only": qa_prompt()}
+    for must_beat, cut in ((0.5, True), (0.2, False)):
+        local = await evaluate(
+            prompts, data, program=one_stage_program, model=mixed_model(),
+            metric=ExactMatch(), must_beat=must_beat,
+        )  # fmt: skip
+        remote = await evaluate(
+            prompts, data, program=one_stage_program,
+            model=mixed_model(latency=0.01, limits=Limits(concurrency=8)),
+            metric=ExactMatch(), must_beat=must_beat, cluster=cluster,
+        )  # fmt: skip
+        assert remote.stopped_early == local.stopped_early == cut, must_beat
+        if cut:
+            assert remote.upper_bound is not None and remote.upper_bound <= must_beat
+            assert remote.completed < 200
+        else:
+            assert remote.conservative_score == local.conservative_score > must_beat
+            assert with_trace(remote.outcomes) == with_trace(local.outcomes)
+
+
+async def one_stage_program(lm: object, example: Example) -> str:
+    return str(await lm("only", question=example.inputs["question"]))  # type: ignore[operator]
+
+
+async def test_a_program_the_workers_cannot_import_or_cache_for_is_refused(
+    cluster: RayCluster, tmp_path: Path
+) -> None:
+    """Before any call: a program defined in a function (no module path), or a cache
+    only the driver opens (a program's calls cannot be seeded per example)."""
+    model = mixed_model()
+
+    async def local_program(lm: object, example: Example) -> str:
+        return str(await lm("only", question=example.inputs["question"]))  # type: ignore[operator]
+
+    prompts = {"only": qa_prompt()}
+    with pytest.raises(ConfigError, match="importable by module path"):
+        await evaluate(
+            prompts, echo_examples(4), program=local_program, model=model,
+            metric=ExactMatch(), cluster=cluster,
+        )  # fmt: skip
+    async with Cache.sqlite(str(tmp_path / "c.sqlite")) as cache:
+        with pytest.raises(ConfigError, match="PostgresStore"):
+            await evaluate(
+                prompts, echo_examples(4), program=one_stage_program, model=model,
+                metric=ExactMatch(), cache=cache, cluster=cluster,
+            )  # fmt: skip
+    assert model.calls == 0

@@ -302,11 +302,6 @@ async def test_a_program_asks_for_what_it_cannot_do_yet() -> None:
             program_prompts(), examples(3), program=pipeline, model=chat,
             metric=two_halves, optimizer_model=chat, component="everything",  # type: ignore[arg-type]
         )  # fmt: skip
-    with pytest.raises(ConfigError, match="cluster"):
-        await evaluate(
-            program_prompts(), examples(3), program=pipeline, model=chat,
-            metric=two_halves, cluster=object(),  # type: ignore[arg-type]
-        )  # fmt: skip
     assert chat.calls == 0
 
 

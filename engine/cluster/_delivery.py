@@ -76,7 +76,7 @@ class Delivery:
         self,
         plan: Plan,
         *,
-        model: str,
+        models: frozenset[str],
         on_outcome: OutcomeCallback | None,
         keep_outcomes: bool,
         meter: BudgetMeter | None,
@@ -98,7 +98,7 @@ class Delivery:
         # slot -> [examples, calls]: every worker of the pass, from the start
         self.per_worker: dict[int, list[int]] = {slot: [0, 0] for slot in plan.slots}
         self.running: dict[int, int] = {}  # slot -> examples sent, not back (the feeder's)
-        self.model = model  # the evaluated prompt's model: its calls are the ledger's
+        self.models = models  # the evaluated prompts' models: their calls are the ledger's
         self.model_calls = 0  # ... as the delivered batches charged them
         self.model_usage = Usage()
         self.started = self.last_progress = time.monotonic()
@@ -126,8 +126,9 @@ class Delivery:
         counts = self.per_worker.setdefault(result.slot, [0, 0])
         counts[0] += len(result.outcomes)
         counts[1] += result.calls
-        self.model_calls += result.charged_calls.get(self.model, 0)
-        self.model_usage = self.model_usage + result.charged_usage.get(self.model, Usage())
+        for model in self.models:
+            self.model_calls += result.charged_calls.get(model, 0)
+            self.model_usage = self.model_usage + result.charged_usage.get(model, Usage())
         if self.meter is not None:
             for model, calls in result.charged_calls.items():
                 for _ in range(calls):
@@ -142,6 +143,10 @@ class Delivery:
         for outcome in sorted(result.outcomes, key=lambda o: o.index):
             placed = replace(outcome, index=first + outcome.index)
             self.tally.add(placed)
+            if self.plan.program is not None:  # the run's per-stage counts, as locally
+                for call in placed.trace:
+                    if call.error is None:
+                        self.plan.program.counts.add(call.prompt, cached=call.cached)
             if self.plan.global_metric is not None:
                 message = placed.error.message if placed.error is not None else ""
                 self.results.append((placed.index, placed.result, message))
@@ -188,7 +193,7 @@ class Delivery:
             score, conservative = t.mean(), t.conservative_mean()
         self.outcomes.sort(key=lambda o: o.index)
         return Evaluation(
-            prompt_hash=plan.prompt.hash,
+            prompt_hash=plan.identity,
             score=score,
             conservative_score=conservative,
             **t.counts(),

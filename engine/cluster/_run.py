@@ -20,9 +20,10 @@ Caching follows the store of the ``cache`` given:
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, contextmanager
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from .._redact import known_secrets
 from .._scoring import check_metric
 from .._types import Example, Usage
 from ..endpoint import _SHARED_ATTRIBUTE, Endpoint
+from ..program import dry_run
 from ..tracing import run_span, trace_carrier
 from ._delivery import Delivery, Relay
 from ._dispatch import Feeder
@@ -47,7 +49,7 @@ from ._plan import Plan, plan
 from ._ray import ray_module
 from ._source import ExampleBatch, FileBatch, FileDataset, example_batches, file_batches
 from ._spend import Allowance, Spent
-from ._worker import BatchResult, CheckResult, Job, check_inputs
+from ._worker import BatchResult, CheckResult, Job, StageEndpoint, check_inputs
 
 __all__ = ["WorkerPool", "evaluate_on"]
 
@@ -86,13 +88,15 @@ def _detached(model: Any) -> Iterator[None]:
 def put_job(job: Job) -> Any:
     """``ray.put`` the job once; a part that cannot be pickled is a `ConfigError`."""
     ray = ray_module()
-    with _detached(job.model):
+    with contextlib.ExitStack() as detached:
+        for model in [job.model, *(stage.model for stage in job.stages)]:
+            detached.enter_context(_detached(model))
         try:
             return ray.put(job)
         except Exception as exc:
             raise ConfigError(
-                f"the model, metric and prompt travel to cluster workers by pickling, and "
-                f"this one cannot be pickled: {type(exc).__name__}: {exc}"
+                f"the model, metric, prompt and program travel to cluster workers by "
+                f"pickling, and this one cannot be pickled: {type(exc).__name__}: {exc}"
             ) from exc
 
 
@@ -155,13 +159,48 @@ def _job(
         check_metric=plan.validate,
         secrets=known_secrets(),
         trace_context=trace_carrier(),
+        **_program_parts(cluster, plan),
     )
+
+
+def _endpoints(plan: Plan) -> list[Endpoint]:
+    """The distinct endpoints the evaluation calls (a program's prompts may share one)."""
+    if plan.program is None:
+        return [plan.endpoint]
+    return list({id(e): e for e in plan.program.endpoints.values()}.values())
+
+
+def _program_parts(cluster: WorkerPool, plan: Plan) -> dict[str, Any]:
+    """A program's part of the job: the callable, its prompts, each prompt's endpoint."""
+    program = plan.program
+    if program is None:
+        return {}
+    endpoints = _endpoints(plan)
+    index = {id(e): i for i, e in enumerate(endpoints)}
+    stages = tuple(
+        StageEndpoint(
+            model=unleased(e.model),
+            name=e.name,
+            namespace=e.cache_identity,
+            retry=e.retry,
+            budget=cluster.budget_for(e),
+            shares=plan.stage_shares(e),
+        )
+        for e in endpoints
+    )
+    return {
+        "program": program.program,
+        "prompts": dict(program.prompts),
+        "stages": stages,
+        "stage_of": {name: index[id(e)] for name, e in program.endpoints.items()},
+    }
 
 
 def _prepare(plan: Plan, relay: Relay | None) -> Callable[[Any], Awaitable[Any]] | None:
     """What the driver does to a batch before it goes out: check the rows of a plain
     iterable (a sequence was checked whole), seed a relayed cache."""
     checked = isinstance(plan.examples, Sequence | FileDataset) or not plan.validate
+    program = plan.program
 
     async def prepare(batch: Any) -> Any:
         if not checked and isinstance(batch, ExampleBatch):
@@ -169,14 +208,25 @@ def _prepare(plan: Plan, relay: Relay | None) -> Callable[[Any], Awaitable[Any]]
                 if not isinstance(example, Example):
                     where = f"example #{batch.start + offset}"
                     raise ConfigError(f"{where} is a {type(example).__name__}, not an Example")
-                check_inputs(plan.prompt, example, f"example #{batch.start + offset}")
+                if program is None:  # a program's prompts are rendered by its code
+                    check_inputs(plan.prompt, example, f"example #{batch.start + offset}")
             if batch.seq == 0:
+                if program is not None:
+                    await dry_run(program, batch.examples[0])
                 await check_metric(plan.runner, batch.examples[0])
         if relay is not None and isinstance(batch, ExampleBatch):
             return await relay.seed(batch)
         return batch
 
     return None if checked and relay is None else prepare
+
+
+def _models(plan: Plan) -> frozenset[str]:
+    """The model names the evaluation's calls are charged to (a program's prompts'
+    may differ: then the run's money cap, priced per model, cannot be leased as one)."""
+    if plan.program is None:
+        return frozenset([plan.prompt.model])
+    return frozenset(p.model for p in plan.program.prompts.values())
 
 
 async def evaluate_on(
@@ -188,7 +238,9 @@ async def evaluate_on(
         laid = await plan(
             prompt, examples, options, workers=cluster.workers, batch_size=cluster.batch_size
         )
-        async with cluster.attached(laid.endpoint):
+        async with AsyncExitStack() as stack:
+            for endpoint in _endpoints(laid):  # the driver's calls share each one's rate
+                await stack.enter_async_context(cluster.attached(endpoint))
             return await _evaluate_planned(cluster, laid, options)
 
 
@@ -196,14 +248,20 @@ async def _evaluate_planned(
     cluster: WorkerPool, laid: Plan, options: EvaluationOptions
 ) -> Evaluation:
     """The evaluation of ``laid`` on the pool: ship the job, feed, deliver, settle."""
-    prompt, examples, emitter = laid.prompt, laid.examples, laid.emitter
+    examples, emitter = laid.examples, laid.emitter
     must_beat, meter = options.must_beat, options.meter
     tally = cluster.racing_tally() if must_beat is not None else None
     ledger = cluster.spend_ledger() if meter is not None else None
     job = _job(cluster, laid, options, tally=tally, ledger=ledger)
     box = [put_job(job)]
+    models = _models(laid)
+    if meter is not None and meter.budget.max_cost is not None and len(models) > 1:
+        raise ConfigError(
+            f"a money cap on a cluster is leased at one model's price; this program's "
+            f"prompts use {sorted(models)}: cap calls or tokens, or run it locally"
+        )
     if ledger is not None and meter is not None:  # no call without the run's permit
-        await ledger.open.remote(job.job_id, Allowance.of(meter, prompt.model))
+        await ledger.open.remote(job.job_id, Allowance.of(meter, min(models)))
     delivery: Delivery | None = None
     emitter.emit(
         "evaluation.started",
@@ -222,7 +280,7 @@ async def _evaluate_planned(
             await tally.start.remote(job.job_id, laid.total, must_beat)
         delivery = Delivery(
             laid,
-            model=prompt.model,
+            models=models,
             on_outcome=options.on_outcome,
             keep_outcomes=options.keep_outcomes,
             meter=meter,
@@ -240,7 +298,7 @@ async def _evaluate_planned(
         if tally is not None:
             tally.finish.remote(job.job_id)  # forgets it (already done on success)
         if ledger is not None and meter is not None:
-            await _settle(ledger, job.job_id, meter, prompt.model, delivery)
+            await _settle(ledger, job.job_id, meter, min(models), delivery)
     emitter.emit("evaluation.finished", **evaluation_summary(evaluation))
     return evaluation
 

@@ -30,13 +30,22 @@ from .._scoring import MetricRunner, check_metric
 from .._types import Example, Usage
 from ..cache import Cache, PostgresStore
 from ..endpoint import Endpoint, Limits, RetryPolicy
+from ..program import ProgramSetup, dry_run, program_setup
 from ..tracing import adopt_trace
 from ._leased import LeasedModel
 from ._racing import RaceReporter
 from ._source import Batch, FileBatch
 from ._spend import SpendLease
 
-__all__ = ["BatchResult", "CacheSpec", "CheckResult", "ClusterWorker", "Job", "check_inputs"]
+__all__ = [
+    "BatchResult",
+    "CacheSpec",
+    "CheckResult",
+    "ClusterWorker",
+    "Job",
+    "StageEndpoint",
+    "check_inputs",
+]
 
 CacheMode = Literal["none", "shared", "relay"]
 _KEPT_EVENTS = 50  # events of one batch sent back to the driver, at most
@@ -50,6 +59,18 @@ class CacheSpec:
     mode: CacheMode
     store: Mapping[str, Any] = field(default_factory=dict)
     claim_ttl: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageEndpoint:
+    """One endpoint of a program's prompts, as a worker rebuilds it."""
+
+    model: Any  # the adapter, without its driver-side Endpoint
+    name: str
+    namespace: str
+    retry: RetryPolicy
+    budget: Any  # the endpoint's RateBudget actor handle
+    shares: tuple[int, ...]  # its concurrency on each worker slot
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +96,12 @@ class Job:
     check_metric: bool = True
     secrets: tuple[str, ...] = ()  # values the driver redacts; the worker must too
     trace_context: dict[str, str] = field(default_factory=dict)  # the driver's trace
+    # a program (found by module path on the worker), its prompts, and for each prompt
+    # the index of its endpoint in ``stages`` (prompts on one adapter share one)
+    program: Any = None
+    prompts: Mapping[str, Prompt] = field(default_factory=dict)
+    stages: tuple[StageEndpoint, ...] = ()
+    stage_of: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,27 +188,32 @@ class _Collector:
 
 
 class _Opened:
-    """A job opened in this worker: its endpoint, its cache."""
+    """A job opened in this worker: its endpoints, its cache, its program."""
 
     def __init__(self, job: Job, slot: int, store: PostgresStore | None) -> None:
         for secret in job.secrets:
             register_secret(secret)
         self.job = job
+        self.slot = slot
         self.share = job.shares[slot % len(job.shares)]
-        # No call without a permit of the run's budget (leased a share at a time).
-        spend = (
-            SpendLease(job.ledger, job.job_id, want=self.share) if job.ledger is not None else None
-        )
-        self.leased = LeasedModel(
-            job.model, job.budget, name=job.name, max_wait=job.retry.max_retry_after, spend=spend
-        )
-        self.endpoint = Endpoint(
-            self.leased,
-            limits=Limits(concurrency=self.share),  # the rate is the budget actor's
-            retry=job.retry,
-            name=job.name,
-            namespace=job.namespace,
-        )
+        self.leased: list[LeasedModel] = []
+        self.program: ProgramSetup | None = None
+        if job.program is None:
+            self.endpoint = self._endpoint(
+                StageEndpoint(
+                    model=job.model,
+                    name=job.name,
+                    namespace=job.namespace,
+                    retry=job.retry,
+                    budget=job.budget,
+                    shares=job.shares,
+                )
+            )
+        else:
+            built = [self._endpoint(stage) for stage in job.stages]
+            endpoints = {name: built[job.stage_of[name]] for name in job.prompts}
+            self.program = program_setup(job.prompts, job.program, endpoints)
+            self.endpoint = self.program.first
         # Its calls hold their concurrency slot until their answer is committed: a
         # killed worker has cost at most its share in calls nobody can reuse.
         self.cache = (
@@ -193,6 +225,23 @@ class _Opened:
             job.metric, timeout=job.metric_timeout, threads=job.metric_threads
         )
 
+    def _endpoint(self, stage: StageEndpoint) -> Endpoint:
+        job, share = self.job, stage.shares[self.slot % len(stage.shares)]
+        # No call without a permit of the run's budget (leased a share at a time).
+        spend = SpendLease(job.ledger, job.job_id, want=share) if job.ledger is not None else None
+        leased = LeasedModel(
+            stage.model, stage.budget, name=stage.name,
+            max_wait=stage.retry.max_retry_after, spend=spend,
+        )  # fmt: skip
+        self.leased.append(leased)
+        return Endpoint(
+            leased,
+            limits=Limits(concurrency=share),  # the rate is the budget actor's
+            retry=stage.retry,
+            name=stage.name,
+            namespace=stage.namespace,
+        )
+
     def batch_cache(self, batch: Batch) -> tuple[Cache | None, _SeededStore | None]:
         if self.job.cache.mode == "shared":
             return self.cache, None
@@ -202,14 +251,17 @@ class _Opened:
         return None, None
 
     async def close(self) -> None:
-        await self.leased.release()
+        for leased in self.leased:
+            await leased.release()
         if self.cache is not None:
             flush = getattr(self.cache.store, "flush", None)
             if flush is not None:
                 await flush()  # the driver reads these rows next
-        closer = getattr(self.job.model, "aclose", None)
-        if closer is not None:
-            await closer()
+        models = [self.job.model, *(stage.model for stage in self.job.stages)]
+        for model in {id(m): m for m in models}.values():
+            closer = getattr(model, "aclose", None)
+            if closer is not None:
+                await closer()
 
 
 class ClusterWorker:
@@ -268,9 +320,10 @@ class ClusterWorker:
                 tg.start_soon(reporter.watch, tg.cancel_scope)
             try:
                 evaluation = await evaluate(
-                    job.prompt,
+                    job.prompts or job.prompt,
                     examples,
                     model=opened.endpoint,
+                    program=opened.program,
                     metric=job.metric,
                     cache=cache,
                     on_error=job.on_error,
@@ -293,15 +346,14 @@ class ClusterWorker:
                 tg.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        return self._result(
-            batch, len(examples), job.prompt.model, collector, meter, evaluation, seeded
-        )
+        models = {p.model for p in job.prompts.values()} if job.prompts else {job.prompt.model}
+        return self._result(batch, len(examples), models, collector, meter, evaluation, seeded)
 
     def _result(
         self,
         batch: Batch,
         examples: int,
-        model: str,
+        models: set[str],
         collector: _Collector,
         meter: BudgetMeter,
         evaluation: Evaluation | None,
@@ -309,8 +361,9 @@ class ClusterWorker:
     ) -> BatchResult:
         if evaluation is not None:
             calls, usage = evaluation.calls, evaluation.usage
-        else:  # cut by racing: what the prompt's own model was charged
-            calls, usage = meter.calls.get(model, 0), meter.usage.get(model, Usage())
+        else:  # cut by racing: what the prompts' own models were charged
+            calls = sum(meter.calls.get(model, 0) for model in models)
+            usage = sum((meter.usage.get(model, Usage()) for model in models), Usage())
         stopped = evaluation is None or (collector.reporter is not None and collector.reporter.stop)
         return BatchResult(
             seq=batch.seq,
@@ -330,12 +383,15 @@ class ClusterWorker:
     async def check(self, job_id: str, box: list[Any], batch: FileBatch) -> CheckResult:
         """Read and validate a file batch (no call is made): count, or first error."""
         opened = await self._open(job_id, box)
-        prompt = opened.job.prompt
+        prompt, program = opened.job.prompt, opened.program
         try:
             located = await batch.load_located()
             for where, example in located:
-                check_inputs(prompt, example, where)
+                if program is None:  # a program's prompts are rendered by its code
+                    check_inputs(prompt, example, where)
             if batch.seq == 0 and located and opened.job.check_metric:
+                if program is not None:
+                    await dry_run(program, located[0][1])
                 await check_metric(opened.runner, located[0][1])
         except EngineError as exc:
             return CheckResult(batch.seq, 0, exc)

@@ -965,15 +965,13 @@ def _program_of(
     run: tuple[TrainerSettings, str, EvaluationBackend | None],
 ) -> ProgramSetup | None:
     """A program's checked setup (None for one prompt); `ConfigError` for what a
-    program's run cannot do yet (a cluster, the Pareto pool)."""
-    settings, component, cluster = run
+    program's run cannot do yet (the Pareto pool)."""
+    settings, component, _cluster = run
     if program is None:
         if not isinstance(prompt, Prompt) or isinstance(model, Mapping):
             raise ConfigError("a mapping of prompts or models needs program= (the code)")
         return None
     check_component(component)
-    if cluster is not None:
-        raise ConfigError("programs do not run on a cluster yet; optimize them without cluster=")
     if settings.selection != "greedy" or settings.merge:
         raise ConfigError('a program is optimized with selection="greedy" (one prompt per step)')
     if isinstance(prompt, Prompt):
