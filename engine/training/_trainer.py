@@ -151,8 +151,10 @@ def _metric_source(metric: Metric) -> str:
         return inspect.getdoc(target) or repr(metric)
 
 
-# Bad requests from a stage that never worked, after which the run ends (StageError).
+# Bad requests from a stage that never worked, after which the run ends (StageError):
+# 404s (the endpoint has no such model or path), and other 400s (a request too long).
 _FATAL_REPEATS = 3
+_FATAL_REQUEST_REPEATS = 20
 
 
 class _Trainer:
@@ -327,14 +329,17 @@ class _Trainer:
         self.parts.events.emit("optimize.stage_error", level="warning", stage=stage, error=error)
 
     def check_stage(self, stage: str, exc: ProviderError) -> None:
-        """A bad request from a stage that never worked ends the run once it repeats
-        (`_FATAL_REPEATS` calls): a misspelled model fails every call alike, while one
-        example too long for a small model's context is one failed call among others.
-        A description is asked once, so its first bad request is final."""
+        """A bad request from a stage that never worked ends the run once it repeats:
+        a 404 (a misspelled model, a wrong path: every call fails alike) after
+        `_FATAL_REPEATS` calls; any other (a 400: one example too long for a small
+        model's context, as much the request's fault as the endpoint's) only after
+        `_FATAL_REQUEST_REPEATS`, when no call of the stage has worked at all.  A
+        description is asked once, so its first bad request is final."""
         if not isinstance(exc, BadRequestError) or stage in self.stage_worked:
             return
         self.stage_bad_requests[stage] = self.stage_bad_requests.get(stage, 0) + 1
-        if stage == "describe" or self.stage_bad_requests[stage] >= _FATAL_REPEATS:
+        limit = _FATAL_REPEATS if exc.status == 404 else _FATAL_REQUEST_REPEATS
+        if stage == "describe" or self.stage_bad_requests[stage] >= limit:
             raise self.fatal_stage(stage, exc)
 
     def fatal_stage(self, stage: str, exc: ProviderError) -> StageError:
