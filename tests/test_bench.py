@@ -255,7 +255,7 @@ def test_endpoint_announcing_nothing(tmp_path: Path) -> None:
     assert report["levels"][1]["requests_per_s"] > report["levels"][0]["requests_per_s"]
     toml = report["recommendation"]["toml"]
     assert "no limit was found up to concurrency 8" in toml and "rpm" not in toml.split("[")[-1]
-    assert "unknown" in done.stdout
+    assert "unknown" in done.stdout and "ITPM" not in done.stdout  # no split columns
     assert "no limit was found up to concurrency 8" in done.stdout
     html = (tmp_path / "bench.html").read_text()
     assert "<svg" in html and "<script" not in html
@@ -556,3 +556,44 @@ def _level(concurrency: int, rate: float, p50: float) -> LevelResult:
         max_s=p50, mean_s=p50, errors={}, error_examples={}, prompt_tokens_mean=None,
         completion_tokens_mean=None, cost_usd=None, cost_per_1000_usd=None,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "table"])
+def test_anthropic_input_and_output_token_limits_are_reported_apart(
+    tmp_path: Path, inline: bool
+) -> None:
+    """The same run file on the Anthropic adapter (the simulated Anthropic dialect over
+    HTTP): the ITPM and OTPM it announces are in the JSON and the table with the share
+    of each reached, and the recommendation carries both and, pasted as printed (inline
+    or a table, as the file has it), loads."""
+    config = ServerConfig(rpm=3000, input_tpm=150_000, output_tpm=32_000, latency_median=0.01)
+    with SimulatedServer(config) as provider:
+        limits = "{ concurrency = 4 }" if inline else ""
+        run = write_run(tmp_path, provider.root_url, rows=20, limits=limits)
+        run.write_text(run.read_text().replace("openai_chat:OpenAIChat", "anthropic:AnthropicChat"))
+        done, report = bench(run, "--concurrency", "2,4", "--requests", "20")
+    assert done.returncode == 0, done.stderr
+    for level in report["levels"]:
+        assert level["limit_requests_per_min"] == 3000
+        assert level["limit_input_tokens_per_min"] == 150_000
+        assert level["limit_output_tokens_per_min"] == 32_000
+        assert level["input_tokens_per_s"] > 0 and level["output_tokens_per_s"] > 0
+        assert level["fraction_of_input_token_limit"] == pytest.approx(
+            level["input_tokens_per_s"] * 60 / 150_000
+        )
+        assert level["fraction_of_output_token_limit"] == pytest.approx(
+            level["output_tokens_per_s"] * 60 / 32_000
+        )
+    head = done.stdout.splitlines()[1].split()
+    assert head[-8:] == ["ITPM", "limit", "of", "ITPM", "OTPM", "limit", "of", "OTPM"]
+    row = done.stdout.splitlines()[2].split()
+    assert row[-4] == "150000" and row[-2] == "32000"
+    assert "of the announced 150,000 input tokens/min" in done.stdout
+    rec = report["recommendation"]
+    assert (rec["rpm"], rec["input_tpm"], rec["output_tpm"]) == (3000, 150_000, 32_000)
+    assert ("limits = {" in done.stdout) == inline
+    assert ("[model.limits]" in done.stdout) == (not inline)
+    paste_recommendation(run, done.stdout)
+    assert load_run_file(run).model.limits == Limits(
+        rpm=3000, input_tpm=150_000, output_tpm=32_000, concurrency=report["best_concurrency"]
+    ), run.read_text()

@@ -227,6 +227,58 @@ def test_budget_pauses_everyone_and_learns_from_headers() -> None:
     assert grant.rate == pytest.approx(min(95.0, 950.0 / 100.0))  # tokens bind: 9.5 calls/s
 
 
+def test_budget_ignores_header_limits_that_are_no_rate() -> None:
+    """As in-process (`_plausible`): a negative or absurd announced limit is no rate;
+    it is ignored, said in the notices, and closes no gate."""
+    budget = RateBudget(Limits())
+    now = time.monotonic()
+    budget.observe(RateLimitSnapshot(limit_requests=-5, limit_tokens=10**13), now)
+    budget.observe(RateLimitSnapshot(limit_requests=0, remaining_requests=0), now)
+    budget.observe(RateLimitSnapshot(limit_requests=-5), now)  # said once
+    stats = budget.statistics()
+    assert stats["rpm"] is None and stats["tpm"] is None
+    assert len(stats["notices"]) == 3 and "limit-requests: -5" in stats["notices"][0]
+    assert budget.lease(Ask()).unlimited and budget.paused_until == 0.0
+
+
+def test_a_429_under_a_wrong_header_rate_sets_a_ceiling_headers_cannot_lift() -> None:
+    """A header far above what got through is proven wrong by a 429: the rate drops
+    below what got through and later headers cannot lift it; only time without a 429
+    raises it, a little, and never past what the headers announce."""
+    budget = RateBudget(Limits())
+    now = time.monotonic()
+    budget.observe(RateLimitSnapshot(limit_requests=600_000), now)  # 9500/s learned
+    for _ in range(40):
+        budget.granted.append((now, 1))  # 40 calls in the last 2 s: 20/s got through
+    budget.rate_limited(1.0)
+    lowered = budget.statistics()["rpm"]
+    assert lowered == pytest.approx(0.7 * 20 * 60) and lowered < 20 * 60
+    budget.paused_until = 0.0
+    budget.lease(Ask(snapshot=RateLimitSnapshot(limit_requests=600_000)))
+    assert budget.statistics()["rpm"] == pytest.approx(lowered)  # the header stays ignored
+    budget.rate_limited(1.0)  # still too high: a gentler step
+    assert budget.statistics()["rpm"] == pytest.approx(lowered * 0.85)
+    budget.ceiling_since -= 6.0  # a while without a 429: probe a little higher
+    budget.paused_until = 0.0
+    budget.lease(Ask())
+    assert budget.statistics()["rpm"] == pytest.approx(lowered * 0.85 * 1.1)
+    budget.observe(RateLimitSnapshot(limit_requests=60), time.monotonic())  # a lower header
+    assert budget.statistics()["rpm"] == pytest.approx(57)
+
+
+def test_a_429_near_the_header_rate_keeps_it() -> None:
+    """A 429 with the learned rate near what got through is a drained bucket, not a
+    wrong header: the pause gate answers it and the rate stays."""
+    budget = RateBudget(Limits())
+    now = time.monotonic()
+    budget.observe(RateLimitSnapshot(limit_requests=1200), now)  # 19/s
+    for _ in range(40):
+        budget.granted.append((now, 1))  # 20/s
+    budget.rate_limited(1.0)
+    assert budget.statistics()["rpm"] == pytest.approx(1140)
+    assert budget.statistics()["ceiling_rpm"] is None
+
+
 def test_budget_paces_after_429s_when_no_rate_is_known() -> None:
     """AIMD as in-process: 0.7 of the recent rate after a 429, then a little more."""
     budget = RateBudget(Limits())

@@ -128,6 +128,8 @@ def _fractions(level: LevelResult) -> str:
         for fraction, unit in (
             (level.fraction_of_request_limit, "req"),
             (level.fraction_of_token_limit, "tok"),
+            (level.fraction_of_input_token_limit, "input tok"),
+            (level.fraction_of_output_token_limit, "output tok"),
         )
         if fraction is not None
     ]

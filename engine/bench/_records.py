@@ -30,13 +30,19 @@ class Projection:
 
 @dataclass(frozen=True, slots=True)
 class Recommendation:
-    """The ``[model.limits]`` to put in the run file, with the reasons."""
+    """The ``[model.limits]`` to put in the run file, with the reasons.
+
+    ``input_tpm`` / ``output_tpm`` are for a provider that limits input and output
+    tokens apart (Anthropic's ITPM and OTPM).
+    """
 
     concurrency: int | None
     rpm: float | None
     tpm: float | None
     limit_found: bool
     notes: tuple[str, ...]
+    input_tpm: float | None = None
+    output_tpm: float | None = None
 
     def to_toml(self, style: str = "table", *, burst: float | None = None) -> str:
         """TOML lines to paste into the run file (the notes as comments).
@@ -51,7 +57,13 @@ class Recommendation:
         lines = [f"# {note}" for note in self.notes]
         if self.concurrency is None:
             return "\n".join(lines)
-        given = (("concurrency", self.concurrency), ("rpm", self.rpm), ("tpm", self.tpm))
+        given = (
+            ("concurrency", self.concurrency),
+            ("rpm", self.rpm),
+            ("tpm", self.tpm),
+            ("input_tpm", self.input_tpm),
+            ("output_tpm", self.output_tpm),
+        )
         keys = [f"{key} = {_toml_number(v)}" for key, v in (*given, ("burst", burst)) if v]
         if style == "inline":
             lines.append(f"limits = {{ {', '.join(keys)} }}")

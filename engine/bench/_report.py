@@ -115,16 +115,21 @@ def recommend(levels: Sequence[LevelResult], configured: Limits | None = None) -
             "grows with concurrency at flat throughput (requests wait in its queue); "
             f"concurrency {width}"
         ]
-    rpm = next(
-        (lv.limit_requests_per_min for lv in reversed(levels) if lv.limit_requests_per_min), None
-    )
-    tpm = next(
-        (lv.limit_tokens_per_min for lv in reversed(levels) if lv.limit_tokens_per_min), None
-    )
-    if rpm is not None or tpm is not None:
-        notes.append("rates: the limits the endpoint announces (x-ratelimit-limit-*)")
-        notes += _binding_notes(best, rpm, tpm) + _configured_notes(configured, rpm, tpm)
-        return Recommendation(best.concurrency, rpm, tpm, True, tuple(notes))
+    announced = _last_announced(levels)
+    if any(announced.values()):
+        rpm, tpm = announced["rpm"], announced["tpm"]
+        notes.append("rates: the limits the endpoint announces (its rate-limit headers)")
+        notes += _binding_notes(best, rpm, tpm) + _split_binding_notes(best, announced)
+        notes += _configured_notes(configured, announced)
+        return Recommendation(
+            best.concurrency,
+            rpm,
+            tpm,
+            True,
+            tuple(notes),
+            input_tpm=announced["input_tpm"],
+            output_tpm=announced["output_tpm"],
+        )
     if any(lv.share_429 > 0 for lv in levels):
         sustained = math.floor(top_rate * 60 * _NEAR_BEST)
         notes.append(
@@ -149,7 +154,15 @@ def _no_limit_found(
         notes.append(f"the rate was still rising at concurrency {top}: try higher levels")
     if configured is not None and (configured.rpm or configured.tpm):
         notes += _held_back(best, configured)
-        return Recommendation(best.concurrency, configured.rpm, configured.tpm, False, tuple(notes))
+        return Recommendation(
+            best.concurrency,
+            configured.rpm,
+            configured.tpm,
+            False,
+            tuple(notes),
+            input_tpm=configured.input_tpm,
+            output_tpm=configured.output_tpm,
+        )
     return Recommendation(best.concurrency, None, None, False, tuple(notes))
 
 
@@ -171,6 +184,40 @@ def _held_back(best: LevelResult, configured: Limits) -> list[str]:
     ]
 
 
+def _last_announced(levels: Sequence[LevelResult]) -> dict[str, int | None]:
+    """The last limits any level saw announced, by the run file's key for each."""
+    fields = {
+        "rpm": "limit_requests_per_min",
+        "tpm": "limit_tokens_per_min",
+        "input_tpm": "limit_input_tokens_per_min",
+        "output_tpm": "limit_output_tokens_per_min",
+    }
+    return {
+        key: next((getattr(lv, name) for lv in reversed(levels) if getattr(lv, name)), None)
+        for key, name in fields.items()
+    }
+
+
+def _split_binding_notes(best: LevelResult, announced: dict[str, int | None]) -> list[str]:
+    """What the input and output token limits (ITPM, OTPM) allow at this request size.
+
+    The engine reserves a request's ``max_tokens`` of the output limit until the
+    answer's usage settles it, so the output limit may bind earlier than it says.
+    """
+    notes = []
+    for key, mean, unit in (
+        ("input_tpm", best.prompt_tokens_mean, "input"),
+        ("output_tpm", best.completion_tokens_mean, "output"),
+    ):
+        limit = announced[key]
+        if limit and mean:
+            notes.append(
+                f"{key} {limit:,} {unit} tokens/min at {mean:,.0f} per request allow "
+                f"{limit / mean:,.0f} requests/min"
+            )
+    return notes
+
+
 def _binding_notes(best: LevelResult, rpm: int | None, tpm: int | None) -> list[str]:
     """Which announced limit a run of this request size meets first."""
     per_request = (best.prompt_tokens_mean or 0.0) + (best.completion_tokens_mean or 0.0)
@@ -185,11 +232,15 @@ def _binding_notes(best: LevelResult, rpm: int | None, tpm: int | None) -> list[
     ]
 
 
-def _configured_notes(configured: Limits | None, rpm: int | None, tpm: int | None) -> list[str]:
-    if configured is None or (configured.rpm is None and configured.tpm is None):
+def _configured_notes(configured: Limits | None, announced: dict[str, int | None]) -> list[str]:
+    mine_by_key = {
+        key: getattr(configured, key) if configured is not None else None for key in announced
+    }
+    if not any(v is not None for v in mine_by_key.values()):
         return ["set in the run file these hold as given (learned, the engine keeps a margin)"]
     notes = []
-    for name, mine, theirs in (("rpm", configured.rpm, rpm), ("tpm", configured.tpm, tpm)):
+    for name, mine in mine_by_key.items():
+        theirs = announced[name]
         if mine is not None and theirs is not None and mine < theirs:
             notes.append(
                 f"the run file's {name} = {mine:g} held the sweep below the {theirs}/min allowed"
@@ -227,9 +278,13 @@ def format_table(report: BenchReport) -> str:
         f"{'TPM limit':>9} {'of TPM':>6} {'429s':>6} {'retry-after':>11} {'p50 s':>6} "
         f"{'p95 s':>6} {'p99 s':>6} {'max s':>6} {'errors':>6} {'$/1k ex':>8}"
     )
+    split = _has_split_limits(report.levels)
+    if split:
+        head += f" {'ITPM limit':>10} {'of ITPM':>7} {'OTPM limit':>10} {'of OTPM':>7}"
     lines = [f"endpoint {report.endpoint}, model {report.model}", head]
     for lv in report.levels:
         errors = sum(n for name, n in lv.errors.items() if name != "RateLimitedError")
+        extra = _split_cells(lv) if split else ""
         lines.append(
             f"{lv.concurrency:>5} {lv.requests:>8} {_cell(lv.requests_per_s, '7.1f'):>7} "
             f"{_cell(lv.tokens_per_s, '8.0f'):>8} "
@@ -239,10 +294,29 @@ def format_table(report: BenchReport) -> str:
             f"{_cell(lv.fraction_of_token_limit, '6.2f'):>6} {lv.share_429:>6.1%} "
             f"{_cell(lv.retry_after_max_s, '.1f'):>11} {_cell(lv.p50_s, '6.3f'):>6} "
             f"{_cell(lv.p95_s, '6.3f'):>6} {_cell(lv.p99_s, '6.3f'):>6} "
-            f"{_cell(lv.max_s, '6.3f'):>6} {errors:>6} {_cell(lv.cost_per_1000_usd, '8.4f'):>8}"
+            f"{_cell(lv.max_s, '6.3f'):>6} {errors:>6} "
+            f"{_cell(lv.cost_per_1000_usd, '8.4f'):>8}{extra}"
         )
     lines += _summary_lines(report)
     return "\n".join(lines)
+
+
+def _has_split_limits(levels: Sequence[LevelResult]) -> bool:
+    """Whether any level saw input and output token limits announced apart."""
+    return any(
+        lv.limit_input_tokens_per_min is not None or lv.limit_output_tokens_per_min is not None
+        for lv in levels
+    )
+
+
+def _split_cells(lv: LevelResult) -> str:
+    """The input and output token limits' columns of one level (ITPM, OTPM)."""
+    return (
+        f" {_cell(lv.limit_input_tokens_per_min, 'd', 'unknown'):>10} "
+        f"{_cell(lv.fraction_of_input_token_limit, '7.2f'):>7} "
+        f"{_cell(lv.limit_output_tokens_per_min, 'd', 'unknown'):>10} "
+        f"{_cell(lv.fraction_of_output_token_limit, '7.2f'):>7}"
+    )
 
 
 def _summary_lines(report: BenchReport) -> list[str]:
@@ -269,6 +343,16 @@ def _summary_lines(report: BenchReport) -> list[str]:
             for fraction, limit, unit in (
                 (best.fraction_of_request_limit, best.limit_requests_per_min, "requests"),
                 (best.fraction_of_token_limit, best.limit_tokens_per_min, "tokens"),
+                (
+                    best.fraction_of_input_token_limit,
+                    best.limit_input_tokens_per_min,
+                    "input tokens",
+                ),
+                (
+                    best.fraction_of_output_token_limit,
+                    best.limit_output_tokens_per_min,
+                    "output tokens",
+                ),
             )
             if fraction is not None and limit is not None
         ]

@@ -83,7 +83,10 @@ class LevelResult:
     ``failed`` gave up after their retries.  ``errors`` counts failed attempts by the
     engine's error class (429s included, as ``RateLimitedError``); ``error_examples``
     holds the last message of each class.  Limits are what
-    the endpoint announced (``x-ratelimit-limit-*``), ``None`` when it announced none.
+    the endpoint announced (``x-ratelimit-limit-*``), ``None`` when it announced none;
+    ``limit_input_tokens_per_min`` / ``limit_output_tokens_per_min`` are the input and
+    output token limits of a provider that limits them apart (Anthropic's ITPM and
+    OTPM), reached at ``input_tokens_per_s`` / ``output_tokens_per_s`` (from usage).
     The rates are over ``steady_requests`` answers started within ``steady_s`` seconds
     (`steady_window`).  ``samples`` are ``(seconds since start, latency, error)`` per
     attempt, for plots.
@@ -118,6 +121,12 @@ class LevelResult:
     cost_usd: float | None
     cost_per_1000_usd: float | None
     stopped: str | None = None
+    input_tokens_per_s: float | None = None
+    output_tokens_per_s: float | None = None
+    limit_input_tokens_per_min: int | None = None
+    limit_output_tokens_per_min: int | None = None
+    fraction_of_input_token_limit: float | None = None
+    fraction_of_output_token_limit: float | None = None
     timeline: tuple[TimelineBucket, ...] = ()
     samples: tuple[tuple[float, float, str | None], ...] = field(default=(), repr=False)
 
@@ -156,14 +165,27 @@ def _timeline(attempts: Sequence[Attempt], started: float) -> tuple[TimelineBuck
     return tuple(out)
 
 
-def _announced(attempts: Sequence[Attempt]) -> tuple[int | None, int | None]:
-    """The last request and token limits the endpoint announced in the level."""
-    rpm = tpm = None
+@dataclass(frozen=True, slots=True)
+class _Announced:
+    """The last limits the endpoint announced in a level (per minute)."""
+
+    requests: int | None = None
+    tokens: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+def _announced(attempts: Sequence[Attempt]) -> _Announced:
+    """The last request and token limits the endpoint announced in the level: a
+    header missing from one response does not erase what an earlier one said."""
+    rpm = tpm = itpm = otpm = None
     for a in attempts:
         if a.rate_limits is not None:
             rpm = a.rate_limits.limit_requests or rpm
             tpm = a.rate_limits.limit_tokens or tpm
-    return rpm, tpm
+            itpm = a.rate_limits.limit_input_tokens or itpm
+            otpm = a.rate_limits.limit_output_tokens or otpm
+    return _Announced(rpm, tpm, itpm, otpm)
 
 
 def _fraction(per_second: float | None, per_minute_limit: int | None) -> float | None:
@@ -176,6 +198,8 @@ def _fraction(per_second: float | None, per_minute_limit: int | None) -> float |
 class _Rates:
     requests_per_s: float | None = None
     tokens_per_s: float | None = None
+    input_tokens_per_s: float | None = None
+    output_tokens_per_s: float | None = None
     count: int = 0  # answers the rates are over
     seconds: float = 0.0  # the window they are over
 
@@ -191,8 +215,16 @@ def _rates(answers: Sequence[Attempt], started: float) -> _Rates:
         low, high, chosen = started, max(a.end for a in answers), list(answers)
     if high <= low:
         return _Rates()
-    tokens = sum(a.usage.total_tokens for a in chosen if a.usage is not None)
-    return _Rates(len(chosen) / (high - low), tokens / (high - low), len(chosen), high - low)
+    usages = [a.usage for a in chosen if a.usage is not None]
+    span = high - low
+    return _Rates(
+        requests_per_s=len(chosen) / span,
+        tokens_per_s=sum(u.total_tokens for u in usages) / span,
+        input_tokens_per_s=sum(u.prompt_tokens for u in usages) / span,
+        output_tokens_per_s=sum(u.completion_tokens for u in usages) / span,
+        count=len(chosen),
+        seconds=span,
+    )
 
 
 def _cost(answers: Sequence[Attempt], price: Price | None) -> tuple[float | None, float | None]:
@@ -223,7 +255,7 @@ def summarize_level(
     answers = [a for a in attempts if a.ok]
     latencies = [a.latency for a in answers]
     rates = _rates(answers, started)
-    rpm, tpm = _announced(attempts)
+    limits = _announced(attempts)
     limited = [a for a in attempts if a.error == "RateLimitedError"]
     waits = [a.retry_after for a in limited if a.retry_after is not None]
     cost, per_1000 = _cost(answers, price)
@@ -239,10 +271,10 @@ def summarize_level(
         tokens_per_s=rates.tokens_per_s,
         steady_requests=rates.count,
         steady_s=rates.seconds,
-        limit_requests_per_min=rpm,
-        limit_tokens_per_min=tpm,
-        fraction_of_request_limit=_fraction(rates.requests_per_s, rpm),
-        fraction_of_token_limit=_fraction(rates.tokens_per_s, tpm),
+        limit_requests_per_min=limits.requests,
+        limit_tokens_per_min=limits.tokens,
+        fraction_of_request_limit=_fraction(rates.requests_per_s, limits.requests),
+        fraction_of_token_limit=_fraction(rates.tokens_per_s, limits.tokens),
         share_429=len(limited) / len(attempts) if attempts else 0.0,
         retry_after_max_s=max(waits) if waits else None,
         retry_after_seen=len(waits),
@@ -258,6 +290,12 @@ def summarize_level(
         cost_usd=cost,
         cost_per_1000_usd=per_1000,
         stopped=stopped,
+        input_tokens_per_s=rates.input_tokens_per_s,
+        output_tokens_per_s=rates.output_tokens_per_s,
+        limit_input_tokens_per_min=limits.input_tokens,
+        limit_output_tokens_per_min=limits.output_tokens,
+        fraction_of_input_token_limit=_fraction(rates.input_tokens_per_s, limits.input_tokens),
+        fraction_of_output_token_limit=_fraction(rates.output_tokens_per_s, limits.output_tokens),
         timeline=_timeline(attempts, started),
         samples=tuple((a.start - started, a.latency, a.error) for a in attempts),
     )

@@ -18,6 +18,12 @@ force); without one, the gate closes for an exponential backoff.  While no rate 
 known at all (none configured, no headers), a 429 starts pacing at 0.7 of the rate
 achieved lately, raised a little on every lease (additive increase, multiplicative
 decrease), as `engine.RateLimiter` does in-process.
+
+Headers are held to the in-process limiter's rules too: a limit that is no rate at all
+(zero, negative, past any real provider's) is ignored and said in ``notices``; a 429
+under a header-learned request rate far above what was granted lately proves the
+header wrong: the rate drops below that and stays under the ceiling whatever later
+headers say (a little higher every `_PROBE_AFTER` seconds without a 429).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._types import RateLimitSnapshot
-from ..endpoint import Limits
+from ..endpoint import Limits, _plausible
 
 __all__ = ["FREE_RECHECK", "LEASE_LIFE", "LEASE_SECONDS", "Ask", "Grant", "RateBudget"]
 
@@ -38,6 +44,17 @@ LEASE_LIFE = 1.0  # seconds an unused permit may be held before it goes back
 FREE_RECHECK = 0.25  # with no rate in force, how often a worker asks (pauses, learned limits)
 _LEARNED_MARGIN = 0.95  # as in engine.RateLimiter: a little under the announced limit
 _DEFAULT_COMPLETION_TOKENS = 256
+# As in engine.RateLimiter: a 429 under a header-learned rate more than _PLAUSIBLE times
+# what got through sets a ceiling at _BACK_OFF of that; a 429 under the ceiling lowers
+# it by _STEP_DOWN; _PROBE_AFTER seconds without a 429 raise it by _PROBE_STEP; never
+# under _FLOOR_RPM.
+_PLAUSIBLE = 3.0
+_BACK_OFF = 0.7
+_STEP_DOWN = 0.85
+_PROBE_AFTER = 5.0
+_PROBE_STEP = 1.1
+_FLOOR_RPM = 6.0
+_ACHIEVED_WINDOW = 2.0  # seconds of grants that measure the rate that got through
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +141,10 @@ class RateBudget:
         self.consecutive_429 = 0
         self.last_429 = -math.inf
         self.granted: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, requests)
+        self.ceiling: float | None = None  # requests/s a 429 proved the headers wrong at
+        self.ceiling_since = -math.inf
+        self.announced_rate: float | None = None  # requests/s the headers allow, less margin
+        self.notices: deque[str] = deque(maxlen=16)  # headers ignored, for a person
         self.counts = {"leases": 0, "requests": 0, "returned": 0, "rate_limited": 0, "pauses": 0}
 
     def _set_requests(self, rate: float, now: float) -> None:
@@ -144,6 +165,7 @@ class RateBudget:
             self.granted.append((now, ask.sent_freely))
         if ask.snapshot is not None:
             self.observe(ask.snapshot, now)
+        self._probe(now)
         paused = max(0.0, self.paused_until - now)
         rate = self._permit_rate(ask.tokens_each)
         if paused > 0:
@@ -215,6 +237,8 @@ class RateBudget:
         self.last_429 = now
         if self.limits.rpm is None and (self.requests is None or self.paced):
             self._back_off(now)
+        elif self.limits.rpm is None:
+            self._lower_learned(now)
         if retry_after is not None:
             seconds = retry_after
         else:  # no Retry-After: back off the whole endpoint, exponentially in a row
@@ -227,20 +251,59 @@ class RateBudget:
             self.paused_until = now + seconds
             self.counts["pauses"] += 1
 
+    def _lower_learned(self, now: float) -> None:
+        """A 429 under a header-learned request rate: if the header is far above what
+        got through (or a ceiling is still too high), drop under it and keep a ceiling
+        that headers cannot lift.  Otherwise the pause gate answers the 429."""
+        if self.requests is None:
+            return
+        # what was granted lately stands for what got through (workers report no answers)
+        recent = sum(n for t, n in self.granted if now - t <= _ACHIEVED_WINDOW)
+        achieved = recent / _ACHIEVED_WINDOW
+        if achieved <= 0:
+            return  # nothing got through lately: no measure to fall back to
+        if self.ceiling is not None:  # still too high: a gentler step than the first
+            self.ceiling = max(_FLOOR_RPM / 60.0, self.requests.rate * _STEP_DOWN)
+        elif self.requests.rate > _PLAUSIBLE * achieved:
+            self.ceiling = max(_FLOOR_RPM / 60.0, achieved * _BACK_OFF)
+        else:
+            return
+        self.ceiling_since = now
+        self._set_requests(self.ceiling, now)
+
+    def _probe(self, now: float) -> None:
+        """Under a ceiling, a while without a 429 raises it a little (headers never do)."""
+        if self.ceiling is None or now - self.ceiling_since < _PROBE_AFTER:
+            return
+        self.ceiling *= _PROBE_STEP
+        self.ceiling_since = now
+        # never past what the headers announce (the ceiling only ever holds a rate down)
+        target = min(self.ceiling, self.announced_rate or math.inf)
+        if self.requests is not None and abs(self.requests.rate - target) > 1e-9:
+            self._set_requests(target, now)
+
     def observe(self, snapshot: RateLimitSnapshot, now: float) -> None:
-        """Learn from rate-limit headers, as `engine.RateLimiter.observe` does."""
-        if self.limits.rpm is None and snapshot.limit_requests:
-            target = snapshot.limit_requests * _LEARNED_MARGIN / 60.0
+        """Learn from rate-limit headers, as `engine.RateLimiter.observe` does: a limit
+        that is no rate is ignored (kept in ``notices``), and a ceiling a 429 set holds."""
+        found: list[tuple[str, str]] = []
+        limit_requests = _plausible("limit-requests", snapshot.limit_requests, found)
+        limit_tokens = _plausible("limit-tokens", snapshot.limit_tokens, found)
+        # every response carries the same headers: each notice once
+        self.notices.extend(text for _, text in found if text not in self.notices)
+        if self.limits.rpm is None and limit_requests:
+            target = self.announced_rate = limit_requests * _LEARNED_MARGIN / 60.0
+            if self.ceiling is not None:  # a 429 said the announced figure is wrong
+                target = min(target, self.ceiling)
             if self.requests is None or self.paced or abs(self.requests.rate - target) > 1e-9:
                 self._set_requests(target, now)
                 self.paced = False  # a known rate replaces the guesswork
-        if self.limits.tpm is None and snapshot.limit_tokens:
-            target = snapshot.limit_tokens * _LEARNED_MARGIN / 60.0
+        if self.limits.tpm is None and limit_tokens:
+            target = limit_tokens * _LEARNED_MARGIN / 60.0
             if self.tokens is None or abs(self.tokens.rate - target) > 1e-9:
                 self._set_tokens(target, now)
         if snapshot.remaining_requests == 0:
-            if snapshot.limit_requests:
-                self._pause(now, 60.0 / snapshot.limit_requests)
+            if limit_requests:
+                self._pause(now, 60.0 / limit_requests)
             elif snapshot.reset_requests:
                 self._pause(now, min(snapshot.reset_requests, 1.0))
 
@@ -267,5 +330,7 @@ class RateBudget:
             "rpm": self.requests.rate * 60.0 if self.requests is not None else None,
             "tpm": self.tokens.rate * 60.0 if self.tokens is not None else None,
             "paced": self.paced,
+            "ceiling_rpm": self.ceiling * 60.0 if self.ceiling is not None else None,
+            "notices": list(self.notices),
             "paused_for": max(0.0, self.paused_until - time.monotonic()),
         }

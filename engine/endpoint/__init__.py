@@ -1,7 +1,7 @@
 """The call path to one provider endpoint: limits, retries, circuit breaker, tokens."""
 
 from ._endpoint import _SHARED_ATTRIBUTE, Endpoint, EndpointStatistics, estimate_request_tokens
-from ._limits import Limits
+from ._limits import Limits, _plausible
 from ._retry import RetryPolicy
 from ._tokens import estimate_text_tokens
 
@@ -11,6 +11,7 @@ __all__ = [
     "EndpointStatistics",
     "Limits",
     "RetryPolicy",
+    "_plausible",
     "estimate_request_tokens",
     "estimate_text_tokens",
 ]
