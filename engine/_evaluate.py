@@ -494,7 +494,8 @@ async def evaluate(
         model: a `ChatModel` (its shared `Endpoint` is used, see `Endpoint.of`), or an
             `Endpoint`.
         metric: ``(example, prediction) -> MetricResult | float``, sync or async.
-            Synchronous metrics run in worker threads unless they set ``inline = True``.
+            A synchronous metric runs on the loop until a call takes over 1 ms, then
+            in worker threads (``inline = True/False`` on the metric decides instead).
         cache: a `Cache`; ``None`` disables caching.
         limits: limits for a bare ``model`` (an `Endpoint` carries its own).
         on_error: ``"record"`` keeps failed examples as error outcomes (left out of
