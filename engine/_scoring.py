@@ -113,7 +113,16 @@ class MetricRunner:
         threads: worker threads for a synchronous metric that is not ``inline``.
     """
 
-    __slots__ = ("adaptive", "announced", "inline", "is_async", "metric", "threads", "timeout")
+    __slots__ = (
+        "adaptive",
+        "announced",
+        "inline",
+        "is_async",
+        "metric",
+        "suspends",
+        "threads",
+        "timeout",
+    )
 
     def __init__(self, metric: Metric, *, timeout: float | None = 60.0, threads: int = 16) -> None:
         if timeout is not None and not timeout > 0:
@@ -128,13 +137,19 @@ class MetricRunner:
         self.adaptive = not self.is_async and not isinstance(asked, bool)
         self.inline = not self.is_async and asked is not False
         self.announced = False
+        # an async metric: None until a call is seen, then whether any call suspended
+        self.suspends: bool | None = None
         threaded = not self.is_async and asked is not True
         self.threads = anyio.CapacityLimiter(threads) if threaded else None
 
     @property
     def waits(self) -> bool:
         """Whether a call may wait (async or threaded) rather than return at once, as
-        the run starts: an adaptive metric starts inline."""
+        the run starts: an adaptive metric starts inline, and an async metric whose
+        calls so far (the check before the first call) answered without suspending is
+        taken at its word."""
+        if self.is_async:
+            return self.suspends is not False
         return not self.inline
 
     async def __call__(self, example: Example, prediction: str) -> MetricResult:
@@ -197,7 +212,10 @@ class MetricRunner:
                 yielded = value.send(None)  # most metrics answer without suspending
             except StopIteration as done:
                 value = done.value
+                if self.suspends is None:
+                    self.suspends = False
             else:
+                self.suspends = True
                 with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
                     value = await _resume(value, yielded)
                 self._check_late(example, started, scope)

@@ -305,6 +305,21 @@ async def test_an_async_metric_that_suspends_keeps_its_values_errors_and_deadlin
     assert all(d < math.inf for d in deadlines)  # the metric timeout holds while it waits
 
 
+@pytest.mark.looptime
+async def test_an_async_metric_fast_in_the_check_but_hanging_later_still_times_out() -> None:
+    async def fickle(example: Example, prediction: str) -> float:
+        if example.id != "e0":
+            await anyio.sleep_forever()
+        return 1.0
+
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=echo_model(), metric=fickle, metric_timeout=20
+    )
+    assert 20 <= _loop_now() - started < 21
+    assert (result.scored, result.errors) == (1, 3)
+
+
 # -- secrets redacted by value -------------------------------------------------------
 
 
