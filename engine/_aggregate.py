@@ -145,6 +145,7 @@ def evaluation_summary(evaluation: Evaluation) -> dict[str, Any]:
         "calls": evaluation.calls,
         "cache_hits": evaluation.cache_hits,
         "retries": evaluation.retries,
+        "hedges": evaluation.hedges,
         "tokens": evaluation.usage.total_tokens,
         "wall_time": round(evaluation.wall_time, 3),
         "stopped_early": evaluation.stopped_early,

@@ -218,7 +218,7 @@ class _EvaluationRun:
                 tally.paid(exc.attempts)
                 raise
             completion = result.completion
-            tally.paid(result.attempts, completion.usage)
+            tally.paid(result.attempts, completion.usage, result.hedges)
             sent = completion.sent_response_format
             answered = self._request(dict(sent)) if sent is not None else None
             return CachedPrediction(completion.text, completion.usage, answered)

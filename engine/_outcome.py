@@ -106,6 +106,7 @@ class Evaluation:
     must_beat: float | None = None
     outcomes: tuple[Outcome, ...] = field(default=(), repr=False)
     conservative_score: float = float("nan")
+    hedges: int = 0  # duplicate requests sent by hedging (counted in ``calls``)
 
     @property
     def lost(self) -> int:
@@ -120,6 +121,8 @@ class Evaluation:
     def to_dict(self, *, outcomes: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {name: getattr(self, name) for name in _SUMMARY_FIELDS}
         data["usage"] = [self.usage.prompt_tokens, self.usage.completion_tokens]
+        if self.hedges:  # only where hedging was on: the rows of everyone else unchanged
+            data["hedges"] = self.hedges
         if outcomes:
             data["outcomes"] = [o.to_dict() for o in self.outcomes]
         return data

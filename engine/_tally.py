@@ -27,6 +27,7 @@ class Tally:
         "calls",
         "completed",
         "errors",
+        "hedges",
         "must_beat",
         "retries",
         "scored",
@@ -47,6 +48,7 @@ class Tally:
         self.calls = 0  # provider attempts paid for, retries included
         self.cache_hits = 0
         self.retries = 0
+        self.hedges = 0  # duplicate attempts sent by hedging (in ``calls``, not retries)
         self.usage = Usage()
         self.stopped_early = False
         self.upper_bound: Fraction | None = None  # set when racing cut the evaluation
@@ -70,10 +72,12 @@ class Tally:
         """The exact sum of the scores so far (independent of completion order)."""
         return self._fractional + self._ones
 
-    def paid(self, attempts: int, usage: Usage | None = None) -> None:
-        """Count ``attempts`` provider calls for one prediction (and the tokens paid)."""
+    def paid(self, attempts: int, usage: Usage | None = None, hedges: int = 0) -> None:
+        """Count ``attempts`` provider calls for one prediction (and the tokens paid),
+        ``hedges`` of them duplicates sent by hedging."""
         self.calls += attempts
-        self.retries += attempts - 1
+        self.retries += attempts - 1 - hedges
+        self.hedges += hedges
         if usage is not None:
             self.usage = self.usage + usage
 
@@ -106,6 +110,7 @@ class Tally:
             "calls": self.calls,
             "cache_hits": self.cache_hits,
             "retries": self.retries,
+            "hedges": self.hedges,
             "usage": self.usage,
         }
 

@@ -44,6 +44,7 @@ from .._types import Completion, Usage
 from ..cache import request_hash
 from ..tracing import attempt_span, instrumented
 from ._breaker import CircuitBreaker
+from ._hedge import Hedger
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
 from ._tokens import estimate_request_tokens
@@ -61,10 +62,12 @@ _SHARED_ATTRIBUTE = "_engine_endpoint"
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """A completion and what it took: attempts made and tokens paid across them."""
+    """A completion and what it took: attempts made (hedges included) and tokens paid
+    across them, and how many of the attempts were hedges."""
 
     completion: Completion
     attempts: int
+    hedges: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,8 @@ class EndpointStatistics:
     limiter: LimiterStatistics
     breaker_open: bool = False
     connection_failures: int = 0  # in a row, since the last success
+    hedges: int = 0  # duplicate attempts sent (``RetryPolicy.hedge_after``)
+    hedges_won: int = 0  # duplicates that answered before the attempt they doubled
 
 
 class _Counters:
@@ -96,7 +101,7 @@ class _Counters:
 class _Attempts:
     """One call's progress through its attempts: count, deadline, who to tell."""
 
-    __slots__ = ("count", "estimate", "events", "give_up_at", "meter", "model_name")
+    __slots__ = ("count", "estimate", "events", "give_up_at", "hedges", "meter", "model_name")
 
     def __init__(
         self,
@@ -106,6 +111,7 @@ class _Attempts:
         events: Emitter | None,
     ) -> None:
         self.count = 0
+        self.hedges = 0  # duplicate attempts sent, beside the ``count`` retried ones
         self.estimate = 0  # tokens charged up front for the current attempt
         self.give_up_at = give_up_at  # clock time past which nothing may wait
         self.model_name = model_name
@@ -159,6 +165,8 @@ class Endpoint:
         self._clock = clock or loop_time
         self.limiter = RateLimiter(self.limits, clock=self._clock)
         self.breaker = CircuitBreaker(self.retry.circuit_breaker, clock=self._clock)
+        after = self.retry.hedge_after
+        self.hedger = Hedger(after, self._clock) if after is not None else None
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
@@ -230,13 +238,13 @@ class Endpoint:
         while True:
             call.count += 1
             try:
-                completion = await self._attempt_under_limits(messages, params, call)
+                completion = await self._attempt_hedged(messages, params, call)
             except ProviderError as exc:
                 if not exc.sent:  # the gate refused to wait: nothing to count or retry
-                    exc.attempts = call.count - 1
+                    exc.attempts = call.count - 1 + call.hedges
                     self._counters.failed += 1
                     raise
-                exc.attempts = call.count
+                exc.attempts = call.count + call.hedges
                 self._on_failure(exc, call)
                 await self._before_retry(exc, call)
                 continue
@@ -244,7 +252,19 @@ class Endpoint:
             if call.estimate:
                 actual = completion.usage.total_tokens
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
-            return CallResult(completion, call.count)
+            return CallResult(completion, call.count + call.hedges, call.hedges)
+
+    async def _attempt_hedged(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
+    ) -> Completion:
+        """One attempt, with its duplicate when hedging is on and it runs late."""
+        if self.hedger is None:
+            return await self._attempt_under_limits(messages, params, call)
+        completion, hedges = await self.hedger.attempt(
+            lambda: self._attempt_under_limits(messages, params, call)
+        )
+        call.hedges += hedges
+        return completion
 
     async def _attempt_under_limits(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
@@ -433,6 +453,8 @@ class Endpoint:
             limiter=self.limiter.statistics(),
             breaker_open=self.breaker.is_open,
             connection_failures=self.breaker.consecutive_failures,
+            hedges=self.hedger.sent if self.hedger is not None else 0,
+            hedges_won=self.hedger.won if self.hedger is not None else 0,
         )
 
     def __repr__(self) -> str:
