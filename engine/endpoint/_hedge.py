@@ -13,10 +13,13 @@ usually answers long before the straggler would have.  At most one duplicate per
 attempt, so the extra requests are bounded by the share of attempts past the delay
 (about 5% at the p95).
 
-The p95 is estimated from the latency of each call's first attempt: its full latency
-when it answered first, and the time it had run when the duplicate beat it (a lower
-bound), so hedging cannot talk the estimate down to nothing.  Until `MIN_SAMPLES`
-latencies are seen there is no estimate and nothing is hedged.
+The p95 is the Kaplan-Meier estimate over the latencies of recent first attempts,
+censored ones included: an attempt beaten by its duplicate, or still running, is known
+only to take *at least* what it has run so far.  Counting only the answers would
+estimate from the fast ones (the first answers of a run are its fastest, and hedging
+cuts the slow ones short), and the delay would sink until everything is hedged; with
+the censored ones counted, there is no estimate (nothing is hedged) until the data
+shows where 95% of the calls have answered, and at least `MIN_SAMPLES` have.
 """
 
 from __future__ import annotations
@@ -95,16 +98,27 @@ class Hedger:
         clock: the endpoint's clock.
     """
 
-    __slots__ = ("_cached", "_clock", "_fresh", "_next", "_samples", "after", "sent", "won")
+    __slots__ = (
+        "_cached",
+        "_clock",
+        "_fresh",
+        "_next",
+        "_running",
+        "_samples",
+        "after",
+        "sent",
+        "won",
+    )
 
     def __init__(self, after: float | Literal["p95"], clock: Clock) -> None:
         check_hedge_after(after)
         self.after = after
         self._clock = clock
-        self._samples: list[float] = []
+        self._samples: list[tuple[float, bool]] = []  # (seconds, answered) of first attempts
         self._next = 0  # where the next sample goes once the window is full
         self._fresh = 0  # samples since the p95 was last computed
         self._cached: float | None = None
+        self._running: dict[int, float] = {}  # first attempts in flight: id -> start
         self.sent = 0  # duplicates sent
         self.won = 0  # duplicates that answered first
 
@@ -112,21 +126,36 @@ class Hedger:
         """Seconds after which a running attempt gets its duplicate (None: not yet)."""
         if self.after != "p95":
             return float(self.after)
-        if self._fresh >= _REFRESH or (self._cached is None and len(self._samples) >= MIN_SAMPLES):
-            ordered = sorted(self._samples)
-            self._cached = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+        if self._fresh >= _REFRESH or (self._cached is None and self._fresh > 0):
+            self._cached = self._p95()
             self._fresh = 0
         return self._cached
 
-    def observe(self, seconds: float) -> None:
-        """Record one first attempt's latency (or a lower bound of it)."""
+    def _p95(self) -> float | None:
+        """The Kaplan-Meier p95 of first-attempt latency, or None while unknown."""
+        now = self._clock()
+        times = self._samples + [(now - start, False) for start in self._running.values()]
+        if sum(answered for _, answered in times) < MIN_SAMPLES:
+            return None
+        times.sort(key=lambda t: (t[0], not t[1]))  # an answer before a censoring tie
+        survival, at_risk = 1.0, len(times)
+        for seconds, answered in times:
+            if answered:
+                survival *= 1.0 - 1.0 / at_risk
+                if survival <= 0.05:
+                    return seconds
+            at_risk -= 1
+        return None  # the slowest 5% have not shown themselves yet
+
+    def observe(self, seconds: float, answered: bool = True) -> None:
+        """Record one first attempt's latency (``answered=False``: it took at least
+        ``seconds``, then its duplicate won or it failed)."""
         if len(self._samples) < _WINDOW:
-            self._samples.append(seconds)
+            self._samples.append((seconds, answered))
         else:
-            self._samples[self._next] = seconds
+            self._samples[self._next] = (seconds, answered)
             self._next = (self._next + 1) % _WINDOW
-        if self._cached is not None:
-            self._fresh += 1
+        self._fresh += 1
 
     async def attempt(self, attempt: Callable[[], Awaitable[Completion]]) -> tuple[Completion, int]:
         """Run ``attempt`` (one attempt under the limits), hedged: the completion and the
@@ -134,19 +163,26 @@ class Hedger:
         answered (the duplicate's when the first never went out)."""
         delay = self.delay()
         started = self._clock()
-        if delay is None:
-            completion = await attempt()
-            self.observe(self._clock() - started)
-            return completion, 0
-        race = _Race()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(race.run, attempt, 0, tg.cancel_scope)
-            await anyio.sleep(delay)
-            race.launched = 2
-            tg.start_soon(race.run, attempt, 1, tg.cancel_scope)
-        if 0 not in race.errors:
-            # the first attempt's latency, or how long it had run when the duplicate won
-            self.observe(self._clock() - started)
+        key = id(attempt)
+        self._running[key] = started
+        try:
+            if delay is None:
+                completion = await attempt()
+                self.observe(self._clock() - started)
+                return completion, 0
+            race = _Race()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(race.run, attempt, 0, tg.cancel_scope)
+                await anyio.sleep(delay)
+                race.launched = 2
+                tg.start_soon(race.run, attempt, 1, tg.cancel_scope)
+        except BaseException:
+            self.observe(self._clock() - started, answered=False)
+            raise
+        finally:
+            del self._running[key]
+        # the first attempt's latency, or how long it ran before the duplicate won
+        self.observe(self._clock() - started, answered=race.won_by == 0)
         hedges = race.launched - 1
         self.sent += hedges
         if race.winner is None:
