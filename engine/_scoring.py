@@ -14,7 +14,8 @@ runs:
   every other example's I/O back for longer than the hop costs.
 - an async metric is driven on the loop: one that returns without ever suspending (a
   comparison written as ``async def``) costs no task, timer or cancel scope; one that
-  suspends (it awaits a judge, a sleep) continues under a deadline.
+  suspends (it awaits a judge, a sleep) continues under its deadline, watched by one
+  timer for all the metric's calls in flight (`engine._deadlines`), not a scope each.
 
 Every call has a timeout (``metric_timeout``); a metric that never returns becomes a
 `MetricError` outcome for that example instead of hanging the run, and so does one that
@@ -24,17 +25,19 @@ late result is not accepted).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import math
 import time
-import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
 
 from ._clock import loop_time
 from ._context import current_emitter
+from ._deadlines import DeadlineWatcher, Pending, drive
 from ._errors import MetricError
 from ._prompt import render_value
 from ._protocols import Metric, MetricReturn
@@ -48,6 +51,8 @@ __all__ = [
     "check_metric",
     "is_async_metric",
 ]
+
+_NOT_CALLED: Any = object()
 
 SLOW_CALL = 0.001
 """Seconds: a synchronous metric with no ``inline`` attribute whose call takes longer
@@ -81,29 +86,6 @@ def as_result(value: MetricReturn | Any, where: str) -> MetricResult:
     )
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Await the rest of a coroutine already started with ``send(None)`` that yielded
-    ``yielded``: hand each yield to the event loop and each answer (or exception) back,
-    as ``await`` would have from the start."""
-    while True:
-        try:
-            sent = yield yielded
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # a cancellation or the future's error: theirs to see
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
-
-
 class MetricRunner:
     """Runs one metric the way it asks to be run (see the module docstring).
 
@@ -122,6 +104,7 @@ class MetricRunner:
         "suspends",
         "threads",
         "timeout",
+        "watcher",
     )
 
     def __init__(self, metric: Metric, *, timeout: float | None = 60.0, threads: int = 16) -> None:
@@ -139,6 +122,7 @@ class MetricRunner:
         self.announced = False
         # an async metric: None until a call is seen, then whether any call suspended
         self.suspends: bool | None = None
+        self.watcher = DeadlineWatcher()  # the deadlines of its suspended calls
         threaded = not self.is_async and asked is not True
         self.threads = anyio.CapacityLimiter(threads) if threaded else None
 
@@ -155,7 +139,7 @@ class MetricRunner:
     async def __call__(self, example: Example, prediction: str) -> MetricResult:
         if self.inline:
             if not self.adaptive:
-                return as_result(self.metric(example, prediction), _where(example))
+                return _result(self.metric(example, prediction), example)
             return self._timed(example, prediction)
         if self.threads is not None:
             return await self._threaded(example, prediction, self.threads)
@@ -172,7 +156,7 @@ class MetricRunner:
             self._announce(took)
             if self.timeout is not None and took > self.timeout:
                 raise MetricTimeoutError(f"{_where(example)}: no result within {self.timeout:g}s")
-        return as_result(value, _where(example))
+        return _result(value, example)
 
     def _announce(self, took: float) -> None:
         """Say once that the metric now runs in threads; the run's events may not be
@@ -202,10 +186,14 @@ class MetricRunner:
                 self.metric, example, prediction, limiter=threads, abandon_on_cancel=True
             )
         self._check_late(example, started, scope)
-        return as_result(value, _where(example))
+        return _result(value, example)
 
     async def _awaited(self, example: Example, prediction: str) -> MetricResult:
-        started = loop_time()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): a cancel scope per call
+            return await self._scoped(example, prediction)
+        started = loop.time()
         value: Any = self.metric(example, prediction)
         if inspect.iscoroutine(value):
             try:
@@ -216,17 +204,48 @@ class MetricRunner:
                     self.suspends = False
             else:
                 self.suspends = True
-                with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
-                    value = await _resume(value, yielded)
-                self._check_late(example, started, scope)
-                return as_result(value, _where(example))
+                value = await self._watched(loop, started, example, value, yielded)
         elif inspect.isawaitable(value):
-            with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
-                value = await value
-            self._check_late(example, started, scope)
-            return as_result(value, _where(example))
+            return await self._scoped(example, prediction, value)
         self._check_late(example, started, None)
-        return as_result(value, _where(example))
+        return _result(value, example)
+
+    async def _watched(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        started: float,
+        example: Example,
+        coro: Coroutine[Any, Any, Any],
+        yielded: Any,
+    ) -> Any:
+        """The rest of a suspended metric call, under the run's one deadline watcher."""
+        timeout = self.timeout
+        if timeout is None:
+            return await drive(coro, yielded, Pending(math.inf))
+        pending = self.watcher.watch(loop, started + timeout)
+        try:
+            return await drive(coro, yielded, pending)
+        except Exception as exc:
+            if pending.thrown:  # the deadline, or what the metric made of it
+                raise MetricTimeoutError(
+                    f"{_where(example)}: no result within {timeout:g}s"
+                ) from exc
+            raise
+        finally:
+            self.watcher.done(pending)
+
+    async def _scoped(
+        self, example: Example, prediction: str, value: Any = _NOT_CALLED
+    ) -> MetricResult:
+        """An async metric under a cancel scope of its own, entered before the call."""
+        started = loop_time()
+        with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
+            if value is _NOT_CALLED:
+                value = self.metric(example, prediction)
+            if inspect.isawaitable(value):
+                value = await value
+        self._check_late(example, started, scope)
+        return _result(value, example)
 
     def _check_late(
         self, example: Example, started: float, scope: anyio.CancelScope | None
@@ -238,6 +257,13 @@ class MetricRunner:
             return
         if (scope is not None and scope.cancelled_caught) or loop_time() - started > timeout:
             raise MetricTimeoutError(f"{_where(example)}: no result within {timeout:g}s")
+
+
+def _result(value: Any, example: Example) -> MetricResult:
+    """`as_result`, naming the example only when it is needed (once per call counts)."""
+    if type(value) is MetricResult:
+        return value
+    return as_result(value, _where(example))
 
 
 def _where(example: Example) -> str:

@@ -302,7 +302,31 @@ async def test_an_async_metric_that_suspends_keeps_its_values_errors_and_deadlin
     assert (result.scored, result.errors, result.score) == (4, 1, 1.0)
     error = result.outcomes[1].error
     assert error is not None and error.type == "ValueError" and "refused" in error.message
-    assert all(d < math.inf for d in deadlines)  # the metric timeout holds while it waits
+    assert deadlines == [math.inf] * 6  # no scope per call: one watcher for them all
+
+
+@pytest.mark.looptime
+async def test_one_watcher_times_out_suspended_metrics_inside_their_own_cancel_scopes() -> None:
+    cleaned = []
+
+    async def judge(example: Example, prediction: str) -> float:
+        await anyio.lowlevel.checkpoint()  # suspended before the engine could scope it
+        try:
+            with anyio.fail_after(1000):  # the metric's own scope, open when the deadline hits
+                await anyio.sleep_forever()
+        finally:
+            cleaned.append(example.id)
+        return 1.0
+
+    judge.preflight = False  # type: ignore[attr-defined]
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(6), model=echo_model(), metric=judge, metric_timeout=5
+    )
+    assert 5 <= _loop_now() - started < 6
+    assert result.errors == 6 and sorted(cleaned) == [f"e{i}" for i in range(6)]
+    error = result.outcomes[0].error
+    assert error is not None and error.type == "MetricTimeoutError"
 
 
 @pytest.mark.looptime
