@@ -7,11 +7,12 @@ runs:
 - ``inline = False``: always in a worker thread (a capacity limiter of its own bounds
   how many), so a slow one never blocks the loop, the limiter or the timeouts.
 - a synchronous metric that says neither is *inline until it proves slow*: it runs on
-  the loop, every call timed (two reads of the clock, about 0.1 us), and the first call
-  that takes longer than `SLOW_CALL` (1 ms) moves it to the thread pool for the rest
-  of the run, announced once (the ``metric.threaded`` event).  A thread hop costs about
-  0.3 ms of client CPU, more than most metrics; a metric slower than 1 ms would hold
-  every other example's I/O back for longer than the hop costs.
+  the loop, every call timed (two reads of the clock, about 0.1 us), and the second
+  call in a row that takes longer than `SLOW_CALL` (1 ms) moves it to the thread pool
+  for the rest of the run, announced once (the ``metric.threaded`` event).  One slow
+  call alone is not enough: the loop's thread may have waited for the GIL or the OS.
+  A thread hop costs about 0.1-0.3 ms of client CPU, more than most metrics; a metric
+  slower than 1 ms would hold every other example's I/O back for longer than that.
 - an async metric is driven on the loop: one that returns without ever suspending (a
   comparison written as ``async def``) costs no task, timer or cancel scope; one that
   suspends (it awaits a judge, a sleep) continues under its deadline, watched by one
@@ -55,8 +56,8 @@ __all__ = [
 _NOT_CALLED: Any = object()
 
 SLOW_CALL = 0.001
-"""Seconds: a synchronous metric with no ``inline`` attribute whose call takes longer
-than this moves from the event loop to the thread pool."""
+"""Seconds: a synchronous metric with no ``inline`` attribute whose calls take longer
+than this twice in a row moves from the event loop to the thread pool."""
 
 
 class MetricTimeoutError(MetricError):
@@ -101,6 +102,7 @@ class MetricRunner:
         "inline",
         "is_async",
         "metric",
+        "slow_calls",
         "suspends",
         "threads",
         "timeout",
@@ -120,6 +122,7 @@ class MetricRunner:
         self.adaptive = not self.is_async and not isinstance(asked, bool)
         self.inline = not self.is_async and asked is not False
         self.announced = False
+        self.slow_calls = 0  # calls over `SLOW_CALL` in a row, while inline
         # an async metric: None until a call is seen, then whether any call suspended
         self.suspends: bool | None = None
         self.watcher = DeadlineWatcher()  # the deadlines of its suspended calls
@@ -152,10 +155,16 @@ class MetricRunner:
         value = self.metric(example, prediction)
         took = time.perf_counter() - started
         if took > SLOW_CALL:
-            self.inline = False
-            self._announce(took)
+            # Two slow calls in a row: one alone may be the loop's thread waiting for
+            # the GIL (another thread's switch interval is 5 ms) or the OS, not the metric.
+            if self.slow_calls >= 1:
+                self.inline = False
+                self._announce(took)
+            self.slow_calls += 1
             if self.timeout is not None and took > self.timeout:
                 raise MetricTimeoutError(f"{_where(example)}: no result within {self.timeout:g}s")
+        elif self.slow_calls:
+            self.slow_calls = 0
         return _result(value, example)
 
     def _announce(self, took: float) -> None:

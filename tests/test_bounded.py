@@ -242,10 +242,29 @@ async def test_a_plain_metric_that_proves_slow_moves_to_threads_and_says_so_once
         qa_prompt(), echo_examples(20), model=echo_model(), metric=slow, on_event=recorder
     )
     assert result.score == 1.0 and result.errors == 0
-    assert threads[0] == loop_thread  # the check before the first call, timed on the loop
-    assert loop_thread not in threads[1:]  # every later call in a worker thread
+    # the check before the first call and the first example: timed on the loop, two
+    # slow calls in a row; every later call in a worker thread
+    assert threads[:2] == [loop_thread, loop_thread] and loop_thread not in threads[2:]
     (switch,) = recorder.named("metric.threaded")
     assert switch.data["threshold_ms"] == 1.0 and switch.data["metric"].endswith("slow")
+
+
+async def test_one_slow_call_alone_does_not_move_a_fast_metric_to_threads() -> None:
+    loop_thread, seen, calls = threading.get_ident(), set(), []
+
+    def mostly_fast(example: Example, prediction: str) -> float:
+        seen.add(threading.get_ident())
+        calls.append(example.id)
+        if len(calls) % 5 == 0:
+            time.sleep(0.003)  # a hiccup: the GIL held by another thread, the OS
+        return 1.0
+
+    recorder = EventRecorder()
+    result = await evaluate(
+        qa_prompt(), echo_examples(20), model=echo_model(), metric=mostly_fast, on_event=recorder
+    )
+    assert result.score == 1.0 and seen == {loop_thread}
+    assert recorder.named("metric.threaded") == []
 
 
 async def test_a_metric_that_says_inline_true_or_false_is_never_moved() -> None:
