@@ -238,7 +238,10 @@ class Endpoint:
         while True:
             call.count += 1
             try:
-                completion = await self._attempt_hedged(messages, params, call)
+                if self.hedger is None:
+                    completion = await self._attempt_under_limits(messages, params, call)
+                else:
+                    completion = await self._attempt_hedged(messages, params, call)
             except ProviderError as exc:
                 if not exc.sent:  # the gate refused to wait: nothing to count or retry
                     exc.attempts = call.count - 1 + call.hedges
@@ -257,9 +260,8 @@ class Endpoint:
     async def _attempt_hedged(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
     ) -> Completion:
-        """One attempt, with its duplicate when hedging is on and it runs late."""
-        if self.hedger is None:
-            return await self._attempt_under_limits(messages, params, call)
+        """One attempt, with its duplicate when it runs late."""
+        assert self.hedger is not None
         completion, hedges = await self.hedger.attempt(
             lambda: self._attempt_under_limits(messages, params, call)
         )
