@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence, Sized
@@ -391,13 +392,16 @@ class _EvaluationRun:
             endpoint=s.endpoint.name,
         )
         with lend(s.meter, s.emitter):
-            async with anyio.create_task_group() as tg:
-                if not s.scorer.waits:
-                    # An inline metric cannot wait: score in the predictor, no hand-off.
-                    for _ in range(s.workers):
-                        tg.start_soon(self._predictor, None, tg.cancel_scope)
-                else:
-                    self._start_pools(tg)
+            if s.scorer.suspends is None and s.scorer.is_async and not self.preflighted:
+                await self._check_first()  # whether the metric waits decides the topology
+            if self.failure is None:
+                async with anyio.create_task_group() as tg:
+                    if not s.scorer.waits:
+                        # A metric that cannot wait: score in the predictor, no hand-off.
+                        for _ in range(s.workers):
+                            tg.start_soon(self._predictor, None, tg.cancel_scope)
+                    else:
+                        self._start_pools(tg)
         if self.failure is not None:
             s.emitter.emit(
                 "evaluation.failed", level="error", error=self.failure, done=self.tally.completed
@@ -407,6 +411,22 @@ class _EvaluationRun:
             raise ConfigError("the dataset is empty")
         self._check_complete()
         return self._result()
+
+    async def _check_first(self) -> None:
+        """Check the metric on a streamed dataset's first example before the workers
+        start, as a sequence's is checked up front; the example goes back in line."""
+        try:
+            first = next(self.iterator, None)
+            if first is None:
+                return
+            index, item = first
+            await check_metric(self.s.scorer, _check_example(self.s.prompt, item, index))
+        except Exception as exc:  # reported as the workers' failures are
+            self.failure = exc
+            self.pulled += 1  # taken, and it ends the run
+            return
+        self.preflighted = True
+        self.iterator = itertools.chain([first], self.iterator)
 
     def _check_complete(self) -> None:
         """Raise unless every example taken ended with exactly one outcome (racing's cut

@@ -348,6 +348,30 @@ async def test_one_watcher_times_out_suspended_metrics_inside_their_own_cancel_s
     assert error is not None and error.type == "MetricTimeoutError"
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_async_metric_that_answers_at_once_is_scored_where_it_was_predicted(
+    streamed: bool,
+) -> None:
+    predicted_in: dict[str, object] = {}
+    scored_in: dict[str, object] = {}
+
+    def answer(request: ScriptedRequest) -> str:
+        text = request.messages[-1]["content"]
+        predicted_in[text] = asyncio.current_task()
+        return text
+
+    async def plain(example: Example, prediction: str) -> float:
+        scored_in[prediction] = asyncio.current_task()
+        return 1.0 if prediction == example.expected else 0.0
+
+    data = echo_examples(12)
+    examples = (e for e in data) if streamed else data
+    result = await evaluate(qa_prompt(), examples, model=ScriptedModel(answer), metric=plain)
+    assert result.score == 1.0 and result.completed == 12
+    # no hand-off to a metric worker: the task that predicted an example scored it
+    assert all(scored_in[text] is task for text, task in predicted_in.items())
+
+
 @pytest.mark.looptime
 async def test_an_async_metric_fast_in_the_check_but_hanging_later_still_times_out() -> None:
     async def fickle(example: Example, prediction: str) -> float:
