@@ -28,6 +28,7 @@ import contextlib
 import cProfile
 import io
 import json
+import os
 import pstats
 import resource
 import socket
@@ -42,6 +43,8 @@ from adapters.simulated_server import wait_until_listening
 
 ROWS = (
     "engine",
+    "engine:def",
+    "engine:async",
     "engine+memcache",
     "engine-sdk",
     "openai-create",
@@ -52,7 +55,10 @@ ROWS = (
     "aiohttp@uvloop",
 )
 LABELS = {
-    "engine": "engine `evaluate` through `OpenAIChat` (aiohttp transport, no cache)",
+    "engine": "engine `evaluate` through `OpenAIChat` (aiohttp transport, no cache), "
+    "built-in `ExactMatch()`",
+    "engine:def": "the same, the metric a plain `def metric(example, prediction)`",
+    "engine:async": "the same, the metric a plain `async def metric(example, prediction)`",
     "engine+memcache": "the same with a memory cache (cold: every request a miss)",
     "engine-sdk": 'engine through `OpenAIChat(transport="sdk")` (SDK generic POST on httpx2)',
     "openai-create": "openai `chat.completions.create` on httpx2",
@@ -214,21 +220,33 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _metric(variant: str) -> Any:
+    """The metric of an engine row as a user writes it: the built-in, a plain function
+    or a plain coroutine function (no ``inline`` attribute: what users get)."""
+    from engine import Example
+    from engine.metrics import ExactMatch
+
+    def plain(example: Example, prediction: str) -> float:
+        return 1.0 if prediction == example.expected else 0.0
+
+    async def plain_async(example: Example, prediction: str) -> float:
+        return 1.0 if prediction == example.expected else 0.0
+
+    return {"def": plain, "async": plain_async}.get(variant) or ExactMatch()
+
+
 async def _measure_engine(
     kind: str, url: str, n: int, warmup: int, concurrency: int, profile: str | None
 ) -> dict[str, float]:
+    kind, _, variant = kind.partition(":")
     from adapters.openai_chat import OpenAIChat
     from engine import Cache, Example, Limits, Prompt, evaluate
 
+    metric = _metric(variant)
     prompt = Prompt(
         [{"role": "system", "content": "Echo."}, {"role": "user", "content": "{question}"}],
         model="sim",
     )
-
-    def metric(example: Example, prediction: str) -> float:
-        return 1.0 if prediction == example.expected else 0.0
-
-    metric.inline = True  # type: ignore[attr-defined]  # scored on the loop, as built-ins are
 
     def data(start: int, count: int) -> list[Example]:
         return [
@@ -340,12 +358,21 @@ def codecs(rounds: int = 100_000) -> list[dict[str, Any]]:
 
 
 # -- the table ----------------------------------------------------------------------------
+BEFORE = " (before)"
+
+
 def _run_row(kind: str, url: str, args: argparse.Namespace, profile: str | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--client", kind, "--url", url, "--n", str(args.n)]
+    """One row in its own process; a row named ``... (before)`` imports the engine and
+    adapters from ``--before`` (an older checkout) instead of this tree."""
+    client_kind = kind.removesuffix(BEFORE)
+    cmd = [sys.executable, __file__, "--client", client_kind, "--url", url, "--n", str(args.n)]
     cmd += ["--warmup", str(args.warmup), "--concurrency", str(args.concurrency)]
     if profile:
         cmd += ["--profile", profile]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = None
+    if kind.endswith(BEFORE):
+        env = {**os.environ, "PYTHONPATH": args.before}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"client {kind} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -370,8 +397,9 @@ def table(results: dict[str, list[dict[str, Any]]], rounds: list[dict[str, dict[
         paired = [(r[kind], r["aiohttp"]) for r in rounds if kind in r and "aiohttp" in r]
         speed = [a["requests_per_s"] / b["requests_per_s"] for a, b in paired]
         cpu = [a["cpu_ms_per_request"] / b["cpu_ms_per_request"] for a, b in paired]
+        label = LABELS[kind.removesuffix(BEFORE)] + (BEFORE if kind.endswith(BEFORE) else "")
         lines.append(
-            f"| {LABELS[kind]} | {_span([r['requests_per_s'] for r in rows], ',.0f')} | "
+            f"| {label} | {_span([r['requests_per_s'] for r in rows], ',.0f')} | "
             f"{_span([r['cpu_ms_per_request'] for r in rows], '.3f')} ms | "
             f"{_span(speed, '.2f') if speed else '-'} | {_span(cpu, '.2f') + 'x' if cpu else '-'} |"
         )
@@ -396,6 +424,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--server", choices=("minimal", "simulated"), default="minimal")
     parser.add_argument("--profile", help="write a cProfile of the engine row here")
+    parser.add_argument(
+        "--before",
+        help="an older checkout: each engine row also runs on its code, side by side",
+    )
     parser.add_argument("--codecs", action="store_true", help="compare JSON codecs and exit")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client", help=argparse.SUPPRESS)
@@ -412,17 +444,20 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"| {row['codec']} | {row['encode_us']:.2f} us | {row['decode_us']:.2f} us |")
         return None
     print(_versions(), flush=True)
-    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.rows}
+    kinds = list(args.rows)
+    if args.before:
+        kinds = [k for row in kinds for k in ((row, row + BEFORE) if "engine" in row else (row,))]
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     rounds: list[dict[str, dict[str, Any]]] = []
     with server_process(args.server) as url:
         for round_number in range(args.repeat):
             rounds.append({})
-            for kind in args.rows:
+            for kind in kinds:
                 row = _run_row(kind, url, args, None)
                 results[kind].append(row)
                 rounds[-1][kind] = row
                 print(
-                    f"round {round_number + 1} {kind:>16}: {row['requests_per_s']:8.0f} req/s "
+                    f"round {round_number + 1} {kind:>25}: {row['requests_per_s']:8.0f} req/s "
                     f"{row['cpu_ms_per_request']:.3f} ms CPU/request",
                     flush=True,
                 )

@@ -140,6 +140,7 @@ def evaluation_summary(evaluation: Evaluation) -> dict[str, Any]:
         "retries": evaluation.retries,
         "timeouts": evaluation.timeouts,
         "truncated": evaluation.truncated,
+        "hedges": evaluation.hedges,
         "tokens": evaluation.usage.total_tokens,
         "wall_time": round(evaluation.wall_time, 3),
         "stopped_early": evaluation.stopped_early,

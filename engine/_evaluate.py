@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence, Sized
@@ -247,7 +248,7 @@ class _EvaluationRun:
                 tally.paid(exc.attempts, None, exc.timeouts)
                 raise
             completion = result.completion
-            tally.paid(result.attempts, completion.usage, result.timeouts)
+            tally.paid(result.attempts, completion.usage, result.timeouts, result.hedges)
             sent = completion.sent_response_format
             answered = self._request(dict(sent)) if sent is not None else None
             return CachedPrediction(
@@ -393,10 +394,12 @@ class _EvaluationRun:
         try:
             for index, item in self.iterator:
                 self.pulled += 1
-                # A checkpoint per example: a model that answers without waiting (an
-                # in-process one) would otherwise keep this worker from ever yielding,
-                # starving the others, cancellation and the loop's timer upkeep.
-                await anyio.lowlevel.checkpoint()
+                # A checkpoint every 8 examples: a model that answers without waiting
+                # (an in-process one) would otherwise keep this worker from ever
+                # yielding, starving the others, cancellation and the loop's timer
+                # upkeep; one per example cost 4 us of the 40 (benchmarks/overhead.py).
+                if not self.pulled & 7:
+                    await anyio.lowlevel.checkpoint()
                 example = item if s.prevalidated else _check_example(self.prompts, item, index)
                 if not self.preflighted:
                     self.preflighted = True
@@ -440,13 +443,16 @@ class _EvaluationRun:
             endpoint=s.endpoint.name,
         )
         with lend(s.meter, s.emitter):
-            async with anyio.create_task_group() as tg:
-                if not s.scorer.waits:
-                    # An inline metric cannot wait: score in the predictor, no hand-off.
-                    for _ in range(s.workers):
-                        tg.start_soon(self._predictor, None, tg.cancel_scope)
-                else:
-                    self._start_pools(tg)
+            if s.scorer.suspends is None and s.scorer.is_async and not self.preflighted:
+                await self._check_first()  # whether the metric waits decides the topology
+            if self.failure is None:
+                async with anyio.create_task_group() as tg:
+                    if not s.scorer.waits:
+                        # A metric that cannot wait: score in the predictor, no hand-off.
+                        for _ in range(s.workers):
+                            tg.start_soon(self._predictor, None, tg.cancel_scope)
+                    else:
+                        self._start_pools(tg)
         if self.failure is not None:
             s.emitter.emit(
                 "evaluation.failed", level="error", error=self.failure, done=self.tally.completed
@@ -456,6 +462,22 @@ class _EvaluationRun:
             raise ConfigError("the dataset is empty")
         self._check_complete()
         return self._result()
+
+    async def _check_first(self) -> None:
+        """Check the metric on a streamed dataset's first example before the workers
+        start, as a sequence's is checked up front; the example goes back in line."""
+        try:
+            first = next(self.iterator, None)
+            if first is None:
+                return
+            index, item = first
+            await check_metric(self.s.scorer, _check_example(self.s.prompt, item, index))
+        except Exception as exc:  # reported as the workers' failures are
+            self.failure = exc
+            self.pulled += 1  # taken, and it ends the run
+            return
+        self.preflighted = True
+        self.iterator = itertools.chain([first], self.iterator)
 
     def _check_complete(self) -> None:
         """Raise unless every example taken ended with exactly one outcome (racing's cut
@@ -547,7 +569,8 @@ async def evaluate(
         model: a `ChatModel` (its shared `Endpoint` is used, see `Endpoint.of`), or an
             `Endpoint`; with ``program``, also a mapping of prompt name -> model.
         metric: ``(example, prediction) -> MetricResult | float``, sync or async.
-            Synchronous metrics run in worker threads unless they set ``inline = True``.
+            A synchronous metric runs on the loop until a call takes over 1 ms, then
+            in worker threads (``inline = True/False`` on the metric decides instead).
         cache: a `Cache`; ``None`` disables caching.
         limits: limits for a bare ``model`` (an `Endpoint` carries its own).
         on_error: ``"record"`` keeps failed examples as error outcomes (left out of

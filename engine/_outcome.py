@@ -127,6 +127,7 @@ class Evaluation:
     conservative_score: float = float("nan")
     timeouts: int = 0
     truncated: int = 0
+    hedges: int = 0  # duplicate requests sent by hedging (counted in ``calls``)
 
     @property
     def lost(self) -> int:
@@ -141,6 +142,8 @@ class Evaluation:
     def to_dict(self, *, outcomes: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {name: getattr(self, name) for name in _SUMMARY_FIELDS}
         data["usage"] = [self.usage.prompt_tokens, self.usage.completion_tokens]
+        if self.hedges:  # only where hedging was on: the rows of everyone else unchanged
+            data["hedges"] = self.hedges
         if outcomes:
             data["outcomes"] = [o.to_dict() for o in self.outcomes]
         return data

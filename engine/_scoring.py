@@ -1,33 +1,62 @@
 """Calling a metric: inline, in a worker thread, or awaited; always with a deadline.
 
 A metric is ``(example, prediction) -> MetricResult | number``, sync or async.  How it
-runs is decided by the metric, not guessed:
+runs:
 
-- ``inline = True`` (the built-in metrics set it): called on the event loop.  For
-  microsecond metrics a thread hop costs more than the metric.
-- any other synchronous metric runs in a worker thread (a capacity limiter of its own
-  bounds how many), so a slow one never blocks the loop, the limiter or the timeouts.
-- an async metric is awaited.
+- ``inline = True`` (the built-in metrics set it): always called on the event loop.
+- ``inline = False``: always in a worker thread (a capacity limiter of its own bounds
+  how many), so a slow one never blocks the loop, the limiter or the timeouts.
+- a synchronous metric that says neither is *inline until it proves slow*: it runs on
+  the loop, every call timed (two reads of the clock, about 0.1 us), and the second
+  call in a row that takes longer than `SLOW_CALL` (1 ms) moves it to the thread pool
+  for the rest of the run, announced once (the ``metric.threaded`` event).  One slow
+  call alone is not enough: the loop's thread may have waited for the GIL or the OS.
+  A thread hop costs about 0.1-0.3 ms of client CPU, more than most metrics; a metric
+  slower than 1 ms would hold every other example's I/O back for longer than that.
+- an async metric is driven on the loop: one that returns without ever suspending (a
+  comparison written as ``async def``) costs no task, timer or cancel scope; one that
+  suspends (it awaits a judge, a sleep) continues under its deadline, watched by one
+  timer for all the metric's calls in flight (`engine._deadlines`), not a scope each.
 
 Every call has a timeout (``metric_timeout``); a metric that never returns becomes a
 `MetricError` outcome for that example instead of hanging the run, and so does one that
-returns after its timeout on the loop clock (an async metric blocking the loop).
+returns after its timeout (a metric blocking the loop cannot be interrupted, but its
+late result is not accepted).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import math
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 import anyio
 
+from ._clock import loop_time
+from ._context import current_emitter
+from ._deadlines import DeadlineWatcher, Pending, drive
 from ._errors import MetricError, MetricTimeoutError
 from ._prompt import render_value
 from ._protocols import Metric, MetricReturn
 from ._types import Example, MetricResult, as_score
 
-__all__ = ["MetricRunner", "as_result", "check_metric", "is_async_metric"]
+__all__ = [
+    "SLOW_CALL",
+    "MetricRunner",
+    "as_result",
+    "check_metric",
+    "is_async_metric",
+]
+
+_NOT_CALLED: Any = object()
+
+SLOW_CALL = 0.001
+"""Seconds: a synchronous metric with no ``inline`` attribute whose calls take longer
+than this twice in a row moves from the event loop to the thread pool."""
 
 
 def is_async_metric(metric: Metric) -> bool:
@@ -62,7 +91,18 @@ class MetricRunner:
         threads: worker threads for a synchronous metric that is not ``inline``.
     """
 
-    __slots__ = ("inline", "is_async", "metric", "threads", "timeout")
+    __slots__ = (
+        "adaptive",
+        "announced",
+        "inline",
+        "is_async",
+        "metric",
+        "slow_calls",
+        "suspends",
+        "threads",
+        "timeout",
+        "watcher",
+    )
 
     def __init__(self, metric: Metric, *, timeout: float | None = 60.0, threads: int = 16) -> None:
         if timeout is not None and not timeout > 0:
@@ -72,35 +112,170 @@ class MetricRunner:
         self.metric = metric
         self.timeout = timeout
         self.is_async = is_async_metric(metric)
-        self.inline = not self.is_async and getattr(metric, "inline", False) is True
-        threaded = not (self.is_async or self.inline)
+        asked = getattr(metric, "inline", None)
+        # no inline attribute: on the loop until a call proves slow (see `SLOW_CALL`)
+        self.adaptive = not self.is_async and not isinstance(asked, bool)
+        self.inline = not self.is_async and asked is not False
+        self.announced = False
+        self.slow_calls = 0  # calls over `SLOW_CALL` in a row, while inline
+        # an async metric: None until a call is seen, then whether any call suspended
+        self.suspends: bool | None = None
+        self.watcher = DeadlineWatcher()  # the deadlines of its suspended calls
+        threaded = not self.is_async and asked is not True
         self.threads = anyio.CapacityLimiter(threads) if threaded else None
 
     @property
     def waits(self) -> bool:
-        """Whether a call may wait (async or threaded) rather than return at once."""
+        """Whether a call may wait (async or threaded) rather than return at once, as
+        the run starts: an adaptive metric starts inline, and an async metric whose
+        calls so far (the check before the first call) answered without suspending is
+        taken at its word."""
+        if self.is_async:
+            return self.suspends is not False
         return not self.inline
 
     async def __call__(self, example: Example, prediction: str) -> MetricResult:
-        where = f"metric on example {example.id!r}"
         if self.inline:
-            return as_result(self.metric(example, prediction), where)
-        started = anyio.current_time()
-        with anyio.move_on_after(self.timeout) as scope:
-            if self.threads is not None:
-                value = await anyio.to_thread.run_sync(
-                    self.metric, example, prediction, limiter=self.threads, abandon_on_cancel=True
-                )
+            if not self.adaptive:
+                return _result(self.metric(example, prediction), example)
+            return self._timed(example, prediction)
+        if self.threads is not None:
+            return await self._threaded(example, prediction, self.threads)
+        return await self._awaited(example, prediction)
+
+    def _timed(self, example: Example, prediction: str) -> MetricResult:
+        """An adaptive metric's call on the loop, timed; past `SLOW_CALL` the metric
+        moves to the thread pool (the next call goes there)."""
+        started = time.perf_counter()
+        value = self.metric(example, prediction)
+        took = time.perf_counter() - started
+        if took > SLOW_CALL:
+            # Two slow calls in a row: one alone may be the loop's thread waiting for
+            # the GIL (another thread's switch interval is 5 ms) or the OS, not the metric.
+            if self.slow_calls >= 1:
+                self.inline = False
+                self._announce(took)
+            self.slow_calls += 1
+            if self.timeout is not None and took > self.timeout:
+                raise MetricTimeoutError(f"{_where(example)}: no result within {self.timeout:g}s")
+        elif self.slow_calls:
+            self.slow_calls = 0
+        return _result(value, example)
+
+    def _announce(self, took: float) -> None:
+        """Say once that the metric now runs in threads; the run's events may not be
+        lent yet (the check before the first call), then the next call says it."""
+        if self.announced:
+            return
+        events = current_emitter.get()
+        if events is None:
+            return
+        self.announced = True
+        events.emit(
+            "metric.threaded",
+            metric=getattr(self.metric, "__qualname__", type(self.metric).__qualname__),
+            call_ms=round(took * 1000, 3),
+            threshold_ms=SLOW_CALL * 1000,
+            hint="set metric.inline = False to start in threads, True to stay on the loop",
+        )
+
+    async def _threaded(
+        self, example: Example, prediction: str, threads: anyio.CapacityLimiter
+    ) -> MetricResult:
+        if self.adaptive and not self.announced:
+            self._announce(SLOW_CALL)
+        started = loop_time()
+        with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
+            value = await anyio.to_thread.run_sync(
+                self.metric, example, prediction, limiter=threads, abandon_on_cancel=True
+            )
+        self._check_late(example, started, scope)
+        return _result(value, example)
+
+    async def _awaited(self, example: Example, prediction: str) -> MetricResult:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): a cancel scope per call
+            return await self._scoped(example, prediction)
+        started = loop.time()
+        value: Any = self.metric(example, prediction)
+        if inspect.iscoroutine(value):
+            try:
+                yielded = value.send(None)  # most metrics answer without suspending
+            except StopIteration as done:
+                value = done.value
+                if self.suspends is None:
+                    self.suspends = False
             else:
+                self.suspends = True
+                value = await self._watched(loop, started, example, value, yielded)
+        elif inspect.isawaitable(value):
+            return await self._scoped(example, prediction, value)
+        self._check_late(example, started, None)
+        return _result(value, example)
+
+    async def _watched(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        started: float,
+        example: Example,
+        coro: Coroutine[Any, Any, Any],
+        yielded: Any,
+    ) -> Any:
+        """The rest of a suspended metric call, under the run's one deadline watcher."""
+        timeout = self.timeout
+        if timeout is None:
+            return await drive(coro, yielded, Pending(math.inf))
+        pending = self.watcher.watch(loop, started + timeout)
+        try:
+            return await drive(coro, yielded, pending)
+        except Exception as exc:
+            if pending.thrown:  # the deadline, or what the metric made of it
+                raise MetricTimeoutError(
+                    f"{_where(example)}: no result within {timeout:g}s"
+                ) from exc
+            raise
+        finally:
+            self.watcher.done(pending)
+
+    async def _scoped(
+        self, example: Example, prediction: str, value: Any = _NOT_CALLED
+    ) -> MetricResult:
+        """An async metric under a cancel scope of its own, entered before the call."""
+        started = loop_time()
+        with anyio.CancelScope(deadline=_deadline(started, self.timeout)) as scope:
+            if value is _NOT_CALLED:
                 value = self.metric(example, prediction)
-                if inspect.isawaitable(value):
-                    value = await value
-        # An async metric that blocks the loop (no await) cannot be interrupted; past
-        # its timeout on the loop clock when it returns, its result is not accepted.
-        late = self.timeout is not None and anyio.current_time() - started > self.timeout
-        if scope.cancelled_caught or late:
-            raise MetricTimeoutError(f"{where}: no result within {self.timeout:g}s")
-        return as_result(value, where)
+            if inspect.isawaitable(value):
+                value = await value
+        self._check_late(example, started, scope)
+        return _result(value, example)
+
+    def _check_late(
+        self, example: Example, started: float, scope: anyio.CancelScope | None
+    ) -> None:
+        # A metric that blocks the loop (no await) cannot be interrupted; past its
+        # timeout on the loop clock when it returns, its result is not accepted.
+        timeout = self.timeout
+        if timeout is None:
+            return
+        if (scope is not None and scope.cancelled_caught) or loop_time() - started > timeout:
+            raise MetricTimeoutError(f"{_where(example)}: no result within {timeout:g}s")
+
+
+def _result(value: Any, example: Example) -> MetricResult:
+    """`as_result`, naming the example only when it is needed (once per call counts)."""
+    if type(value) is MetricResult:
+        return value
+    return as_result(value, _where(example))
+
+
+def _where(example: Example) -> str:
+    return f"metric on example {example.id!r}"
+
+
+def _deadline(started: float, timeout: float | None) -> float:
+    return started + timeout if timeout is not None else float("inf")
 
 
 async def check_metric(metric: Metric | MetricRunner, example: Example) -> None:

@@ -27,6 +27,7 @@ class Tally:
         "calls",
         "completed",
         "errors",
+        "hedges",
         "must_beat",
         "retries",
         "scored",
@@ -51,6 +52,7 @@ class Tally:
         self.retries = 0
         self.timeouts = 0  # attempts that timed out (each also a retry, or the last try)
         self.truncated = 0  # answers cut at the length cap (finish_reason "length")
+        self.hedges = 0  # duplicate attempts sent by hedging (in ``calls``, not retries)
         self.usage = Usage()
         self.stopped_early = False
         self.upper_bound: Fraction | None = None  # set when racing cut the evaluation
@@ -76,12 +78,15 @@ class Tally:
         """The exact sum of the scores so far (independent of completion order)."""
         return self._fractional + self._ones
 
-    def paid(self, attempts: int, usage: Usage | None = None, timeouts: int = 0) -> None:
+    def paid(
+        self, attempts: int, usage: Usage | None = None, timeouts: int = 0, hedges: int = 0
+    ) -> None:
         """Count ``attempts`` provider calls for one prediction (and the tokens paid),
-        ``timeouts`` of which timed out."""
+        ``timeouts`` of which timed out and ``hedges`` were duplicates sent by hedging."""
         self.calls += attempts
-        self.retries += attempts - 1
+        self.retries += attempts - 1 - hedges
         self.timeouts += timeouts
+        self.hedges += hedges
         if usage is not None:
             self.usage = self.usage + usage
 
@@ -114,6 +119,7 @@ class Tally:
             "calls": self.calls,
             "cache_hits": self.cache_hits,
             "retries": self.retries,
+            "hedges": self.hedges,
             "usage": self.usage,
             "timeouts": self.timeouts,
             "truncated": self.truncated,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -215,6 +217,175 @@ async def test_a_slow_sync_metric_runs_in_threads_not_on_the_loop() -> None:
     assert result.score == 1.0 and result.errors == 0
     assert endpoint.statistics().timeouts == 0 and model.calls == 40  # no spurious retries
     assert wall < 2.0  # 40 x 0.2 s would be 8 s on the loop
+
+
+async def test_a_fast_plain_metric_runs_on_the_loop_with_no_thread_hop() -> None:
+    loop_thread, seen = threading.get_ident(), set()
+
+    def plain(example: Example, prediction: str) -> float:
+        seen.add(threading.get_ident())
+        return 1.0 if prediction == example.expected else 0.0
+
+    result = await evaluate(qa_prompt(), echo_examples(30), model=echo_model(), metric=plain)
+    assert result.score == 1.0 and seen == {loop_thread}
+
+
+async def test_a_plain_metric_that_proves_slow_moves_to_threads_and_says_so_once() -> None:
+    loop_thread, threads = threading.get_ident(), []
+
+    def slow(example: Example, prediction: str) -> float:
+        threads.append(threading.get_ident())
+        time.sleep(0.003)  # over the 1 ms threshold, whatever the machine's load
+        return 1.0
+
+    recorder = EventRecorder()
+    result = await evaluate(
+        qa_prompt(), echo_examples(20), model=echo_model(), metric=slow, on_event=recorder
+    )
+    assert result.score == 1.0 and result.errors == 0
+    # the check before the first call and the first example: timed on the loop, two
+    # slow calls in a row; every later call in a worker thread
+    assert threads[:2] == [loop_thread, loop_thread] and loop_thread not in threads[2:]
+    (switch,) = recorder.named("metric.threaded")
+    assert switch.data["threshold_ms"] == 1.0 and switch.data["metric"].endswith("slow")
+
+
+async def test_one_slow_call_alone_does_not_move_a_fast_metric_to_threads() -> None:
+    loop_thread, seen, calls = threading.get_ident(), set(), []
+
+    def mostly_fast(example: Example, prediction: str) -> float:
+        seen.add(threading.get_ident())
+        calls.append(example.id)
+        if len(calls) % 5 == 0:
+            time.sleep(0.003)  # a hiccup: the GIL held by another thread, the OS
+        return 1.0
+
+    recorder = EventRecorder()
+    result = await evaluate(
+        qa_prompt(), echo_examples(20), model=echo_model(), metric=mostly_fast, on_event=recorder
+    )
+    assert result.score == 1.0 and seen == {loop_thread}
+    assert recorder.named("metric.threaded") == []
+
+
+async def test_a_metric_that_says_inline_true_or_false_is_never_moved() -> None:
+    loop_thread, on_loop, off_loop = threading.get_ident(), [], []
+
+    def slow_but_inline(example: Example, prediction: str) -> float:
+        on_loop.append(threading.get_ident() == loop_thread)
+        time.sleep(0.002)
+        return 1.0
+
+    def fast_but_threaded(example: Example, prediction: str) -> float:
+        off_loop.append(threading.get_ident() != loop_thread)
+        return 1.0
+
+    slow_but_inline.inline = True  # type: ignore[attr-defined]
+    fast_but_threaded.inline = False  # type: ignore[attr-defined]
+    recorder = EventRecorder()
+    for metric in (slow_but_inline, fast_but_threaded):
+        result = await evaluate(
+            qa_prompt(), echo_examples(6), model=echo_model(), metric=metric, on_event=recorder
+        )
+        assert result.score == 1.0
+    assert len(on_loop) == len(off_loop) == 7 and all(on_loop) and all(off_loop)
+    assert recorder.named("metric.threaded") == []
+
+
+async def test_an_async_metric_that_never_suspends_pays_no_cancel_scope() -> None:
+    deadlines = []
+
+    async def plain(example: Example, prediction: str) -> float:
+        deadlines.append(anyio.current_effective_deadline())
+        return 1.0 if prediction == example.expected else 0.0
+
+    result = await evaluate(
+        qa_prompt(), echo_examples(10), model=echo_model(), metric=plain, metric_timeout=30
+    )
+    assert result.score == 1.0 and deadlines == [math.inf] * 11  # no per-call deadline
+
+
+async def test_an_async_metric_that_suspends_keeps_its_values_errors_and_deadline() -> None:
+    deadlines = []
+
+    async def judge(example: Example, prediction: str) -> float:
+        await anyio.lowlevel.checkpoint()
+        deadlines.append(anyio.current_effective_deadline())
+        await anyio.sleep(0.001)
+        if example.id == "e1":
+            raise ValueError("the judge refused")
+        return 1.0
+
+    result = await evaluate(
+        qa_prompt(), echo_examples(5), model=echo_model(), metric=judge, metric_timeout=30
+    )
+    assert (result.scored, result.errors, result.score) == (4, 1, 1.0)
+    error = result.outcomes[1].error
+    assert error is not None and error.type == "ValueError" and "refused" in error.message
+    assert deadlines == [math.inf] * 6  # no scope per call: one watcher for them all
+
+
+@pytest.mark.looptime
+async def test_one_watcher_times_out_suspended_metrics_inside_their_own_cancel_scopes() -> None:
+    cleaned = []
+
+    async def judge(example: Example, prediction: str) -> float:
+        await anyio.lowlevel.checkpoint()  # suspended before the engine could scope it
+        try:
+            with anyio.fail_after(1000):  # the metric's own scope, open when the deadline hits
+                await anyio.sleep_forever()
+        finally:
+            cleaned.append(example.id)
+        return 1.0
+
+    judge.preflight = False  # type: ignore[attr-defined]
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(6), model=echo_model(), metric=judge, metric_timeout=5
+    )
+    assert 5 <= _loop_now() - started < 6
+    assert result.errors == 6 and sorted(cleaned) == [f"e{i}" for i in range(6)]
+    error = result.outcomes[0].error
+    assert error is not None and error.type == "MetricTimeoutError"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_async_metric_that_answers_at_once_is_scored_where_it_was_predicted(
+    streamed: bool,
+) -> None:
+    predicted_in: dict[str, object] = {}
+    scored_in: dict[str, object] = {}
+
+    def answer(request: ScriptedRequest) -> str:
+        text = request.messages[-1]["content"]
+        predicted_in[text] = asyncio.current_task()
+        return text
+
+    async def plain(example: Example, prediction: str) -> float:
+        scored_in[prediction] = asyncio.current_task()
+        return 1.0 if prediction == example.expected else 0.0
+
+    data = echo_examples(12)
+    examples = (e for e in data) if streamed else data
+    result = await evaluate(qa_prompt(), examples, model=ScriptedModel(answer), metric=plain)
+    assert result.score == 1.0 and result.completed == 12
+    # no hand-off to a metric worker: the task that predicted an example scored it
+    assert all(scored_in[text] is task for text, task in predicted_in.items())
+
+
+@pytest.mark.looptime
+async def test_an_async_metric_fast_in_the_check_but_hanging_later_still_times_out() -> None:
+    async def fickle(example: Example, prediction: str) -> float:
+        if example.id != "e0":
+            await anyio.sleep_forever()
+        return 1.0
+
+    started = _loop_now()
+    result = await evaluate(
+        qa_prompt(), echo_examples(4), model=echo_model(), metric=fickle, metric_timeout=20
+    )
+    assert 20 <= _loop_now() - started < 21
+    assert (result.scored, result.errors) == (1, 3)
 
 
 # -- secrets redacted by value -------------------------------------------------------

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import math
+import random
 
 import anyio
 import anyio.lowlevel
 import pytest
 
-from adapters import OpenAIChat, ScriptedModel, ScriptedRequest
+from adapters import (
+    ArithmeticCoach,
+    ArithmeticModel,
+    OpenAIChat,
+    ScriptedModel,
+    ScriptedRequest,
+    arithmetic_examples,
+)
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     BadRequestError,
@@ -21,8 +29,11 @@ from engine import (
     RetryPolicy,
     TransientError,
     evaluate,
+    optimize,
 )
+from engine._budget import BudgetMeter
 from engine.endpoint._adaptive import AdaptiveConcurrency
+from engine.endpoint._hedge import MIN_SAMPLES, Hedger
 from engine.endpoint._limits import RateLimiter
 from engine.metrics import ExactMatch
 
@@ -560,3 +571,102 @@ async def test_the_simulated_one_slot_server_done_when() -> None:
     assert result.errors == 0 and result.scored == 60
     assert server.stats.received <= 66
     assert server.stats.max_in_flight == 1
+
+
+# -- hedged requests (opt-in) ----------------------------------------------------------
+
+
+def _straggling_model(first: float, second: float) -> ScriptedModel:
+    """Echoes; each request's first attempt takes ``first`` seconds, any later one
+    ``second`` (the duplicate of a hedged call is a fresh draw at the provider)."""
+
+    async def answer(request: ScriptedRequest) -> str:
+        await anyio.sleep(first if request.attempt == 1 else second)
+        return request.messages[-1]["content"]
+
+    return ScriptedModel(answer)
+
+
+def test_hedging_is_off_by_default() -> None:
+    assert RetryPolicy().hedge_after is None
+    assert Endpoint(echo_model()).hedger is None
+    with pytest.raises(ConfigError, match="hedge_after"):
+        RetryPolicy(hedge_after=0)
+    with pytest.raises(ConfigError, match="hedge_after"):
+        RetryPolicy(hedge_after="p99")  # type: ignore[arg-type]
+
+
+@pytest.mark.looptime
+async def test_without_hedging_a_straggler_is_waited_for_and_never_doubled() -> None:
+    model = _straggling_model(first=10.0, second=0.1)
+    started = anyio.current_time()
+    result = await evaluate(qa_prompt(), echo_examples(3), model=model, metric=ExactMatch())
+    assert anyio.current_time() - started >= 10.0
+    assert model.calls == 3 and result.hedges == 0 and result.calls == 3
+
+
+@pytest.mark.looptime
+async def test_a_late_call_sends_one_duplicate_takes_the_first_answer_and_cancels_the_other() -> (
+    None
+):
+    model = _straggling_model(first=10.0, second=0.1)
+    endpoint = Endpoint(model, retry=RetryPolicy(hedge_after=1.0), limits=Limits(concurrency=8))
+    meter = BudgetMeter(None, ["demo"])
+    started = anyio.current_time()
+    result = await evaluate(
+        qa_prompt(), echo_examples(5), model=endpoint, metric=ExactMatch(), meter=meter
+    )
+    assert 1.1 <= anyio.current_time() - started < 2.0  # not the 10 s of the stragglers
+    assert result.score == 1.0 and result.hedges == 5 and result.retries == 0
+    assert model.calls == 10 and model.stats.cancelled == 5  # each loser cancelled
+    assert result.calls == 10 and meter.total_calls == 10  # both attempts charged
+    stats = endpoint.statistics()
+    assert (stats.calls, stats.hedges, stats.hedges_won) == (10, 5, 5)
+
+
+@pytest.mark.looptime
+async def test_a_call_gets_at_most_one_duplicate_however_late_both_are() -> None:
+    model = _straggling_model(first=10.0, second=10.0)
+    endpoint = Endpoint(model, retry=RetryPolicy(hedge_after=1.0), limits=Limits(concurrency=8))
+    started = anyio.current_time()
+    result = await evaluate(qa_prompt(), echo_examples(4), model=endpoint, metric=ExactMatch())
+    assert 10.0 <= anyio.current_time() - started < 11.0  # the first answers first
+    assert model.calls == 8 and result.hedges == 4 and model.stats.cancelled == 4
+    assert endpoint.statistics().hedges_won == 0
+
+
+def test_the_p95_delay_waits_for_enough_latencies_and_follows_them() -> None:
+    hedger = Hedger("p95", clock=lambda: 0.0)
+    for seconds in range(1, MIN_SAMPLES):
+        hedger.observe(float(seconds))
+    assert hedger.delay() is None  # too few to say what is late
+    for seconds in range(MIN_SAMPLES, 101):
+        hedger.observe(float(seconds))
+    assert hedger.delay() == 95.0
+
+
+@pytest.mark.looptime
+async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without() -> None:
+    def heavy_tail(rng: random.Random) -> float:
+        return 0.5 * math.exp(rng.gauss(0.0, 1.0))
+
+    async def run(hedge: bool) -> tuple[object, ...]:
+        retry = RetryPolicy(hedge_after="p95" if hedge else None)
+        model = Endpoint(ArithmeticModel(latency=heavy_tail, seed=3), retry=retry)
+        data = arithmetic_examples(40)
+        result = await optimize(
+            qa_prompt(), data[:30], valset=data[30:], metric=ExactMatch(), model=model,
+            optimizer_model=ArithmeticCoach(), optimizer_model_name="coach", seed=1,
+        )  # fmt: skip
+        report = result.report
+        steps = [
+            (s.batch_ids, s.batch_score, s.best_score, s.val_score, proposals)
+            for s in report.steps
+            for proposals in [[(p.accepted, p.batch_score, p.full_score) for p in s.proposals]]
+        ]
+        hedges = model.statistics().hedges
+        return (result.prompt.messages, result.score, result.val_score, steps), hedges
+
+    (plain, none_sent), (hedged, sent) = await run(False), await run(True)
+    assert none_sent == 0 and sent > 0  # hedging really happened
+    assert hedged == plain

@@ -60,7 +60,8 @@ class CircuitBreaker:
 
     @property
     def is_open(self) -> bool:
-        return self._clock() < self._open_until
+        # never opened (the usual case): no clock to read, twice per attempt
+        return self._open_until != -math.inf and self._clock() < self._open_until
 
     @property
     def consecutive_failures(self) -> int:

@@ -47,6 +47,7 @@ from ..cache import request_hash
 from ..tracing import attempt_span, instrumented
 from ._adaptive import LevelChange, LiveAttempts
 from ._breaker import CircuitBreaker
+from ._hedge import Hedger
 from ._limits import LimiterStatistics, Limits, RateLimiter
 from ._retry import RetryPolicy
 from ._tokens import estimate_request_tokens
@@ -68,11 +69,13 @@ _SHARED_ATTRIBUTE = "_engine_endpoint"
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """A completion and what it took: attempts made and tokens paid across them."""
+    """A completion and what it took: attempts made (hedges included) and tokens paid
+    across them, and how many of the attempts were hedges."""
 
     completion: Completion
     attempts: int
     timeouts: int = 0  # attempts that timed out (counted apart from other retries)
+    hedges: int = 0  # duplicate attempts sent by hedging (counted in attempts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class EndpointStatistics:
     limiter: LimiterStatistics
     breaker_open: bool = False
     connection_failures: int = 0  # in a row, since the last success
+    hedges: int = 0  # duplicate attempts sent (``RetryPolicy.hedge_after``)
+    hedges_won: int = 0  # duplicates that answered before the attempt they doubled
 
 
 class _Counters:
@@ -111,6 +116,7 @@ class _Attempts:
         "events",
         "forgiven",
         "give_up_at",
+        "hedges",
         "meter",
         "model_name",
         "pauses_seen",
@@ -128,6 +134,7 @@ class _Attempts:
     ) -> None:
         self.count = 0
         self.timeouts = 0  # attempts that timed out
+        self.hedges = 0  # duplicate attempts sent, beside the ``count`` retried ones
         self.estimate = 0  # tokens charged up front for the current attempt
         self.epoch = 0  # the limiter's rate epoch when the current attempt was sent
         self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
@@ -186,6 +193,8 @@ class Endpoint:
         self._clock = clock or loop_time
         self.limiter = RateLimiter(self.limits, clock=self._clock)
         self.breaker = CircuitBreaker(self.retry.circuit_breaker, clock=self._clock)
+        after = self.retry.hedge_after
+        self.hedger = Hedger(after, self._clock) if after is not None else None
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
@@ -263,14 +272,17 @@ class Endpoint:
         while True:
             call.count += 1
             try:
-                completion = await self._attempt_under_limits(messages, params, call)
+                if self.hedger is None:
+                    completion = await self._attempt_under_limits(messages, params, call)
+                else:
+                    completion = await self._attempt_hedged(messages, params, call)
             except ProviderError as exc:
                 exc.timeouts = call.timeouts
                 if not exc.sent:  # the gate refused to wait: nothing to count or retry
-                    exc.attempts = call.count - 1
+                    exc.attempts = call.count - 1 + call.hedges
                     self._counters.failed += 1
                     raise
-                exc.attempts = call.count
+                exc.attempts = call.count + call.hedges
                 self._on_failure(exc, call)
                 await self._before_retry(exc, call)
                 continue
@@ -280,7 +292,7 @@ class Endpoint:
                 await self.limiter.reconcile(estimated=call.estimate, actual=actual)
             if call.split != (0, 0):
                 await self._settle_split(call.split, completion.usage)
-            return CallResult(completion, call.count, call.timeouts)
+            return CallResult(completion, call.count + call.hedges, call.timeouts, call.hedges)
 
     def _move_to_running_loop(self) -> None:
         """Bind to the running event loop: at first use, or when the loop this endpoint
@@ -298,6 +310,17 @@ class Endpoint:
             self.limiter.rebind()
             self.breaker.rebind()
         self._loop = loop
+
+    async def _attempt_hedged(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
+    ) -> Completion:
+        """One attempt, with its duplicate when it runs late."""
+        assert self.hedger is not None
+        completion, hedges = await self.hedger.attempt(
+            lambda: self._attempt_under_limits(messages, params, call)
+        )
+        call.hedges += hedges
+        return completion
 
     async def _attempt_under_limits(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
@@ -619,6 +642,8 @@ class Endpoint:
             limiter=self.limiter.statistics(),
             breaker_open=self.breaker.is_open,
             connection_failures=self.breaker.consecutive_failures,
+            hedges=self.hedger.sent if self.hedger is not None else 0,
+            hedges_won=self.hedger.won if self.hedger is not None else 0,
         )
 
     def __repr__(self) -> str:

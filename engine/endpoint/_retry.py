@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 
 from .._errors import ConfigError, ProviderError
+from ._hedge import HedgeAfter, check_hedge_after
 
 __all__ = ["RetryPolicy"]
 
@@ -27,6 +28,10 @@ class RetryPolicy:
         circuit_breaker: consecutive connection failures (nothing listening, unknown
             host) with no success since, after which the endpoint opens and every call
             fails at once with `EndpointUnreachableError`; ``None`` disables it.
+        hedge_after: hedged requests, off by default: an attempt still unanswered after
+            this many seconds (or ``"p95"``: the endpoint's observed p95 latency) gets one
+            duplicate; the first answer wins, the other is cancelled.  Both pass the
+            limiter and are charged to the budget (see ``engine/endpoint/_hedge.py``).
 
     Only `ProviderError`s whose class is ``retryable`` are retried (rate limits, 5xx,
     timeouts, dropped connections, malformed bodies); 400/401/404 never are.  The wait
@@ -42,6 +47,7 @@ class RetryPolicy:
     deadline: float | None = None
     max_retry_after: float = 60.0
     circuit_breaker: int | None = 10
+    hedge_after: HedgeAfter = None
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -56,6 +62,7 @@ class RetryPolicy:
             raise ConfigError("RetryPolicy.max_retry_after must not be negative")
         if self.circuit_breaker is not None and self.circuit_breaker < 1:
             raise ConfigError("RetryPolicy.circuit_breaker must be at least 1 or None")
+        check_hedge_after(self.hedge_after)
 
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         """Whether ``error`` on attempt number ``attempt`` (1-based) deserves another
