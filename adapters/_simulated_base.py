@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl
 
 import anyio
 from starlette.types import Receive, Scope, Send
@@ -25,6 +26,7 @@ __all__ = [
     "SimulatedHandler",
     "drop_connection",
     "echo_answer",
+    "parse_chat_request",
     "read_body",
     "send_json",
     "send_raw",
@@ -160,6 +162,17 @@ class ServerStats:
         return data
 
 
+def parse_chat_request(raw: bytes) -> dict[str, Any] | None:
+    """The request body if it is a JSON object with a ``messages`` list, else ``None``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    return body
+
+
 # -- ASGI helpers ------------------------------------------------------------------
 async def read_body(receive: Receive) -> bytes | None:
     """The whole request body, or ``None`` if the client went away first."""
@@ -266,7 +279,14 @@ class Bucket:
 class SimulatedHandler:
     """The parts of a dialect's request handler that do not depend on the dialect:
     counting arrivals, the latency draw, concurrency, hangs and client disconnects,
-    and the dropped or malformed answers of the fault table."""
+    and the dropped or malformed answers of the fault table.
+
+    A subclass names the headers that carry credentials (``secret_headers``: the
+    stats keep only their names) and whether the query string is recorded
+    (``record_query``: not where it may carry a key)."""
+
+    secret_headers: frozenset[str] = frozenset()
+    record_query: bool = False
 
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
         self.config = config
@@ -283,17 +303,28 @@ class SimulatedHandler:
             c.latency_cap, c.latency_median * math.exp(c.latency_sigma * self.rng.gauss(0, 1))
         )
 
+    async def _receive(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[bytes, dict[str, str], str, float] | None:
+        """Read the request and count its arrival: its body, headers (lower-case
+        names), digest (which names repeats) and arrival time; ``None`` if the client
+        went away first."""
+        raw = await read_body(receive)
+        if raw is None:
+            return None
+        now = time.monotonic()
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        query = parse_qsl(scope.get("query_string", b"").decode()) if self.record_query else []
+        return raw, headers, self._arrive(scope, headers, raw, now, dict(query)), now
+
     def _arrive(
         self,
         scope: Scope,
         headers: Mapping[str, str],
         raw: bytes,
         now: float,
-        *,
         query: Mapping[str, str],
-        secret_headers: frozenset[str],
     ) -> str:
-        """Count the request as received; its digest names repeats."""
         stats = self.stats
         with self.lock:
             stats.received += 1
@@ -312,7 +343,7 @@ class SimulatedHandler:
                 "query": dict(query),
                 # which credential headers came, never their values
                 "headers": {
-                    k: "<secret>" if k in secret_headers else v for k, v in headers.items()
+                    k: "<secret>" if k in self.secret_headers else v for k, v in headers.items()
                 },
             }
         return digest

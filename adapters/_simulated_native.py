@@ -34,14 +34,11 @@ from ._simulated_base import (
     ServerConfig,
     ServerStats,
     SimulatedHandler,
-    read_body,
     send_json,
 )
 from ._simulated_gemini import GeminiDialect
 
 __all__ = ["DIALECTS", "NativeDialect", "NativeProvider", "native_routes"]
-
-_SECRET_HEADERS = frozenset({"x-api-key", "x-goog-api-key", "authorization"})
 
 
 class NativeDialect(Protocol):
@@ -73,6 +70,8 @@ DIALECTS: Mapping[str, Callable[[], NativeDialect]] = {
 class NativeProvider(SimulatedHandler):
     """The handler of one dialect's route (a raw ASGI app, as the OpenAI one is)."""
 
+    secret_headers = frozenset({"x-api-key", "x-goog-api-key", "authorization"})
+
     def __init__(self, dialect: NativeDialect, config: ServerConfig, stats: ServerStats) -> None:
         super().__init__(config, stats)
         self.dialect = dialect
@@ -91,12 +90,10 @@ class NativeProvider(SimulatedHandler):
         self.throttled_until = -math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(receive)
-        if raw is None:
+        received = await self._receive(scope, receive)
+        if received is None:
             return
-        now = time.monotonic()
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        digest = self._arrive(scope, headers, raw, now, query={}, secret_headers=_SECRET_HEADERS)
+        raw, headers, digest, now = received
         refusal = self._refusal(headers)
         body = None if refusal else self.dialect.parse(raw, scope.get("path_params") or {})
         if refusal is None and body is None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import socket
 import subprocess
@@ -37,7 +36,6 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl
 
 import anyio
 import uvicorn
@@ -55,7 +53,7 @@ from ._simulated_base import (
     ServerStats,
     SimulatedHandler,
     echo_answer,
-    read_body,
+    parse_chat_request,
     send_json,
     send_raw,
 )
@@ -79,6 +77,9 @@ class _Provider(SimulatedHandler):
     Azure without api-version, exhausted quota, bad JSON, unsupported response format),
     rate-limit it, then serve it with latency and the injected faults.
     """
+
+    secret_headers = frozenset({"authorization", "api-key"})
+    record_query = True
 
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
         super().__init__(config, stats)  # one draw per request: seeded runs stay comparable
@@ -111,16 +112,11 @@ class _Provider(SimulatedHandler):
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(receive)
-        if raw is None:
+        received = await self._receive(scope, receive)
+        if received is None:
             return
-        now = time.monotonic()
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        query = parse_qsl(scope.get("query_string", b"").decode())
-        digest = self._arrive(
-            scope, headers, raw, now, query=dict(query), secret_headers=_SECRET_HEADERS
-        )
-        body = _parse_request(raw)
+        raw, headers, digest, now = received
+        body = parse_chat_request(raw)
         refusal = self._refusal(scope, headers, now) or self._request_refusal(body)
         if refusal is not None or body is None:
             await send_json(send, *(refusal or _INVALID_JSON))
@@ -265,24 +261,12 @@ async def _never_disconnects() -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _parse_request(raw: bytes) -> dict[str, Any] | None:
-    """The request body if it is a JSON object with a ``messages`` list, else ``None``."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        return None
-    return body
-
-
 def _error(message: str, **fields: str) -> dict[str, Any]:
     return {"error": {"message": message, **fields}}
 
 
 _INVALID_JSON = (400, _error("invalid JSON body"))
 _QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
-_SECRET_HEADERS = frozenset({"authorization", "api-key"})
 
 
 async def _chunked(
