@@ -9,7 +9,7 @@ SDK to share them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -48,6 +48,19 @@ class BatchReport:
     def missing(self) -> int:
         """Examples still without a prediction: the normal path will pay for these."""
         return self.submitted - self.filled
+
+    async def misses(
+        self, examples: Sequence[Example], *, cache: Cache, request: str
+    ) -> list[Example]:
+        """The ``examples`` without a cached prediction for ``request``, in order; the
+        others are counted as already cached."""
+        missing = []
+        for example in examples:
+            if await cache.has_prediction(request, example):
+                self.already_cached += 1
+            else:
+                missing.append(example)
+        return missing
 
     def expire(self, example: Example) -> None:
         """Count ``example`` as expired: the batch window closed before its turn."""
@@ -110,19 +123,23 @@ async def poll_until_ended(
     interval: float,
     max_interval: float,
     deadline: float | None,
-) -> tuple[_Batch, str, bool]:
+    report: BatchReport,
+    batch_id: str,
+) -> _Batch | None:
     """Fetch a batch until ``ended`` says its status is final, waiting ``interval``
     seconds at first and 1.5x longer each time (at most ``max_interval``).
 
-    Returns the last batch, its status, and whether it ended (False: ``deadline``
-    seconds passed first, and the items stay misses)."""
+    Returns the ended batch, its status noted in ``report.statuses[batch_id]``; or
+    ``None`` when ``deadline`` seconds passed first (noted too: its items stay misses)."""
     wait, started = interval, anyio.current_time()
     while True:
         batch = await fetch()
         status = status_of(batch)
         if ended(status):
-            return batch, status, True
+            report.statuses[batch_id] = status
+            return batch
         if deadline is not None and anyio.current_time() - started > deadline:
-            return batch, status, False
+            report.statuses[batch_id] = f"gave up polling ({status})"
+            return None
         await anyio.sleep(wait)
         wait = min(wait * 1.5, max_interval)

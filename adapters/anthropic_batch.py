@@ -167,10 +167,7 @@ class AnthropicBatch(AsyncCloseable):
         items: list[tuple[dict[str, Any], int]] = []
         request = Endpoint.of(model).request_key(prompt)
         params = prompt.request_params()
-        for example in examples:
-            if await cache.has_prediction(request, example):
-                report.already_cached += 1
-                continue
+        for example in await report.misses(examples, cache=cache, request=request):
             custom_id = f"r{len(items)}"  # the API's ids: [a-zA-Z0-9_-]{1,64}
             by_id[custom_id] = example
             body = encode_request(
@@ -205,16 +202,17 @@ class AnthropicBatch(AsyncCloseable):
         async def fetch() -> Any:
             return json.loads((await self._call("GET", url)).body)
 
-        batch, status, ended = await poll_until_ended(
+        batch = await poll_until_ended(
             fetch,
             lambda batch: str(batch.get("processing_status")),
             lambda status: status == "ended",
             interval=self.poll_interval,
             max_interval=self.max_poll_interval,
             deadline=self.deadline,
+            report=report,
+            batch_id=batch_id,
         )
-        report.statuses[batch_id] = status if ended else f"gave up polling ({status})"
-        if not ended:
+        if batch is None:
             return
         results = batch.get("results_url")
         if not results:

@@ -124,10 +124,7 @@ class OpenAIBatch(AsyncCloseable):
         lines: list[bytes] = []
         request = Endpoint.of(model).request_key(prompt)
         params = prompt.request_params()
-        for example in examples:
-            if await cache.has_prediction(request, example):
-                report.already_cached += 1
-                continue
+        for example in await report.misses(examples, cache=cache, request=request):
             key = cache.prediction_key(request, example)
             by_key[key] = example
             body = {**params, "messages": prompt.render(example.inputs)}
@@ -196,16 +193,17 @@ class OpenAIBatch(AsyncCloseable):
         cache: Cache,
         report: BatchReport,
     ) -> None:
-        batch, status, ended = await poll_until_ended(
+        batch = await poll_until_ended(
             lambda: self._client.batches.retrieve(batch_id),
             lambda batch: str(batch.status),
             lambda status: status in _TERMINAL,
             interval=self.poll_interval,
             max_interval=self.max_poll_interval,
             deadline=self.deadline,
+            report=report,
+            batch_id=batch_id,
         )
-        report.statuses[batch_id] = status if ended else f"gave up polling ({status})"
-        if not ended:
+        if batch is None:
             return
         if batch.output_file_id:
             content = await self._client.files.content(batch.output_file_id)
