@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode
 
 from engine import ConfigError
 
-from ._route import Route, _headers, _query, _split, _strings
+from ._route import Route, _strings, root_route
 
 __all__ = ["Dialect", "native_route", "resolve_native_key"]
 
@@ -59,18 +58,15 @@ def native_route(
     user_headers, user_query = _strings(headers, "headers"), _strings(query, "query")
     key = resolve_native_key(api_key, dialect, base_url)
     root = base_url or os.environ.get(dialect.base_url_env) or dialect.default_base_url
-    display, label, base_query = _split(root, "base_url")
     auth = dict(extra_headers or {})
     if key != "no-key":
         auth[dialect.key_header] = key
-    return Route(
-        url=f"{display}{path}" + _query(base_query, urlencode(user_query)),
-        headers=_headers(auth, user_headers),
-        display=display,
-        identity=f"{dialect.kind}:{display}",
-        label=label,
-        base_url=root,
-        api_key=key,
+    return root_route(
+        root,
+        path,
+        kind=dialect.kind,
+        key=key,
+        auth=auth,
         user_headers=user_headers,
         user_query=user_query,
     )

@@ -27,7 +27,7 @@ from engine import ConfigError
 
 from ._wire import resolve_api_key
 
-__all__ = ["DEFAULT_BASE_URL", "Route", "azure_route", "openai_route"]
+__all__ = ["DEFAULT_BASE_URL", "Route", "azure_route", "openai_route", "root_route"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _USER_AGENT = "textgrad-engine/0.1"
@@ -119,12 +119,36 @@ def openai_route(
     user_headers, user_query = _strings(headers, "headers"), _strings(query, "query")
     key = resolve_api_key(api_key, base_url)
     root = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    return root_route(
+        root,
+        "/chat/completions",
+        kind="openai-chat",
+        key=key,
+        auth={"authorization": f"Bearer {key}"},
+        user_headers=user_headers,
+        user_query=user_query,
+    )
+
+
+def root_route(
+    root: str,
+    path: str,
+    *,
+    kind: str,
+    key: str,
+    auth: Mapping[str, str],
+    user_headers: dict[str, str],
+    user_query: dict[str, str],
+) -> Route:
+    """The route to ``{root}{path}`` for an API root (OpenAI's or a native dialect's):
+    ``auth`` are our headers, overridden by the caller's ``user_headers`` by name; the
+    identity is ``kind`` and the root, never a key, header or query."""
     display, label, base_query = _split(root, "base_url")
     return Route(
-        url=f"{display}/chat/completions" + _query(base_query, urlencode(user_query)),
-        headers=_headers({"authorization": f"Bearer {key}"}, user_headers),
+        url=f"{display}{path}" + _query(base_query, urlencode(user_query)),
+        headers=_headers(auth, user_headers),
         display=display,
-        identity=f"openai-chat:{display}",
+        identity=f"{kind}:{display}",
         label=label,
         base_url=root,
         api_key=key,

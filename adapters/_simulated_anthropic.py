@@ -3,13 +3,13 @@ errors and ``anthropic-ratelimit-*`` headers (see ``adapters._simulated_native``
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from . import _fake
+from ._simulated_base import parse_chat_request
 
 __all__ = ["AnthropicDialect"]
 
@@ -41,13 +41,8 @@ class AnthropicDialect:
     def parse(self, raw: bytes, path_params: Mapping[str, str]) -> dict[str, Any] | None:
         """The request as the OpenAI-shaped body the server's answer function takes
         (``system`` back in front as a system message), or ``None`` if invalid."""
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return None
-        if not isinstance(body.get("max_tokens"), int):
+        body = parse_chat_request(raw)
+        if body is None or not isinstance(body.get("max_tokens"), int):
             return None  # the real API refuses a request without it
         system = body.get("system")
         messages = ([{"role": "system", "content": system}] if system else []) + body["messages"]

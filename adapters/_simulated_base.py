@@ -3,20 +3,30 @@ statistics, and the few ASGI helpers that write answers and faults by hand."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl
 
 import anyio
-from starlette.types import Receive, Send
+from starlette.types import Receive, Scope, Send
 
 __all__ = [
     "Answer",
+    "Bucket",
     "ServerConfig",
     "ServerStats",
+    "SimulatedHandler",
     "drop_connection",
     "echo_answer",
+    "parse_chat_request",
     "read_body",
     "send_json",
     "send_raw",
@@ -152,6 +162,17 @@ class ServerStats:
         return data
 
 
+def parse_chat_request(raw: bytes) -> dict[str, Any] | None:
+    """The request body if it is a JSON object with a ``messages`` list, else ``None``."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        return None
+    return body
+
+
 # -- ASGI helpers ------------------------------------------------------------------
 async def read_body(receive: Receive) -> bytes | None:
     """The whole request body, or ``None`` if the client went away first."""
@@ -213,3 +234,154 @@ async def send_json(
     send: Send, status: int, data: Any, headers: Mapping[str, str] | None = None
 ) -> None:
     await send_raw(send, status, json.dumps(data).encode(), headers)
+
+
+# -- what every dialect's handler does ---------------------------------------------
+class Bucket:
+    """A token bucket refilled continuously: one second's worth of ``per_minute``."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate)  # one second's worth
+        self.level = self.capacity
+        self.stamp = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_for(self, amount: float) -> float:
+        """0 if ``amount`` is there now, else the seconds until it is."""
+        self._refill()
+        amount = min(amount, self.capacity)
+        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
+
+    def take(self, amount: float) -> float:
+        """Take ``amount`` if available and return 0, else the seconds until it is."""
+        wait = self.wait_for(amount)
+        if not wait:
+            self.level -= min(amount, self.capacity)
+        return wait
+
+    def reset_in(self) -> float:
+        """Seconds until the bucket is full again."""
+        self._refill()
+        return (self.capacity - self.level) / self.rate
+
+    def state(self) -> tuple[float, float, float]:
+        """The limit per minute, the level now, and the seconds until full."""
+        reset = self.reset_in()
+        return self.per_minute, self.level, reset
+
+
+class SimulatedHandler:
+    """The parts of a dialect's request handler that do not depend on the dialect:
+    counting arrivals, the latency draw, concurrency, hangs and client disconnects,
+    and the dropped or malformed answers of the fault table.
+
+    A subclass names the headers that carry credentials (``secret_headers``: the
+    stats keep only their names) and whether the query string is recorded
+    (``record_query``: not where it may carry a key)."""
+
+    secret_headers: frozenset[str] = frozenset()
+    record_query: bool = False
+
+    def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.rng = random.Random(config.seed)
+        self.lock = threading.Lock()
+        self.seen: set[str] = set()
+
+    def _latency(self) -> float:
+        c = self.config
+        if c.latency_median <= 0:
+            return 0.0
+        return min(
+            c.latency_cap, c.latency_median * math.exp(c.latency_sigma * self.rng.gauss(0, 1))
+        )
+
+    async def _receive(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[bytes, dict[str, str], str, float] | None:
+        """Read the request and count its arrival: its body, headers (lower-case
+        names), digest (which names repeats) and arrival time; ``None`` if the client
+        went away first."""
+        raw = await read_body(receive)
+        if raw is None:
+            return None
+        now = time.monotonic()
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        query = parse_qsl(scope.get("query_string", b"").decode()) if self.record_query else []
+        return raw, headers, self._arrive(scope, headers, raw, now, dict(query)), now
+
+    def _arrive(
+        self,
+        scope: Scope,
+        headers: Mapping[str, str],
+        raw: bytes,
+        now: float,
+        query: Mapping[str, str],
+    ) -> str:
+        stats = self.stats
+        with self.lock:
+            stats.received += 1
+            stats.arrivals.append(now)
+            digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
+            if digest in self.seen:
+                stats.repeats += 1
+            self.seen.add(digest)
+            path = str(scope.get("path", ""))
+            stats.routes[path] = stats.routes.get(path, 0) + 1
+            client = scope.get("client")
+            if client:
+                stats.client_ports.add(int(client[1]))
+            stats.last_request = {
+                "path": path,
+                "query": dict(query),
+                # which credential headers came, never their values
+                "headers": {
+                    k: "<secret>" if k in self.secret_headers else v for k, v in headers.items()
+                },
+            }
+        return digest
+
+    @contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Count the request as being served while the block runs."""
+        stats = self.stats
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            yield
+        finally:
+            stats.in_flight -= 1
+
+    async def _wait_latency(self, roll: float, receive: Receive) -> bool:
+        """Wait the latency, or hang when ``roll`` lands on ``hang_rate``; True if the
+        client went away meanwhile (counted: nothing more is sent then)."""
+        c = self.config
+        hang = roll < c.hang_rate
+        self.stats.hangs += hang
+        if await sleep_or_disconnect(c.hang_seconds if hang else self._latency(), receive):
+            self.stats.disconnects += 1
+            return True
+        return False
+
+    async def _drop_or_malform(
+        self, send: Send, roll: float, malformed: bytes, headers: Mapping[str, str]
+    ) -> bool:
+        """The fault table's tail: drop the connection when ``roll`` lands on
+        ``drop_rate``, send ``malformed`` (True) when it lands on ``malformed_rate``."""
+        stats, c = self.stats, self.config
+        if 0 <= roll < c.drop_rate:
+            stats.drops += 1
+            await drop_connection(send)
+        roll -= c.drop_rate
+        if 0 <= roll < c.malformed_rate:
+            stats.malformed += 1
+            await send_raw(send, 200, malformed, headers)
+            return True
+        return False

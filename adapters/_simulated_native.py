@@ -20,10 +20,7 @@ is the time left.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -33,19 +30,15 @@ from starlette.types import Receive, Scope, Send
 
 from ._simulated_anthropic import AnthropicDialect
 from ._simulated_base import (
+    Bucket,
     ServerConfig,
     ServerStats,
-    drop_connection,
-    read_body,
+    SimulatedHandler,
     send_json,
-    send_raw,
-    sleep_or_disconnect,
 )
 from ._simulated_gemini import GeminiDialect
 
 __all__ = ["DIALECTS", "NativeDialect", "NativeProvider", "native_routes"]
-
-_SECRET_HEADERS = frozenset({"x-api-key", "x-goog-api-key", "authorization"})
 
 
 class NativeDialect(Protocol):
@@ -74,45 +67,18 @@ DIALECTS: Mapping[str, Callable[[], NativeDialect]] = {
 }
 
 
-class _Bucket:
-    """A token bucket refilled continuously: one second's worth of ``per_minute``."""
-
-    def __init__(self, per_minute: float) -> None:
-        self.per_minute = per_minute
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate)
-        self.level = self.capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def wait_for(self, amount: float) -> float:
-        """0 if ``amount`` is there now, else the seconds until it is."""
-        self._refill()
-        amount = min(amount, self.capacity)
-        return 0.0 if self.level >= amount else (amount - self.level) / self.rate
-
-    def state(self) -> tuple[float, float, float]:
-        self._refill()
-        return self.per_minute, self.level, (self.capacity - self.level) / self.rate
-
-
-class NativeProvider:
+class NativeProvider(SimulatedHandler):
     """The handler of one dialect's route (a raw ASGI app, as the OpenAI one is)."""
 
+    secret_headers = frozenset({"x-api-key", "x-goog-api-key", "authorization"})
+
     def __init__(self, dialect: NativeDialect, config: ServerConfig, stats: ServerStats) -> None:
+        super().__init__(config, stats)
         self.dialect = dialect
-        self.config = config
-        self.stats = stats
-        self.rng = random.Random(config.seed)
-        self.lock = threading.Lock()
         input_tpm = config.input_tpm or config.tpm
         output_tpm = config.output_tpm
         self.buckets = {
-            name: _Bucket(rate)
+            name: Bucket(rate)
             for name, rate in (
                 ("requests", config.rpm),
                 ("input", input_tpm),
@@ -122,15 +88,12 @@ class NativeProvider:
         }
         self.paid = 0
         self.throttled_until = -math.inf
-        self.seen: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(receive)
-        if raw is None:
+        received = await self._receive(scope, receive)
+        if received is None:
             return
-        now = time.monotonic()
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        digest = self._arrive(scope, headers, raw, now)
+        raw, headers, digest, now = received
         refusal = self._refusal(headers)
         body = None if refusal else self.dialect.parse(raw, scope.get("path_params") or {})
         if refusal is None and body is None:
@@ -146,29 +109,6 @@ class NativeProvider:
             await self._fail(send, "rate_limited", "Rate limit reached", wait)
             return
         await self._serve(send, receive, body, (text, answer), digest, now)
-
-    def _arrive(self, scope: Scope, headers: Mapping[str, str], raw: bytes, now: float) -> str:
-        stats = self.stats
-        with self.lock:
-            stats.received += 1
-            stats.arrivals.append(now)
-            digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-            if digest in self.seen:
-                stats.repeats += 1
-            self.seen.add(digest)
-            path = str(scope.get("path", ""))
-            stats.routes[path] = stats.routes.get(path, 0) + 1
-            client = scope.get("client")
-            if client:
-                stats.client_ports.add(int(client[1]))
-            stats.last_request = {
-                "path": path,
-                "query": {},
-                "headers": {
-                    k: "<secret>" if k in _SECRET_HEADERS else v for k, v in headers.items()
-                },
-            }
-        return digest
 
     def _refusal(self, headers: Mapping[str, str]) -> str | None:
         """The fault a request is refused with before it is read, if any."""
@@ -219,13 +159,8 @@ class NativeProvider:
         """Wait the latency (or hang), then answer: a fault, or the paid answer."""
         stats, c = self.stats, self.config
         roll = self.rng.random()
-        stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        try:
-            hang = roll < c.hang_rate
-            stats.hangs += hang
-            if await sleep_or_disconnect(c.hang_seconds if hang else self._latency(), receive):
-                stats.disconnects += 1
+        with self._in_flight():
+            if await self._wait_latency(roll, receive):
                 return
             if await self._fault(send, roll - c.hang_rate):
                 return
@@ -237,8 +172,6 @@ class NativeProvider:
                 answer = self.dialect.answer(body, text, digest, True)[0]
             self._paid(now)
             await send_json(send, 200, answer, self._limit_headers())
-        finally:
-            stats.in_flight -= 1
 
     def _paid(self, now: float) -> None:
         with self.lock:
@@ -261,22 +194,8 @@ class NativeProvider:
                 await self._fail(send, fault, f"{fault} (injected)")
                 return True
             roll -= rate
-        if 0 <= roll < c.drop_rate:
-            stats.drops += 1
-            await drop_connection(send)
-        roll -= c.drop_rate
-        if 0 <= roll < c.malformed_rate:
-            stats.malformed += 1
-            await send_raw(send, 200, self.dialect.malformed, self._limit_headers())
-            return True
-        return False
-
-    def _latency(self) -> float:
-        c = self.config
-        if c.latency_median <= 0:
-            return 0.0
-        return min(
-            c.latency_cap, c.latency_median * math.exp(c.latency_sigma * self.rng.gauss(0, 1))
+        return await self._drop_or_malform(
+            send, roll, self.dialect.malformed, self._limit_headers()
         )
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine import AsyncCloseable, Completion, ConfigError, Limits, register_secret
+from engine import Completion, ConfigError, Limits
 
 from ._anthropic_wire import (
     API_VERSION,
@@ -42,6 +42,7 @@ from ._anthropic_wire import (
     parse_response,
     translate_status,
 )
+from ._chat_base import ChatAdapter, pool_size
 from ._http import AiohttpTransport
 from ._native_route import Dialect, native_route
 
@@ -54,14 +55,9 @@ ANTHROPIC = Dialect(
     api_key_env="ANTHROPIC_API_KEY",
     key_header="x-api-key",
 )
-_DEFAULT_POOL = 32  # = Limits().concurrency, the engine's default
 
 
-def _rebuild(arguments: Mapping[str, Any]) -> AnthropicChat:
-    return AnthropicChat(**arguments)
-
-
-class AnthropicChat(AsyncCloseable):
+class AnthropicChat(ChatAdapter):
     """A Claude model behind the Messages API; implements `engine.ChatModel`.
 
     Parameters:
@@ -94,23 +90,21 @@ class AnthropicChat(AsyncCloseable):
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout!r}")
+        self._keep_arguments(
+            base_url=base_url,
+            api_key=api_key,
+            limits=limits,
+            timeout=timeout,
+            name=name,
+            default_max_tokens=default_max_tokens,
+            anthropic_version=anthropic_version,
+            headers=headers,
+            query=query,
+        )
         if not isinstance(default_max_tokens, int) or default_max_tokens < 1:
             raise ConfigError(
                 f"default_max_tokens must be a positive int, got {default_max_tokens!r}"
             )
-        self._arguments: dict[str, Any] = {
-            "base_url": base_url,
-            "api_key": api_key,
-            "limits": limits,
-            "timeout": timeout,
-            "name": name,
-            "default_max_tokens": default_max_tokens,
-            "anthropic_version": anthropic_version,
-            "headers": dict(headers) if headers is not None else None,
-            "query": dict(query) if query is not None else None,
-        }
         route = native_route(
             ANTHROPIC,
             base_url=base_url,
@@ -120,24 +114,11 @@ class AnthropicChat(AsyncCloseable):
             headers=headers,
             query=query,
         )
-        for secret in route.secrets:  # redacted by value wherever the engine writes text
-            register_secret(secret)
-        self.limits = limits
-        self.name = name or route.label
+        self._take_identity(route.identity, route.secrets, name=name or route.label, limits=limits)
         self.default_max_tokens = default_max_tokens
-        self._identity = route.identity
-        self._secrets = route.secrets
-        pool = limits.concurrency if limits is not None else _DEFAULT_POOL
-        self._transport = AiohttpTransport(route, pool=pool, timeout=timeout, endpoint=self.name)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled as its constructor arguments: a cluster worker opens its own pool."""
-        return (_rebuild, (self._arguments,))
-
-    @property
-    def cache_identity(self) -> str:
-        """Who answers, for cache keys: the dialect and the root URL, never a key."""
-        return self._identity
+        self._transport = AiohttpTransport(
+            route, pool=pool_size(limits), timeout=timeout, endpoint=self.name
+        )
 
     def response_format_sent(self, requested: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """Always ``None``: the Messages API takes no ``response_format``."""
@@ -150,11 +131,7 @@ class AnthropicChat(AsyncCloseable):
     async def complete(self, messages: Sequence[Mapping[str, str]], /, **params: Any) -> Completion:
         body = encode_request(messages, params, default_max_tokens=self.default_max_tokens)
         raw = await self._transport.send(body)
-        if 200 <= raw.status < 300:
-            return parse_response(raw, endpoint=self.name)
-        raise translate_status(
-            raw.status, raw.headers, raw.body, endpoint=self.name, secrets=self._secrets
-        )
+        return self._read_answer(raw, parse_response, translate_status)
 
     def __repr__(self) -> str:
         return f"<AnthropicChat {self.name!r}>"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -31,15 +30,12 @@ import anyio
 from engine import (
     AsyncCloseable,
     Cache,
-    CachedPrediction,
     ChatModel,
     ConfigError,
     ConnectionFailedError,
     Endpoint,
     Example,
-    NoContentError,
     Prompt,
-    TransientError,
     register_secret,
 )
 
@@ -50,6 +46,7 @@ from ._anthropic_wire import (
     parse_response,
     translate_status,
 )
+from ._batch_report import BatchReport, poll_until_ended, split_batches
 from ._native_route import native_route
 from ._wire import RawResponse, encode_json, scrub
 from .anthropic import ANTHROPIC
@@ -60,24 +57,9 @@ MAX_REQUESTS_PER_BATCH = 100_000
 MAX_BYTES_PER_BATCH = 256 * 1024 * 1024
 
 
-@dataclass
-class AnthropicBatchReport:
+class AnthropicBatchReport(BatchReport):
     """What a `AnthropicBatch.prefill` did (the fields of `OpenAIBatch`'s report);
     ``failures`` maps example id -> reason."""
-
-    already_cached: int = 0
-    submitted: int = 0
-    filled: int = 0
-    failed: int = 0
-    expired: int = 0
-    batches: list[str] = field(default_factory=list)
-    statuses: dict[str, str] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def missing(self) -> int:
-        """Examples still without a prediction: the normal path will pay for these."""
-        return self.submitted - self.filled
 
 
 class AnthropicBatch(AsyncCloseable):
@@ -170,20 +152,6 @@ class AnthropicBatch(AsyncCloseable):
         raise AssertionError("unreachable")  # the loop returns or raises
 
     # -- prefill ----------------------------------------------------------------------------
-    def _chunks(self, items: list[tuple[dict[str, Any], int]]) -> list[list[dict[str, Any]]]:
-        chunks: list[list[dict[str, Any]]] = [[]]
-        size = 0
-        for item, length in items:
-            if length > self.max_bytes_per_batch:
-                raise ConfigError(f"one batch request is {length} bytes, over the batch limit")
-            full = len(chunks[-1]) >= self.max_requests_per_batch
-            if full or size + length > self.max_bytes_per_batch:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(item)
-            size += length
-        return [c for c in chunks if c]
-
     async def prefill(
         self,
         prompt: Prompt,
@@ -199,10 +167,7 @@ class AnthropicBatch(AsyncCloseable):
         items: list[tuple[dict[str, Any], int]] = []
         request = Endpoint.of(model).request_key(prompt)
         params = prompt.request_params()
-        for example in examples:
-            if await cache.has_prediction(request, example):
-                report.already_cached += 1
-                continue
+        for example in await report.misses(examples, cache=cache, request=request):
             custom_id = f"r{len(items)}"  # the API's ids: [a-zA-Z0-9_-]{1,64}
             by_id[custom_id] = example
             body = encode_request(
@@ -211,7 +176,13 @@ class AnthropicBatch(AsyncCloseable):
             item = {"custom_id": custom_id, "params": body}
             items.append((item, len(encode_json(item))))
         report.submitted = len(items)
-        for chunk in self._chunks(items) if items else []:
+        chunks = split_batches(
+            items,
+            max_requests=self.max_requests_per_batch,
+            max_bytes=self.max_bytes_per_batch,
+            unit="batch",
+        )
+        for chunk in chunks:
             raw = await self._call("POST", self._route.url, {"requests": chunk})
             report.batches.append(str(json.loads(raw.body)["id"]))
         for batch_id in report.batches:
@@ -226,19 +197,23 @@ class AnthropicBatch(AsyncCloseable):
         cache: Cache,
         report: AnthropicBatchReport,
     ) -> None:
-        wait, started = self.poll_interval, anyio.current_time()
         url = f"{self._route.url.split('?', 1)[0]}/{batch_id}"
-        while True:
-            batch = json.loads((await self._call("GET", url)).body)
-            status = str(batch.get("processing_status"))
-            if status == "ended":
-                break
-            if self.deadline is not None and anyio.current_time() - started > self.deadline:
-                report.statuses[batch_id] = f"gave up polling ({status})"
-                return
-            await anyio.sleep(wait)
-            wait = min(wait * 1.5, self.max_poll_interval)
-        report.statuses[batch_id] = status
+
+        async def fetch() -> Any:
+            return json.loads((await self._call("GET", url)).body)
+
+        batch = await poll_until_ended(
+            fetch,
+            lambda batch: str(batch.get("processing_status")),
+            lambda status: status == "ended",
+            interval=self.poll_interval,
+            max_interval=self.max_poll_interval,
+            deadline=self.deadline,
+            report=report,
+            batch_id=batch_id,
+        )
+        if batch is None:
+            return
         results = batch.get("results_url")
         if not results:
             return
@@ -258,26 +233,13 @@ class AnthropicBatch(AsyncCloseable):
     ) -> None:
         kind = result.get("type")
         if kind == "expired":
-            report.expired += 1
-            report.failures[example.id] = "expired"
+            report.expire(example)
             return
         if kind != "succeeded":
             error = (result.get("error") or {}).get("error") or {}
-            report.failed += 1
-            report.failures[example.id] = f"{kind}: {error.get('message') or error.get('type')}"
+            report.fail(example, f"{kind}: {error.get('message') or error.get('type')}")
             return
         raw = RawResponse(200, {}, json.dumps(result.get("message")).encode())
-        try:
-            completion = parse_response(raw, endpoint=self.name)
-        except NoContentError as exc:  # a refusal is an outcome, never an empty prediction
-            report.failed += 1
-            report.failures[example.id] = exc.message
-            return
-        except TransientError as exc:
-            report.failed += 1
-            report.failures[example.id] = f"unusable output ({exc})"
-            return
-        await cache.put_prediction(
-            request, example, CachedPrediction(completion.text, completion.usage)
+        await report.fill(
+            example, lambda: parse_response(raw, endpoint=self.name), cache=cache, request=request
         )
-        report.filled += 1

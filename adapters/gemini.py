@@ -27,8 +27,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from engine import AsyncCloseable, Completion, ConfigError, Limits, register_secret
+from engine import Completion, ConfigError, Limits
 
+from ._chat_base import ChatAdapter, pool_size
 from ._gemini_wire import encode_request, gemini_response_format, parse_response, translate_status
 from ._http import AiohttpTransport
 from ._native_route import Dialect, native_route
@@ -43,14 +44,9 @@ GEMINI = Dialect(
     api_key_env="GEMINI_API_KEY",
     key_header="x-goog-api-key",
 )
-_DEFAULT_POOL = 32  # = Limits().concurrency, the engine's default
 
 
-def _rebuild(arguments: Mapping[str, Any]) -> GeminiChat:
-    return GeminiChat(**arguments)
-
-
-class GeminiChat(AsyncCloseable):
+class GeminiChat(ChatAdapter):
     """A Gemini model behind ``generateContent``; implements `engine.ChatModel`.
 
     Parameters:
@@ -77,29 +73,22 @@ class GeminiChat(AsyncCloseable):
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str] | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout!r}")
+        self._keep_arguments(
+            model=model,
+            base_url=base_url,
+            api_key=api_key,
+            limits=limits,
+            timeout=timeout,
+            name=name,
+            headers=headers,
+            query=query,
+        )
         if not isinstance(model, str) or not model:
             raise ConfigError(f"model must be a model name, got {model!r}")
-        self._arguments: dict[str, Any] = {
-            "model": model,
-            "base_url": base_url,
-            "api_key": api_key,
-            "limits": limits,
-            "timeout": timeout,
-            "name": name,
-            "headers": dict(headers) if headers is not None else None,
-            "query": dict(query) if query is not None else None,
-        }
         route = self._route(model)  # checks the arguments now, not at the first call
-        for secret in route.secrets:  # redacted by value wherever the engine writes text
-            register_secret(secret)
-        self.limits = limits
+        self._take_identity(route.identity, route.secrets, name=name or route.label, limits=limits)
         self.model = model
-        self.name = name or route.label
-        self._identity = route.identity
-        self._secrets = route.secrets
-        self._pool = limits.concurrency if limits is not None else _DEFAULT_POOL
+        self._pool = pool_size(limits)
         self._transports: dict[str, AiohttpTransport] = {}  # one per model: the URL names it
 
     def _route(self, model: str) -> Route:
@@ -125,15 +114,6 @@ class GeminiChat(AsyncCloseable):
             self._transports[model] = transport
         return transport
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled as its constructor arguments: a cluster worker opens its own pool."""
-        return (_rebuild, (self._arguments,))
-
-    @property
-    def cache_identity(self) -> str:
-        """Who answers, for cache keys: the dialect and the root URL, never a key."""
-        return self._identity
-
     def response_format_sent(self, requested: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """The ``generationConfig`` JSON fields a request asking for ``requested``
         carries (``None``: plain text)."""
@@ -147,11 +127,7 @@ class GeminiChat(AsyncCloseable):
     async def complete(self, messages: Sequence[Mapping[str, str]], /, **params: Any) -> Completion:
         model = params.get("model") or self.model
         raw = await self._transport(str(model)).send(encode_request(messages, params))
-        if 200 <= raw.status < 300:
-            return parse_response(raw, endpoint=self.name)
-        raise translate_status(
-            raw.status, raw.headers, raw.body, endpoint=self.name, secrets=self._secrets
-        )
+        return self._read_answer(raw, parse_response, translate_status)
 
     def __repr__(self) -> str:
         return f"<GeminiChat {self.name!r} model={self.model!r}>"

@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine import (
-    AsyncCloseable,
     AuthenticationError,
     CallTimeoutError,
     Completion,
@@ -38,9 +37,9 @@ from engine import (
     QuotaExceededError,
     TransientError,
     Usage,
-    register_secret,
 )
 
+from ._chat_base import ChatAdapter
 from ._wire import parse_rate_limits, scrub, translate_status
 
 __all__ = ["LiteLLMChat", "load_litellm", "translate_litellm_error"]
@@ -103,11 +102,7 @@ def translate_litellm_error(
     return TransientError(f"{name}: {message}", endpoint=endpoint)
 
 
-def _rebuild(arguments: Mapping[str, Any]) -> LiteLLMChat:
-    return LiteLLMChat(**arguments)
-
-
-class LiteLLMChat(AsyncCloseable):
+class LiteLLMChat(ChatAdapter):
     """A model behind LiteLLM; implements `engine.ChatModel`.
 
     Parameters:
@@ -132,34 +127,25 @@ class LiteLLMChat(AsyncCloseable):
         name: str | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout!r}")
-        self._arguments: dict[str, Any] = {
-            "model": model,
-            "api_base": api_base,
-            "api_key": api_key,
-            "limits": limits,
-            "timeout": timeout,
-            "name": name,
-            "options": dict(options) if options is not None else None,
-        }
-        self._secrets = tuple(sorted({api_key} if api_key and len(api_key) >= 8 else set()))
-        for secret in self._secrets:
-            register_secret(secret)
-        self.limits = limits
-        self.model = model
-        self.name = name or f"litellm:{model or 'prompt-model'}"
-        self.cost = 0.0  # US dollars by LiteLLM's own price map, so far
+        self._keep_arguments(
+            model=model,
+            api_base=api_base,
+            api_key=api_key,
+            limits=limits,
+            timeout=timeout,
+            name=name,
+            options=options,
+        )
+        secrets = tuple(sorted({api_key} if api_key and len(api_key) >= 8 else set()))
         base = (api_base or "").split("?", 1)[0].rstrip("/")
-        self._identity = f"litellm:{model or ''}@{base}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._arguments,))
-
-    @property
-    def cache_identity(self) -> str:
-        """The dialect, the model string and the base URL (no query), never a key."""
-        return self._identity
+        self._take_identity(
+            f"litellm:{model or ''}@{base}",
+            secrets,
+            name=name or f"litellm:{model or 'prompt-model'}",
+            limits=limits,
+        )
+        self.model = model
+        self.cost = 0.0  # US dollars by LiteLLM's own price map, so far
 
     async def aclose(self) -> None:
         """Nothing to close: LiteLLM keeps its own clients."""

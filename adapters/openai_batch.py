@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -32,19 +31,19 @@ import openai
 from engine import (
     AsyncCloseable,
     Cache,
-    CachedPrediction,
     ChatModel,
+    Completion,
     ConfigError,
     ConnectionFailedError,
     Endpoint,
     Example,
-    NoContentError,
     Prompt,
     ProviderError,
     TransientError,
     register_secret,
 )
 
+from ._batch_report import BatchReport, poll_until_ended, split_batches
 from ._http import connect_failure_reason
 from ._route import openai_route
 from ._wire import parse_completion, translate_status
@@ -54,25 +53,6 @@ __all__ = ["BatchReport", "OpenAIBatch"]
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 _TERMINAL = {"completed", "expired", "failed", "cancelled"}
-
-
-@dataclass
-class BatchReport:
-    """What a `OpenAIBatch.prefill` did; ``failures`` maps example id -> reason."""
-
-    already_cached: int = 0
-    submitted: int = 0
-    filled: int = 0
-    failed: int = 0
-    expired: int = 0
-    batches: list[str] = field(default_factory=list)
-    statuses: dict[str, str] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def missing(self) -> int:
-        """Examples still without a prediction: the normal path will pay for these."""
-        return self.submitted - self.filled
 
 
 class OpenAIBatch(AsyncCloseable):
@@ -119,20 +99,14 @@ class OpenAIBatch(AsyncCloseable):
     async def aclose(self) -> None:
         await self._client.close()
 
-    # -- building the files ---------------------------------------------------------------
     def _chunks(self, lines: Iterable[bytes]) -> list[list[bytes]]:
-        chunks: list[list[bytes]] = [[]]
-        size = 0
-        for line in lines:
-            if len(line) > self.max_bytes_per_file:
-                raise ConfigError(f"one batch request is {len(line)} bytes, over the file limit")
-            full = len(chunks[-1]) >= self.max_requests_per_file
-            if full or size + len(line) > self.max_bytes_per_file:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(line)
-            size += len(line)
-        return [c for c in chunks if c]
+        """``lines`` cut into files within the per-file limits."""
+        return split_batches(
+            ((line, len(line)) for line in lines),
+            max_requests=self.max_requests_per_file,
+            max_bytes=self.max_bytes_per_file,
+            unit="file",
+        )
 
     async def prefill(
         self,
@@ -150,10 +124,7 @@ class OpenAIBatch(AsyncCloseable):
         lines: list[bytes] = []
         request = Endpoint.of(model).request_key(prompt)
         params = prompt.request_params()
-        for example in examples:
-            if await cache.has_prediction(request, example):
-                report.already_cached += 1
-                continue
+        for example in await report.misses(examples, cache=cache, request=request):
             key = cache.prediction_key(request, example)
             by_key[key] = example
             body = {**params, "messages": prompt.render(example.inputs)}
@@ -222,18 +193,18 @@ class OpenAIBatch(AsyncCloseable):
         cache: Cache,
         report: BatchReport,
     ) -> None:
-        wait = self.poll_interval
-        started = anyio.current_time()
-        while True:
-            batch = await self._client.batches.retrieve(batch_id)
-            if batch.status in _TERMINAL:
-                break
-            if self.deadline is not None and anyio.current_time() - started > self.deadline:
-                report.statuses[batch_id] = f"gave up polling ({batch.status})"
-                return
-            await anyio.sleep(wait)
-            wait = min(wait * 1.5, self.max_poll_interval)
-        report.statuses[batch_id] = str(batch.status)
+        batch = await poll_until_ended(
+            lambda: self._client.batches.retrieve(batch_id),
+            lambda batch: str(batch.status),
+            lambda status: status in _TERMINAL,
+            interval=self.poll_interval,
+            max_interval=self.max_poll_interval,
+            deadline=self.deadline,
+            report=report,
+            batch_id=batch_id,
+        )
+        if batch is None:
+            return
         if batch.output_file_id:
             content = await self._client.files.content(batch.output_file_id)
             for row in _jsonl(content.text):
@@ -246,11 +217,9 @@ class OpenAIBatch(AsyncCloseable):
                     continue
                 error = row.get("error") or {}
                 if error.get("code") == "batch_expired":
-                    report.expired += 1
-                    report.failures[example.id] = "expired"
+                    report.expire(example)
                 else:
-                    report.failed += 1
-                    report.failures[example.id] = _reason(row)
+                    report.fail(example, _reason(row))
 
     async def _fill(
         self,
@@ -264,22 +233,19 @@ class OpenAIBatch(AsyncCloseable):
         if example is None:
             return
         response = row.get("response") or {}
-        try:
+
+        def parse() -> Completion:
             if response.get("status_code") != 200:
                 raise ValueError(f"status {response.get('status_code')}")
-            completion = parse_completion(response["body"], endpoint=self.name)
-        except NoContentError as exc:
-            # a refusal or tool call is an outcome to report, never an empty prediction
-            report.failed += 1
-            report.failures[example.id] = exc.message
-            return
-        except (KeyError, TypeError, ValueError, TransientError) as exc:
-            report.failed += 1
-            report.failures[example.id] = f"unusable output ({exc})"
-            return
-        value = CachedPrediction(completion.text, completion.usage)
-        await cache.put_prediction(request, example, value)
-        report.filled += 1
+            return parse_completion(response["body"], endpoint=self.name)
+
+        await report.fill(
+            example,
+            parse,
+            cache=cache,
+            request=request,
+            unusable=(KeyError, TypeError, ValueError, TransientError),
+        )
 
 
 def _jsonl(text: str) -> list[dict[str, Any]]:

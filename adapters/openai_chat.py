@@ -32,15 +32,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from engine import (
-    AsyncCloseable,
     Completion,
     ConfigError,
     Limits,
     ProviderError,
     TransientError,
-    register_secret,
 )
 
+from ._chat_base import ChatAdapter, pool_size
 from ._http import DEFAULT_MAX_BODY, AiohttpTransport
 from ._route import Route, azure_route, openai_route
 from ._wire import (
@@ -64,7 +63,6 @@ __all__ = [
 
 Transport = Literal["aiohttp", "sdk"]
 _FORMAT_STATUSES = (400, 422, 500)  # how servers reject a response_format they lack
-_DEFAULT_POOL = 32  # = Limits().concurrency, the engine's default
 
 
 class _Transport(Protocol):
@@ -111,11 +109,7 @@ def _route(
     )
 
 
-def _rebuild(arguments: Mapping[str, Any]) -> OpenAIChat:
-    return OpenAIChat(**arguments)
-
-
-class OpenAIChat(AsyncCloseable):
+class OpenAIChat(ChatAdapter):
     """An OpenAI-compatible chat model; implements `engine.ChatModel`.
 
     Parameters:
@@ -155,8 +149,21 @@ class OpenAIChat(AsyncCloseable):
         query: Mapping[str, str] | None = None,
         max_response_bytes: int = DEFAULT_MAX_BODY,
     ) -> None:
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout!r}")
+        # what __reduce__ rebuilds this object from in another process (a cluster worker)
+        self._keep_arguments(
+            base_url=base_url,
+            api_key=api_key,
+            limits=limits,
+            timeout=timeout,
+            name=name,
+            transport=transport,
+            azure_endpoint=azure_endpoint,
+            azure_deployment=azure_deployment,
+            api_version=api_version,
+            headers=headers,
+            query=query,
+            max_response_bytes=max_response_bytes,
+        )
         if (
             not isinstance(max_response_bytes, int)
             or isinstance(max_response_bytes, bool)
@@ -165,36 +172,15 @@ class OpenAIChat(AsyncCloseable):
             raise ConfigError(
                 f"max_response_bytes must be a positive int, got {max_response_bytes!r}"
             )
-        # what __reduce__ rebuilds this object from in another process (a cluster worker)
-        self._arguments: dict[str, Any] = {
-            "base_url": base_url,
-            "api_key": api_key,
-            "limits": limits,
-            "timeout": timeout,
-            "name": name,
-            "transport": transport,
-            "azure_endpoint": azure_endpoint,
-            "azure_deployment": azure_deployment,
-            "api_version": api_version,
-            "headers": dict(headers) if headers is not None else None,
-            "query": dict(query) if query is not None else None,
-            "max_response_bytes": max_response_bytes,
-        }
         route = _route(
             base_url, api_key, (azure_endpoint, azure_deployment, api_version), headers, query
         )
-        for secret in route.secrets:  # redacted by value wherever the engine writes text
-            register_secret(secret)
-        self.limits = limits
-        self.name = name or route.label
+        self._take_identity(route.identity, route.secrets, name=name or route.label, limits=limits)
         self.transport = transport
-        self._identity = route.identity
-        self._secrets = route.secrets
-        pool = limits.concurrency if limits is not None else _DEFAULT_POOL
         self._transport = _transport(
             transport,
             route,
-            pool=pool,
+            pool=pool_size(limits),
             timeout=timeout,
             endpoint=self.name,
             max_body=max_response_bytes,
@@ -207,7 +193,7 @@ class OpenAIChat(AsyncCloseable):
         travels with it; one read from the environment is read again where it is
         unpickled.  The structured-output mode learned so far goes along, so both sides
         send (and cache under) the same response format."""
-        return (_rebuild, (self._arguments,), {"format_mode": self._ladder.mode})
+        return (*super().__reduce__(), {"format_mode": self._ladder.mode})
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self._ladder.mode = str(state["format_mode"])
@@ -216,12 +202,6 @@ class OpenAIChat(AsyncCloseable):
     def format_mode(self) -> str:
         """``json_schema``, ``json_object`` or ``text``: what this endpoint supports."""
         return self._ladder.mode
-
-    @property
-    def cache_identity(self) -> str:
-        """Who answers, for cache keys: adapter kind, URL without credentials or query,
-        and for Azure the deployment and api-version.  Never a key or a header."""
-        return self._identity
 
     def response_format_sent(self, requested: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
         """The ``response_format`` a request asking for ``requested`` would carry now,

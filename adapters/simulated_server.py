@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
 import math
-import random
 import socket
 import subprocess
 import sys
@@ -39,7 +36,6 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl
 
 import anyio
 import uvicorn
@@ -52,14 +48,14 @@ from starlette.types import Receive, Scope, Send
 from . import _fake
 from ._simulated_anthropic_batches import AnthropicBatchService
 from ._simulated_base import (
+    Bucket,
     ServerConfig,
     ServerStats,
-    drop_connection,
+    SimulatedHandler,
     echo_answer,
-    read_body,
+    parse_chat_request,
     send_json,
     send_raw,
-    sleep_or_disconnect,
 )
 from ._simulated_native import native_routes
 from .simulated_batches import BatchService
@@ -74,35 +70,7 @@ __all__ = [
 ]
 
 
-class _Bucket:
-    """A token bucket refilled continuously: ``capacity`` units, ``rate`` per second."""
-
-    def __init__(self, per_minute: float) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate)  # one second's worth
-        self.level = self.capacity
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self, amount: float) -> float:
-        """Take ``amount`` if available and return 0, else the seconds until it is."""
-        self._refill()
-        amount = min(amount, self.capacity)
-        if self.level >= amount:
-            self.level -= amount
-            return 0.0
-        return (amount - self.level) / self.rate
-
-    def reset_in(self) -> float:
-        self._refill()
-        return (self.capacity - self.level) / self.rate
-
-
-class _Provider:
+class _Provider(SimulatedHandler):
     """The chat-completions handler (a raw ASGI app, to watch for client disconnects).
 
     One request goes: read the body, count its arrival, refuse it (credentials, outage,
@@ -110,14 +78,13 @@ class _Provider:
     rate-limit it, then serve it with latency and the injected faults.
     """
 
+    secret_headers = frozenset({"authorization", "api-key"})
+    record_query = True
+
     def __init__(self, config: ServerConfig, stats: ServerStats) -> None:
-        self.config = config
-        self.stats = stats
-        self.rng = random.Random(config.seed)
-        self.lock = threading.Lock()
-        self.requests = _Bucket(config.rpm) if config.rpm else None
-        self.tokens = _Bucket(config.tpm) if config.tpm else None
-        self.seen: set[str] = set()
+        super().__init__(config, stats)  # one draw per request: seeded runs stay comparable
+        self.requests = Bucket(config.rpm) if config.rpm else None
+        self.tokens = Bucket(config.tpm) if config.tpm else None
         self.down_until = 0.0
         self._slots: anyio.Semaphore | None = None  # made on the server's loop, on first use
 
@@ -125,14 +92,6 @@ class _Provider:
         if self._slots is None:
             self._slots = anyio.Semaphore(self.config.slots or 1, fast_acquire=True)
         return self._slots
-
-    def _latency(self) -> float:
-        c = self.config
-        if c.latency_median <= 0:
-            return 0.0
-        return min(
-            c.latency_cap, c.latency_median * math.exp(c.latency_sigma * self.rng.gauss(0, 1))
-        )
 
     def _limit_headers(self) -> dict[str, str]:
         if not self.config.headers:
@@ -153,13 +112,11 @@ class _Provider:
         return out
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await read_body(receive)
-        if raw is None:
+        received = await self._receive(scope, receive)
+        if received is None:
             return
-        now = time.monotonic()
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        digest = self._arrive(scope, headers, raw, now)
-        body = _parse_request(raw)
+        raw, headers, digest, now = received
+        body = parse_chat_request(raw)
         refusal = self._refusal(scope, headers, now) or self._request_refusal(body)
         if refusal is not None or body is None:
             await send_json(send, *(refusal or _INVALID_JSON))
@@ -180,31 +137,6 @@ class _Provider:
                 await self._serve(
                     send, _never_disconnects, body, answer, digest, now, limit_headers
                 )
-
-    def _arrive(self, scope: Scope, headers: Mapping[str, str], raw: bytes, now: float) -> str:
-        """Count the request as received; its digest names repeats."""
-        stats = self.stats
-        with self.lock:
-            stats.received += 1
-            stats.arrivals.append(now)
-            digest = hashlib.blake2b(raw, digest_size=16).hexdigest()
-            if digest in self.seen:
-                stats.repeats += 1
-            self.seen.add(digest)
-            path = str(scope.get("path", ""))
-            stats.routes[path] = stats.routes.get(path, 0) + 1
-            client = scope.get("client")
-            if client:
-                stats.client_ports.add(int(client[1]))
-            stats.last_request = {
-                "path": path,
-                "query": dict(parse_qsl(scope.get("query_string", b"").decode())),
-                # which credential headers came, never their values
-                "headers": {
-                    k: "<secret>" if k in _SECRET_HEADERS else v for k, v in headers.items()
-                },
-            }
-        return digest
 
     def _authorized(self, headers: Mapping[str, str]) -> bool:
         key = self.config.api_key
@@ -285,15 +217,8 @@ class _Provider:
         """Wait the latency (or hang), then answer: a fault, or the paid completion."""
         stats, c = self.stats, self.config
         roll = self.rng.random()  # one draw per request: seeded runs stay comparable
-        stats.in_flight += 1
-        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        try:
-            hang = roll < c.hang_rate
-            if hang:
-                stats.hangs += 1
-            delay = c.hang_seconds if hang else self._latency()
-            if await sleep_or_disconnect(delay, receive):
-                stats.disconnects += 1
+        with self._in_flight():
+            if await self._wait_latency(roll, receive):
                 return
             roll -= c.hang_rate
             if await self._fault(send, roll, limit_headers):
@@ -313,8 +238,6 @@ class _Provider:
             if c.usage is not None:
                 completion["usage"] = {**completion["usage"], **c.usage}
             await send_json(send, 200, completion, limit_headers)
-        finally:
-            stats.in_flight -= 1
 
     async def _fault(self, send: Send, roll: float, limit_headers: dict[str, str]) -> bool:
         """Serve the injected fault ``roll`` lands on, if any; True when one was served.
@@ -328,17 +251,8 @@ class _Provider:
             await send_json(send, 500, _error("internal error (injected)"))
             return True
         roll -= c.error_rate
-        if 0 <= roll < c.drop_rate:
-            stats.drops += 1
-            await drop_connection(send)
-        roll -= c.drop_rate
-        if 0 <= roll < c.malformed_rate:
-            stats.malformed += 1
-            await send_raw(
-                send, 200, b'{"id": "chatcmpl-x", "choices": [{"message": ', limit_headers
-            )
-            return True
-        return False
+        malformed = b'{"id": "chatcmpl-x", "choices": [{"message": '
+        return await self._drop_or_malform(send, roll, malformed, limit_headers)
 
 
 async def _never_disconnects() -> dict[str, Any]:
@@ -347,24 +261,12 @@ async def _never_disconnects() -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
-def _parse_request(raw: bytes) -> dict[str, Any] | None:
-    """The request body if it is a JSON object with a ``messages`` list, else ``None``."""
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-        return None
-    return body
-
-
 def _error(message: str, **fields: str) -> dict[str, Any]:
     return {"error": {"message": message, **fields}}
 
 
 _INVALID_JSON = (400, _error("invalid JSON body"))
 _QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
-_SECRET_HEADERS = frozenset({"authorization", "api-key"})
 
 
 async def _chunked(
