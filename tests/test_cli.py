@@ -446,8 +446,15 @@ dir = "out"
             str(tmp_path / "run.toml"),
             "--quiet",
         ]
+        # started as a shell script's background job is: SIGINT ignored (what CI hit:
+        # a SIGTERM re-raised as SIGINT then did nothing and the run went on to exit 0)
         proc = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         )
         deadline = time.monotonic() + 60
         while server.stats.paid < n // 3:

@@ -9,13 +9,12 @@ Progress goes to stderr (a live line on a terminal, periodic lines otherwise);
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -50,6 +49,7 @@ from ._outputs import make_output_dir, replacing, replacing_path, write_private
 from ._plan import plan, plan_table
 from ._preflight import Job, dry_run_endpoints, prepare, source_line
 from ._runfile import ClusterSpec, EndpointSpec, RunFile, endpoint_url, load_run_file, resolve
+from ._signals import Termination
 from ._tracking import add_otel_argument, listen, mlflow_logger, start_otel
 
 __all__ = ["main"]
@@ -616,17 +616,12 @@ def _bench_simulated(arguments: list[str], harness_spec: str = "benchmarks.throu
     return int(harness(arguments) or 0)
 
 
-def _sigterm_as_ctrl_c() -> None:
-    """SIGTERM (docker stop, systemd, ``timeout``) ends a run the way Ctrl-C does: the
-    run is cancelled, the cache flushed, "interrupted" printed, exit 130.  Re-raised as
-    SIGINT so asyncio's own Ctrl-C handling cancels the run's task, whatever it awaits."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers belong to the main thread (main() called from a test)
-
-    def on_term(_signum: int, _frame: object) -> None:
-        signal.raise_signal(signal.SIGINT)
-
-    signal.signal(signal.SIGTERM, on_term)
+async def _main_until_terminated(
+    args: argparse.Namespace, run: RunFile, job: Job | None, termination: Termination
+) -> int:
+    """`_main`, cancelled like Ctrl-C when SIGTERM arrives (`Termination`)."""
+    with termination.watching():
+        return await _main(args, run, job)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -642,13 +637,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_simulated(rest, "benchmarks.client_cpu:main")
     args = _parser().parse_args(arguments)
     _configure_logging(args.log_mode)
-    _sigterm_as_ctrl_c()
     start_otel(args)
+    termination = Termination()
 
     def run() -> int:
         run_file, job = _prepare(args)
         try:
-            return int(anyio.run(_main, args, run_file, job))
+            return int(anyio.run(_main_until_terminated, args, run_file, job, termination))
+        except asyncio.CancelledError:
+            if termination.received:  # SIGTERM: the same end as Ctrl-C
+                raise KeyboardInterrupt from None
+            raise
         except (ConnectionFailedError, EndpointUnreachableError) as exc:
             sys.stderr.write(f"failed: {type(exc).__name__}: {exc}\n{_unreachable(run_file)}")
             return EXIT_FAILED
