@@ -126,11 +126,12 @@ class ApplyContext:
 
 GradientStage = Callable[[GradientContext], Awaitable[str]]
 
+ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
+
+
 # Every optimizer call the engine makes (gradient, apply, descriptions) asks for at most
 # this many completion tokens, so a dry run can bound what they cost (engine.cli._plan).
 OPTIMIZER_MAX_TOKENS = 4096
-ApplyStage = Callable[[ApplyContext], Awaitable[Prompt]]
-
 
 # Default ``max_tokens`` of the engine's own calls, sized to what each answer holds: a
 # model without a cap (a small local one) may otherwise ramble to its context's end.
