@@ -13,7 +13,7 @@ import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -142,6 +142,99 @@ def test_sqlite_cache_survives_a_process_restart(tmp_path: Path) -> None:
     assert first == {"calls": 40, "hits": 0, "score": 1.0}
     assert second == {"calls": 0, "hits": 40, "score": 1.0}
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+async def test_a_cold_lookup_reads_nothing_from_the_file(tmp_path: Path) -> None:
+    """Keys absent from the file are answered from the store's key hashes: a cold run
+    makes no SELECT (it made three per example); a stored row is still read, and an id
+    stored with other inputs before the file was reopened is still a conflict."""
+    path = tmp_path / "c.sqlite"
+    async with Cache.sqlite(str(path)) as cache:
+        await evaluate(
+            qa_prompt(), echo_examples(3), model=echo_model(), metric=ExactMatch(), cache=cache
+        )
+    store = SQLiteStore(path)
+    await store.open()
+    selects: list[str] = []
+    assert store._read is not None
+    store._read.set_trace_callback(lambda sql: selects.append(sql) if "SELECT" in sql else None)
+    cache, model = Cache(store), echo_model()
+    fresh = [Example({"question": f"new {i}"}, f"new {i}", id=f"n{i}") for i in range(20)]
+    cold = await evaluate(qa_prompt(), fresh, model=model, metric=ExactMatch(), cache=cache)
+    assert cold.calls == 20 and cold.score == 1.0 and selects == []
+    warm = await evaluate(
+        qa_prompt(), echo_examples(3), model=model, metric=ExactMatch(), cache=cache
+    )
+    assert warm.calls == 0 and warm.cache_hits == 3 and len(selects) == 6  # prediction, metric
+    changed = [Example({"question": "other"}, "other", id="e1")]
+    with pytest.raises(CacheConflictError, match="'e1'"):
+        await evaluate(
+            qa_prompt("Another prompt."),
+            changed,
+            model=model,
+            metric=ExactMatch(),
+            cache=cache,
+            on_error="raise",
+        )
+    await store.aclose()
+
+
+async def test_past_its_key_cap_the_store_reads_every_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key-hash set is bounded: past the cap it is dropped (memory stays bounded)
+    and lookups read the file again, hits included, at open and while running."""
+    monkeypatch.setattr("engine.cache._stores._MAX_FILTERED", 8)
+    path, model = tmp_path / "c.sqlite", echo_model()
+    for expected_calls in (10, 10):
+        async with Cache.sqlite(str(path)) as cache:
+            first = await evaluate(
+                qa_prompt(), echo_examples(10), model=model, metric=ExactMatch(), cache=cache
+            )
+            assert cast(SQLiteStore, cache.store)._known is None
+            again = await evaluate(
+                qa_prompt(), echo_examples(10), model=model, metric=ExactMatch(), cache=cache
+            )
+        assert again.calls == 0 and again.cache_hits == 10 and model.calls == expected_calls
+    assert first.calls == 0  # the second open: every row found
+
+
+async def test_rows_another_process_commits_after_we_opened_are_hits(tmp_path: Path) -> None:
+    """Rows a real second process writes while our store is open (and has its key
+    hashes) are found once the writer thread has seen SQLite's data version move: the
+    same 40 examples then cost nothing, and a changed example under a stored id is a
+    conflict, not a miss."""
+    root, path = Path(__file__).parents[1], tmp_path / "c.sqlite"  # tests/ of this tree
+    async with Cache.sqlite(str(path)) as cache:
+        model = echo_model()
+        await evaluate(
+            qa_prompt(), echo_examples(2, "own"), model=model, metric=ExactMatch(), cache=cache
+        )
+        assert await anyio.to_thread.run_sync(_run_child, root, path) == {
+            "calls": 40,
+            "hits": 0,
+            "score": 1.0,
+        }
+        (key,) = (
+            sqlite3.connect(path).execute("SELECT key FROM kv WHERE key LIKE 'p:%e7'").fetchone()
+        )
+        with anyio.fail_after(20):  # seen within _POLL s on a free machine
+            while await cache.store.get(key) is None:
+                await anyio.sleep(0.02)
+        again = await evaluate(
+            qa_prompt(), echo_examples(40), model=model, metric=ExactMatch(), cache=cache
+        )
+        assert again.calls == 0 and again.cache_hits == 40 and model.calls == 2
+        changed = [Example({"question": "other"}, "other", id="e5")]
+        with pytest.raises(CacheConflictError, match="'e5'"):
+            await evaluate(
+                qa_prompt("Another."),
+                changed,
+                model=model,
+                metric=ExactMatch(),
+                cache=cache,
+                on_error="raise",
+            )
 
 
 async def test_sqlite_values_are_json_and_durable_within_a_second(tmp_path: Path) -> None:

@@ -5,8 +5,18 @@ thread (WAL mode), so the event loop never waits on a disk sync.  The writer com
 whenever its queue runs dry, and at least every ``flush_interval`` seconds of a busy
 stream: a crash (``kill -9``) loses the calls in flight and at most the rows queued
 behind one commit, not a whole interval.
-Reads are point lookups on the loop thread: a primary-key read of a local WAL file
-takes microseconds, less than a hop to a worker thread would.
+Reads are point lookups on the loop thread, and only of keys that may be there: the
+store keeps the 64-bit hash of every key in the file (read once at open, then of each
+row it writes; up to `_MAX_FILTERED` keys, ~60 bytes each), so a lookup of an absent
+key, as every lookup of a cold run is, answers from memory without a ``SELECT`` (10-25
+us each: a read transaction on the WAL).  A hash found costs one ``SELECT`` (a
+collision, about n / 2**64, is then a miss).  Rows another process commits are not in
+that set: the writer thread asks SQLite (``PRAGMA data_version`` on its own connection,
+which only other connections move) after each commit and every ``_POLL`` seconds when
+idle, and from the first move on every lookup is a ``SELECT`` again.  So a row another
+process committed is a hit once that check has run (within ``_POLL`` s), and before it
+at worst a miss paid again, as a lookup made a moment earlier would have been; never
+a wrong hit (the set only answers "absent").
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ _BUSY_TIMEOUT = 5.0
 _SQLITE_CORRUPT, _SQLITE_NOTADB, _SQLITE_READONLY = 11, 26, 8
 _SQLITE_CANTOPEN, _SQLITE_IOERR = 14, 10
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+# How often an idle writer thread looks for another process's commits.
+_POLL = 0.05
+# Past this many keys the hash set (~60 bytes a key in memory) is dropped and every
+# lookup is a SELECT again: memory stays bounded on a huge file or run.
+_MAX_FILTERED = 1_000_000
 _UPSERT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
 # Errors of one row (a constraint or trigger, text SQLite cannot take, a value too
 # big), as opposed to errors of the file (locked, full, read-only: OperationalError).
@@ -98,6 +113,10 @@ class SQLiteStore(AsyncCloseable):
         self._writer_error: BaseException | None = None  # first failure of the writer
         self._failed_rows: dict[str, str] = {}  # rows the writer could not write -> why
         self._committed = 0  # rows committed so far
+        # hash() of every key in the file, while no other process writes to it (see the
+        # module's docstring); None: every lookup reads the file
+        self._known: set[int] | None = None
+        self._foreign = False  # set by the writer thread: another connection committed
 
     # -- lifecycle --------------------------------------------------------------------
     async def open(self) -> Self:
@@ -113,7 +132,11 @@ class SQLiteStore(AsyncCloseable):
                 write = self._connect(timeout=min(1.0, self.lock_timeout))
                 self._prepare_schema(write)
                 write.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
+                # the writer's baseline comes before the keys are read: a commit of
+                # another process after it is seen as a change, never missed
+                version = _data_version(write)
                 self._read = self._connect()
+                self._known = self._load_keys(self._read)
                 break
             except sqlite3.DatabaseError as exc:
                 if write is not None:
@@ -130,11 +153,23 @@ class SQLiteStore(AsyncCloseable):
                 raise
         self._writer = threading.Thread(
             target=self._writer_loop,
-            args=(write,),
+            args=(write, version),
             name=f"sqlite-writer:{self.path.name}",
             daemon=True,
         )
         self._writer.start()
+
+    @staticmethod
+    def _load_keys(read: sqlite3.Connection) -> set[int] | None:
+        """The hash of every key in the file, or ``None`` when it holds too many."""
+        known: set[int] = set()
+        cursor = read.execute("SELECT key FROM kv")
+        while rows := cursor.fetchmany(10_000):
+            known.update(hash(key) for (key,) in rows)
+            if len(known) > _MAX_FILTERED:
+                cursor.close()
+                return None
+        return known
 
     def _prepare_location(self) -> None:
         """Make the folder and the owner-only file, saying which one cannot be written."""
@@ -219,7 +254,7 @@ class SQLiteStore(AsyncCloseable):
         self._raise_write_failure()
 
     # -- the writer thread ------------------------------------------------------------
-    def _writer_loop(self, conn: sqlite3.Connection) -> None:
+    def _writer_loop(self, conn: sqlite3.Connection, version: int) -> None:
         try:
             while True:
                 batch, stop = self._next_batch()
@@ -227,6 +262,8 @@ class SQLiteStore(AsyncCloseable):
                     self._commit(conn, batch)
                 if stop:
                     return
+                if not self._foreign and _data_version(conn) != version:
+                    self._foreign = True  # another connection committed: look rows up
         except BaseException as exc:  # reported to the loop on the next put/aclose
             self._writer_error = exc
         finally:
@@ -238,7 +275,10 @@ class SQLiteStore(AsyncCloseable):
         ``flush_interval`` of a busy stream, at most 5000 rows.  Also says whether to
         stop after committing them."""
         batch: dict[str, str] = {}
-        item = self._queue.get()
+        try:
+            item = self._queue.get(timeout=None if self._foreign else _POLL)
+        except queue.Empty:
+            return batch, False  # idle: time to look for other processes' commits
         deadline = time.monotonic() + self.flush_interval
         while item is not _STOP:
             key, value = cast(tuple[str, str], item)
@@ -282,6 +322,12 @@ class SQLiteStore(AsyncCloseable):
     # -- the store protocol -----------------------------------------------------------
     async def get(self, key: str) -> str | None:
         self._raise_write_failure()
+        known = self._known
+        if known is not None:
+            if self._foreign:
+                self._known = None
+            elif hash(key) not in known:
+                return None  # never written here, nor in the file when it was opened
         with self._lock:
             value = self._pending.get(key)
         if value is not None:
@@ -302,6 +348,11 @@ class SQLiteStore(AsyncCloseable):
                 raise CacheError(f"cannot store the row {key!r} in {self.path}: its {part} {why}")
         if self._writer is None:
             raise CacheError(f"{self.path} is not open; use 'async with SQLiteStore(...)'")
+        known = self._known
+        if known is not None:
+            known.add(hash(key))
+            if len(known) > _MAX_FILTERED:
+                self._known = None
         with self._lock:
             self._pending[key] = value
             backlog = len(self._pending)
@@ -336,6 +387,12 @@ class SQLiteStore(AsyncCloseable):
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} committed={self._committed}>"
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    """SQLite's count of other connections' commits as ``conn`` sees it (``conn``'s own
+    commits leave it unchanged)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
