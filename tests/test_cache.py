@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sqlite3
@@ -197,6 +198,33 @@ async def test_past_its_key_cap_the_store_reads_every_lookup(
             )
         assert again.calls == 0 and again.cache_hits == 10 and model.calls == expected_calls
     assert first.calls == 0  # the second open: every row found
+
+
+@pytest.mark.parametrize(
+    "expected",
+    [
+        "",
+        "plain",
+        'quote " and \\ back',
+        "ctl \x00\x01\n\t\x7f",
+        "é ü 中文 🙂",
+        "\u2028\u2029",
+        "\udcff",
+    ],
+)
+def test_the_content_hash_of_a_plain_row_is_the_canonical_one(expected: str) -> None:
+    """The fast path for a str ``expected`` and no metadata writes what canonical_json
+    writes, byte for byte: metric results cached before it are still hits (a lone
+    surrogate: no hash, as before)."""
+    from engine._prompt import canonical_json
+
+    example = Example({"question": "q", "n": 1}, expected, id="x")
+    try:
+        text = canonical_json([example.inputs_hash, expected, {}]).encode()
+        want: str | None = hashlib.sha256(text).hexdigest()
+    except UnicodeEncodeError:
+        want = None
+    assert example.content_hash == want
 
 
 async def test_rows_another_process_commits_after_we_opened_are_hits(tmp_path: Path) -> None:

@@ -148,6 +148,10 @@ class Cache(AsyncCloseable):
         if max_unsaved is not None and max_unsaved < 1:
             raise CacheError(f"max_unsaved must be at least 1, got {max_unsaved!r}")
         self.store: CacheStore = store if store is not None else MemoryStore()
+        # whether paid keys are claimed across processes (asked once, not per key)
+        self._claims = callable(getattr(self.store, "claim", None))
+        # an in-memory store's dict, used directly on the hot path (no await per row)
+        self._rows = self.store.rows() if type(self.store) is MemoryStore else None
         self.claim_ttl = claim_ttl
         self.max_unsaved = max_unsaved
         self._unsaved: anyio.CapacityLimiter | None = None  # made in the loop that uses it
@@ -201,13 +205,11 @@ class Cache(AsyncCloseable):
         async def compute_and_check() -> tuple[CachedPrediction, str, str]:
             await self._check_example(example)
             value = await compute()
-            answered = value.request or request
+            if value.request is None:  # answered the request it was asked as
+                return value, self._encode_prediction(value, example), key
             stored = CachedPrediction(value.text, value.usage, None, value.finish_reason)
-            return (
-                stored,
-                self._encode_prediction(stored, example),
-                (self.prediction_key(answered, example)),
-            )
+            answered = self.prediction_key(value.request, example)
+            return stored, self._encode_prediction(stored, example), answered
 
         return await self._single_flight(key, load, compute_and_check, shared=True)
 
@@ -266,9 +268,15 @@ class Cache(AsyncCloseable):
         if example.id == example.inputs_hash[:24]:
             return  # a content-hash id: other inputs would have another id
         key = self.example_key(example)
-        stored = await self.store.get(key)
+        rows = self._rows
+        stored = rows.get(key) if rows is not None else await self.store.get(key)
         if stored is None:
-            await self.store.put(key, dump_value({"inputs": example.inputs_hash}))
+            # what dump_value({"inputs": ...}) writes: the hash is hex, nothing to escape
+            fingerprint = f'{{"inputs":"{example.inputs_hash}"}}'
+            if rows is not None:
+                rows[key] = fingerprint
+            else:
+                await self.store.put(key, fingerprint)
         elif self._decode(key, stored).get("inputs") != example.inputs_hash:
             raise _conflict(example)
 
@@ -302,13 +310,14 @@ class Cache(AsyncCloseable):
 
         async def compute_and_dump() -> tuple[MetricResult, str, str]:
             value = await compute()
-            try:
-                trace = exact_value(value.trace, "trace") if value.trace is not None else None
-            except ValueError as exc:
-                if on_uncacheable is not None:
-                    on_uncacheable(f"a trace is not cached: {exc}")
-                raise _Unstored(value) from None  # to this caller and any coalesced one
-            value = MetricResult(value.score, value.feedback, trace)
+            if value.trace is not None:
+                try:
+                    trace = exact_value(value.trace, "trace")
+                except ValueError as exc:
+                    if on_uncacheable is not None:
+                        on_uncacheable(f"a trace is not cached: {exc}")
+                    raise _Unstored(value) from None  # to this caller and any coalesced one
+                value = MetricResult(value.score, value.feedback, trace)  # the stored copy
             return value, dump_value(value.to_dict()), key
 
         try:
@@ -363,8 +372,9 @@ class Cache(AsyncCloseable):
         it), or computed here.  ``compute`` returns the value, its JSON text and the key
         to store it under (normally ``key`` itself).  ``shared``: a paid value, single
         flight across processes too when the store can claim keys."""
+        rows = self._rows
         while True:
-            raw = await self.store.get(key)
+            raw = rows.get(key) if rows is not None else await self.store.get(key)
             if raw is not None:
                 self._hits += 1
                 return load(raw), True
@@ -384,8 +394,7 @@ class Cache(AsyncCloseable):
         lead: _Flight[T] = _Flight()
         self._flights[key] = lead
         try:
-            claiming = shared and callable(getattr(self.store, "claim", None))
-            if claiming:
+            if shared and self._claims:
                 value, cached = await self._lead_claimed(key, load, compute)
             else:
                 value, cached = await self._compute(compute, paid=shared), False
@@ -403,18 +412,23 @@ class Cache(AsyncCloseable):
         self, compute: Callable[[], Awaitable[tuple[T, str, str]]], *, paid: bool
     ) -> T:
         self._misses += 1
-        async with self._unsaved_slot(paid):
+        if not paid or self.max_unsaved is None:  # no slot to hold (the usual case)
             value, raw, store_key = await compute()
-            await self.store.put(store_key, raw)
+            if self._rows is not None:
+                self._rows[store_key] = raw
+            else:
+                await self.store.put(store_key, raw)
+        else:
+            async with self._unsaved_slot():
+                value, raw, store_key = await compute()
+                await self.store.put(store_key, raw)
         self._writes += 1
         return value
 
-    def _unsaved_slot(self, paid: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _unsaved_slot(self) -> anyio.CapacityLimiter:
         """A slot of ``max_unsaved``, held by a paid call until its value is stored."""
-        if not paid or self.max_unsaved is None:
-            return contextlib.nullcontext()
         if self._unsaved is None:
-            self._unsaved = anyio.CapacityLimiter(self.max_unsaved)
+            self._unsaved = anyio.CapacityLimiter(self.max_unsaved or 1)
         return self._unsaved
 
     async def _lead_claimed(

@@ -75,6 +75,11 @@ class MemoryStore:
     async def aclose(self) -> None:
         return None
 
+    def rows(self) -> dict[str, str]:
+        """The dict itself: `Cache` reads and writes it directly, without a coroutine
+        per row (the store's get and put never wait)."""
+        return self._data
+
     def __len__(self) -> int:
         return len(self._data)
 
