@@ -180,6 +180,26 @@ async def test_a_cold_lookup_reads_nothing_from_the_file(tmp_path: Path) -> None
     await store.aclose()
 
 
+async def test_a_reopened_store_filters_again_after_another_writer(tmp_path: Path) -> None:
+    """Another connection's commit turns the key-hash set off for that opening only:
+    reopened, the store answers absent keys from memory again, and still finds the
+    other writer's rows."""
+    path = tmp_path / "c.sqlite"
+    store = await SQLiteStore(path).open()
+    other = await SQLiteStore(path).open()
+    await other.put("p:theirs", '"1"')
+    await other.aclose()
+    with anyio.fail_after(20):  # seen by our writer within _POLL s on a free machine
+        while await store.get("p:theirs") is None:
+            await anyio.sleep(0.02)
+    assert store._known is None  # from then on every lookup reads the file
+    await store.aclose()
+    await store.open()
+    assert await store.get("p:absent") is None and store._known is not None
+    assert await store.get("p:theirs") == '"1"'
+    await store.aclose()
+
+
 async def test_past_its_key_cap_the_store_reads_every_lookup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

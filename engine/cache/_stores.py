@@ -140,6 +140,7 @@ class SQLiteStore(AsyncCloseable):
                 # the writer's baseline comes before the keys are read: a commit of
                 # another process after it is seen as a change, never missed
                 version = _data_version(write)
+                self._foreign = False  # a reopened store starts from the file as it is
                 self._read = self._connect()
                 self._known = self._load_keys(self._read)
                 break
