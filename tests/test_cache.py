@@ -200,6 +200,31 @@ async def test_a_reopened_store_filters_again_after_another_writer(tmp_path: Pat
     await store.aclose()
 
 
+async def test_a_writer_that_cannot_read_the_data_version_reads_every_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When SQLite cannot say whether another process wrote (the pragma fails), the
+    store assumes it did: the writer goes on and every lookup reads the file, so a row
+    another connection wrote is found; nothing fails."""
+    path = tmp_path / "c.sqlite"
+    store = await SQLiteStore(path).open()
+
+    def fails(conn: sqlite3.Connection) -> int:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("engine.cache._stores._data_version", fails)
+    with anyio.fail_after(20):  # the idle writer looks every _POLL s
+        while not store._foreign:
+            await anyio.sleep(0.02)
+    with contextlib.closing(sqlite3.connect(path)) as other, other:
+        other.execute("INSERT INTO kv VALUES ('p:theirs', '\"1\"')")
+    await store.put("p:ours", '"2"')
+    assert await store.get("p:theirs") == '"1"' and await store.get("p:ours") == '"2"'
+    await store.aclose()  # the writer did not die: everything committed, no error
+    rows = dict(sqlite3.connect(path).execute("SELECT key, value FROM kv").fetchall())
+    assert rows == {"p:theirs": '"1"', "p:ours": '"2"'}
+
+
 async def test_past_its_key_cap_the_store_reads_every_lookup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

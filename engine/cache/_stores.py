@@ -268,7 +268,7 @@ class SQLiteStore(AsyncCloseable):
                     self._commit(conn, batch)
                 if stop:
                     return
-                if not self._foreign and _data_version(conn) != version:
+                if not self._foreign and _moved(conn, version):
                     self._foreign = True  # another connection committed: look rows up
         except BaseException as exc:  # reported to the loop on the next put/aclose
             self._writer_error = exc
@@ -399,6 +399,16 @@ def _data_version(conn: sqlite3.Connection) -> int:
     """SQLite's count of other connections' commits as ``conn`` sees it (``conn``'s own
     commits leave it unchanged)."""
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _moved(conn: sqlite3.Connection, version: int) -> bool:
+    """Whether another connection committed since ``version`` (when SQLite cannot say,
+    assume it did: the cost is a SELECT per lookup, never a missed row or a dead
+    writer)."""
+    try:
+        return _data_version(conn) != version
+    except sqlite3.Error:
+        return True
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
