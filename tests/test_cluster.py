@@ -28,6 +28,7 @@ from engine import (
     Cache,
     ConfigError,
     DataError,
+    Endpoint,
     Example,
     Limits,
     MetricResult,
@@ -277,6 +278,19 @@ def test_a_429_near_the_header_rate_keeps_it() -> None:
     budget.rate_limited(1.0)
     assert budget.statistics()["rpm"] == pytest.approx(1140)
     assert budget.statistics()["ceiling_rpm"] is None
+
+
+def test_a_budget_reset_for_a_new_endpoint_forgets_the_old_one() -> None:
+    """A spare actor serves a new endpoint as a fresh one would: its limits, no pause,
+    no learned rate, counters from zero."""
+    budget = RateBudget(Limits())
+    budget.rate_limited(30.0)  # the old endpoint's provider paused it
+    assert budget.lease(Ask()).wait > 0
+    budget.reset(Limits(rpm=600))
+    grant = budget.lease(Ask(want=1))
+    assert grant.permits == 1 and grant.wait == 0 and not grant.unlimited
+    stats = budget.statistics()
+    assert stats["rate_limited"] == 0 and stats["leases"] == 1
 
 
 def test_budget_paces_after_429s_when_no_rate_is_known() -> None:
@@ -641,6 +655,39 @@ async def test_the_adapters_rpm_holds_for_the_whole_cluster(
     assert stats.paid == 150 and stats.rate_limited == 0
     assert stats.max_in_window(1.0) <= 50 + 5 + 2 * 5  # rate + burst + two leases held
     assert elapsed > (150 - 20) / 50  # at most the rate, not one rate per worker
+
+
+async def test_a_dropped_adapters_budget_actor_serves_the_next_one(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """An adapter per evaluation (as a service makes one per request): the rate budget
+    actor of an adapter that is gone serves the next (reset to its limits) instead of
+    a new process per adapter, and none is kept alive for adapters that are gone."""
+    import gc
+
+    def actor_ids() -> set[str]:  # every budget actor the cluster holds, live or spare
+        held = [actor for _, actor in cluster._budgets.values()] + cluster._spare_budgets
+        return {actor._actor_id.hex() for actor in held}
+
+    for round_ in range(3):
+        before = actor_ids()
+        model = chat(server, rpm=6000 * (round_ + 1), concurrency=8)
+        try:
+            result = await evaluate(
+                qa_prompt(), echo_examples(20, f"r{round_}"), model=model,
+                metric=ExactMatch(), cluster=cluster,
+            )  # fmt: skip
+            stats = await cluster.budget_statistics(model)
+            actor = cluster.budget_for(Endpoint.of(model))._actor_id.hex()
+        finally:
+            await model.aclose()
+        assert result.completed == 20 and result.errors == 0
+        assert stats["rpm"] == pytest.approx(6000 * (round_ + 1))  # its own limits
+        if round_ > 0:  # the previous adapter's actor (or another spare) served it
+            assert actor in before
+        del model
+        gc.collect()
+    assert len(cluster._spare_budgets) <= 4
 
 
 async def test_a_local_evaluation_beside_a_cluster_one_shares_its_rate(

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -34,6 +35,7 @@ __all__ = ["RayCluster"]
 
 _ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 _FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
+_SPARE_BUDGETS = 4  # rate budget actors kept for new endpoints after theirs went away
 _AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication
 
 
@@ -130,7 +132,11 @@ class RayCluster(AsyncCloseable):
         self._owns_ray = False
         self._actor: Any = None  # the remote worker class
         self._handles: list[Any] = []
-        self._budgets: dict[int, tuple[Endpoint, Any]] = {}  # by id(endpoint)
+        # the rate budget actor of each endpoint used here, by id(endpoint); weak, so an
+        # adapter the user drops takes no actor with it: its actor is kept for the next
+        self._budgets: dict[int, tuple[weakref.ref[Endpoint], Any]] = {}
+        self._spare_budgets: list[Any] = []  # actors of endpoints that are gone
+        self._resets: dict[int, Any] = {}  # a spare's reset, awaited before it is used
         # driver-side endpoints leasing from their budget actor: the wrapper, and the
         # cluster evaluations on it now (by id(endpoint))
         self._attached: dict[int, list[Any]] = {}
@@ -240,11 +246,14 @@ class RayCluster(AsyncCloseable):
                     await handle.shutdown.remote()
                 except Exception:  # a dead worker has nothing to commit
                     continue
-        actors = [*handles, *(actor for _, actor in self._budgets.values())]
+        budgets = [actor for _, actor in self._budgets.values()] + self._spare_budgets
+        actors = [*handles, *budgets]
         singles = [actor for actor in (self._tally, self._ledger) if actor is not None]
         for handle in [*actors, *singles]:
             ray.kill(handle)
         self._budgets.clear()
+        self._spare_budgets.clear()
+        self._resets.clear()
         self._tally = self._ledger = None
         if self._owns_ray:
             ray.shutdown()
@@ -285,13 +294,34 @@ class RayCluster(AsyncCloseable):
         return [int(await handle.ping.remote()) for handle in self._handles]
 
     def budget_for(self, endpoint: Endpoint) -> Any:
-        """The rate budget actor of ``endpoint``: one per endpoint for the cluster's
-        life, so every evaluation on the same adapter shares one budget."""
-        known = self._budgets.get(id(endpoint))
-        if known is None or known[0] is not endpoint:
-            remote = self._ray.remote(RateBudget).options(num_cpus=0)
-            known = self._budgets[id(endpoint)] = (endpoint, remote.remote(endpoint.limits))
-        return known[1]
+        """The rate budget actor of ``endpoint``: one per endpoint for as long as the
+        endpoint lives, so every evaluation on the same adapter shares one budget.  The
+        actor of an endpoint that is gone serves the next new one (reset to its limits):
+        a service that makes an adapter per request neither starts a process per
+        adapter nor keeps one alive per adapter it ever made."""
+        key = id(endpoint)
+        known = self._budgets.get(key)
+        if known is not None and known[0]() is endpoint:
+            return known[1]
+        self._retire_budgets()
+        if self._spare_budgets:
+            actor = self._spare_budgets.pop()
+            self._resets[key] = actor.reset.remote(endpoint.limits)
+        else:
+            actor = self._ray.remote(RateBudget).options(num_cpus=0).remote(endpoint.limits)
+        self._budgets[key] = (weakref.ref(endpoint), actor)
+        return actor
+
+    def _retire_budgets(self) -> None:
+        """Keep the actors of endpoints that are gone as spares (a few; the rest end)."""
+        for key, (ref, actor) in list(self._budgets.items()):
+            if ref() is None:
+                del self._budgets[key]
+                self._resets.pop(key, None)
+                if len(self._spare_budgets) < _SPARE_BUDGETS:
+                    self._spare_budgets.append(actor)
+                else:
+                    self._ray.kill(actor)
 
     @asynccontextmanager
     async def attached(self, endpoint: Endpoint) -> AsyncIterator[Any]:
@@ -299,6 +329,9 @@ class RayCluster(AsyncCloseable):
         (a trainer's batch step, an `evaluate` run beside) lease from the same budget
         actor as the workers: one endpoint, one rate.  Yields the budget actor."""
         budget = self.budget_for(endpoint)
+        reset = self._resets.pop(id(endpoint), None)
+        if reset is not None:  # a spare actor: reset before any worker leases from it
+            await reset
         entry = self._attached.get(id(endpoint))
         if entry is None:
             leased = None

@@ -147,6 +147,10 @@ class RateBudget:
         self.notices: deque[str] = deque(maxlen=16)  # headers ignored, for a person
         self.counts = {"leases": 0, "requests": 0, "returned": 0, "rate_limited": 0, "pauses": 0}
 
+    def reset(self, limits: Limits) -> None:
+        """Start over as the budget of a new endpoint (this actor's was dropped)."""
+        self.__init__(limits)  # type: ignore[misc]
+
     def _set_requests(self, rate: float, now: float) -> None:
         self.requests = _rebucket(self.requests, rate, self.limits.request_burst(rate * 60), now)
 
