@@ -31,6 +31,9 @@ from engine import (
     evaluate,
     register_secret,
 )
+from engine._context import current_emitter
+from engine._events import Emitter
+from engine._scoring import CPU_BOUND, MetricRunner, cpu_threads
 from engine.metrics import ExactMatch
 from engine.testing import EventRecorder, ScriptedModel, ScriptedRequest
 
@@ -248,6 +251,65 @@ async def test_a_plain_metric_that_proves_slow_moves_to_threads_and_says_so_once
     assert threads[:2] == [loop_thread, loop_thread] and loop_thread not in threads[2:]
     (switch,) = recorder.named("metric.threaded")
     assert switch.data["threshold_ms"] == 1.0 and switch.data["metric"].endswith("slow")
+
+
+class _MetricClocks:
+    """The two clocks the metric runner reads, moved only by the test's metrics: a
+    call's wall time and its CPU time are what the test says, whatever the load."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def thread_time(self) -> float:
+        return self.cpu
+
+
+@pytest.mark.parametrize("cpu_share", [0.9, 0.1])
+async def test_a_cpu_bound_metric_moves_to_as_many_threads_as_cores_and_a_waiting_one_keeps_all(
+    monkeypatch: pytest.MonkeyPatch, cpu_share: float
+) -> None:
+    """Many threads of a CPU-bound metric only take turns at the GIL (and the loop's
+    thread waits behind them): the second slow call, 90% on the CPU, caps the threads
+    at cores + 1; one that mostly waits (10%) keeps the 16 it was given."""
+    import engine._scoring as scoring
+
+    clocks = _MetricClocks()
+    monkeypatch.setattr(scoring, "time", clocks)
+
+    def metric(example: Example, prediction: str) -> float:
+        clocks.wall += 0.004  # over the 1 ms threshold
+        clocks.cpu += 0.004 * cpu_share
+        return 1.0
+
+    runner = MetricRunner(metric, threads=16)
+    recorder = EventRecorder()
+    token = current_emitter.set(Emitter(recorder))
+    try:
+        for example in echo_examples(4):
+            assert (await runner(example, example.expected)).score == 1.0
+    finally:
+        current_emitter.reset(token)
+    assert runner.threads is not None and not runner.inline
+    (switch,) = recorder.named("metric.threaded")
+    expected = cpu_threads() if cpu_share > CPU_BOUND else 16
+    assert runner.threads.total_tokens == expected and switch.data["threads"] == expected
+    assert switch.data["cpu_bound"] is (cpu_share > CPU_BOUND)
+
+
+async def test_a_cpu_bound_metric_never_gets_more_threads_than_asked() -> None:
+    def busy(example: Example, prediction: str) -> float:
+        started = time.thread_time()
+        while time.thread_time() - started < 0.003:  # 3 ms of this thread's CPU
+            pass
+        return 1.0
+
+    runner = MetricRunner(busy, threads=1)
+    for example in echo_examples(3):
+        await runner(example, example.expected)
+    assert runner.threads is not None and runner.threads.total_tokens == 1
 
 
 async def test_one_slow_call_alone_does_not_move_a_fast_metric_to_threads() -> None:

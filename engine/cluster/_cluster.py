@@ -22,7 +22,7 @@ from .._outcome import Evaluation
 from .._prompt import Prompt
 from .._protocols import ChatModel
 from .._types import Example
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, Limits
 from ._leased import LeasedModel
 from ._racing import RacingTally
 from ._rates import RateBudget
@@ -160,10 +160,16 @@ class RayCluster(AsyncCloseable):
             num_cpus=share, max_concurrency=1000, max_restarts=0, max_task_retries=0
         )
         self._handles = [self._actor.remote(slot) for slot in range(count)]
+        # a rate budget actor started now, beside the workers, for the first endpoint:
+        # started at its first evaluation, its process would take a core from the
+        # workers and hold their first calls back (0.5-0.7 s)
+        spare = ray.remote(RateBudget).options(num_cpus=0).remote(Limits())
+        self._spare_budgets.append(spare)
         try:
             with anyio.fail_after(self.start_timeout):
                 for handle in self._handles:
                     await handle.ping.remote()
+                await spare.statistics.remote()
         except TimeoutError:
             await self.close()
             raise EngineError(
