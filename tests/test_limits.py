@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -20,14 +23,17 @@ from adapters import (
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     BadRequestError,
+    Budget,
     Completion,
     ConfigError,
     Endpoint,
     Limits,
+    Price,
     RateLimitedError,
     RateLimitSnapshot,
     RetryPolicy,
     TransientError,
+    Usage,
     evaluate,
     optimize,
 )
@@ -36,6 +42,7 @@ from engine.endpoint._adaptive import AdaptiveConcurrency
 from engine.endpoint._hedge import MIN_SAMPLES, Hedger
 from engine.endpoint._limits import RateLimiter
 from engine.metrics import ExactMatch
+from engine.report import RunReport
 
 from .conftest import echo_examples, echo_model, qa_prompt
 
@@ -645,19 +652,26 @@ def test_the_p95_delay_waits_for_enough_latencies_and_follows_them() -> None:
     assert hedger.delay() == 95.0
 
 
-@pytest.mark.looptime
-async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without() -> None:
+async def _heavy_tail_optimize(hedge: bool, budget: Budget | None = None) -> tuple[Any, Endpoint]:
+    """An optimize run against a heavy-tailed task model, hedged at the p95 or not."""
+
     def heavy_tail(rng: random.Random) -> float:
         return 0.5 * math.exp(rng.gauss(0.0, 1.0))
 
+    retry = RetryPolicy(hedge_after="p95" if hedge else None)
+    model = Endpoint(ArithmeticModel(latency=heavy_tail, seed=3), retry=retry)
+    data = arithmetic_examples(40)
+    result = await optimize(
+        qa_prompt(), data[:30], valset=data[30:], metric=ExactMatch(), model=model,
+        optimizer_model=ArithmeticCoach(), optimizer_model_name="coach", seed=1, budget=budget,
+    )  # fmt: skip
+    return result, model
+
+
+@pytest.mark.looptime
+async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without() -> None:
     async def run(hedge: bool) -> tuple[object, ...]:
-        retry = RetryPolicy(hedge_after="p95" if hedge else None)
-        model = Endpoint(ArithmeticModel(latency=heavy_tail, seed=3), retry=retry)
-        data = arithmetic_examples(40)
-        result = await optimize(
-            qa_prompt(), data[:30], valset=data[30:], metric=ExactMatch(), model=model,
-            optimizer_model=ArithmeticCoach(), optimizer_model_name="coach", seed=1,
-        )  # fmt: skip
+        result, model = await _heavy_tail_optimize(hedge)
         report = result.report
         steps = [
             (s.batch_ids, s.batch_score, s.best_score, s.val_score, proposals)
@@ -670,3 +684,33 @@ async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without
     (plain, none_sent), (hedged, sent) = await run(False), await run(True)
     assert none_sent == 0 and sent > 0  # hedging really happened
     assert hedged == plain
+
+
+@pytest.mark.looptime
+async def test_the_run_report_shows_the_hedges_and_their_cost_only_when_a_model_hedged() -> None:
+    prices = {"demo": Price(1.0, 4.0), "coach": Price(1.0, 1.0)}
+    hedged, model = await _heavy_tail_optimize(True, Budget(prices=prices))
+    stats, report = model.statistics(), hedged.report
+    hedges = report.hedges
+    assert hedges["sent"] == stats.hedges > 0 and hedges["won"] == stats.hedges_won
+    prompt, completion = hedges["tokens"]["demo"]
+    assert prompt > 0 and completion > 0
+    assert hedges["cost"] == pytest.approx(prices["demo"].cost(Usage(prompt, completion)))
+    # each duplicate is paid: its estimate is in the run's tokens, beside what was answered
+    assert report.tokens["demo"] == [
+        stats.usage.prompt_tokens + prompt,
+        stats.usage.completion_tokens + completion,
+    ]
+    assert report.calls["demo"] == stats.calls and report.cost is not None
+    assert report.cost > hedges["cost"] > 0
+    assert json.loads(report.to_json())["hedges"] == hedges
+    line = f"- hedges: {hedges['sent']} duplicate requests sent, {hedges['won']} answered first"
+    assert line in report.to_markdown()
+    assert f"<p>Hedges: {hedges['sent']} duplicate requests sent" in report.to_html()
+
+    plain, _ = await _heavy_tail_optimize(False, Budget(prices=prices))
+    data = plain.report.to_dict()
+    assert plain.report.hedges == {} and "hedges" not in data  # the JSON as before hedging
+    assert set(data) == {f.name for f in dataclasses.fields(RunReport)} - {"hedges", "program"}
+    assert "hedge" not in plain.report.to_markdown().lower()
+    assert "hedge" not in plain.report.to_html().lower()

@@ -157,10 +157,15 @@ class Hedger:
             self._next = (self._next + 1) % _WINDOW
         self._fresh += 1
 
-    async def attempt(self, attempt: Callable[[], Awaitable[Completion]]) -> tuple[Completion, int]:
-        """Run ``attempt`` (one attempt under the limits), hedged: the completion and the
-        duplicates sent (0 or 1).  Raises the first attempt's error when no attempt
-        answered (the duplicate's when the first never went out)."""
+    async def attempt(
+        self,
+        attempt: Callable[[], Awaitable[Completion]],
+        sent: Callable[[int, int], None],
+    ) -> Completion:
+        """Run ``attempt`` (one attempt under the limits), hedged, and the completion.
+        ``sent(duplicates, won)`` is told what went out (0 or 1 duplicate, and whether it
+        answered first) before this returns or raises.  Raises the first attempt's error
+        when no attempt answered (the duplicate's when the first never went out)."""
         delay = self.delay()
         started = self._clock()
         key = id(attempt)
@@ -169,7 +174,7 @@ class Hedger:
             if delay is None:
                 completion = await attempt()
                 self.observe(self._clock() - started)
-                return completion, 0
+                return completion
             race = _Race()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(race.run, attempt, 0, tg.cancel_scope)
@@ -183,10 +188,10 @@ class Hedger:
             del self._running[key]
         # the first attempt's latency, or how long it ran before the duplicate won
         self.observe(self._clock() - started, answered=race.won_by == 0)
-        hedges = race.launched - 1
+        hedges, won = race.launched - 1, int(race.won_by == 1)
         self.sent += hedges
+        self.won += won
+        sent(hedges, won)
         if race.winner is None:
             raise race.errors.get(0) or race.errors[1]
-        if race.won_by == 1:
-            self.won += 1
-        return race.winner, hedges
+        return race.winner
