@@ -196,8 +196,14 @@ class BudgetMeter:
         and charge ``usage``, what they are estimated to cost: the request a duplicate
         cut short (or that cut the duplicate short) is billed by the provider all the
         same, and it is the same request as the answer's.  ``None``: no answer to go by."""
+        self.count_hedges(model, sent, won, usage)
+        if usage is not None:
+            self.charge_usage(model, usage)
+
+    def count_hedges(self, model: str, sent: int, won: int, usage: Usage | None) -> None:
+        """Record hedges whose ``usage`` is charged already (a cluster worker's meter
+        charged it, and its usage reaches this meter with the rest)."""
         self.hedges[model] = self.hedges.get(model, 0) + sent
         self.hedges_won[model] = self.hedges_won.get(model, 0) + won
         if usage is not None:
             self.hedge_usage[model] = self.hedge_usage.get(model, Usage()) + usage
-            self.charge_usage(model, usage)
