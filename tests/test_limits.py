@@ -39,7 +39,7 @@ from engine import (
 )
 from engine._budget import BudgetMeter
 from engine.endpoint._adaptive import AdaptiveConcurrency
-from engine.endpoint._hedge import MIN_SAMPLES, Hedger
+from engine.endpoint._hedge import EARLY_ALLOWANCE, EARLY_SHARE, MIN_SAMPLES, Hedger
 from engine.endpoint._limits import RateLimiter
 from engine.metrics import ExactMatch
 from engine.report import RunReport
@@ -650,6 +650,68 @@ def test_the_p95_delay_waits_for_enough_latencies_and_follows_them() -> None:
     for seconds in range(MIN_SAMPLES, 101):
         hedger.observe(float(seconds))
     assert hedger.delay() == 95.0
+
+
+def _late_after_warmup() -> ScriptedModel:
+    """Echoes.  The warm-up, items 0-39: six (0, 7, ..., 35) take 5 s, the rest 0.1 s,
+    so the observed p75 is 0.1 s and the p95 5 s; any later item's first attempt takes
+    2 s (late, not past the p95), its duplicate 0.1 s."""
+
+    async def answer(request: ScriptedRequest) -> str:
+        item = int(request.messages[-1]["content"].split()[-1])
+        if request.attempt > 1:
+            await anyio.sleep(0.1)
+        elif item < 40:
+            await anyio.sleep(5.0 if item % 7 == 0 else 0.1)
+        else:
+            await anyio.sleep(2.0)
+        return request.messages[-1]["content"]
+
+    return ScriptedModel(answer)
+
+
+async def _after_warmup(limit: int) -> tuple[ScriptedModel, Endpoint, float]:
+    """The warm-up, then 100 late calls at once on an endpoint of ``limit`` slots: the
+    model, the endpoint and the seconds the 100 took."""
+    model = _late_after_warmup()
+    endpoint = Endpoint(
+        model, retry=RetryPolicy(hedge_after="p95"), limits=Limits(concurrency=limit)
+    )
+    data = echo_examples(140)
+    warm = await evaluate(qa_prompt(), data[:40], model=endpoint, metric=ExactMatch())
+    assert warm.hedges == 0  # nothing known yet when they started
+    assert endpoint.hedger is not None
+    assert (endpoint.hedger.delay(), endpoint.hedger.early_delay()) == (5.0, 0.1)
+    started = anyio.current_time()
+    late = await evaluate(qa_prompt(), data[40:], model=endpoint, metric=ExactMatch())
+    assert late.score == 1.0 and late.completed == 100
+    return model, endpoint, anyio.current_time() - started
+
+
+@pytest.mark.looptime
+async def test_on_idle_capacity_late_calls_are_hedged_early_within_the_budget() -> None:
+    """Free slots and nobody waiting: a call past the observed p75 gets its duplicate
+    at once, not at the p95; 100 such calls get only the budget's, 2% of the first
+    attempts so far (140) + 5 = 7.8, so 8, and the other 92 wait for their answer."""
+    model, endpoint, took = await _after_warmup(limit=300)
+    hedger = endpoint.hedger
+    assert hedger is not None
+    budget = EARLY_SHARE * 140 + EARLY_ALLOWANCE
+    assert hedger.early == math.ceil(budget) == 8
+    stats = endpoint.statistics()
+    assert (stats.hedges, stats.hedges_won) == (8, 8)  # each answered in ~0.25 s, not 2 s
+    assert model.calls == 140 + 8
+    assert 2.0 <= took < 2.5  # the 92 beyond the budget were waited for, not hedged
+
+
+@pytest.mark.looptime
+async def test_no_early_hedge_while_every_slot_is_taken() -> None:
+    """The same 100 late calls filling all 100 slots: a duplicate would take a slot
+    from a first attempt, so nothing is hedged before the p95."""
+    model, endpoint, took = await _after_warmup(limit=100)
+    assert endpoint.hedger is not None and endpoint.hedger.early == 0
+    assert model.calls == 140 and endpoint.statistics().hedges == 0
+    assert 2.0 <= took < 2.5
 
 
 async def _heavy_tail_optimize(hedge: bool, budget: Budget | None = None) -> tuple[Any, Endpoint]:

@@ -196,7 +196,9 @@ class Endpoint:
         self.limiter = RateLimiter(self.limits, clock=self._clock)
         self.breaker = CircuitBreaker(self.retry.circuit_breaker, clock=self._clock)
         after = self.retry.hedge_after
-        self.hedger = Hedger(after, self._clock) if after is not None else None
+        self.hedger = (
+            Hedger(after, self._clock, self.limiter.idle_for) if after is not None else None
+        )
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
