@@ -129,6 +129,7 @@ def test_dry_run_counts_a_duplicate_per_call_of_a_hedging_endpoint(demo: Path) -
     summary = json.loads(done.stdout)
     report = json.loads((demo / "out" / "report.json").read_text())
     assert report["hedges"]["sent"] > 0 and 0 < summary["cost_usd"] <= hedged["max_cost_usd"]
+    assert summary["hedges"] == report["hedges"]  # stdout's summary says so too
     planned = sum(row["calls"] for row in hedged["calls"] if row["model"] == "demo")
     assert summary["calls"]["demo"] <= planned
 
