@@ -136,6 +136,11 @@ class BudgetMeter:
         self.calls: dict[str, int] = {}
         self.usage: dict[str, Usage] = {}
         self.exceeded: str | None = None
+        # hedged requests (``RetryPolicy.hedge_after``), per model: duplicates sent, those
+        # that answered first, and the tokens they are estimated to cost (in ``usage`` too)
+        self.hedges: dict[str, int] = {}
+        self.hedges_won: dict[str, int] = {}
+        self.hedge_usage: dict[str, Usage] = {}
 
     @property
     def total_calls(self) -> int:
@@ -150,6 +155,17 @@ class BudgetMeter:
         """Estimated dollars, or ``None`` when some model has no known price."""
         total = 0.0
         for model, usage in self.usage.items():
+            price = self._prices.get(model)
+            if price is None:
+                return None
+            total += price.cost(usage)
+        return total
+
+    @property
+    def hedge_cost(self) -> float | None:
+        """Estimated dollars of the hedges, or ``None`` when some model has no price."""
+        total = 0.0
+        for model, usage in self.hedge_usage.items():
             price = self._prices.get(model)
             if price is None:
                 return None
@@ -174,3 +190,20 @@ class BudgetMeter:
 
     def charge_usage(self, model: str, usage: Usage) -> None:
         self.usage[model] = self.usage.get(model, Usage()) + usage
+
+    def charge_hedges(self, model: str, sent: int, won: int, usage: Usage | None) -> None:
+        """Count ``sent`` duplicate requests of one call (``won`` of them answered first)
+        and charge ``usage``, what they are estimated to cost: the request a duplicate
+        cut short (or that cut the duplicate short) is billed by the provider all the
+        same, and it is the same request as the answer's.  ``None``: no answer to go by."""
+        self.count_hedges(model, sent, won, usage)
+        if usage is not None:
+            self.charge_usage(model, usage)
+
+    def count_hedges(self, model: str, sent: int, won: int, usage: Usage | None) -> None:
+        """Record hedges whose ``usage`` is charged already (a cluster worker's meter
+        charged it, and its usage reaches this meter with the rest)."""
+        self.hedges[model] = self.hedges.get(model, 0) + sent
+        self.hedges_won[model] = self.hedges_won.get(model, 0) + won
+        if usage is not None:
+            self.hedge_usage[model] = self.hedge_usage.get(model, Usage()) + usage

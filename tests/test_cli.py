@@ -104,6 +104,36 @@ def test_dry_run_cost_bound_holds_for_the_run_that_follows(demo: Path) -> None:
     assert report["cost"] <= plan["max_cost_usd"] and coach > 0
 
 
+def test_dry_run_counts_a_duplicate_per_call_of_a_hedging_endpoint(demo: Path) -> None:
+    """[model.retry] hedge_after doubles the task model's calls in the bound (one
+    duplicate per attempt, both possibly billed), not the optimizer's; the run that
+    follows, hedging every call, stays under it."""
+    plain = json.loads(run_cli("optimize", str(demo / "demo.toml"), "--dry-run").stdout)
+    run = demo / "demo.toml"
+    # every task call runs 20 ms: a 5 ms delay hedges each of them
+    run.write_text(
+        run.read_text().replace(
+            "limits = { rpm = 6000, concurrency = 16 }",
+            "limits = { rpm = 6000, concurrency = 16 }\nretry = { hedge_after = 0.005 }",
+        )
+    )
+    dry = run_cli("optimize", str(run), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    hedged = json.loads(dry.stdout)
+    pairs = list(zip(plain["calls"], hedged["calls"], strict=True))
+    assert all(h["calls"] == p["calls"] * (2 if p["model"] == "demo" else 1) for p, h in pairs)
+    assert hedged["max_cost_usd"] > plain["max_cost_usd"]
+    assert "duplicate paid in full" in hedged["note"] and "duplicate" not in plain["note"]
+    done = run_cli("optimize", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    report = json.loads((demo / "out" / "report.json").read_text())
+    assert report["hedges"]["sent"] > 0 and 0 < summary["cost_usd"] <= hedged["max_cost_usd"]
+    assert summary["hedges"] == report["hedges"]  # stdout's summary says so too
+    planned = sum(row["calls"] for row in hedged["calls"] if row["model"] == "demo")
+    assert summary["calls"]["demo"] <= planned
+
+
 def test_dry_run_says_unbounded_without_a_completion_cap(demo: Path) -> None:
     run = demo / "demo.toml"
     run.write_text(run.read_text().replace("params = { max_tokens = 64 }", ""))

@@ -37,9 +37,12 @@ from engine import (
     Prompt,
     RateLimitedError,
     RateLimitSnapshot,
+    RetryPolicy,
+    Usage,
     evaluate,
     optimize,
 )
+from engine._budget import BudgetMeter
 from engine.cluster import FileDataset, RayCluster
 from engine.cluster._leased import LeasedModel
 from engine.cluster._rates import LEASE_LIFE, Ask, RateBudget
@@ -969,6 +972,35 @@ async def test_cancelling_cancels_the_calls_in_the_workers(
         await model.aclose()
     assert server.stats.disconnects == 4 and server.stats.paid == 0
     assert took < 15  # against 30 s: the calls were cancelled, not answered
+
+
+async def slow_first_attempt(request: ScriptedRequest) -> str:
+    """Echoes; a request's first attempt takes 5 s, its duplicate answers at once."""
+    await anyio.sleep(5.0 if request.attempt == 1 else 0.0)
+    return request.messages[-1]["content"]
+
+
+@pytest.mark.slow
+async def test_a_cluster_evaluation_counts_the_workers_hedges(cluster: RayCluster) -> None:
+    """Every call runs late and is hedged on its worker: the evaluation's hedges and
+    the run meter's are the workers' sum (they came back as 0)."""
+    model = Endpoint(
+        ScriptedModel(slow_first_attempt),
+        retry=RetryPolicy(hedge_after=0.2),
+        limits=Limits(concurrency=64),  # a slot for every call and its duplicate
+    )
+    meter = BudgetMeter(None, ["demo"])
+    result = await evaluate(
+        qa_prompt(), echo_examples(16), model=model, metric=ExactMatch(), cluster=cluster,
+        meter=meter,
+    )  # fmt: skip
+    assert result.score == 1.0 and result.hedges == 16 and result.calls == 32
+    assert result.retries == 0  # a duplicate is no retry
+    assert sum(meter.hedges.values()) == 16 and sum(meter.hedges_won.values()) == 16
+    assert sum(meter.calls.values()) == 32
+    estimated = sum((u for u in meter.hedge_usage.values()), Usage())
+    assert estimated.total_tokens > 0  # each duplicate priced as its answer, once
+    assert sum((u for u in meter.usage.values()), Usage()) == result.usage + estimated
 
 
 # -- optimize ---------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -20,22 +23,26 @@ from adapters import (
 from adapters.simulated_server import ServerConfig, SimulatedServer
 from engine import (
     BadRequestError,
+    Budget,
     Completion,
     ConfigError,
     Endpoint,
     Limits,
+    Price,
     RateLimitedError,
     RateLimitSnapshot,
     RetryPolicy,
     TransientError,
+    Usage,
     evaluate,
     optimize,
 )
 from engine._budget import BudgetMeter
 from engine.endpoint._adaptive import AdaptiveConcurrency
-from engine.endpoint._hedge import MIN_SAMPLES, Hedger
+from engine.endpoint._hedge import EARLY_ALLOWANCE, EARLY_SHARE, MIN_SAMPLES, Hedger
 from engine.endpoint._limits import RateLimiter
 from engine.metrics import ExactMatch
+from engine.report import RunReport
 
 from .conftest import echo_examples, echo_model, qa_prompt
 
@@ -645,19 +652,88 @@ def test_the_p95_delay_waits_for_enough_latencies_and_follows_them() -> None:
     assert hedger.delay() == 95.0
 
 
+def _late_after_warmup() -> ScriptedModel:
+    """Echoes.  The warm-up, items 0-39: six (0, 7, ..., 35) take 5 s, the rest 0.1 s,
+    so the observed p75 is 0.1 s and the p95 5 s; any later item's first attempt takes
+    2 s (late, not past the p95), its duplicate 0.1 s."""
+
+    async def answer(request: ScriptedRequest) -> str:
+        item = int(request.messages[-1]["content"].split()[-1])
+        if request.attempt > 1:
+            await anyio.sleep(0.1)
+        elif item < 40:
+            await anyio.sleep(5.0 if item % 7 == 0 else 0.1)
+        else:
+            await anyio.sleep(2.0)
+        return request.messages[-1]["content"]
+
+    return ScriptedModel(answer)
+
+
+async def _after_warmup(limit: int) -> tuple[ScriptedModel, Endpoint, float]:
+    """The warm-up, then 100 late calls at once on an endpoint of ``limit`` slots: the
+    model, the endpoint and the seconds the 100 took."""
+    model = _late_after_warmup()
+    endpoint = Endpoint(
+        model, retry=RetryPolicy(hedge_after="p95"), limits=Limits(concurrency=limit)
+    )
+    data = echo_examples(140)
+    warm = await evaluate(qa_prompt(), data[:40], model=endpoint, metric=ExactMatch())
+    assert warm.hedges == 0  # nothing known yet when they started
+    assert endpoint.hedger is not None
+    assert (endpoint.hedger.delay(), endpoint.hedger.early_delay()) == (5.0, 0.1)
+    started = anyio.current_time()
+    late = await evaluate(qa_prompt(), data[40:], model=endpoint, metric=ExactMatch())
+    assert late.score == 1.0 and late.completed == 100
+    return model, endpoint, anyio.current_time() - started
+
+
 @pytest.mark.looptime
-async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without() -> None:
+async def test_on_idle_capacity_late_calls_are_hedged_early_within_the_budget() -> None:
+    """Free slots and nobody waiting: a call past the observed p75 gets its duplicate
+    at once, not at the p95; 100 such calls get only the budget's, 2% of the first
+    attempts so far (140) + 5 = 7.8, so 8, and the other 92 wait for their answer."""
+    model, endpoint, took = await _after_warmup(limit=300)
+    hedger = endpoint.hedger
+    assert hedger is not None
+    budget = EARLY_SHARE * 140 + EARLY_ALLOWANCE
+    assert hedger.early == math.ceil(budget) == 8
+    stats = endpoint.statistics()
+    assert (stats.hedges, stats.hedges_won) == (8, 8)  # each answered in ~0.25 s, not 2 s
+    assert model.calls == 140 + 8
+    assert 2.0 <= took < 2.5  # the 92 beyond the budget were waited for, not hedged
+
+
+@pytest.mark.looptime
+async def test_no_early_hedge_while_every_slot_is_taken() -> None:
+    """The same 100 late calls filling all 100 slots: a duplicate would take a slot
+    from a first attempt, so nothing is hedged before the p95."""
+    model, endpoint, took = await _after_warmup(limit=100)
+    assert endpoint.hedger is not None and endpoint.hedger.early == 0
+    assert model.calls == 140 and endpoint.statistics().hedges == 0
+    assert 2.0 <= took < 2.5
+
+
+async def _heavy_tail_optimize(hedge: bool, budget: Budget | None = None) -> tuple[Any, Endpoint]:
+    """An optimize run against a heavy-tailed task model, hedged at the p95 or not."""
+
     def heavy_tail(rng: random.Random) -> float:
         return 0.5 * math.exp(rng.gauss(0.0, 1.0))
 
+    retry = RetryPolicy(hedge_after="p95" if hedge else None)
+    model = Endpoint(ArithmeticModel(latency=heavy_tail, seed=3), retry=retry)
+    data = arithmetic_examples(40)
+    result = await optimize(
+        qa_prompt(), data[:30], valset=data[30:], metric=ExactMatch(), model=model,
+        optimizer_model=ArithmeticCoach(), optimizer_model_name="coach", seed=1, budget=budget,
+    )  # fmt: skip
+    return result, model
+
+
+@pytest.mark.looptime
+async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without() -> None:
     async def run(hedge: bool) -> tuple[object, ...]:
-        retry = RetryPolicy(hedge_after="p95" if hedge else None)
-        model = Endpoint(ArithmeticModel(latency=heavy_tail, seed=3), retry=retry)
-        data = arithmetic_examples(40)
-        result = await optimize(
-            qa_prompt(), data[:30], valset=data[30:], metric=ExactMatch(), model=model,
-            optimizer_model=ArithmeticCoach(), optimizer_model_name="coach", seed=1,
-        )  # fmt: skip
+        result, model = await _heavy_tail_optimize(hedge)
         report = result.report
         steps = [
             (s.batch_ids, s.batch_score, s.best_score, s.val_score, proposals)
@@ -670,3 +746,33 @@ async def test_an_optimize_run_with_hedging_makes_the_decisions_it_makes_without
     (plain, none_sent), (hedged, sent) = await run(False), await run(True)
     assert none_sent == 0 and sent > 0  # hedging really happened
     assert hedged == plain
+
+
+@pytest.mark.looptime
+async def test_the_run_report_shows_the_hedges_and_their_cost_only_when_a_model_hedged() -> None:
+    prices = {"demo": Price(1.0, 4.0), "coach": Price(1.0, 1.0)}
+    hedged, model = await _heavy_tail_optimize(True, Budget(prices=prices))
+    stats, report = model.statistics(), hedged.report
+    hedges = report.hedges
+    assert hedges["sent"] == stats.hedges > 0 and hedges["won"] == stats.hedges_won
+    prompt, completion = hedges["tokens"]["demo"]
+    assert prompt > 0 and completion > 0
+    assert hedges["cost"] == pytest.approx(prices["demo"].cost(Usage(prompt, completion)))
+    # each duplicate is paid: its estimate is in the run's tokens, beside what was answered
+    assert report.tokens["demo"] == [
+        stats.usage.prompt_tokens + prompt,
+        stats.usage.completion_tokens + completion,
+    ]
+    assert report.calls["demo"] == stats.calls and report.cost is not None
+    assert report.cost > hedges["cost"] > 0
+    assert json.loads(report.to_json())["hedges"] == hedges
+    line = f"- hedges: {hedges['sent']} duplicate requests sent, {hedges['won']} answered first"
+    assert line in report.to_markdown()
+    assert f"<p>Hedges: {hedges['sent']} duplicate requests sent" in report.to_html()
+
+    plain, _ = await _heavy_tail_optimize(False, Budget(prices=prices))
+    data = plain.report.to_dict()
+    assert plain.report.hedges == {} and "hedges" not in data  # the JSON as before hedging
+    assert set(data) == {f.name for f in dataclasses.fields(RunReport)} - {"hedges", "program"}
+    assert "hedge" not in plain.report.to_markdown().lower()
+    assert "hedge" not in plain.report.to_html().lower()

@@ -66,6 +66,7 @@ timeout = 10
 deadline = false
 max_retry_after = 30
 circuit_breaker = false
+hedge_after = "p95"
 
 [optimizer]
 adapter = "adapters.scripted:ArithmeticCoach"
@@ -148,6 +149,7 @@ def test_every_key_reaches_the_run_file(tmp_path: Path) -> None:
         deadline=None,
         max_retry_after=30,
         circuit_breaker=None,
+        hedge_after="p95",
     )
     assert run.trainer == {
         "batch_size": 2,
@@ -165,6 +167,14 @@ def test_every_key_reaches_the_run_file(tmp_path: Path) -> None:
     assert run.cache_flush_interval == 0.5
     assert run.cluster == ClusterSpec(address="ray://127.0.0.1:10001", workers=2)
     assert run.output_dir == tmp_path / "results"
+
+
+@pytest.mark.parametrize(("value", "after"), [("2.5", 2.5), ("3", 3.0), ("false", None)])
+def test_hedge_after_takes_seconds_or_false(
+    tmp_path: Path, value: str, after: float | None
+) -> None:
+    run = load_run_file(_write(tmp_path, BASE + f"\n[model.retry]\nhedge_after = {value}\n"))
+    assert run.model.retry == RetryPolicy(hedge_after=after)
 
 
 def test_defaults_when_keys_are_absent(tmp_path: Path) -> None:
@@ -257,6 +267,17 @@ def test_unknown_keys_are_found_before_any_dataset_is_read(tmp_path: Path) -> No
             "[model.retry]\ncircuit_breaker = 0\n",
             "[model.retry] circuit_breaker must be an integer >= 1",
         ),
+        ("[model.retry]\nhedge_after = 0\n", "[model.retry] hedge_after must be a number > 0.0"),
+        (
+            '[model.retry]\nhedge_after = "p99"\n',
+            'run.toml:13: [model.retry] hedge_after must be finite seconds > 0 or "p95" (the '
+            'observed p95 latency), got "p99"',
+        ),
+        (
+            "[model.retry]\nhedge_after = inf\n",
+            'run.toml:13: [model.retry] hedge_after must be finite seconds > 0 or "p95"',
+        ),
+        ("[model.retry]\nhedge_after = true\n", "[model.retry] hedge_after = true means nothing"),
         ("[budget]\nmax_calls = -1\n", "[budget] max_calls must be an integer >= 1, got -1"),
         (
             "[budget]\nprices = { demo = [1] }\n",

@@ -361,6 +361,7 @@ def _finish_optimize(job: Job, result: OptimizationResult) -> int:
         "stopped_reason": report.stopped_reason,
         "calls": report.calls,
         "cost_usd": report.cost,
+        **({"hedges": report.hedges} if report.hedges else {}),  # only where a model hedged
         "output": str(job.out),
     }
     if math.isnan(result.score):

@@ -14,10 +14,16 @@ Every kind of call is bounded apart, on the model that serves it:
 
 Assumed, and said in the printed note: a metric's feedback text is at most
 ``_FEEDBACK_BYTES``, and providers bill no failed attempt (429, 5xx).
+
+Hedged requests (``[<endpoint>.retry] hedge_after``) double the calls of the endpoint
+that hedges: an attempt has at most one duplicate, a race both of whose attempts fail
+bills nothing (as above), and the race that answers bills at most both of its attempts
+(the loser is cancelled, but a provider may bill it in full).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -34,7 +40,7 @@ from ..stages import (
     GRADIENT_SYSTEM,
     OPTIMIZER_MAX_TOKENS,
 )
-from ._runfile import RunFile
+from ._runfile import EndpointSpec, RunFile
 
 __all__ = ["CallKind", "plan", "plan_table"]
 
@@ -186,9 +192,39 @@ def _optimizer_kinds(
     ]
 
 
+def _hedges(spec: EndpointSpec | None) -> bool:
+    return spec is not None and spec.retry is not None and spec.retry.hedge_after is not None
+
+
+def _task_hedges(run: RunFile) -> bool:
+    """Whether any endpoint that serves the task prompt(s) sends hedged requests."""
+    return any(_hedges(spec) for spec in (run.model, run.batch, *run.adapters.values()))
+
+
+def _doubled(kinds: list[CallKind], hedged: bool) -> list[CallKind]:
+    """``kinds`` with their calls doubled when their endpoint hedges: one duplicate per
+    attempt, both attempts of the answered race billed at most."""
+    return [dataclasses.replace(k, calls=2 * k.calls) for k in kinds] if hedged else kinds
+
+
 def _call_kinds(run: RunFile, command: str) -> list[CallKind]:
-    rows = [*run.train, *(run.val or [])]
-    sizes = _sizes(run, rows)
+    sizes = _sizes(run, [*run.train, *(run.val or [])])
+    task_kinds = _task_call_kinds(run, command, sizes)
+    if command == "evaluate":
+        return _doubled(task_kinds, _task_hedges(run))
+    t = run.trainer
+    b, m = int(t.get("batch_size", 4)), int(t.get("max_proposals_per_step", 5))
+    steps = math.ceil(len(run.train) / b)
+    p = int(t.get("parallel_proposals", 1))
+    blame = steps * b if t.get("component") == "blame" else 0  # a program's blame pass
+    counts = {"description": 2, "gradient": steps * m * b + blame, "apply": steps * m * p}
+    return [
+        *_doubled(task_kinds, _task_hedges(run)),
+        *_doubled(_optimizer_kinds(run, sizes, counts, m), _hedges(run.optimizer)),
+    ]
+
+
+def _task_call_kinds(run: RunFile, command: str, sizes: _Sizes) -> list[CallKind]:
     task = run.prompt.model
     n, v = len(run.train), len(run.val or [])
     # A program's example makes its declared calls; any of them may carry the others'
@@ -205,14 +241,11 @@ def _call_kinds(run: RunFile, command: str) -> list[CallKind]:
     p = int(t.get("parallel_proposals", 1))
     steps = math.ceil(n / b)
     each = _tokens(sizes.rendered_rows + answers, sizes.messages)
-    blame = steps * b if t.get("component") == "blame" else 0  # a program's blame pass
-    counts = {"description": 2, "gradient": steps * m * b + blame, "apply": steps * m * p}
     return [
         CallKind("initial", task, (n + v) * per, each, sizes.task_out),
         CallKind("batch", task, steps * (b + m * p * b) * per, each, sizes.task_out),
         CallKind("full set", task, steps * m * p * n * per, each, sizes.task_out),
         CallKind("validation", task, steps * v * per, each, sizes.task_out),
-        *_optimizer_kinds(run, sizes, counts, m),
     ]
 
 
@@ -232,6 +265,8 @@ def plan(run: RunFile, command: str) -> dict[str, Any]:
         if unpriced
         else None
     )
+    hedging = _task_hedges(run) or (command != "evaluate" and _hedges(run.optimizer))
+    hedged = ", every hedged call's duplicate paid in full" if hedging else ""
     return {
         "command": command,
         "train_examples": len(run.train),
@@ -241,8 +276,8 @@ def plan(run: RunFile, command: str) -> dict[str, Any]:
         "max_cost_usd": total,
         **({"max_cost_usd_note": why} if why else {}),
         "note": "true upper bound: every byte a token, every completion at its cap, every "
-        f"attempt made; assumes metric feedback under {_FEEDBACK_BYTES} bytes and no billed "
-        "failed attempts. Cache hits and racing only lower it; a resumed run pays only "
+        f"attempt made{hedged}; assumes metric feedback under {_FEEDBACK_BYTES} bytes and no "
+        "billed failed attempts. Cache hits and racing only lower it; a resumed run pays only "
         "for misses",
     }
 

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import inspect
 import json
+import math
 import os
 import pkgutil
 import re
@@ -357,6 +358,16 @@ def _retry(section: RetrySection | None, source: TomlSource, name: str) -> Retry
             )
         if value is not None:
             given[key] = None if value is False else value
+    hedge_after = given.get("hedge_after")
+    if isinstance(hedge_after, str | float) and not (
+        hedge_after == "p95" or (isinstance(hedge_after, float) and math.isfinite(hedge_after))
+    ):
+        raise _fail(
+            source,
+            [name, "retry", "hedge_after"],
+            f'[{name}.retry] hedge_after must be finite seconds > 0 or "p95" (the observed '
+            f"p95 latency), got {json.dumps(hedge_after)}",
+        )
     return RetryPolicy(**given)
 
 

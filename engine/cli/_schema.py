@@ -8,7 +8,7 @@ the engine's own values (`Prompt`, `Limits`, `RetryPolicy`, `Budget`, datasets).
 
 Keys absent from the file keep the engine's defaults: a section's ``None`` means "not
 given".  TOML has no null, so the retry settings that ``None`` disables (``timeout``,
-``deadline``, ``circuit_breaker``) take ``false`` for "none".
+``deadline``, ``circuit_breaker``, ``hedge_after``) take ``false`` for "none".
 """
 
 from __future__ import annotations
@@ -118,6 +118,8 @@ class RetrySection(_Section, frozen=True):
     deadline: PositiveFloat | bool | None = None
     max_retry_after: NonNegativeFloat | None = None
     circuit_breaker: PositiveInt | bool | None = None
+    # seconds or "p95" (checked by `engine.cli._runfile`, which names the line); off unless given
+    hedge_after: PositiveFloat | str | bool | None = None
 
 
 class EndpointSection(_Section, frozen=True):

@@ -122,6 +122,7 @@ class Delivery:
         tally = self.tally
         tally.calls += result.calls
         tally.retries += result.retries
+        tally.hedges += result.hedges
         tally.usage = tally.usage + result.usage
         counts = self.per_worker.setdefault(result.slot, [0, 0])
         counts[0] += len(result.outcomes)
@@ -134,7 +135,9 @@ class Delivery:
                 for _ in range(calls):
                     self.meter.charge_call(model)
             for model, usage in result.charged_usage.items():
-                self.meter.charge_usage(model, usage)
+                self.meter.charge_usage(model, usage)  # the hedges' estimate included
+            for model, (sent, won, estimated) in result.charged_hedges.items():
+                self.meter.count_hedges(model, sent, won, estimated)
 
     async def _emit(self, batch: ExampleBatch | FileBatch, result: BatchResult) -> None:
         # file rows become examples in the worker (blank lines skipped): count them there

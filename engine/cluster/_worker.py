@@ -120,6 +120,10 @@ class BatchResult:
     written: dict[str, str]
     events: list[tuple[str, str, dict[str, Any]]]
     stopped: bool
+    hedges: int = 0  # duplicate requests sent by hedging (in ``calls``)
+    # the worker meter's hedges per model: sent, won and their estimated usage (which
+    # ``charged_usage`` holds already)
+    charged_hedges: dict[str, tuple[int, int, Usage]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,10 +364,11 @@ class ClusterWorker:
         seeded: _SeededStore | None,
     ) -> BatchResult:
         if evaluation is not None:
-            calls, usage = evaluation.calls, evaluation.usage
+            calls, usage, hedges = evaluation.calls, evaluation.usage, evaluation.hedges
         else:  # cut by racing: what the prompts' own models were charged
             calls = sum(meter.calls.get(model, 0) for model in models)
             usage = sum((meter.usage.get(model, Usage()) for model in models), Usage())
+            hedges = sum(meter.hedges.get(model, 0) for model in models)
         stopped = evaluation is None or (collector.reporter is not None and collector.reporter.stop)
         return BatchResult(
             seq=batch.seq,
@@ -378,6 +383,11 @@ class ClusterWorker:
             written=seeded.written if seeded is not None else {},
             events=collector.events,
             stopped=stopped,
+            hedges=hedges,
+            charged_hedges={
+                model: (sent, meter.hedges_won.get(model, 0), meter.hedge_usage.get(model, Usage()))
+                for model, sent in meter.hedges.items()
+            },
         )
 
     async def check(self, job_id: str, box: list[Any], batch: FileBatch) -> CheckResult:

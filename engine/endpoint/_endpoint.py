@@ -117,6 +117,7 @@ class _Attempts:
         "forgiven",
         "give_up_at",
         "hedges",
+        "hedges_won",
         "meter",
         "model_name",
         "pauses_seen",
@@ -135,6 +136,7 @@ class _Attempts:
         self.count = 0
         self.timeouts = 0  # attempts that timed out
         self.hedges = 0  # duplicate attempts sent, beside the ``count`` retried ones
+        self.hedges_won = 0  # ... of which answered before the attempt they doubled
         self.estimate = 0  # tokens charged up front for the current attempt
         self.epoch = 0  # the limiter's rate epoch when the current attempt was sent
         self.pauses_seen = 0  # the endpoint's 429 escalations when it was sent
@@ -194,7 +196,9 @@ class Endpoint:
         self.limiter = RateLimiter(self.limits, clock=self._clock)
         self.breaker = CircuitBreaker(self.retry.circuit_breaker, clock=self._clock)
         after = self.retry.hedge_after
-        self.hedger = Hedger(after, self._clock) if after is not None else None
+        self.hedger = (
+            Hedger(after, self._clock, self.limiter.idle_for) if after is not None else None
+        )
         self._rng = random.Random(seed)
         self._completion_tokens_avg: float | None = None
         self._counters = _Counters()
@@ -269,6 +273,20 @@ class Endpoint:
             meter if meter is not None else current_meter.get(),
             events if events is not None else current_emitter.get(),
         )
+        if self.hedger is None:
+            return await self._attempts(messages, params, call)
+        try:
+            result = await self._attempts(messages, params, call)
+        except BaseException:
+            self._charge_hedges(call, None)
+            raise
+        self._charge_hedges(call, result.completion.usage)
+        return result
+
+    async def _attempts(
+        self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts
+    ) -> CallResult:
+        """The call's attempts, retried per policy, until one answers or it is given up."""
         while True:
             call.count += 1
             try:
@@ -294,6 +312,19 @@ class Endpoint:
                 await self._settle_split(call.split, completion.usage)
             return CallResult(completion, call.count + call.hedges, call.timeouts, call.hedges)
 
+    @staticmethod
+    def _charge_hedges(call: _Attempts, usage: Usage | None) -> None:
+        """Tell the run's meter the duplicates this call sent, each estimated to cost what
+        its answer did (``usage``; None when no attempt answered)."""
+        if not call.hedges or call.meter is None:
+            return
+        cost = None
+        if usage is not None:
+            cost = Usage()
+            for _ in range(call.hedges):
+                cost = cost + usage
+        call.meter.charge_hedges(call.model_name, call.hedges, call.hedges_won, cost)
+
     def _move_to_running_loop(self) -> None:
         """Bind to the running event loop: at first use, or when the loop this endpoint
         ran on has ended (a second ``asyncio.run``).  Its limiter and breaker are made
@@ -316,11 +347,14 @@ class Endpoint:
     ) -> Completion:
         """One attempt, with its duplicate when it runs late."""
         assert self.hedger is not None
-        completion, hedges = await self.hedger.attempt(
-            lambda: self._attempt_under_limits(messages, params, call)
+
+        def sent(hedges: int, won: int) -> None:
+            call.hedges += hedges
+            call.hedges_won += won
+
+        return await self.hedger.attempt(
+            lambda: self._attempt_under_limits(messages, params, call), sent
         )
-        call.hedges += hedges
-        return completion
 
     async def _attempt_under_limits(
         self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any], call: _Attempts

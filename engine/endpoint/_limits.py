@@ -197,6 +197,7 @@ class RateLimiter:
 
     __slots__ = (
         "_announced",
+        "_below_since",
         "_capacity",
         "_ceiling",
         "_ceiling_since",
@@ -221,6 +222,7 @@ class RateLimiter:
         self._limits = limits or Limits()
         self._clock = clock or loop_time
         self._capacity = anyio.CapacityLimiter(self._limits.concurrency)  # calls in flight
+        self._below_since = -math.inf  # clock time the slots were last all taken
         self._rpm: float | None = None  # the request rate in force
         self._tpm: float | None = None  # the token rate in force
         self._requests: AsyncLimiter | None = None  # request bucket, None = unlimited
@@ -402,7 +404,20 @@ class RateLimiter:
 
     def release(self) -> None:
         """Give back the concurrency slot taken by `acquire`."""
-        self._capacity.release()
+        capacity = self._capacity
+        if capacity.borrowed_tokens >= capacity.total_tokens:
+            self._below_since = self._clock()  # full until now
+        capacity.release()
+
+    def idle_for(self) -> float:
+        """Seconds this endpoint has had a free slot with nobody waiting for one (0.0
+        while its slots are all taken or someone waits; infinite when never full)."""
+        capacity = self._capacity
+        if capacity.borrowed_tokens >= capacity.total_tokens:
+            return 0.0
+        if capacity.statistics().tasks_waiting:
+            return 0.0
+        return self._clock() - self._below_since
 
     @property
     def in_flight(self) -> int:

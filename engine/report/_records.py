@@ -100,6 +100,10 @@ class RunRecord:
     calls: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, list[int]] = field(default_factory=dict)
     cost: float | None = None
+    # hedged requests, only when a model hedged ({} otherwise, left out of the JSON):
+    # {"sent", "won", "tokens": {model: [prompt, completion]}, "cost"}; the tokens and
+    # dollars are estimates (what the answer cost, per duplicate) and are in the above
+    hedges: dict[str, Any] = field(default_factory=dict)
     cache_hits: int = 0
     stage_errors: dict[str, int] = field(default_factory=dict)  # failed stage calls, by stage
     examples_skipped_by_racing: int = 0

@@ -72,6 +72,20 @@ def _calls(report: RunRecord) -> str:
     return f"{sum(report.calls.values())} ({per_model})"
 
 
+def _hedges(report: RunRecord) -> str:
+    """What hedged requests sent and cost ('' when no model hedged)."""
+    hedges = report.hedges
+    if not hedges:
+        return ""
+    tokens = sum(sum(pair) for pair in hedges["tokens"].values())
+    cost = hedges["cost"]
+    dollars = f", ${cost:.4f}" if cost is not None else ""
+    return (
+        f"{hedges['sent']} duplicate requests sent, {hedges['won']} answered first; "
+        f"estimated {tokens} tokens{dollars}, included in the calls, tokens and cost"
+    )
+
+
 def _proposal_scores(p: ProposalRecord) -> str:
     text = f"batch {fmt_score(p.batch_score)}, full {fmt_score(p.full_score)}"
     errors = p.batch_errors + p.full_errors
@@ -170,6 +184,7 @@ def render_markdown(report: RunRecord) -> str:
         f"accepted: {sum(p.accepted for p in report.proposals)}",
         f"- calls: {_calls(report)}, cache hits: {report.cache_hits}, "
         f"errored examples: {report.errors}, estimated cost: {_cost(report)}",
+        *([f"- hedges: {_hedges(report)}"] if report.hedges else []),
         f"- full-set validations: {report.full_evaluations}, cut by racing: "
         f"{report.raced_evaluations} ({report.examples_skipped_by_racing} examples skipped)",
         f"- wall time: {report.wall_time:.1f}s",
@@ -353,6 +368,7 @@ def _summary(report: RunRecord) -> str:
     esc = html.escape
     notes = "".join(f"<p><b>Note:</b> {esc(note)}</p>" for note in report.notes)
     notes += "".join(f"<p><b>Warning:</b> {esc(line)}</p>" for line in _warnings(report))
+    hedges = f"<p>Hedges: {esc(_hedges(report))}.</p>" if report.hedges else ""
     return (
         f'<div class="kpi">'
         f"<div>train<b>{fmt_score(report.initial_score)} &rarr; "
@@ -368,7 +384,7 @@ def _summary(report: RunRecord) -> str:
         f"{report.full_evaluations}, cut by racing {report.raced_evaluations} "
         f"({report.examples_skipped_by_racing} examples skipped); wall time "
         f"{report.wall_time:.1f}s. Scores are conservative: an errored example counts as a "
-        f"failure.</p>{notes}"
+        f"failure.</p>{hedges}{notes}"
     )
 
 

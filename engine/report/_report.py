@@ -21,6 +21,8 @@ class RunReport(RunRecord):
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        if not self.hedges:  # no hedging: the report reads exactly as before hedging
+            del data["hedges"]
         if not self.program:  # one prompt: the report reads exactly as before programs
             del data["program"]
             for step in data["steps"]:

@@ -464,6 +464,15 @@ class _Trainer:
             m: [u.prompt_tokens, u.completion_tokens] for m, u in meter.usage.items()
         }
         self.report.cost = meter.cost
+        if any(meter.hedges.values()):
+            self.report.hedges = {
+                "sent": sum(meter.hedges.values()),
+                "won": sum(meter.hedges_won.values()),
+                "tokens": {
+                    m: [u.prompt_tokens, u.completion_tokens] for m, u in meter.hedge_usage.items()
+                },
+                "cost": meter.hedge_cost,
+            }
 
     def _program_report(self, program: ProgramSetup) -> None:
         """Every prompt before and after, the steps that changed it, calls per stage."""
