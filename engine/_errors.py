@@ -101,6 +101,7 @@ class ProviderError(EngineError):
     fatal: bool = False
     attempts: int = 1  # set by the endpoint to the attempts made before giving up
     timeouts: int = 0  # set by the endpoint: how many of those attempts timed out
+    hedges: int = 0  # set by the endpoint: how many of those attempts were hedges
     sent: bool = True  # False when the engine refused before sending (a bounded wait)
     # tokens the provider billed for this failed attempt (an answer with usage but no
     # usable choice): the endpoint charges them like a success's

@@ -245,7 +245,7 @@ class _EvaluationRun:
                     "the model",
                 )
             except ProviderError as exc:
-                tally.paid(exc.attempts, None, exc.timeouts)
+                tally.paid(exc.attempts, None, exc.timeouts, exc.hedges)
                 raise
             completion = result.completion
             tally.paid(result.attempts, completion.usage, result.timeouts, result.hedges)

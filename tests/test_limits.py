@@ -28,6 +28,7 @@ from engine import (
     ConfigError,
     Endpoint,
     Limits,
+    PermanentError,
     Price,
     RateLimitedError,
     RateLimitSnapshot,
@@ -640,6 +641,20 @@ async def test_a_call_gets_at_most_one_duplicate_however_late_both_are() -> None
     assert 10.0 <= anyio.current_time() - started < 11.0  # the first answers first
     assert model.calls == 8 and result.hedges == 4 and model.stats.cancelled == 4
     assert endpoint.statistics().hedges_won == 0
+
+
+@pytest.mark.looptime
+async def test_a_hedged_call_that_fails_counts_its_duplicate_as_a_hedge_not_a_retry() -> None:
+    async def refused_late(request: ScriptedRequest) -> str:
+        await anyio.sleep(2.0)  # both attempts, the first and its duplicate
+        raise PermanentError("refused", endpoint="scripted", status=400)
+
+    model = ScriptedModel(refused_late)
+    endpoint = Endpoint(model, retry=RetryPolicy(hedge_after=1.0), limits=Limits(concurrency=8))
+    result = await evaluate(qa_prompt(), echo_examples(3), model=endpoint, metric=ExactMatch())
+    assert result.errors == 3 and model.calls == 6
+    assert result.hedges == 3 and result.retries == 0  # was: 0 hedges, 3 "retries"
+    assert result.calls == 6
 
 
 def test_the_p95_delay_waits_for_enough_latencies_and_follows_them() -> None:

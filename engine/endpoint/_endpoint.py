@@ -296,6 +296,7 @@ class Endpoint:
                     completion = await self._attempt_hedged(messages, params, call)
             except ProviderError as exc:
                 exc.timeouts = call.timeouts
+                exc.hedges = call.hedges
                 if not exc.sent:  # the gate refused to wait: nothing to count or retry
                     exc.attempts = call.count - 1 + call.hedges
                     self._counters.failed += 1
