@@ -226,12 +226,28 @@ MUTATIONS = (
     Mutation(
         "unsaved-slot-released-before-put",
         "engine/cache/_cache.py",
-        "            value, raw, store_key = await compute()\n"
+        "                value, raw, store_key = await compute()\n"
+        "                await self.store.put(store_key, raw)\n",
+        "                value, raw, store_key = await compute()\n"
         "            await self.store.put(store_key, raw)\n",
-        "            value, raw, store_key = await compute()\n"
-        "        await self.store.put(store_key, raw)\n",
         ("tests/test_cache.py",),
         "a paid call frees its max_unsaved slot before its answer is stored",
+    ),
+    Mutation(
+        "cpu-bound-metric-keeps-every-thread",
+        "engine/_scoring.py",
+        "                    self._cap_threads()\n",
+        "                    pass\n",
+        ("tests/test_bounded.py",),
+        "a CPU-bound metric's threads take turns at the GIL and starve the loop",
+    ),
+    Mutation(
+        "sqlite-key-set-ignores-other-writers",
+        "engine/cache/_stores.py",
+        "            if self._foreign:\n",
+        "            if False:\n",
+        ("tests/test_cache.py",),
+        "a row another process committed is never a hit for a store already open",
     ),
     Mutation(
         "put-returns-before-commit",
