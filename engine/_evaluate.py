@@ -591,7 +591,8 @@ async def evaluate(
             default ``4 * concurrency``.
         metric_timeout: seconds one metric call may take before its example gets a
             `MetricError` outcome (``None``: unbounded).
-        metric_threads: worker threads for synchronous metrics that are not inline.
+        metric_threads: worker threads for synchronous metrics that are not inline (one
+            measured CPU-bound uses at most one per core plus one).
         progress_interval: seconds between ``evaluation.progress`` events.
         meter: a `BudgetMeter` charged for every call, a metric's own calls included.
         validate: check the dataset and the metric before the first call; callers

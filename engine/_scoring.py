@@ -111,7 +111,8 @@ class MetricRunner:
     Parameters:
         metric: the per-example metric.
         timeout: seconds one call may take (``None``: unbounded).
-        threads: worker threads for a synchronous metric that is not ``inline``.
+        threads: worker threads for a synchronous metric that is not ``inline`` (one
+            measured CPU-bound uses at most `cpu_threads()` of them).
     """
 
     __slots__ = (
