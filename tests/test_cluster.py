@@ -693,6 +693,38 @@ async def test_a_dropped_adapters_budget_actor_serves_the_next_one(
     assert len(cluster._spare_budgets) <= 4
 
 
+async def test_a_spare_budget_actor_that_died_is_replaced(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """The spare rate budget actors wait between adapters; one that died meanwhile (its
+    process killed) is replaced by a new actor, and the evaluation runs as usual."""
+    import gc
+
+    throwaway = chat(server, concurrency=8)  # an adapter that is gone leaves a spare
+    await evaluate(
+        qa_prompt(), echo_examples(2, "gone"), model=throwaway, metric=ExactMatch(),
+        cluster=cluster,
+    )  # fmt: skip
+    await throwaway.aclose()
+    del throwaway
+    gc.collect()
+    cluster._retire_budgets()
+    assert cluster._spare_budgets
+    for spare in cluster._spare_budgets:
+        ray.kill(spare)
+    model = chat(server, rpm=6000, concurrency=8)
+    try:
+        result = await evaluate(
+            qa_prompt(), echo_examples(20, "dead-spare"), model=model,
+            metric=ExactMatch(), cluster=cluster,
+        )  # fmt: skip
+        stats = await cluster.budget_statistics(model)
+    finally:
+        await model.aclose()
+    assert result.completed == 20 and result.errors == 0
+    assert stats["rpm"] == pytest.approx(6000)
+
+
 async def test_a_local_evaluation_beside_a_cluster_one_shares_its_rate(
     cluster: RayCluster, server: SimulatedServer
 ) -> None:

@@ -329,15 +329,28 @@ class RayCluster(AsyncCloseable):
                 else:
                     self._ray.kill(actor)
 
+    async def _ready_budget(self, endpoint: Endpoint) -> Any:
+        """`budget_for`, with a spare actor's reset done before any worker leases from
+        it; a spare that died while it waited is replaced by a new actor."""
+        budget = self.budget_for(endpoint)
+        reset = self._resets.pop(id(endpoint), None)
+        if reset is None:
+            return budget
+        try:
+            await reset
+        except Exception as exc:
+            if not isinstance(unwrap_task_error(exc), ActorDied):
+                raise
+            budget = self._ray.remote(RateBudget).options(num_cpus=0).remote(endpoint.limits)
+            self._budgets[id(endpoint)] = (weakref.ref(endpoint), budget)
+        return budget
+
     @asynccontextmanager
     async def attached(self, endpoint: Endpoint) -> AsyncIterator[Any]:
         """While a cluster evaluation runs on ``endpoint``, the driver's own calls on it
         (a trainer's batch step, an `evaluate` run beside) lease from the same budget
         actor as the workers: one endpoint, one rate.  Yields the budget actor."""
-        budget = self.budget_for(endpoint)
-        reset = self._resets.pop(id(endpoint), None)
-        if reset is not None:  # a spare actor: reset before any worker leases from it
-            await reset
+        budget = await self._ready_budget(endpoint)
         entry = self._attached.get(id(endpoint))
         if entry is None:
             leased = None
