@@ -262,7 +262,7 @@ def test_a_429_under_a_wrong_header_rate_sets_a_ceiling_headers_cannot_lift() ->
     assert budget.statistics()["rpm"] == pytest.approx(lowered)  # the header stays ignored
     budget.rate_limited(1.0)  # still too high: a gentler step
     assert budget.statistics()["rpm"] == pytest.approx(lowered * 0.85)
-    budget.ceiling_since -= 6.0  # a while without a 429: probe a little higher
+    budget.ceiling.since -= 6.0  # a while without a 429: probe a little higher
     budget.paused_until = 0.0
     budget.lease(Ask())
     assert budget.statistics()["rpm"] == pytest.approx(lowered * 0.85 * 1.1)
@@ -712,6 +712,13 @@ async def test_a_spare_budget_actor_that_died_is_replaced(
     assert cluster._spare_budgets
     for spare in cluster._spare_budgets:
         ray.kill(spare)
+        with anyio.fail_after(30):  # the kill lands a moment later: wait until it has
+            while True:
+                try:
+                    await spare.statistics.remote()
+                except ray.exceptions.RayActorError:
+                    break
+                await anyio.sleep(0.05)
     model = chat(server, rpm=6000, concurrency=8)
     try:
         result = await evaluate(

@@ -454,6 +454,28 @@ def test_a_ceiling_is_probed_upward_slowly_and_stepped_down_by_fresh_429s() -> N
     assert limiter.statistics().rpm == pytest.approx(ceiling * 1.1 * 0.85)
 
 
+def test_probing_a_ceiling_never_passes_what_the_headers_announce() -> None:
+    """The ceiling only ever holds a rate down: probed up for long enough it stops at
+    the header's rate (less the margin), as the cluster's budget does (one rule,
+    `engine.endpoint.RateCeiling`); before, the in-process limiter probed past it."""
+    from engine.testing import FakeClock
+
+    clock = FakeClock()
+    limiter = RateLimiter(Limits(), clock=clock)
+    limiter.observe(RateLimitSnapshot(limit_requests=6000))  # 5700/min learned
+    for _ in range(40):
+        limiter.on_success()
+        clock.advance(0.05)  # 1200/min got through: the header is far above it
+    limiter.on_rate_limited(limiter.epoch)
+    assert limiter.statistics().rpm == pytest.approx(0.7 * 1200)
+    for _ in range(30):  # 840 x 1.1**30 would be 14,600/min
+        clock.advance(5.0)
+        limiter.on_success()
+        rpm = limiter.statistics().rpm
+        assert rpm is not None and rpm <= 5700 + 1e-6
+    assert limiter.statistics().rpm == pytest.approx(5700)
+
+
 def test_a_wave_of_429s_saying_the_same_pause_counts_once_on_a_fake_clock() -> None:
     """Eight workers' 429s arrive milliseconds apart, each with the time left until the
     same instant (Gemini's retryDelay): one pause, the gate at the latest instant."""

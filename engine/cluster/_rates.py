@@ -23,7 +23,7 @@ Headers are held to the in-process limiter's rules too: a limit that is no rate 
 (zero, negative, past any real provider's) is ignored and said in ``notices``; a 429
 under a header-learned request rate far above what was granted lately proves the
 header wrong: the rate drops below that and stays under the ceiling whatever later
-headers say (a little higher every `_PROBE_AFTER` seconds without a 429).
+headers say (the one rule of both, `engine.endpoint.RateCeiling`, in requests/s here).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._types import RateLimitSnapshot
-from ..endpoint import Limits, _plausible
+from ..endpoint import FLOOR_RPM, Limits, RateCeiling, _plausible
 
 __all__ = ["FREE_RECHECK", "LEASE_LIFE", "LEASE_SECONDS", "Ask", "Grant", "RateBudget"]
 
@@ -44,16 +44,6 @@ LEASE_LIFE = 1.0  # seconds an unused permit may be held before it goes back
 FREE_RECHECK = 0.25  # with no rate in force, how often a worker asks (pauses, learned limits)
 _LEARNED_MARGIN = 0.95  # as in engine.RateLimiter: a little under the announced limit
 _DEFAULT_COMPLETION_TOKENS = 256
-# As in engine.RateLimiter: a 429 under a header-learned rate more than _PLAUSIBLE times
-# what got through sets a ceiling at _BACK_OFF of that; a 429 under the ceiling lowers
-# it by _STEP_DOWN; _PROBE_AFTER seconds without a 429 raise it by _PROBE_STEP; never
-# under _FLOOR_RPM.
-_PLAUSIBLE = 3.0
-_BACK_OFF = 0.7
-_STEP_DOWN = 0.85
-_PROBE_AFTER = 5.0
-_PROBE_STEP = 1.1
-_FLOOR_RPM = 6.0
 _ACHIEVED_WINDOW = 2.0  # seconds of grants that measure the rate that got through
 
 
@@ -141,9 +131,8 @@ class RateBudget:
         self.consecutive_429 = 0
         self.last_429 = -math.inf
         self.granted: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, requests)
-        self.ceiling: float | None = None  # requests/s a 429 proved the headers wrong at
-        self.ceiling_since = -math.inf
-        self.announced_rate: float | None = None  # requests/s the headers allow, less margin
+        # the rule a 429 sets for a header-learned request rate (requests per second)
+        self.ceiling = RateCeiling(floor=FLOOR_RPM / 60.0)
         self.notices: deque[str] = deque(maxlen=16)  # headers ignored, for a person
         self.counts = {"leases": 0, "requests": 0, "returned": 0, "rate_limited": 0, "pauses": 0}
 
@@ -266,23 +255,15 @@ class RateBudget:
         achieved = recent / _ACHIEVED_WINDOW
         if achieved <= 0:
             return  # nothing got through lately: no measure to fall back to
-        if self.ceiling is not None:  # still too high: a gentler step than the first
-            self.ceiling = max(_FLOOR_RPM / 60.0, self.requests.rate * _STEP_DOWN)
-        elif self.requests.rate > _PLAUSIBLE * achieved:
-            self.ceiling = max(_FLOOR_RPM / 60.0, achieved * _BACK_OFF)
-        else:
-            return
-        self.ceiling_since = now
-        self._set_requests(self.ceiling, now)
+        lowered = self.ceiling.lower(self.requests.rate, achieved, now)
+        if lowered is not None:
+            self._set_requests(lowered, now)
 
     def _probe(self, now: float) -> None:
         """Under a ceiling, a while without a 429 raises it a little (headers never do)."""
-        if self.ceiling is None or now - self.ceiling_since < _PROBE_AFTER:
+        target = self.ceiling.probe(now)
+        if target is None:
             return
-        self.ceiling *= _PROBE_STEP
-        self.ceiling_since = now
-        # never past what the headers announce (the ceiling only ever holds a rate down)
-        target = min(self.ceiling, self.announced_rate or math.inf)
         if self.requests is not None and abs(self.requests.rate - target) > 1e-9:
             self._set_requests(target, now)
 
@@ -295,9 +276,8 @@ class RateBudget:
         # every response carries the same headers: each notice once
         self.notices.extend(text for _, text in found if text not in self.notices)
         if self.limits.rpm is None and limit_requests:
-            target = self.announced_rate = limit_requests * _LEARNED_MARGIN / 60.0
-            if self.ceiling is not None:  # a 429 said the announced figure is wrong
-                target = min(target, self.ceiling)
+            # held under the ceiling: a 429 said the announced figure is wrong
+            target = self.ceiling.cap(limit_requests * _LEARNED_MARGIN / 60.0)
             if self.requests is None or self.paced or abs(self.requests.rate - target) > 1e-9:
                 self._set_requests(target, now)
                 self.paced = False  # a known rate replaces the guesswork
@@ -334,7 +314,7 @@ class RateBudget:
             "rpm": self.requests.rate * 60.0 if self.requests is not None else None,
             "tpm": self.tokens.rate * 60.0 if self.tokens is not None else None,
             "paced": self.paced,
-            "ceiling_rpm": self.ceiling * 60.0 if self.ceiling is not None else None,
+            "ceiling_rpm": self.ceiling.level * 60.0 if self.ceiling.level is not None else None,
             "notices": list(self.notices),
             "paused_for": max(0.0, self.paused_until - time.monotonic()),
         }

@@ -34,35 +34,22 @@ from .._clock import Clock, loop_time
 from .._errors import ConfigError
 from .._types import RateLimitSnapshot
 from ._adaptive import AdaptiveConcurrency
+from ._ceiling import FLOOR_RPM, RateCeiling
 
 __all__ = ["LimiterStatistics", "Limits", "RateLimiter", "SplitBucket"]
 
 # Limits learned from response headers are applied a little under the provider's own
 # figure so clock skew between the two buckets does not turn into 429s.
 _LEARNED_MARGIN = 0.95
-# A 429 under a learned rate sets the rate to this share of what really got through;
-# a 429 under that ceiling lowers it by this factor.
-_BACK_OFF = 0.7
-_STEP_DOWN = 0.85
 # Successes within this many seconds measure the rate that got through.
 _ACHIEVED_WINDOW = 2.0
 # ... measured over at least this long (a young run's first answers come in a burst).
 _ACHIEVED_MIN_SPAN = 0.25
-# A learned rate within this factor of what got through is believed despite a 429 (the
-# provider's bucket drained by a burst); above it, the header is wrong.
-_PLAUSIBLE = 3.0
-# Under a ceiling, every this many seconds without a 429 the rate is raised this much
-# (additive-increase in spirit): a ceiling set in a burst does not hold a run down
-# forever, and headers still never lift it.
-_PROBE_AFTER = 5.0
-_PROBE_STEP = 1.1
 # A learned request rate this many times below what got through is announced.
 _SLOW_NOTICE = 10.0
 # No provider limits anything to more than this per minute: a larger (or infinite)
 # announced limit is a mistake, ignored like zero or a negative one.
 _MAX_PLAUSIBLE_LIMIT = 10**12
-# The lowest rate a 429 can push a learned limit to (requests per minute).
-_FLOOR_RPM = 6.0
 # A pause that moves a closed gate later by less than this is the same pause.
 _SAME_PAUSE = 0.25
 
@@ -200,7 +187,6 @@ class RateLimiter:
         "_below_since",
         "_capacity",
         "_ceiling",
-        "_ceiling_since",
         "_clock",
         "_epoch",
         "_input",
@@ -233,8 +219,8 @@ class RateLimiter:
         self._pacer: _Pacer | None = None  # AIMD pacing while no request rate is known
         self._recent: deque[float] = deque(maxlen=10_000)  # recent successes, for pacing
         self._announced: RateLimitSnapshot | None = None  # the last rate-limit headers seen
-        self._ceiling_since = -math.inf  # clock time the ceiling last moved
-        self._ceiling: float | None = None  # a request rate a 429 proved too high, minus
+        # the rule a 429 sets for a header-learned request rate (requests per minute)
+        self._ceiling = RateCeiling(floor=FLOOR_RPM)
         self._epoch = 0  # bumped whenever the request rate in force changes
         self.adaptive = (  # the level below the ceiling, learned from round trips
             AdaptiveConcurrency(self._limits.concurrency)
@@ -449,11 +435,9 @@ class RateLimiter:
             self._recent.append(now)
             if self._pacer is not None and not self._pacer.speed_up():
                 self._pacer = None
-            if self._ceiling is not None and now - self._ceiling_since >= _PROBE_AFTER:
-                # a while without a 429: probe a little higher (the header stays ignored)
-                self._ceiling *= _PROBE_STEP
-                self._ceiling_since = now
-                self._set_rpm(self._ceiling)
+            raised = self._ceiling.probe(now)  # a while without a 429: a little higher
+            if raised is not None:
+                self._set_rpm(raised)
 
     def _achieved(self) -> float:
         """Calls per second that got through over the last window (or since the first
@@ -485,14 +469,9 @@ class RateLimiter:
             # there is no measure to fall back to: the pause gate answers the 429.
             if not fresh or achieved <= 0:
                 return
-            if self._ceiling is not None:  # still too high: a gentler step than the first
-                self._ceiling = max(_FLOOR_RPM, self._rpm * _STEP_DOWN)
-            elif self._rpm > _PLAUSIBLE * achieved:
-                self._ceiling = max(_FLOOR_RPM, achieved * _BACK_OFF)
-            else:
-                return
-            self._ceiling_since = self._clock()
-            self._set_rpm(self._ceiling)
+            lowered = self._ceiling.lower(self._rpm, achieved, self._clock())
+            if lowered is not None:
+                self._set_rpm(lowered)
             return
         achieved = self._achieved()
         if self._pacer is None:
@@ -565,8 +544,7 @@ class RateLimiter:
         return notices
 
     def _learn_rpm(self, target: float, notices: Notices) -> None:
-        if self._ceiling is not None:  # a 429 said the announced figure is wrong
-            target = min(target, self._ceiling)
+        target = self._ceiling.cap(target)  # a 429 said the announced figure is wrong
         if self._rpm is not None and abs(self._rpm - target) <= 1e-9:
             return
         achieved = self._achieved() * 60.0
