@@ -153,19 +153,16 @@ class BudgetMeter:
     @property
     def cost(self) -> float | None:
         """Estimated dollars, or ``None`` when some model has no known price."""
-        total = 0.0
-        for model, usage in self.usage.items():
-            price = self._prices.get(model)
-            if price is None:
-                return None
-            total += price.cost(usage)
-        return total
+        return self._priced(self.usage)
 
     @property
     def hedge_cost(self) -> float | None:
         """Estimated dollars of the hedges, or ``None`` when some model has no price."""
+        return self._priced(self.hedge_usage)
+
+    def _priced(self, usage_by_model: dict[str, Usage]) -> float | None:
         total = 0.0
-        for model, usage in self.hedge_usage.items():
+        for model, usage in usage_by_model.items():
             price = self._prices.get(model)
             if price is None:
                 return None

@@ -163,7 +163,7 @@ class RayCluster(AsyncCloseable):
         # a rate budget actor started now, beside the workers, for the first endpoint:
         # started at its first evaluation, its process would take a core from the
         # workers and hold their first calls back (0.5-0.7 s)
-        spare = ray.remote(RateBudget).options(num_cpus=0).remote(Limits())
+        spare = self._new_budget(Limits())
         self._spare_budgets.append(spare)
         try:
             with anyio.fail_after(self.start_timeout):
@@ -314,9 +314,13 @@ class RayCluster(AsyncCloseable):
             actor = self._spare_budgets.pop()
             self._resets[key] = actor.reset.remote(endpoint.limits)
         else:
-            actor = self._ray.remote(RateBudget).options(num_cpus=0).remote(endpoint.limits)
+            actor = self._new_budget(endpoint.limits)
         self._budgets[key] = (weakref.ref(endpoint), actor)
         return actor
+
+    def _new_budget(self, limits: Limits) -> Any:
+        """A new rate budget actor (a process of its own, no CPU reserved)."""
+        return self._ray.remote(RateBudget).options(num_cpus=0).remote(limits)
 
     def _retire_budgets(self) -> None:
         """Keep the actors of endpoints that are gone as spares (a few; the rest end)."""
@@ -341,7 +345,7 @@ class RayCluster(AsyncCloseable):
         except Exception as exc:
             if not isinstance(unwrap_task_error(exc), ActorDied):
                 raise
-            budget = self._ray.remote(RateBudget).options(num_cpus=0).remote(endpoint.limits)
+            budget = self._new_budget(endpoint.limits)
             self._budgets[id(endpoint)] = (weakref.ref(endpoint), budget)
         return budget
 
