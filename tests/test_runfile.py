@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -561,3 +564,63 @@ def test_an_anthropic_endpoint_with_input_and_output_limits_loads_and_builds(
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-runfile-test-0000000000")
     chat = run.model.build()
     assert type(chat).__name__ == "AnthropicChat" and chat.limits == run.model.limits
+
+
+def test_a_run_files_own_modules_are_found_from_any_directory(tmp_path: Path) -> None:
+    """A project's run file names its metric as ``mycode.scoring:first_word``; the
+    command ran only from the project's root (``No module named 'mycode'`` elsewhere,
+    as `examples/program/run.toml` did).  Now the module is looked up from the run
+    file's folder up, in the CLI's process and its workers alike."""
+    from .support import run_cli
+
+    project = tmp_path / "project"
+    (project / "mycode").mkdir(parents=True)
+    (project / "mycode" / "scoring.py").write_text(
+        "def first_word(example, prediction):\n"
+        "    return float(prediction.split()[0] == example.expected)\n"
+    )
+    (project / "runs").mkdir()
+    run = _write(
+        project / "runs",
+        """
+[prompt]
+messages = [{ role = "user", content = "{question}" }]
+model = "demo"
+[data]
+train = "train.jsonl"
+inputs = ["question"]
+expected = "answer"
+[metric]
+use = "mycode.scoring:first_word"
+[model]
+adapter = "adapters.scripted:ArithmeticModel"
+[output]
+dir = "out"
+""",
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = run_cli("evaluate", str(run), "--quiet", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["completed"] == 4
+
+
+def test_a_module_that_imports_is_never_shadowed_by_the_run_files_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder beside the run file holding ``json.py`` does not replace the standard
+    library's ``json``; a module found nowhere changes nothing (Python's own error)."""
+    from engine.cli._imports import import_root
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    (tmp_path / "json.py").write_text("raise SystemExit('shadowed')\n")
+    before = list(sys.path)
+    assert import_root("json", tmp_path) is None
+    assert import_root("no_such_module_anywhere.sub", tmp_path) is None
+    assert sys.path == before and "PYTHONPATH" not in os.environ
+    (tmp_path / "pkg" / "deep").mkdir(parents=True)
+    (tmp_path / "pkg" / "deep" / "mod.py").write_text("VALUE = 7\n")
+    assert import_root("pkg.deep.mod", tmp_path / "pkg" / "deep") == tmp_path.resolve()
+    assert sys.path[0] == str(tmp_path.resolve())
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())

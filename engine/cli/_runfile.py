@@ -4,7 +4,8 @@ The file is checked against a declared schema (`engine.cli._schema`): unknown ke
 types, out-of-range values and secrets are `ConfigError`s naming file, line, section and
 key, raised before any dataset is read or any call is made.  Adapters and metrics are
 named as ``"module:attr"`` strings and resolved at run time, so the engine never imports
-``adapters``.  Secrets never live in a run file: an endpoint names the environment
+``adapters``; a module Python cannot find is looked up from the run file's folder up
+(`engine.cli._imports`).  Secrets never live in a run file: an endpoint names the environment
 variable that holds its key (``api_key_env``).  Paths are relative to the run file.
 """
 
@@ -45,6 +46,7 @@ from ._schema import (
     RetrySection,
     RunFileSchema,
 )
+from ._imports import import_root
 from ._schema_check import TomlSource, decode_run_file
 
 __all__ = [
@@ -521,6 +523,18 @@ def _datasets(
     return train, val, train_path, val_path
 
 
+def _code_names(data: Mapping[str, Any]) -> list[str]:
+    """Every ``"module:attr"`` the file names (``use``, ``adapter``, ``global`` keys)."""
+    found: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            found += _code_names(value)
+        elif key in ("use", "adapter", "global") and isinstance(value, str):
+            if _SPEC.match(value):
+                found.append(value)
+    return found
+
+
 def _absolute(base: Path, name: str | Path) -> Path:
     # absolute without resolving symlinks: an output path that is a link must be seen
     return Path(os.path.abspath(base / name))
@@ -537,6 +551,8 @@ def load_run_file(path: str | os.PathLike[str], *, load_data: bool = True) -> Ru
     source, data = _read(p)
     schema = decode_run_file(data, source)
     base = p.parent
+    for spec in _code_names(data):  # the user's modules, from wherever the command runs
+        import_root(spec.partition(":")[0], base)
     _metric(schema.metric, source)
     cache, cache_url = schema.cache, _cache_url(schema.cache, source)
     cluster = _cluster(schema.cluster, source)
