@@ -278,6 +278,27 @@ async def test_a_failed_write_raises_instead_of_losing_rows(pg_url: str, table: 
         await store.aclose()
 
 
+async def test_one_refused_row_costs_only_itself(pg_url: str, table: str) -> None:
+    """A CHECK a DBA added refuses one row of a batch: the batch's other (paid) rows
+    and its claim releases are committed, and put/flush/aclose name the refused row
+    (before, the whole batch was lost and the writer stopped)."""
+    store = await PostgresStore(pg_url, table=table, flush_interval=30).open()
+    await _sql(pg_url, f"ALTER TABLE \"{table}\" ADD CHECK (value NOT LIKE '%poison%')")
+    assert await store.claim("k1", "me", ttl=60)
+    for key, value in (("k1", '"a"'), ("bad", '"poison"'), ("k2", '"b"')):
+        await store.put(key, value)
+    await store.release("k1", "me")
+    with pytest.raises(CacheError, match=r"1 rows could not be written.*'bad' \(CheckViolation"):
+        await store.flush()
+    rows = await _sql(pg_url, f'SELECT key, value FROM "{table}" ORDER BY key')
+    assert [tuple(r) for r in rows] == [("k1", '"a"'), ("k2", '"b"')]
+    assert await _sql(pg_url, f'SELECT key FROM "{table}_claims"') == []
+    with pytest.raises(CacheError, match="'bad'"):
+        await store.put("k3", '"c"')
+    with pytest.raises(CacheError, match="'bad'"):
+        await store.aclose()
+
+
 async def test_the_store_survives_its_connections_being_killed(pg_url: str, table: str) -> None:
     """A server restart or an idle-connection reaper: reads and writes reconnect."""
     async with (

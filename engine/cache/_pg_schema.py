@@ -108,6 +108,18 @@ def is_retryable(exc: BaseException) -> bool:
     )
 
 
+# SQLSTATEs of one row's fault, not the connection's or the table's: a data exception
+# (class 22), an integrity constraint (class 23: a CHECK a DBA added), an exception a
+# trigger raised (P0001), a row past a limit (54000).
+_ROW_SQLSTATES = ("22", "23", "P0001", "54000")
+
+
+def is_row_error(exc: BaseException | None) -> bool:
+    """Whether the server refused a statement for what one of its rows holds."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state.startswith(_ROW_SQLSTATES)
+
+
 class Statements:
     """The statements of one table family; names are validated identifiers."""
 

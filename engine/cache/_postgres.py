@@ -73,6 +73,7 @@ from ._pg_schema import (
     db_errors,
     display_url,
     is_retryable,
+    is_row_error,
     prepare_schema,
 )
 
@@ -160,6 +161,7 @@ class PostgresStore(AsyncCloseable):
         self._reader: asyncio.Task[None] | None = None
         self._reads: dict[str, list[asyncio.Future[str | None]]] = {}  # gets not yet sent
         self._writer_error: BaseException | None = None  # first failure of the writer
+        self._failed_rows: dict[str, str] = {}  # rows the table refused -> why
         self._stopping = False
         self._taken = self._written = 0  # batches taken by / committed by the writer
         self._committed = self._claims_won = self._claims_lost = 0
@@ -424,9 +426,10 @@ class PostgresStore(AsyncCloseable):
                 releases, self._releases = self._releases, {}
                 if rows or releases:
                     self._taken += 1
-                    await self._write(rows, releases)
+                    failed = await self._write(rows, releases)
+                    self._failed_rows.update(failed)
                     self._written = self._taken
-                    self._committed += len(rows)
+                    self._committed += len(rows) - len(failed)
                     for key, value in rows.items():
                         if self._pending.get(key) is value:
                             del self._pending[key]
@@ -439,9 +442,32 @@ class PostgresStore(AsyncCloseable):
             if not isinstance(exc, Exception):
                 raise
 
-    async def _write(self, rows: dict[str, str], releases: dict[str, str]) -> None:
+    async def _write(self, rows: dict[str, str], releases: dict[str, str]) -> dict[str, str]:
+        """Commit ``rows`` and ``releases`` in one statement; the rows refused, and why.
+
+        One row the table refuses (a CHECK or trigger a DBA added) must not cost the
+        batch's other, paid rows: the batch is then written a row per statement and
+        the refused ones are named (every later operation raises, as SQLite's does).
+        """
         args = (list(rows), list(rows.values()), list(releases), list(releases.values()))
-        await self._query("execute", self._sql.write, *args)
+        try:
+            await self._query("execute", self._sql.write, *args)
+        except CacheError as exc:
+            if not rows or not is_row_error(exc.__cause__):
+                raise
+        else:
+            return {}
+        failed: dict[str, str] = {}
+        for key, value in rows.items():
+            try:
+                await self._query("execute", self._sql.write, [key], [value], [], [])
+            except CacheError as exc:
+                if not is_row_error(exc.__cause__):
+                    raise
+                failed[key] = f"{type(exc.__cause__).__name__}: {exc.__cause__}"
+        if releases:
+            await self._query("execute", self._sql.write, [], [], *args[2:])
+        return failed
 
     async def _reader_loop(self) -> None:
         try:
@@ -533,6 +559,13 @@ class PostgresStore(AsyncCloseable):
             error = self._writer_error
             detail = error if isinstance(error, CacheError) else f"{self._where()}: {error!r}"
             raise CacheError(f"writing the cache failed: {detail}") from error
+        if self._failed_rows:
+            rows = list(self._failed_rows.items())
+            named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
+            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+            raise CacheError(
+                f"{len(rows)} rows could not be written to {self._where()}: {named}{more}"
+            )
 
     def _where(self) -> str:
         return f"{display_url(self.url)} table {self.table}"

@@ -36,6 +36,7 @@ from .._types import Example
 from ..cache import check_table, check_url
 from ..data import ColumnMap, load_splits
 from ..endpoint import Limits, RetryPolicy
+from ._imports import import_root
 from ._schema import (
     BudgetSection,
     CacheSection,
@@ -46,7 +47,6 @@ from ._schema import (
     RetrySection,
     RunFileSchema,
 )
-from ._imports import import_root
 from ._schema_check import TomlSource, decode_run_file
 
 __all__ = [
@@ -529,9 +529,8 @@ def _code_names(data: Mapping[str, Any]) -> list[str]:
     for key, value in data.items():
         if isinstance(value, Mapping):
             found += _code_names(value)
-        elif key in ("use", "adapter", "global") and isinstance(value, str):
-            if _SPEC.match(value):
-                found.append(value)
+        elif key in ("use", "adapter", "global") and isinstance(value, str) and _SPEC.match(value):
+            found.append(value)
     return found
 
 
