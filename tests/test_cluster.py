@@ -296,6 +296,19 @@ def test_a_budget_reset_for_a_new_endpoint_forgets_the_old_one() -> None:
     assert stats["rate_limited"] == 0 and stats["leases"] == 1
 
 
+def test_a_restarted_budget_actor_takes_back_the_endpoints_limits() -> None:
+    """Ray restarts a budget actor whose process died with the arguments it was first
+    made with: a reused spare's are another endpoint's (here none).  The next lease
+    carries the endpoint's limits and the actor takes them back; a lease that carries
+    the limits in force changes nothing."""
+    restarted = RateBudget(Limits())  # a spare first made unlimited
+    grant = restarted.lease(Ask(want=5, limits=Limits(rpm=600)))
+    assert not grant.unlimited and grant.rate == pytest.approx(10.0)
+    assert restarted.statistics()["rpm"] == pytest.approx(600)
+    restarted.rate_limited(30.0)
+    assert restarted.lease(Ask(limits=Limits(rpm=600))).paused > 0  # the same: kept
+
+
 def test_budget_paces_after_429s_when_no_rate_is_known() -> None:
     """AIMD as in-process: 0.7 of the recent rate after a 429, then a little more."""
     budget = RateBudget(Limits())
@@ -730,6 +743,50 @@ async def test_a_spare_budget_actor_that_died_is_replaced(
         await model.aclose()
     assert result.completed == 20 and result.errors == 0
     assert stats["rpm"] == pytest.approx(6000)
+
+
+@pytest.mark.slow
+async def test_a_budget_actor_killed_mid_evaluation_loses_nothing(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """The rate budget actor's process SIGKILLed while the workers lease from it: Ray
+    starts it again, the leases out are sent again, and the evaluation ends complete
+    with the endpoint's rate back in force (before: every worker's next lease raised
+    ActorDiedError and the examples failed).  The actor is a reused spare, so its
+    restart remakes another endpoint's budget until a lease brings the limits back."""
+    import gc
+
+    throwaway = chat(server, concurrency=8)  # an adapter that is gone leaves a spare
+    await evaluate(
+        qa_prompt(), echo_examples(2, "gone"), model=throwaway, metric=ExactMatch(),
+        cluster=cluster,
+    )  # fmt: skip
+    await throwaway.aclose()
+    del throwaway
+    gc.collect()
+    server.config.latency_median = 0.02
+    model = chat(server, rpm=1200, concurrency=8)  # 20/s: 120 examples take ~6 s
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def kill_the_budget_actor() -> None:
+                with anyio.fail_after(60):
+                    while server.stats.paid < 30:
+                        await anyio.sleep(0.05)
+                stats = await cluster.budget_statistics(model)
+                os.kill(stats["pid"], signal.SIGKILL)
+
+            tg.start_soon(kill_the_budget_actor)
+            result = await evaluate(
+                qa_prompt(), echo_examples(120, "budget-kill"), model=model,
+                metric=ExactMatch(), cluster=cluster,
+            )  # fmt: skip
+        stats = await cluster.budget_statistics(model)
+    finally:
+        await model.aclose()
+    assert result.completed == 120 and result.errors == 0, result
+    assert stats["pid"] > 0 and stats["rpm"] == pytest.approx(1200)
+    assert server.stats.max_in_window(1.0) <= 20 + 2 + 2 * 2 + 20  # one burst at the restart
 
 
 async def test_a_local_evaluation_beside_a_cluster_one_shares_its_rate(

@@ -35,6 +35,7 @@ __all__ = ["RayCluster"]
 
 _ADDRESS = re.compile(r"^ray://[^\s:/]+:\d{1,5}$")
 _FINISH_TIMEOUT = 30.0  # seconds the workers get to close an evaluation
+_BUDGET_CALL_RETRIES = 3  # a call to a budget actor that died, sent again after its restart
 _SPARE_BUDGETS = 4  # rate budget actors kept for new endpoints after theirs went away
 _AUTH_MODE = "RAY_AUTH_MODE"  # Ray's switch for token authentication
 
@@ -319,8 +320,15 @@ class RayCluster(AsyncCloseable):
         return actor
 
     def _new_budget(self, limits: Limits) -> Any:
-        """A new rate budget actor (a process of its own, no CPU reserved)."""
-        return self._ray.remote(RateBudget).options(num_cpus=0).remote(limits)
+        """A new rate budget actor (a process of its own, no CPU reserved).
+
+        Its process dying (the OOM killer, a node lost) must not fail the evaluations
+        leasing from it: Ray starts it again, and a lease that was out is sent again
+        (what it learned is lost; the next lease brings back the endpoint's limits).
+        Only `ray.kill`, as the cluster ends or retires it, ends it for good.
+        """
+        options = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": _BUDGET_CALL_RETRIES}
+        return self._ray.remote(RateBudget).options(**options).remote(limits)
 
     def _retire_budgets(self) -> None:
         """Keep the actors of endpoints that are gone as spares (a few; the rest end)."""
@@ -361,7 +369,7 @@ class RayCluster(AsyncCloseable):
             if not isinstance(endpoint.model, LeasedModel):  # (another cluster's already)
                 leased = LeasedModel(
                     endpoint.model, budget, name=endpoint.name,
-                    max_wait=endpoint.retry.max_retry_after,
+                    max_wait=endpoint.retry.max_retry_after, limits=endpoint.limits,
                 )  # fmt: skip
                 endpoint.model = leased
             entry = self._attached[id(endpoint)] = [leased, 0]

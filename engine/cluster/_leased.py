@@ -18,7 +18,7 @@ import anyio
 
 from .._errors import RateLimitedError
 from .._types import Completion, RateLimitSnapshot, Usage
-from ..endpoint import estimate_request_tokens
+from ..endpoint import Limits, estimate_request_tokens
 from ._rates import FREE_RECHECK, LEASE_LIFE, LEASE_SECONDS, Ask, Grant
 from ._spend import SpendLease
 
@@ -38,6 +38,7 @@ class LeasedModel:
     ``max_wait``: the longest cluster-wide pause a call waits for (the retry policy's
     ``max_retry_after``); a longer one fails the attempt with `RateLimitedError`.
     ``spend``: the run's budget permits (a worker's calls); a call waits for one first.
+    ``limits``: the endpoint's, sent with every lease (a restarted actor takes them back).
     """
 
     def __init__(
@@ -48,8 +49,10 @@ class LeasedModel:
         name: str,
         max_wait: float,
         spend: SpendLease | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.model = model
+        self.limits = limits
         self.budget = budget  # the RateBudget actor's handle
         self.spend = spend
         self.name = name
@@ -138,6 +141,7 @@ class LeasedModel:
             token_debt=self._debt,
             sent_freely=self._sent_freely,
             snapshot=self._snapshot,
+            limits=self.limits,
         )
         self._returned, self._debt, self._sent_freely, self._snapshot = 0, 0.0, 0, None
         # shielded (the actor answers at once): a grant it made must reach this side

@@ -29,6 +29,7 @@ headers say (the one rule of both, `engine.endpoint.RateCeiling`, in requests/s 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class Ask:
     ``want`` permits of one request and ``tokens_each`` tokens each; ``returned``
     permits it did not use; ``token_debt``: tokens its calls used beyond (positive) or
     below (negative) what their permits were charged; ``sent_freely``: calls it made
-    while no rate was in force; ``snapshot``: the latest rate-limit headers it saw.
+    while no rate was in force; ``snapshot``: the latest rate-limit headers it saw;
+    ``limits``: the endpoint's `Limits`, which a restarted actor takes back (Ray makes
+    it again with the arguments it was first made with, a reused spare's old ones).
     """
 
     want: int = 1
@@ -63,6 +66,7 @@ class Ask:
     token_debt: float = 0.0
     sent_freely: int = 0
     snapshot: RateLimitSnapshot | None = None
+    limits: Limits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,10 @@ class RateBudget:
     # -- the lease ----------------------------------------------------------------------
     def lease(self, ask: Ask) -> Grant:
         """Hand out permits (see `Ask`), or say how long to wait."""
+        if ask.limits is not None and ask.limits != self.limits:
+            # restarted after its process died, as the actor it was first made: what
+            # it learned is gone anyway, and its limits are the endpoint's it serves
+            self.reset(ask.limits)
         now = time.monotonic()
         self.counts["leases"] += 1
         self._refill(now)
@@ -317,4 +325,5 @@ class RateBudget:
             "ceiling_rpm": self.ceiling.level * 60.0 if self.ceiling.level is not None else None,
             "notices": list(self.notices),
             "paused_for": max(0.0, self.paused_until - time.monotonic()),
+            "pid": os.getpid(),
         }

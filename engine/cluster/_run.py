@@ -154,6 +154,7 @@ def _job(
         on_error=options.on_error,
         cache=plan.cache_spec,
         budget=cluster.budget_for(endpoint),
+        limits=endpoint.limits,
         tally=tally,
         ledger=ledger,
         check_metric=plan.validate,
@@ -185,6 +186,7 @@ def _program_parts(cluster: WorkerPool, plan: Plan) -> dict[str, Any]:
             retry=e.retry,
             budget=cluster.budget_for(e),
             shares=plan.stage_shares(e),
+            limits=e.limits,
         )
         for e in endpoints
     )

@@ -71,6 +71,7 @@ class StageEndpoint:
     retry: RetryPolicy
     budget: Any  # the endpoint's RateBudget actor handle
     shares: tuple[int, ...]  # its concurrency on each worker slot
+    limits: Limits  # the endpoint's (its budget actor's, should that restart)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +92,7 @@ class Job:
     on_error: ErrorPolicy
     cache: CacheSpec
     budget: Any  # the endpoint's RateBudget actor handle
+    limits: Limits  # the endpoint's (its budget actor's, should that restart)
     tally: Any = None  # the RacingTally actor handle, when racing
     ledger: Any = None  # the SpendLedger actor handle, when the run has a budget meter
     check_metric: bool = True
@@ -211,6 +213,7 @@ class _Opened:
                     retry=job.retry,
                     budget=job.budget,
                     shares=job.shares,
+                    limits=job.limits,
                 )
             )
         else:
@@ -235,7 +238,7 @@ class _Opened:
         spend = SpendLease(job.ledger, job.job_id, want=share) if job.ledger is not None else None
         leased = LeasedModel(
             stage.model, stage.budget, name=stage.name,
-            max_wait=stage.retry.max_retry_after, spend=spend,
+            max_wait=stage.retry.max_retry_after, spend=spend, limits=stage.limits,
         )  # fmt: skip
         self.leased.append(leased)
         return Endpoint(
