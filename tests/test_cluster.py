@@ -1193,6 +1193,77 @@ def test_cli_evaluates_on_a_cluster_as_it_does_locally(
 
 
 @pytest.mark.slow
+def test_cli_cluster_workers_import_the_run_files_own_metric(tmp_path: Path) -> None:
+    """A project's metric (``mycode.scoring``), the command run from another directory
+    with ``--cluster local``: the workers, started by this command, import the module
+    the run file's folder led to (before: "a cluster worker failed: No module named
+    'mycode'" once the driver found it)."""
+    project = tmp_path / "project"
+    (project / "mycode").mkdir(parents=True)
+    (project / "mycode" / "scoring.py").write_text(
+        "def one(example, prediction):\n    return 1.0\n"
+    )
+    (project / "runs").mkdir()
+    rows = "".join(
+        f'{{"id": "r{i}", "question": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(60)
+    )
+    (project / "runs" / "train.jsonl").write_text(rows)
+    run = project / "runs" / "run.toml"
+    run.write_text(
+        '[prompt]\nmessages = [{ role = "user", content = "{question}" }]\nmodel = "demo"\n'
+        '[data]\ntrain = "train.jsonl"\nexpected = "answer"\n'
+        '[metric]\nuse = "mycode.scoring:one"\n'
+        '[model]\nadapter = "adapters.scripted:ArithmeticModel"\n[output]\ndir = "out"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", str(run), "--quiet",
+         "--cluster", "local", "--workers", "2"],
+        capture_output=True, text=True, timeout=240, cwd=elsewhere, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["completed"], summary["errors"], summary["score"]) == (60, 0, 1.0)
+
+
+@pytest.mark.slow
+def test_cli_exits_when_a_streamed_cluster_run_fails(tmp_path: Path) -> None:
+    """A metric the workers cannot import (a remote cluster missing the package,
+    simulated: the module refuses to load in a Ray worker process).  The command fails
+    with the worker's error and exits; before, the unread Ray Data iterator of the
+    streamed file was finalized after Ray's shutdown, started a new Ray from its
+    finalizer and hung the process until it was killed."""
+    project = tmp_path / "project"
+    (project / "mycode").mkdir(parents=True)
+    (project / "mycode" / "scoring.py").write_text(
+        "import sys\n"
+        "if sys.argv[0].endswith('default_worker.py'):\n"
+        "    raise ImportError('mycode is not installed on this node')\n"
+        "def one(example, prediction):\n    return 1.0\n"
+    )
+    rows = "".join(
+        f'{{"id": "r{i}", "question": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(400)
+    )
+    (project / "train.jsonl").write_text(rows)
+    run = project / "run.toml"
+    run.write_text(
+        '[prompt]\nmessages = [{ role = "user", content = "{question}" }]\nmodel = "demo"\n'
+        '[data]\ntrain = "train.jsonl"\nexpected = "answer"\n'
+        '[metric]\nuse = "mycode.scoring:one"\n'
+        '[model]\nadapter = "adapters.scripted:ArithmeticModel"\n[output]\ndir = "out"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "evaluate", str(run), "--quiet",
+         "--cluster", "local", "--workers", "2"],
+        capture_output=True, text=True, timeout=150, cwd=project,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "mycode is not installed on this node" in done.stderr
+
+
+@pytest.mark.slow
 def test_cli_optimizes_on_a_cluster_from_the_run_file(tmp_path: Path) -> None:
     """The bundled demo with [cluster] added: the same best prompt and score."""
     for name in ("prompt.json", "arithmetic_train.jsonl", "arithmetic_val.jsonl"):

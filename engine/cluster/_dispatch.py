@@ -15,12 +15,17 @@ Nothing of a dead batch was delivered, so nothing is counted twice; with a share
 cache, what it had paid for is served, not paid again.
 
 Any other failure stops the pass: every batch in flight is cancelled (``ray.cancel``,
-which cancels its calls in the worker) and the failure is re-raised as itself.
+which cancels its calls in the worker) and the failure is re-raised as itself.  A
+source not read to its end is closed before the pass returns, while Ray is up: Ray
+Data's iterator, left to the garbage collector, shuts its executor down from a
+finalizer, and after the cluster has shut Ray down that starts a new local Ray and
+hangs the process's exit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +35,8 @@ from .._events import Emitter
 from ._ray import ActorDied, ray_module, unwrap_task_error
 
 __all__ = ["Feeder"]
+
+_CLOSE_TIMEOUT = 30.0  # seconds a stopped source gets to close (a read in progress first)
 
 B = TypeVar("B")
 R = TypeVar("R")
@@ -95,8 +102,17 @@ class Feeder(Generic[B, R]):
                         tg.start_soon(self._feed, slot, tg.cancel_scope)
         finally:
             self._cancel_inflight()
+            await self._close_source()
         if self.failure is not None:
             raise self.failure
+
+    async def _close_source(self) -> None:
+        """Close a source stopped before its end (see the module's docstring)."""
+        close = getattr(self.source, "close", None)
+        if close is None or self.exhausted:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+            await anyio.to_thread.run_sync(_close_when_idle, close, abandon_on_cancel=True)
 
     def _cancel_inflight(self) -> None:
         if not self.inflight:
@@ -187,3 +203,21 @@ class Feeder(Generic[B, R]):
         if moved:
             self.moved.set()
             self.moved = anyio.Event()
+
+
+def _close_when_idle(close: Callable[[], object]) -> None:
+    """``close()``, once a read abandoned by a cancelled feeder has returned (closing a
+    generator that a thread is running raises ``ValueError``); runs in a thread.  What
+    closing raises is dropped: the pass has its own outcome to report."""
+    deadline = time.monotonic() + _CLOSE_TIMEOUT
+    while True:
+        try:
+            close()
+        except ValueError as exc:
+            if "already executing" not in str(exc) or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)  # this thread's own wait for the reading one
+        except Exception:
+            return
+        else:
+            return
