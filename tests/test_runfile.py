@@ -613,14 +613,16 @@ def test_a_module_that_imports_is_never_shadowed_by_the_run_files_folders(
     from engine.cli._imports import import_root
 
     monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv("PYTHONPATH", raising=False)
+    # setenv, not delenv: delenv of an unset variable records nothing to restore, and
+    # the folder added below (its json.py!) would stay on every later subprocess's path
+    monkeypatch.setenv("PYTHONPATH", "")
     (tmp_path / "json.py").write_text("raise SystemExit('shadowed')\n")
     before = list(sys.path)
     assert import_root("json", tmp_path) is None
     assert import_root("no_such_module_anywhere.sub", tmp_path) is None
-    assert sys.path == before and "PYTHONPATH" not in os.environ
+    assert sys.path == before and os.environ["PYTHONPATH"] == ""
     (tmp_path / "pkg" / "deep").mkdir(parents=True)
     (tmp_path / "pkg" / "deep" / "mod.py").write_text("VALUE = 7\n")
     assert import_root("pkg.deep.mod", tmp_path / "pkg" / "deep") == tmp_path.resolve()
     assert sys.path[0] == str(tmp_path.resolve())
-    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path.resolve())
+    assert os.environ["PYTHONPATH"] == str(tmp_path.resolve())
