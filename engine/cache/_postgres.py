@@ -76,6 +76,7 @@ from ._pg_schema import (
     is_row_error,
     prepare_schema,
 )
+from ._stores import refused_rows_error
 
 __all__ = ["PostgresStore"]
 
@@ -560,12 +561,7 @@ class PostgresStore(AsyncCloseable):
             detail = error if isinstance(error, CacheError) else f"{self._where()}: {error!r}"
             raise CacheError(f"writing the cache failed: {detail}") from error
         if self._failed_rows:
-            rows = list(self._failed_rows.items())
-            named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
-            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-            raise CacheError(
-                f"{len(rows)} rows could not be written to {self._where()}: {named}{more}"
-            )
+            raise refused_rows_error(self._failed_rows, self._where())
 
     def _where(self) -> str:
         return f"{display_url(self.url)} table {self.table}"

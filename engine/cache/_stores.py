@@ -37,7 +37,7 @@ from .._closeable import AsyncCloseable
 from .._errors import CacheError
 from ._json import unstorable
 
-__all__ = ["MemoryStore", "SQLiteStore"]
+__all__ = ["MemoryStore", "SQLiteStore", "refused_rows_error"]
 
 _FORMAT = "textgrad-engine-cache/1"
 _STOP = object()
@@ -56,6 +56,15 @@ _UPSERT = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
 # Errors of one row (a constraint or trigger, text SQLite cannot take, a value too
 # big), as opposed to errors of the file (locked, full, read-only: OperationalError).
 _ROW_ERRORS = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, ValueError)
+
+
+def refused_rows_error(failed: dict[str, str], where: str) -> CacheError:
+    """The error every later operation of a store raises once rows were refused: how
+    many, the first five by key with the reason."""
+    rows = list(failed.items())
+    named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    return CacheError(f"{len(rows)} rows could not be written to {where}: {named}{more}")
 
 
 class MemoryStore:
@@ -386,10 +395,8 @@ class SQLiteStore(AsyncCloseable):
             ) from self._writer_error
         if self._failed_rows:
             with self._lock:
-                rows = list(self._failed_rows.items())
-            named = "; ".join(f"{key!r} ({why})" for key, why in rows[:5])
-            more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-            raise CacheError(f"{len(rows)} rows could not be written to {self.path}: {named}{more}")
+                failed = dict(self._failed_rows)
+            raise refused_rows_error(failed, str(self.path))
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} committed={self._committed}>"
