@@ -706,14 +706,11 @@ async def test_a_dropped_adapters_budget_actor_serves_the_next_one(
     assert len(cluster._spare_budgets) <= 4
 
 
-async def test_a_spare_budget_actor_that_died_is_replaced(
-    cluster: RayCluster, server: SimulatedServer
-) -> None:
-    """The spare rate budget actors wait between adapters; one that died meanwhile (its
-    process killed) is replaced by a new actor, and the evaluation runs as usual."""
+async def leave_a_spare_budget(cluster: RayCluster, server: SimulatedServer) -> None:
+    """Run an adapter on the cluster and drop it: its budget actor becomes a spare."""
     import gc
 
-    throwaway = chat(server, concurrency=8)  # an adapter that is gone leaves a spare
+    throwaway = chat(server, concurrency=8)
     await evaluate(
         qa_prompt(), echo_examples(2, "gone"), model=throwaway, metric=ExactMatch(),
         cluster=cluster,
@@ -721,6 +718,14 @@ async def test_a_spare_budget_actor_that_died_is_replaced(
     await throwaway.aclose()
     del throwaway
     gc.collect()
+
+
+async def test_a_spare_budget_actor_that_died_is_replaced(
+    cluster: RayCluster, server: SimulatedServer
+) -> None:
+    """The spare rate budget actors wait between adapters; one that died meanwhile (its
+    process killed) is replaced by a new actor, and the evaluation runs as usual."""
+    await leave_a_spare_budget(cluster, server)
     cluster._retire_budgets()
     assert cluster._spare_budgets
     for spare in cluster._spare_budgets:
@@ -754,16 +759,7 @@ async def test_a_budget_actor_killed_mid_evaluation_loses_nothing(
     with the endpoint's rate back in force (before: every worker's next lease raised
     ActorDiedError and the examples failed).  The actor is a reused spare, so its
     restart remakes another endpoint's budget until a lease brings the limits back."""
-    import gc
-
-    throwaway = chat(server, concurrency=8)  # an adapter that is gone leaves a spare
-    await evaluate(
-        qa_prompt(), echo_examples(2, "gone"), model=throwaway, metric=ExactMatch(),
-        cluster=cluster,
-    )  # fmt: skip
-    await throwaway.aclose()
-    del throwaway
-    gc.collect()
+    await leave_a_spare_budget(cluster, server)
     server.config.latency_median = 0.02
     model = chat(server, rpm=1200, concurrency=8)  # 20/s: 120 examples take ~6 s
     try:
